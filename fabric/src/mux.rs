@@ -1,0 +1,1 @@
+//! The seed-004 stream multiplexer.

@@ -1,0 +1,1 @@
+//! One KCP conversation between two peers.

@@ -1,0 +1,1 @@
+//! Deterministic simulated networks for tests and benches.

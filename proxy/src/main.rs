@@ -1,0 +1,7 @@
+//! The `proxy` command.
+
+#![forbid(unsafe_code)]
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}
