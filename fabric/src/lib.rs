@@ -14,8 +14,11 @@
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod id;
 pub mod mux;
 pub mod session;
 #[cfg(feature = "test-util")]
 pub mod testing;
 pub mod time;
+#[cfg(feature = "tox")]
+pub mod tox;

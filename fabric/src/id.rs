@@ -1,0 +1,1 @@
+//! Peer identities: Tox public keys and Tox IDs.

@@ -1,0 +1,1 @@
+//! Local servers the end-to-end tests point real clients at.
