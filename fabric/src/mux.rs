@@ -1,1 +1,889 @@
-//! The seed-004 stream multiplexer.
+//! The seed-004 stream multiplexer: many byte streams over one reliable, ordered link.
+//!
+//! [`Mux`] is the sans-IO core. It reads bytes from the link with [`Mux::handle_input`] and
+//! hands back bytes for the link from [`Mux::poll_transmit`]; it never does I/O, never
+//! spawns, and needs no clock (the KCP session underneath keeps the link alive). The `tokio`
+//! feature adds [`io`]: a shared [`Handle`](io::Handle), [`Stream`](io::Stream)s that are
+//! `AsyncRead + AsyncWrite`, and a ready-made driver over any `AsyncRead + AsyncWrite`.
+//!
+//! ```text
+//!  application ── open/write/finish/close ──► Mux ── poll_transmit ──► link (KCP, TCP, pipe)
+//!  application ◄── poll_event/accept/read ─── Mux ◄── handle_input ──── link
+//! ```
+//!
+//! # Protocol
+//!
+//! Frames are `cmd u8 | id u16 | length u32`, big-endian (see [`frame`]). Each stream has a
+//! credit window ([`Config::window`], 512 KiB): a sender never has more than `window` bytes
+//! sent and unconfirmed on a stream, and the receiver returns credit with CFM as its
+//! application reads. So a stream whose reader stops holds at most one window in the
+//! receiver and never blocks the link or other streams. A peer sending beyond its credit
+//! is a protocol violation: the mux fails, which bounds memory. **Both ends must use the same
+//! window** (the protocol has no field to announce it).
+//!
+//! CFM batching: we confirm consumed bytes once they reach a quarter of the window, and, once
+//! the peer's FIN arrived, as soon as the application drained the stream (the last bytes of a
+//! stream are always confirmed, which lets both ends release the id). Closing a stream
+//! discards its unread data and confirms it at once.
+//!
+//! Stream ids come from a bitmap (1..=65535; 0 is reserved), lowest free first, never wrapping:
+//! with all in use, [`Mux::open`] fails with [`OpenError::IdsExhausted`]. An id is released
+//! ([`Event::Released`]) once our FIN went out, the peer's FIN arrived, every byte either way
+//! was confirmed, and the application closed the stream ([`Mux::close`]). When the peer,
+//! having finished its side, reopens an id our application still holds, the new stream waits
+//! (its data bounded by credit) until the application closes the old one, then appears.
+//!
+//! Both ends opening the same id at once bind to one stream: a SYN for an id we opened and
+//! of which the peer has shown nothing yet is simply accepted as the other half.
+//!
+//! A request is opened and written before the next transmit: its SYN and first PSH leave in
+//! the same flight, with no round trip.
+//!
+//! # Driving the core
+//!
+//! After any input or application call, a driver:
+//!
+//! 1. feeds link bytes, arbitrarily chunked, to [`Mux::handle_input`]; an `Err` is fatal;
+//! 2. drains [`Mux::poll_event`] (wake readers, writers and acceptors) and [`Mux::accept`];
+//! 3. calls [`Mux::poll_transmit`] while [`Mux::has_transmit`] and the link accepts bytes;
+//! 4. when the link dies, calls [`Mux::fail`] so every stream reports the error.
+//!
+//! Events are edge-triggered: after `Readable`, read until [`StreamError::WouldBlock`]; after a
+//! short write, wait for `Writable`.
+
+mod error;
+pub mod frame;
+mod ids;
+mod stream;
+
+use std::collections::VecDeque;
+
+pub use self::error::{Failure, OpenError, ProtocolError, StreamError, VerifyError};
+pub use self::frame::StreamId;
+use self::frame::{Cmd, HEADER_LEN, Header, verify_code};
+use self::ids::IdBitmap;
+use self::stream::Stream;
+
+/// Tuning of a [`Mux`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Per-stream credit in bytes: unconfirmed bytes a sender may have in flight, and what a
+    /// receiver buffers at most. Must be equal on both ends. Default 512 KiB (seed 004).
+    pub window: u32,
+    /// Largest PSH payload we emit. Small frames keep a short request from waiting behind a
+    /// bulk transfer's frame. Default 16 KiB; must not exceed the peer's `max_input_frame`.
+    pub max_frame: usize,
+    /// Largest PSH payload we accept; a larger one fails the mux. Default 64 KiB.
+    pub max_input_frame: usize,
+    /// Streams opened by the peer and not yet accepted; beyond it new streams are refused
+    /// (answered with FIN, their data discarded). Default 1024.
+    pub accept_backlog: usize,
+    /// Peer verification challenges we may have outstanding. Default 16.
+    pub max_verify_outstanding: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            window: 512 * 1024,
+            max_frame: 16 * 1024,
+            max_input_frame: 64 * 1024,
+            accept_backlog: 1024,
+            max_verify_outstanding: 16,
+        }
+    }
+}
+
+/// What happened, for the application or driver to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The peer opened a stream; take it with [`Mux::accept`].
+    Incoming(StreamId),
+    /// Data arrived on a stream that had none buffered.
+    Readable(StreamId),
+    /// A stream whose write was cut short can take more bytes.
+    Writable(StreamId),
+    /// The peer finished writing: reads return EOF once the buffer drains.
+    Finished(StreamId),
+    /// The id was recycled; it no longer names the stream it did.
+    Released(StreamId),
+    /// The peer answered a verification challenge correctly: it speaks this protocol.
+    Verified,
+}
+
+/// Counters of a [`Mux`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Streams holding an id (open, half closed, or waiting for the FIN handshake).
+    pub streams: usize,
+    /// Payload bytes emitted in PSH frames.
+    pub bytes_sent: u64,
+    /// Payload bytes received in PSH frames.
+    pub bytes_received: u64,
+    /// Bytes written by applications and not yet emitted.
+    pub send_buffered: usize,
+    /// Bytes received and not yet read.
+    pub recv_buffered: usize,
+    /// Frames emitted.
+    pub frames_sent: u64,
+    /// Frames received.
+    pub frames_received: u64,
+}
+
+/// Where [`Mux::handle_input`] is inside the byte stream.
+#[derive(Debug, Clone, Copy)]
+enum InputState {
+    /// Collecting a header; `have` bytes of it are in `buf`.
+    Header { buf: [u8; HEADER_LEN], have: usize },
+    /// Inside a PSH payload whose header was validated; the bytes go to stream `id`.
+    Payload { id: u16, remaining: usize },
+}
+
+/// The sans-IO multiplexer. See the [module docs](self) for the protocol and call order.
+#[derive(Debug)]
+pub struct Mux {
+    config: Config,
+    /// Streams by id; grows to the highest id seen.
+    streams: Vec<Option<Box<Stream>>>,
+    ids: IdBitmap,
+    /// Streams with a SYN, CFM or FIN due.
+    ctrl_queue: VecDeque<u16>,
+    /// Streams with buffered data, served round-robin.
+    data_queue: VecDeque<u16>,
+    /// VRM frames (our requests, our replies) to send.
+    vrm_out: VecDeque<Header>,
+    /// Answers we expect, in the order we asked (the link is ordered).
+    challenges: VecDeque<(u16, u32)>,
+    events: VecDeque<Event>,
+    accept_queue: VecDeque<u16>,
+    input: InputState,
+    failure: Option<Failure>,
+    stats: Stats,
+}
+
+impl Mux {
+    /// A mux with no streams. Out-of-range settings are clamped: `window >= 1`,
+    /// `1 <= max_frame <= window`, `max_input_frame <= u32::MAX`.
+    pub fn new(mut config: Config) -> Self {
+        config.window = config.window.max(1);
+        config.max_frame = config.max_frame.clamp(1, config.window as usize);
+        config.max_input_frame = config.max_input_frame.min(u32::MAX as usize);
+        Self {
+            config,
+            streams: Vec::new(),
+            ids: IdBitmap::new(),
+            ctrl_queue: VecDeque::new(),
+            data_queue: VecDeque::new(),
+            vrm_out: VecDeque::new(),
+            challenges: VecDeque::new(),
+            events: VecDeque::new(),
+            accept_queue: VecDeque::new(),
+            input: InputState::Header {
+                buf: [0; HEADER_LEN],
+                have: 0,
+            },
+            failure: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Why the mux failed, if it did.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.failure.as_ref()
+    }
+
+    /// Counters and buffer levels.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    // ---- application calls -------------------------------------------------------------
+
+    /// Opens a stream; its SYN is queued and precedes any data written to it.
+    pub fn open(&mut self) -> Result<StreamId, OpenError> {
+        if let Some(failure) = &self.failure {
+            return Err(OpenError::MuxFailed(failure.clone()));
+        }
+        let id = self.ids.alloc().ok_or(OpenError::IdsExhausted)?;
+        self.install(id, Stream::local());
+        self.queue_ctrl(id);
+        tracing::debug!(stream = id, "open");
+        Ok(StreamId(id))
+    }
+
+    /// Takes the next stream the peer opened.
+    pub fn accept(&mut self) -> Option<StreamId> {
+        while let Some(id) = self.accept_queue.pop_front() {
+            if let Some(stream) = self.stream_mut(id)
+                && stream.in_accept
+                && !stream.app_closed
+            {
+                stream.in_accept = false;
+                return Some(StreamId(id));
+            }
+        }
+        None
+    }
+
+    /// Buffers as much of `data` as the stream's credit allows and returns how much that was.
+    /// `Ok(0)` with non-empty `data` means blocked: [`Event::Writable`] follows when credit
+    /// returns. Accepted bytes will be delivered unless the link fails.
+    pub fn write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
+        if let Some(failure) = &self.failure {
+            return Err(StreamError::MuxFailed(failure.clone()));
+        }
+        let window = self.config.window;
+        let stream = self.app_stream(id)?;
+        if stream.fin_queued {
+            return Err(StreamError::Finished(id));
+        }
+        let n = stream.send_space(window).min(data.len());
+        stream.write_blocked = n < data.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        stream.send_buf.extend(&data[..n]);
+        let enqueue = !stream.in_data;
+        stream.in_data = true;
+        self.stats.send_buffered += n;
+        if enqueue {
+            self.data_queue.push_back(id.0);
+        }
+        Ok(n)
+    }
+
+    /// Reads received bytes. `Ok(0)` for a non-empty `buf` is EOF: the peer finished and
+    /// everything was read. [`StreamError::WouldBlock`] means nothing is buffered yet.
+    /// After a failure, bytes received before it are still delivered, then the failure.
+    pub fn read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<usize, StreamError> {
+        let quarter = (self.config.window / 4).max(1);
+        let failure = self.failure.clone();
+        let stream = self.app_stream(id)?;
+        if stream.recv_buf.is_empty() {
+            return match failure {
+                _ if stream.fin_recv => Ok(0),
+                Some(failure) => Err(StreamError::MuxFailed(failure)),
+                None => Err(StreamError::WouldBlock),
+            };
+        }
+        let n = stream.take_received(buf);
+        stream.cfm_pending += n as u32;
+        let confirm =
+            stream.cfm_pending >= quarter || (stream.fin_recv && stream.recv_buf.is_empty());
+        self.stats.recv_buffered -= n;
+        if confirm {
+            self.queue_ctrl(id.0);
+        }
+        Ok(n)
+    }
+
+    /// Finishes our direction (half close): FIN follows the buffered data; reads go on.
+    /// Finishing twice is harmless.
+    pub fn finish(&mut self, id: StreamId) -> Result<(), StreamError> {
+        if let Some(failure) = &self.failure {
+            return Err(StreamError::MuxFailed(failure.clone()));
+        }
+        let stream = self.app_stream(id)?;
+        if stream.fin_queued {
+            return Ok(());
+        }
+        stream.fin_queued = true;
+        if stream.fin_ready() {
+            self.queue_ctrl(id.0);
+        }
+        Ok(())
+    }
+
+    /// The application is done with the stream: FIN if not yet sent (after buffered data),
+    /// unread and future incoming data discarded and confirmed. The id is released once the
+    /// FIN handshake completes. Closing an unknown or closed stream does nothing.
+    pub fn close(&mut self, id: StreamId) {
+        let Ok(stream) = self.app_stream(id) else {
+            return;
+        };
+        stream.app_closed = true;
+        stream.fin_queued = true;
+        let discarded = stream.recv_buf.len();
+        stream.recv_buf = VecDeque::new();
+        stream.cfm_pending += discarded as u32;
+        let control = stream.has_control();
+        self.stats.recv_buffered -= discarded;
+        tracing::debug!(stream = id.0, discarded, "close");
+        if control {
+            self.queue_ctrl(id.0);
+        }
+        self.maybe_release(id.0);
+    }
+
+    /// Sends a verification challenge; [`Event::Verified`] follows when the peer answers
+    /// `verify_code(v1, v2)`, a wrong answer fails the mux. Pass random values: the core has
+    /// no RNG.
+    pub fn verify(&mut self, v1: u16, v2: u32) -> Result<(), VerifyError> {
+        if let Some(failure) = &self.failure {
+            return Err(VerifyError::MuxFailed(failure.clone()));
+        }
+        if self.challenges.len() >= self.config.max_verify_outstanding {
+            return Err(VerifyError::TooManyOutstanding);
+        }
+        self.challenges.push_back(verify_code(v1, v2));
+        self.vrm_out.push_back(Header {
+            cmd: Cmd::VrmRequest,
+            id: v1,
+            length: v2,
+        });
+        Ok(())
+    }
+
+    /// Fails the mux (the link died): every stream operation now reports `failure`, after
+    /// delivering bytes already received. The first failure sticks.
+    pub fn fail(&mut self, failure: Failure) {
+        if self.failure.is_none() {
+            tracing::debug!(%failure, "mux failed");
+            self.failure = Some(failure);
+            self.ctrl_queue.clear();
+            self.data_queue.clear();
+            self.vrm_out.clear();
+        }
+    }
+
+    // ---- driver calls ------------------------------------------------------------------
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        let event = self.events.pop_front()?;
+        match event {
+            Event::Readable(id) => {
+                if let Some(s) = self.stream_mut(id.0) {
+                    s.readable_queued = false;
+                }
+            }
+            Event::Writable(id) => {
+                if let Some(s) = self.stream_mut(id.0) {
+                    s.writable_queued = false;
+                }
+            }
+            _ => {}
+        }
+        Some(event)
+    }
+
+    /// Whether [`Mux::poll_transmit`] has frames to emit.
+    pub fn has_transmit(&self) -> bool {
+        self.failure.is_none()
+            && !(self.vrm_out.is_empty()
+                && self.ctrl_queue.is_empty()
+                && self.data_queue.is_empty())
+    }
+
+    /// Appends whole frames to `out`, at most `budget` bytes, and returns how many bytes it
+    /// appended. VRM and control frames (SYN, CFM, FIN) go first, then data from the streams
+    /// round-robin in PSH frames of at most [`Config::max_frame`] payload bytes, cut to fit
+    /// the budget. The budget is never exceeded; a budget under 8 bytes may emit nothing.
+    pub fn poll_transmit(&mut self, budget: usize, out: &mut Vec<u8>) -> usize {
+        if self.failure.is_some() {
+            return 0;
+        }
+        let start = out.len();
+        let limit = start.saturating_add(budget);
+        while let Some(header) = self.vrm_out.front() {
+            if out.len() + HEADER_LEN > limit {
+                return out.len() - start;
+            }
+            self.emit_header(*header, out);
+            self.vrm_out.pop_front();
+        }
+        if !self.transmit_control(limit, out) {
+            // SYNs must precede their stream's data: no data until control is all out.
+            return out.len() - start;
+        }
+        self.transmit_data(limit, out);
+        out.len() - start
+    }
+
+    /// Feeds bytes from the link; frames may be split anywhere. An error is fatal: the mux
+    /// is failed, and this and every later call return it.
+    pub fn handle_input(&mut self, mut data: &[u8]) -> Result<(), ProtocolError> {
+        if let Some(failure) = &self.failure {
+            return Err(match failure {
+                Failure::Protocol(error) => error.clone(),
+                Failure::Link(_) => ProtocolError::Failed,
+            });
+        }
+        while !data.is_empty() {
+            match self.input {
+                InputState::Header { mut buf, mut have } => {
+                    let raw = if have == 0 && data.len() >= HEADER_LEN {
+                        let (raw, rest) = data.split_at(HEADER_LEN);
+                        data = rest;
+                        raw
+                    } else {
+                        let take = (HEADER_LEN - have).min(data.len());
+                        buf[have..have + take].copy_from_slice(&data[..take]);
+                        have += take;
+                        data = &data[take..];
+                        if have < HEADER_LEN {
+                            self.input = InputState::Header { buf, have };
+                            return Ok(());
+                        }
+                        &buf[..]
+                    };
+                    let result = match Header::parse(raw) {
+                        Ok(header) => self.on_header(header),
+                        Err(_) => Err(ProtocolError::UnknownCommand(raw[0])),
+                    };
+                    if let InputState::Header { .. } = self.input {
+                        self.input = InputState::Header {
+                            buf: [0; HEADER_LEN],
+                            have: 0,
+                        };
+                    }
+                    if let Err(error) = result {
+                        return Err(self.fail_protocol(error));
+                    }
+                }
+                InputState::Payload { id, remaining } => {
+                    let take = remaining.min(data.len());
+                    self.on_payload(id, &data[..take]);
+                    data = &data[take..];
+                    self.input = if take == remaining {
+                        InputState::Header {
+                            buf: [0; HEADER_LEN],
+                            have: 0,
+                        }
+                    } else {
+                        InputState::Payload {
+                            id,
+                            remaining: remaining - take,
+                        }
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- input -------------------------------------------------------------------------
+
+    fn fail_protocol(&mut self, error: ProtocolError) -> ProtocolError {
+        tracing::debug!(%error, "protocol violation");
+        self.fail(Failure::Protocol(error.clone()));
+        error
+    }
+
+    fn on_header(&mut self, header: Header) -> Result<(), ProtocolError> {
+        self.stats.frames_received += 1;
+        let id = header.id;
+        match header.cmd {
+            Cmd::VrmRequest => {
+                if self.vrm_out.len() >= 1024 {
+                    return Err(ProtocolError::VerifyFlood);
+                }
+                let (r1, r2) = verify_code(id, header.length);
+                self.vrm_out.push_back(Header {
+                    cmd: Cmd::VrmReply,
+                    id: r1,
+                    length: r2,
+                });
+                return Ok(());
+            }
+            Cmd::VrmReply => {
+                let expected = self
+                    .challenges
+                    .pop_front()
+                    .ok_or(ProtocolError::UnexpectedVerifyReply)?;
+                if expected != (id, header.length) {
+                    return Err(ProtocolError::VerifyMismatch);
+                }
+                self.events.push_back(Event::Verified);
+                return Ok(());
+            }
+            _ => {}
+        }
+        if id == 0 {
+            return Err(ProtocolError::ReservedId(header.cmd));
+        }
+        match header.cmd {
+            Cmd::Syn => self.on_syn(id),
+            Cmd::Fin => self.on_fin(id),
+            Cmd::Psh => self.on_psh(id, header.length),
+            Cmd::Cfm => self.on_cfm(id, header.length),
+            Cmd::VrmRequest | Cmd::VrmReply => Ok(()),
+        }
+    }
+
+    fn on_syn(&mut self, id: u16) -> Result<(), ProtocolError> {
+        let Some(stream) = self.stream_mut(id) else {
+            self.ids.mark(id);
+            self.install(id, Stream::remote());
+            self.admit(id);
+            return Ok(());
+        };
+        if stream.opened_locally && !stream.remote_seen {
+            // Both ends opened this id at once: the two halves make one stream.
+            stream.remote_seen = true;
+            tracing::debug!(stream = id, "simultaneous open bound");
+            return Ok(());
+        }
+        if stream.wire_done() && !stream.app_closed && stream.successor.is_none() {
+            // The peer released the id and reopened it; our application still holds the old
+            // stream, so the new one waits for it to let go.
+            stream.successor = Some(Box::new(Stream::remote()));
+            tracing::debug!(stream = id, "reopened while held: queued");
+            return Ok(());
+        }
+        Err(ProtocolError::DuplicateSyn(StreamId(id)))
+    }
+
+    /// A new peer stream enters the accept queue, or is refused when the backlog is full:
+    /// refused streams are closed at once (FIN, data discarded and confirmed).
+    fn admit(&mut self, id: u16) {
+        let full = self.accept_queue.len() >= self.config.accept_backlog;
+        let Some(stream) = self.stream_mut(id) else {
+            return;
+        };
+        if full {
+            tracing::debug!(stream = id, "accept backlog full: refused");
+            let discarded = stream.recv_buf.len();
+            stream.recv_buf = VecDeque::new();
+            stream.cfm_pending += discarded as u32;
+            stream.app_closed = true;
+            stream.fin_queued = true;
+            self.stats.recv_buffered -= discarded;
+            self.queue_ctrl(id);
+            return;
+        }
+        stream.in_accept = true;
+        self.accept_queue.push_back(id);
+        self.events.push_back(Event::Incoming(StreamId(id)));
+    }
+
+    fn on_fin(&mut self, id: u16) -> Result<(), ProtocolError> {
+        let successor = self.is_successor_target(id);
+        let stream = self.input_stream(id, Cmd::Fin)?;
+        if stream.fin_recv {
+            return Err(ProtocolError::DuplicateFin(StreamId(id)));
+        }
+        stream.fin_recv = true;
+        stream.remote_seen = true;
+        if successor {
+            // Announced when the successor takes the id over.
+            return Ok(());
+        }
+        let notify = !stream.app_closed;
+        if stream.recv_buf.is_empty() && stream.cfm_pending > 0 {
+            self.queue_ctrl(id);
+        }
+        if notify {
+            self.events.push_back(Event::Finished(StreamId(id)));
+        }
+        self.maybe_release(id);
+        Ok(())
+    }
+
+    fn on_psh(&mut self, id: u16, length: u32) -> Result<(), ProtocolError> {
+        if length as usize > self.config.max_input_frame {
+            return Err(ProtocolError::FrameTooLarge {
+                len: length,
+                max: self.config.max_input_frame,
+            });
+        }
+        let window = self.config.window;
+        let stream = self.input_stream(id, Cmd::Psh)?;
+        if stream.fin_recv {
+            return Err(ProtocolError::DataAfterFin(StreamId(id)));
+        }
+        if u64::from(stream.recv_outstanding) + u64::from(length) > u64::from(window) {
+            return Err(ProtocolError::CreditExceeded {
+                id: StreamId(id),
+                len: length,
+                outstanding: stream.recv_outstanding,
+                window,
+            });
+        }
+        stream.remote_seen = true;
+        stream.recv_outstanding += length;
+        if length > 0 {
+            self.input = InputState::Payload {
+                id,
+                remaining: length as usize,
+            };
+        }
+        Ok(())
+    }
+
+    fn on_payload(&mut self, id: u16, bytes: &[u8]) {
+        self.stats.bytes_received += bytes.len() as u64;
+        let successor = self.is_successor_target(id);
+        let Some(stream) = self.input_stream(id, Cmd::Psh).ok() else {
+            return;
+        };
+        if stream.app_closed {
+            stream.cfm_pending += bytes.len() as u32;
+            self.queue_ctrl(id);
+            return;
+        }
+        let was_empty = stream.recv_buf.is_empty();
+        stream.recv_buf.extend(bytes);
+        let notify = was_empty && !successor && !stream.readable_queued;
+        if notify {
+            stream.readable_queued = true;
+        }
+        self.stats.recv_buffered += bytes.len();
+        if notify {
+            self.events.push_back(Event::Readable(StreamId(id)));
+        }
+    }
+
+    fn on_cfm(&mut self, id: u16, amount: u32) -> Result<(), ProtocolError> {
+        let window = self.config.window;
+        let stream = self.input_stream(id, Cmd::Cfm)?;
+        if amount > stream.unconfirmed {
+            return Err(ProtocolError::BogusConfirm {
+                id: StreamId(id),
+                amount,
+                unconfirmed: stream.unconfirmed,
+            });
+        }
+        stream.unconfirmed -= amount;
+        stream.remote_seen = true;
+        let writable = stream.write_blocked
+            && !stream.fin_queued
+            && stream.send_space(window) > 0
+            && !stream.writable_queued;
+        if writable {
+            stream.write_blocked = false;
+            stream.writable_queued = true;
+            self.events.push_back(Event::Writable(StreamId(id)));
+        }
+        self.maybe_release(id);
+        Ok(())
+    }
+
+    // ---- output ------------------------------------------------------------------------
+
+    fn emit_header(&mut self, header: Header, out: &mut Vec<u8>) {
+        header.emit(out);
+        self.stats.frames_sent += 1;
+    }
+
+    /// Emits due control frames; false if the budget ran out first.
+    fn transmit_control(&mut self, limit: usize, out: &mut Vec<u8>) -> bool {
+        while let Some(&id) = self.ctrl_queue.front() {
+            let Some(stream) = self
+                .streams
+                .get_mut(usize::from(id))
+                .and_then(Option::as_mut)
+            else {
+                self.ctrl_queue.pop_front();
+                continue;
+            };
+            let mut frames = [None; 3];
+            if stream.syn_pending {
+                frames[0] = Some(Header {
+                    cmd: Cmd::Syn,
+                    id,
+                    length: 0,
+                });
+            }
+            if stream.cfm_pending > 0 {
+                frames[1] = Some(Header {
+                    cmd: Cmd::Cfm,
+                    id,
+                    length: stream.cfm_pending,
+                });
+            }
+            if stream.fin_ready() {
+                frames[2] = Some(Header {
+                    cmd: Cmd::Fin,
+                    id,
+                    length: 0,
+                });
+            }
+            for header in frames.into_iter().flatten() {
+                if out.len() + HEADER_LEN > limit {
+                    return false;
+                }
+                header.emit(out);
+                self.stats.frames_sent += 1;
+                match header.cmd {
+                    Cmd::Syn => stream.syn_pending = false,
+                    Cmd::Cfm => {
+                        stream.recv_outstanding -= stream.cfm_pending;
+                        stream.cfm_pending = 0;
+                    }
+                    _ => stream.fin_sent = true,
+                }
+            }
+            stream.in_ctrl = false;
+            self.ctrl_queue.pop_front();
+            self.maybe_release(id);
+        }
+        true
+    }
+
+    /// Emits PSH frames round-robin until the budget or the data runs out.
+    fn transmit_data(&mut self, limit: usize, out: &mut Vec<u8>) {
+        let max_frame = self.config.max_frame;
+        while let Some(&id) = self.data_queue.front() {
+            let room = limit.saturating_sub(out.len() + HEADER_LEN);
+            if room == 0 {
+                return;
+            }
+            let Some(stream) = self
+                .streams
+                .get_mut(usize::from(id))
+                .and_then(Option::as_deref_mut)
+            else {
+                self.data_queue.pop_front();
+                continue;
+            };
+            let n = stream.send_buf.len().min(max_frame).min(room);
+            self.data_queue.pop_front();
+            if n == 0 {
+                stream.in_data = false;
+                continue;
+            }
+            // `n <= max_frame <= window <= u32::MAX`.
+            Header {
+                cmd: Cmd::Psh,
+                id,
+                length: n as u32,
+            }
+            .emit(out);
+            stream.emit_buffered(n, out);
+            stream.unconfirmed += n as u32;
+            let more = !stream.send_buf.is_empty();
+            self.stats.frames_sent += 1;
+            self.stats.bytes_sent += n as u64;
+            self.stats.send_buffered -= n;
+            if more {
+                self.data_queue.push_back(id);
+                continue;
+            }
+            stream.in_data = false;
+            if !stream.fin_ready() {
+                continue;
+            }
+            if out.len() + HEADER_LEN <= limit {
+                // The FIN follows the stream's last byte directly.
+                Header {
+                    cmd: Cmd::Fin,
+                    id,
+                    length: 0,
+                }
+                .emit(out);
+                stream.fin_sent = true;
+                self.stats.frames_sent += 1;
+                self.maybe_release(id);
+            } else {
+                self.queue_ctrl(id);
+            }
+        }
+    }
+
+    // ---- stream table ------------------------------------------------------------------
+
+    fn install(&mut self, id: u16, stream: Stream) {
+        let index = usize::from(id);
+        if self.streams.len() <= index {
+            self.streams.resize_with(index + 1, || None);
+        }
+        self.streams[index] = Some(Box::new(stream));
+        self.stats.streams += 1;
+    }
+
+    fn stream(&self, id: u16) -> Option<&Stream> {
+        self.streams.get(usize::from(id))?.as_deref()
+    }
+
+    fn stream_mut(&mut self, id: u16) -> Option<&mut Stream> {
+        self.streams.get_mut(usize::from(id))?.as_deref_mut()
+    }
+
+    /// The stream the application means by `id`: open and not closed by it.
+    fn app_stream(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
+        match self.stream_mut(id.0) {
+            Some(stream) if !stream.app_closed => Ok(stream),
+            _ => Err(StreamError::UnknownStream(id)),
+        }
+    }
+
+    /// Whether frames for `id` belong to a queued successor rather than the held stream.
+    fn is_successor_target(&self, id: u16) -> bool {
+        self.stream(id).is_some_and(|s| s.successor.is_some())
+    }
+
+    /// The stream a frame from the peer for `id` addresses: the successor if one is queued.
+    fn input_stream(&mut self, id: u16, cmd: Cmd) -> Result<&mut Stream, ProtocolError> {
+        let stream = self
+            .streams
+            .get_mut(usize::from(id))
+            .and_then(Option::as_deref_mut)
+            .ok_or(ProtocolError::UnknownStream {
+                cmd,
+                id: StreamId(id),
+            })?;
+        Ok(match stream.successor {
+            Some(ref mut successor) => successor,
+            None => stream,
+        })
+    }
+
+    fn queue_ctrl(&mut self, id: u16) {
+        if let Some(stream) = self.stream_mut(id)
+            && !stream.in_ctrl
+        {
+            stream.in_ctrl = true;
+            self.ctrl_queue.push_back(id);
+        }
+    }
+
+    /// Releases `id` if the FIN handshake is complete and the application let go; a queued
+    /// successor then takes the id over.
+    fn maybe_release(&mut self, id: u16) {
+        let index = usize::from(id);
+        let Some(stream) = self.streams.get(index).and_then(Option::as_deref) else {
+            return;
+        };
+        let done = stream.app_closed && stream.wire_done() && !stream.in_ctrl && !stream.in_data;
+        if !done {
+            return;
+        }
+        let Some(mut stream) = self.streams[index].take() else {
+            return;
+        };
+        self.stats.streams -= 1;
+        self.events.push_back(Event::Released(StreamId(id)));
+        tracing::debug!(stream = id, "released");
+        match stream.successor.take() {
+            Some(successor) => {
+                self.streams[index] = Some(successor);
+                self.stats.streams += 1;
+                self.admit(id);
+                if let Some(s) = self.stream_mut(id)
+                    && !s.recv_buf.is_empty()
+                {
+                    s.readable_queued = true;
+                    self.events.push_back(Event::Readable(StreamId(id)));
+                }
+                if self.stream(id).is_some_and(|s| s.fin_recv) {
+                    self.events.push_back(Event::Finished(StreamId(id)));
+                }
+                if self.stream(id).is_some_and(Stream::has_control) {
+                    self.queue_ctrl(id);
+                }
+                self.maybe_release(id);
+            }
+            None => self.ids.free(id),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,127 @@
+//! Per-stream state of the mux core.
+//!
+//! Credit bookkeeping, in bytes, for one stream and one `window`:
+//!
+//! * sending: `send_buf.len() + unconfirmed <= window`, where `unconfirmed` counts bytes
+//!   emitted in PSH frames and not yet returned by the peer's CFM. `write` accepts only what
+//!   keeps this true, so everything buffered can always be sent: a stream is never
+//!   credit-blocked inside the scheduler, and its memory is bounded by the window.
+//! * receiving: `recv_outstanding <= window`, where `recv_outstanding` counts bytes announced
+//!   by the peer's PSH headers and not yet returned by our emitted CFMs. A header that would
+//!   break this is a protocol violation, checked before a single payload byte is stored.
+
+use std::collections::VecDeque;
+use std::io::Read;
+
+/// One stream's state. Buffers start empty (no allocation) and are freed when they drain, so
+/// an idle stream costs only this struct.
+#[derive(Debug, Default)]
+pub(crate) struct Stream {
+    /// Bytes the application wrote that are not yet in a PSH frame.
+    pub(crate) send_buf: VecDeque<u8>,
+    /// Bytes received that the application has not read.
+    pub(crate) recv_buf: VecDeque<u8>,
+    /// Bytes sent in PSH frames that the peer has not confirmed.
+    pub(crate) unconfirmed: u32,
+    /// Bytes the peer announced in PSH headers that our CFMs have not yet returned.
+    pub(crate) recv_outstanding: u32,
+    /// Bytes consumed (read or discarded) that no CFM has reported yet.
+    pub(crate) cfm_pending: u32,
+    /// We opened the stream (our SYN).
+    pub(crate) opened_locally: bool,
+    /// The peer has shown it knows the stream: its SYN, or any frame for it.
+    pub(crate) remote_seen: bool,
+    /// Our SYN still has to be emitted.
+    pub(crate) syn_pending: bool,
+    /// The application finished writing (or closed): FIN follows the buffered data.
+    pub(crate) fin_queued: bool,
+    /// Our FIN went out.
+    pub(crate) fin_sent: bool,
+    /// The peer's FIN arrived: no more data will come.
+    pub(crate) fin_recv: bool,
+    /// The application closed the stream: incoming data is discarded (and confirmed).
+    pub(crate) app_closed: bool,
+    /// A write was cut short: emit `Writable` when credit returns.
+    pub(crate) write_blocked: bool,
+    /// The stream sits in the control queue.
+    pub(crate) in_ctrl: bool,
+    /// The stream sits in the data round-robin queue.
+    pub(crate) in_data: bool,
+    /// It waits in the accept queue.
+    pub(crate) in_accept: bool,
+    /// A `Readable` event for it is queued.
+    pub(crate) readable_queued: bool,
+    /// A `Writable` event for it is queued.
+    pub(crate) writable_queued: bool,
+    /// A stream the peer opened on this id after both FINs of this one, while our application
+    /// still holds this one: it takes the id over when this one is released.
+    pub(crate) successor: Option<Box<Self>>,
+}
+
+impl Stream {
+    /// A stream we open: our SYN is pending.
+    pub(crate) fn local() -> Self {
+        Self {
+            opened_locally: true,
+            syn_pending: true,
+            ..Self::default()
+        }
+    }
+
+    /// A stream the peer opened.
+    pub(crate) fn remote() -> Self {
+        Self {
+            remote_seen: true,
+            ..Self::default()
+        }
+    }
+
+    /// Bytes `write` may still accept.
+    pub(crate) fn send_space(&self, window: u32) -> usize {
+        (window as usize).saturating_sub(self.send_buf.len() + self.unconfirmed as usize)
+    }
+
+    /// Whether a control frame (SYN, CFM, or a FIN not waiting behind data) is due.
+    pub(crate) fn has_control(&self) -> bool {
+        self.syn_pending || self.cfm_pending > 0 || self.fin_ready()
+    }
+
+    /// Our FIN can go: finished, everything buffered already sent.
+    pub(crate) fn fin_ready(&self) -> bool {
+        self.fin_queued && !self.fin_sent && self.send_buf.is_empty()
+    }
+
+    /// Both directions are over and nothing is owed either way: the peer may reuse the id as
+    /// soon as it has released its side, and so may we once the application let go.
+    pub(crate) fn wire_done(&self) -> bool {
+        self.fin_sent
+            && self.fin_recv
+            && self.unconfirmed == 0
+            && self.recv_outstanding == 0
+            && self.cfm_pending == 0
+            && !self.syn_pending
+    }
+
+    /// Copies up to `buf.len()` received bytes out, freeing the buffer when it drains.
+    pub(crate) fn take_received(&mut self, buf: &mut [u8]) -> usize {
+        // `Read for VecDeque<u8>` copies both halves of the ring and cannot fail.
+        let n = self.recv_buf.read(buf).unwrap_or(0);
+        if self.recv_buf.is_empty() {
+            self.recv_buf = VecDeque::new();
+        }
+        n
+    }
+
+    /// Appends the first `n` buffered bytes to `out`, freeing the buffer when it drains.
+    pub(crate) fn emit_buffered(&mut self, n: usize, out: &mut Vec<u8>) {
+        let (front, back) = self.send_buf.as_slices();
+        let from_front = n.min(front.len());
+        out.extend_from_slice(&front[..from_front]);
+        out.extend_from_slice(&back[..n - from_front]);
+        if n == self.send_buf.len() {
+            self.send_buf = VecDeque::new();
+        } else {
+            self.send_buf.drain(..n);
+        }
+    }
+}
