@@ -1,0 +1,277 @@
+//! The command line (the contract in ARCHITECTURE.md "Command line").
+//!
+//! ```text
+//! proxy [--socks ADDR|off] [--http ADDR|off] [--exit TOXID]... [--tun] [--config FILE]
+//!       [--data-dir DIR] [--bootstrap PK@HOST:PORT]... [--no-public-bootstrap] [...]
+//! proxy exit [--allow TOXID|PK]... [--allow-any] [--allow-private] [...]
+//! proxy id [--data-dir DIR]
+//! ```
+//! Every flag has a key of the same name in the `--config` file (see [`crate::config`]);
+//! flags given on the command line win over the file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+use crate::exit_policy::{Cidr, PortRange};
+
+/// Route your traffic through a peer you trust.
+///
+/// Without `--exit`, proxy is a plain local SOCKS5 and HTTP proxy whose connections leave
+/// directly from this host.
+#[derive(Debug, Parser)]
+#[command(name = "proxy", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// Run an exit, or print this node's Tox ID.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The client role (when no subcommand is given).
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// More logging: -v debug, -vv trace (RUST_LOG, when set, wins).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+/// The subcommands.
+// Parsed once per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve as an exit for the peers you allow.
+    Exit(ExitArgs),
+    /// Print this node's Tox ID (creating the identity if missing).
+    Id(IdArgs),
+}
+
+/// Flags every role has.
+#[derive(Debug, Args, Default, Clone)]
+pub struct CommonArgs {
+    /// TOML file holding any of these settings (flags win over it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where the identity (Tox savedata, mode 0600) lives.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Extra Tox bootstrap node, as PK@HOST:PORT (repeatable).
+    #[arg(long, value_name = "PK@HOST:PORT")]
+    pub bootstrap: Vec<String>,
+    /// Do not use the built-in public Tox bootstrap nodes.
+    #[arg(long)]
+    pub no_public_bootstrap: bool,
+}
+
+/// Timeouts and limits of relayed connections.
+#[derive(Debug, Args, Default, Clone)]
+pub struct LimitArgs {
+    /// Give up a dial after this many seconds [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub connect_timeout: Option<u64>,
+    /// Close relayed connections idle for this many seconds; 0 never [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+    /// At most this many client connections at once [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+}
+
+/// Destination rules (see [`crate::exit_policy`]): always on for an exit, on for direct
+/// dials with `--direct-policy`.
+#[derive(Debug, Args, Default, Clone)]
+pub struct PolicyArgs {
+    /// Allow loopback, private, link-local, CGNAT and other special destinations.
+    #[arg(long)]
+    pub allow_private: bool,
+    /// Only these destination ports (PORT or LOW-HIGH, repeatable).
+    #[arg(long, value_name = "PORTS")]
+    pub allow_port: Vec<PortRange>,
+    /// Never these destination ports (repeatable).
+    #[arg(long, value_name = "PORTS")]
+    pub deny_port: Vec<PortRange>,
+    /// Only these destination networks, special ones inside included (CIDR, repeatable).
+    #[arg(long, value_name = "CIDR")]
+    pub allow_cidr: Vec<Cidr>,
+    /// Never these destination networks (CIDR, repeatable).
+    #[arg(long, value_name = "CIDR")]
+    pub deny_cidr: Vec<Cidr>,
+}
+
+/// The client role: local listeners, traffic out directly or through exit peers.
+#[derive(Debug, Args, Default, Clone)]
+pub struct RunArgs {
+    /// SOCKS5 listener address, or `off` [default: 127.0.0.1:1080].
+    #[arg(long, value_name = "ADDR|off")]
+    pub socks: Option<Listen>,
+    /// HTTP proxy listener address, or `off` [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR|off")]
+    pub http: Option<Listen>,
+    /// Require this SOCKS5 user name (with --socks-pass).
+    #[arg(long, value_name = "USER")]
+    pub socks_user: Option<String>,
+    /// Require this SOCKS5 password (with --socks-user).
+    #[arg(long, value_name = "PASS")]
+    pub socks_pass: Option<String>,
+    /// Send traffic through this exit peer, by its Tox ID (repeatable).
+    #[arg(long, value_name = "TOXID")]
+    pub exit: Vec<String>,
+    /// Capture all traffic of this host with a TUN device.
+    #[arg(long)]
+    pub tun: bool,
+    /// Apply the destination rules to direct dials too (refuse private addresses, ...).
+    #[arg(long)]
+    pub direct_policy: bool,
+    /// Settings every role has.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Timeouts and limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Destination rules.
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// `proxy exit`.
+#[derive(Debug, Args, Default, Clone)]
+pub struct ExitArgs {
+    /// Serve this peer, by Tox ID or public key (repeatable).
+    #[arg(long, value_name = "TOXID|PK")]
+    pub allow: Vec<String>,
+    /// Serve any peer that asks (an open exit: think twice).
+    #[arg(long)]
+    pub allow_any: bool,
+    /// Settings every role has.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Timeouts and limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Destination rules.
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// `proxy id`.
+#[derive(Debug, Args, Default, Clone)]
+pub struct IdArgs {
+    /// Settings file (only its `data-dir` matters here).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where the identity lives.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A listener setting: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// Do not run this listener.
+    Off,
+    /// Listen here.
+    At(SocketAddr),
+}
+
+/// Error parsing a [`Listen`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+#[error("expected IP:PORT (e.g. 127.0.0.1:1080, [::1]:1080) or \"off\", got {0:?}")]
+pub struct ParseListenError(String);
+
+impl FromStr for Listen {
+    type Err = ParseListenError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self::Off);
+        }
+        s.parse()
+            .map(Self::At)
+            .map_err(|_| ParseListenError(s.to_owned()))
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Off => f.write_str("off"),
+            Self::At(addr) => addr.fmt(f),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_contract() {
+        let cli = Cli::try_parse_from([
+            "proxy",
+            "--socks",
+            "127.0.0.1:1081",
+            "--http",
+            "off",
+            "--exit",
+            "AAAA",
+            "--exit",
+            "BBBB",
+            "--tun",
+            "--config",
+            "/tmp/c.toml",
+            "--data-dir",
+            "/tmp/d",
+            "--bootstrap",
+            "PK@host:33445",
+            "--no-public-bootstrap",
+            "-vv",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(
+            cli.run.socks,
+            Some(Listen::At("127.0.0.1:1081".parse().unwrap()))
+        );
+        assert_eq!(cli.run.http, Some(Listen::Off));
+        assert_eq!(cli.run.exit, ["AAAA", "BBBB"]);
+        assert!(cli.run.tun && cli.run.common.no_public_bootstrap);
+        assert_eq!(cli.verbose, 2);
+
+        let cli = Cli::try_parse_from([
+            "proxy",
+            "exit",
+            "--allow",
+            "PK1",
+            "--allow-any",
+            "--allow-private",
+            "--deny-port",
+            "25",
+        ])
+        .unwrap();
+        let Some(Command::Exit(exit)) = cli.command else {
+            panic!("not exit")
+        };
+        assert_eq!(exit.allow, ["PK1"]);
+        assert!(exit.allow_any && exit.policy.allow_private);
+
+        let cli = Cli::try_parse_from(["proxy", "id", "--data-dir", "/x"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Id(_))));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Cli::try_parse_from(["proxy", "--socks", "localhost"]).is_err());
+        assert!(Cli::try_parse_from(["proxy", "--deny-port", "x"]).is_err());
+        assert!(Cli::try_parse_from(["proxy", "--allow-cidr", "10.0.0.0/40"]).is_err());
+        // Client flags do not mix with a subcommand.
+        assert!(Cli::try_parse_from(["proxy", "--tun", "id"]).is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! What every listener shares: the dialer, timeouts, the connection limit, and shutdown.
+//!
+//! One accept loop per listener; one task per accepted connection, tracked so that shutdown
+//! can wait for connections in flight. A connection holds a semaphore permit for its whole
+//! life and the loop takes the permit *before* accepting, so over the limit new clients wait
+//! in the kernel's backlog instead of being accepted and dropped.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::dialer::Dialer;
+
+/// Settings shared by the SOCKS5 and HTTP front-ends.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Where connections go.
+    pub dialer: Arc<dyn Dialer>,
+    /// End relays that moved nothing for this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// How long a client may take to say where it wants to go.
+    pub handshake_timeout: Duration,
+    /// Caps concurrent client connections over all listeners.
+    pub limit: Arc<Semaphore>,
+    /// Cancelled on shutdown: listeners stop accepting.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+impl Shared {
+    /// Settings with a fresh limit of `max_connections`, a new shutdown token and tracker.
+    pub fn new(
+        dialer: Arc<dyn Dialer>,
+        idle_timeout: Option<Duration>,
+        max_connections: usize,
+    ) -> Self {
+        Self {
+            dialer,
+            idle_timeout,
+            handshake_timeout: Duration::from_secs(30),
+            limit: Arc::new(Semaphore::new(max_connections)),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// Stops the listeners and waits up to `grace` for connections in flight; returns how
+    /// many were still open when the grace period ran out.
+    pub async fn shut_down(&self, grace: Duration) -> usize {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            return self.tracker.len();
+        }
+        0
+    }
+}
+
+/// Accepts connections on `listener` until shutdown and runs `handle` for each in its own
+/// tracked task, with a span naming the front-end and the client.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    shared: Shared,
+    kind: &'static str,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut id: u64 = 0;
+    loop {
+        let permit = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            permit = shared.limit.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            res = listener.accept() => match res {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning on the error.
+                    warn!(kind, %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        id += 1;
+        let span = info_span!("conn", kind, id, %peer);
+        let fut = handle(stream, peer);
+        shared.tracker.spawn(
+            async move {
+                debug!("accepted");
+                fut.await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
