@@ -54,6 +54,8 @@
 mod error;
 pub mod frame;
 mod ids;
+#[cfg(feature = "tokio")]
+pub mod io;
 mod stream;
 
 use std::collections::VecDeque;

@@ -1,0 +1,471 @@
+//! The tokio adapter of the mux: a shared [`Handle`], [`Stream`]s that are
+//! `AsyncRead + AsyncWrite`, and a driver over any `AsyncRead + AsyncWrite` link.
+//!
+//! One `std::sync::Mutex` guards the [`Mux`] core and the stream wakers. It is never held
+//! across an `.await` (every critical section is a few memcpys), which is why it is not a
+//! tokio mutex. The driver side is public so that other drivers, such as the KCP session's,
+//! can run the mux over their own link:
+//!
+//! ```text
+//!  Stream::poll_write ─► Handle ─(transmit_ready)─► driver: poll_transmit ─► link
+//!  Stream::poll_read  ◄─ Handle ◄─(wake readers)─── driver: handle_input  ◄─ link
+//! ```
+//!
+//! A driver loops: wait for [`Handle::transmit_ready`], then [`Handle::poll_transmit`] into
+//! its link; and feeds whatever the link delivers to [`Handle::handle_input`]; when the link
+//! dies it calls [`Handle::fail`]. [`run`] does exactly that over an `AsyncRead + AsyncWrite`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Notify;
+
+use super::{Config, Event, Failure, Mux, OpenError, ProtocolError, Stats, StreamError, StreamId};
+
+/// Bytes the ready-made driver reads from, and writes to, the link at once.
+const LINK_BATCH: usize = 256 * 1024;
+
+/// A shared handle to one mux: open and accept streams, and drive the link. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when the core may have frames to transmit (or failed).
+    transmit: Notify,
+    /// Signalled when a stream arrives (or the mux failed).
+    accept: Notify,
+}
+
+struct State {
+    mux: Mux,
+    /// Tasks blocked reading or writing, by stream id.
+    wakers: HashMap<u16, Wakers>,
+}
+
+#[derive(Default)]
+struct Wakers {
+    read: Option<Waker>,
+    write: Option<Waker>,
+}
+
+impl State {
+    /// Turns the core's events into wakeups, collected to run after the lock is released.
+    fn dispatch(&mut self, wake: &mut Vec<Waker>, accept: &mut bool) {
+        while let Some(event) = self.mux.poll_event() {
+            match event {
+                Event::Incoming(_) => *accept = true,
+                Event::Readable(id) | Event::Finished(id) => {
+                    if let Some(w) = self.wakers.get_mut(&id.0).and_then(|w| w.read.take()) {
+                        wake.push(w);
+                    }
+                }
+                Event::Writable(id) => {
+                    if let Some(w) = self.wakers.get_mut(&id.0).and_then(|w| w.write.take()) {
+                        wake.push(w);
+                    }
+                }
+                Event::Released(id) => {
+                    self.wakers.remove(&id.0);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Every waiter, for when the mux failed.
+    fn wake_all(&mut self, wake: &mut Vec<Waker>) {
+        for (_, w) in self.wakers.drain() {
+            wake.extend(w.read);
+            wake.extend(w.write);
+        }
+    }
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Handle {
+    /// A handle around a new mux core.
+    pub fn new(config: Config) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    mux: Mux::new(config),
+                    wakers: HashMap::new(),
+                }),
+                transmit: Notify::new(),
+                accept: Notify::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.shared)
+    }
+
+    /// Opens a stream. No round trip: its SYN leaves with the first data written.
+    pub fn open(&self) -> Result<Stream, OpenError> {
+        let id = self.lock().mux.open()?;
+        self.shared.transmit.notify_one();
+        Ok(Stream {
+            shared: self.shared.clone(),
+            id,
+        })
+    }
+
+    /// The next stream the peer opens; `None` once the mux failed.
+    pub async fn accept(&self) -> Option<Stream> {
+        loop {
+            let mut notified = pin!(self.shared.accept.notified());
+            notified.as_mut().enable();
+            {
+                let mut state = self.lock();
+                if let Some(id) = state.mux.accept() {
+                    return Some(Stream {
+                        shared: self.shared.clone(),
+                        id,
+                    });
+                }
+                if state.mux.failure().is_some() {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Counters of the core.
+    pub fn stats(&self) -> Stats {
+        self.lock().mux.stats()
+    }
+
+    /// Why the mux failed, if it did.
+    pub fn failure(&self) -> Option<Failure> {
+        self.lock().mux.failure().cloned()
+    }
+
+    /// Sends a verification challenge (see [`Mux::verify`]).
+    pub fn verify(&self, v1: u16, v2: u32) -> Result<(), super::VerifyError> {
+        self.lock().mux.verify(v1, v2)?;
+        self.shared.transmit.notify_one();
+        Ok(())
+    }
+
+    // ---- driver side -------------------------------------------------------------------
+
+    /// Feeds bytes from the link and wakes the streams they concern. An error is fatal: the
+    /// mux fails and every stream reports it.
+    pub fn handle_input(&self, data: &[u8]) -> Result<(), ProtocolError> {
+        let mut wake = Vec::new();
+        let mut accept = false;
+        let (result, transmit) = {
+            let mut state = self.lock();
+            let result = state.mux.handle_input(data);
+            state.dispatch(&mut wake, &mut accept);
+            if result.is_err() {
+                state.wake_all(&mut wake);
+                accept = true;
+            }
+            (result, state.mux.has_transmit())
+        };
+        self.after(wake, accept, transmit);
+        result
+    }
+
+    /// Appends frames for the link (see [`Mux::poll_transmit`]) and wakes whoever that
+    /// unblocked. Returns the bytes appended.
+    pub fn poll_transmit(&self, budget: usize, out: &mut Vec<u8>) -> usize {
+        let mut wake = Vec::new();
+        let mut accept = false;
+        let n = {
+            let mut state = self.lock();
+            let n = state.mux.poll_transmit(budget, out);
+            state.dispatch(&mut wake, &mut accept);
+            n
+        };
+        self.after(wake, accept, false);
+        n
+    }
+
+    /// Whether frames are waiting for [`Handle::poll_transmit`].
+    pub fn has_transmit(&self) -> bool {
+        self.lock().mux.has_transmit()
+    }
+
+    /// Resolves when there is something to transmit, or with the failure once the mux failed.
+    pub async fn transmit_ready(&self) -> Result<(), Failure> {
+        loop {
+            let mut notified = pin!(self.shared.transmit.notified());
+            notified.as_mut().enable();
+            {
+                let state = self.lock();
+                if let Some(failure) = state.mux.failure() {
+                    return Err(failure.clone());
+                }
+                if state.mux.has_transmit() {
+                    return Ok(());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The link died (or the mux is being shut down): every stream gets an error carrying
+    /// `reason`, after the bytes it already received.
+    pub fn fail(&self, reason: impl fmt::Display) {
+        let mut wake = Vec::new();
+        {
+            let mut state = self.lock();
+            state.mux.fail(Failure::link(reason));
+            state.wake_all(&mut wake);
+        }
+        self.after(wake, true, false);
+        self.shared.transmit.notify_waiters();
+    }
+
+    fn after(&self, wake: Vec<Waker>, accept: bool, transmit: bool) {
+        wake.into_iter().for_each(Waker::wake);
+        if accept {
+            self.shared.accept.notify_waiters();
+        }
+        if transmit {
+            self.shared.transmit.notify_one();
+        }
+    }
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    // A panic while holding the lock leaves the core consistent enough to report errors; do
+    // not cascade it into every stream.
+    shared
+        .state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Why [`run`] stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    /// Reading or writing the link failed.
+    #[error("link i/o failed: {0}")]
+    Io(#[from] io::Error),
+    /// The peer broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The mux was failed from outside ([`Handle::fail`]).
+    #[error("{0}")]
+    Failed(Failure),
+}
+
+/// Runs the mux of `handle` over `io` until the link closes or fails. Reads and writes in
+/// batches of up to 256 KiB. A clean end of the link returns `Ok`; either way every stream
+/// still open then fails with the reason.
+pub async fn run<T>(io: T, handle: Handle) -> Result<(), DriverError>
+where
+    T: AsyncRead + AsyncWrite,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let reader = async {
+        let mut buf = vec![0u8; LINK_BATCH];
+        loop {
+            let n = rd.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, DriverError>(());
+            }
+            handle.handle_input(&buf[..n])?;
+        }
+    };
+    let writer = async {
+        let mut out = Vec::with_capacity(LINK_BATCH);
+        loop {
+            if let Err(failure) = handle.transmit_ready().await {
+                // Failed from outside: close our sending side so the peer notices.
+                let _ = wr.shutdown().await;
+                return Err(DriverError::Failed(failure));
+            }
+            out.clear();
+            handle.poll_transmit(LINK_BATCH, &mut out);
+            wr.write_all(&out).await?;
+        }
+    };
+    let result = tokio::select! {
+        result = reader => result,
+        result = writer => result,
+    };
+    match &result {
+        Ok(()) => handle.fail("link closed by peer"),
+        Err(error) => handle.fail(error),
+    }
+    result
+}
+
+/// Starts [`run`] over `io` on a new task and returns the handle and the task.
+pub fn spawn<T>(io: T, config: Config) -> (Handle, tokio::task::JoinHandle<Result<(), DriverError>>)
+where
+    T: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let handle = Handle::new(config);
+    let task = tokio::spawn(run(io, handle.clone()));
+    (handle, task)
+}
+
+/// One stream of the mux. Reading returns EOF after the peer's FIN; `shutdown` sends our FIN
+/// (half close: reading goes on); dropping closes the stream.
+pub struct Stream {
+    shared: Arc<Shared>,
+    id: StreamId,
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream").field("id", &self.id).finish()
+    }
+}
+
+/// [`Stream::write_all_timeout`] stopped early; `written` bytes were handed to the mux and
+/// will be delivered, the rest was not.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteTimeout {
+    /// The time ran out.
+    #[error("write timed out after {written} bytes were handed to the mux")]
+    Elapsed {
+        /// Bytes handed to the mux.
+        written: usize,
+    },
+    /// The stream failed.
+    #[error("write failed after {written} bytes were handed to the mux: {source}")]
+    Failed {
+        /// Bytes handed to the mux.
+        written: usize,
+        /// Why.
+        source: StreamError,
+    },
+}
+
+impl WriteTimeout {
+    /// Bytes handed to the mux before the write stopped.
+    pub fn written(&self) -> usize {
+        match self {
+            Self::Elapsed { written } | Self::Failed { written, .. } => *written,
+        }
+    }
+}
+
+impl Stream {
+    /// The stream's id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Writes all of `buf` unless `timeout` passes first. On timeout the error tells exactly
+    /// how many bytes were handed to the mux (those will be delivered), so the application
+    /// can resume without duplicating data (seed 004).
+    pub async fn write_all_timeout(
+        &mut self,
+        buf: &[u8],
+        timeout: Duration,
+    ) -> Result<(), WriteTimeout> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut written = 0;
+        while written < buf.len() {
+            let rest = &buf[written..];
+            // A write future cancelled by the timeout has handed nothing over: the core takes
+            // bytes only in the poll that returns `Ready`.
+            let write = poll_fn(|cx| self.poll_write_mux(cx, rest));
+            match tokio::time::timeout_at(deadline, write).await {
+                Err(_) => return Err(WriteTimeout::Elapsed { written }),
+                Ok(Err(source)) => return Err(WriteTimeout::Failed { written, source }),
+                Ok(Ok(n)) => written += n,
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_write_mux(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<Result<usize, StreamError>> {
+        let mut state = lock(&self.shared);
+        let n = state.mux.write(self.id, buf)?;
+        if n == 0 && !buf.is_empty() {
+            state.wakers.entry(self.id.0).or_default().write = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        drop(state);
+        self.shared.transmit.notify_one();
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut state = lock(&self.shared);
+        match state.mux.read(self.id, buf.initialize_unfilled()) {
+            Ok(n) => {
+                buf.advance(n);
+                // Reading may have made a CFM due.
+                let transmit = state.mux.has_transmit();
+                drop(state);
+                if transmit {
+                    self.shared.transmit.notify_one();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Err(StreamError::WouldBlock) => {
+                state.wakers.entry(self.id.0).or_default().read = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Err(error) => Poll::Ready(Err(error.into())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_mux(cx, buf).map_err(io::Error::from)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Bytes the mux accepted are on their way; there is no further buffer to push.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        lock(&self.shared).mux.finish(self.id)?;
+        self.shared.transmit.notify_one();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        {
+            let mut state = lock(&self.shared);
+            state.mux.close(self.id);
+            state.wakers.remove(&self.id.0);
+        }
+        self.shared.transmit.notify_one();
+    }
+}

@@ -1,0 +1,247 @@
+//! The tokio adapter of the mux over `tokio::io::duplex`.
+
+use std::time::Duration;
+
+use fabric::mux::io::{self, Handle, Stream, WriteTimeout};
+use fabric::mux::{Config, StreamError};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+
+type Driver = JoinHandle<Result<(), io::DriverError>>;
+
+fn connected(config: Config) -> ((Handle, Driver), (Handle, Driver)) {
+    let (left, right) = tokio::io::duplex(256 * 1024);
+    (io::spawn(left, config.clone()), io::spawn(right, config))
+}
+
+fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    ChaCha20Rng::seed_from_u64(seed).fill(&mut data[..]);
+    data
+}
+
+async fn read_to_end(stream: &mut Stream) -> Vec<u8> {
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got).await.expect("read to end");
+    got
+}
+
+/// 32 streams each send 1 MiB (seeded, different per stream) and the other side echoes it
+/// back; both directions are checked with SHA-256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_move_megabytes_intact() {
+    const STREAMS: u64 = 32;
+    const LEN: usize = 1 << 20;
+    let ((client, _c), (server, _s)) = connected(Config::default());
+    let echo = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..STREAMS {
+            let stream = server.accept().await.expect("accept");
+            tasks.push(tokio::spawn(async move {
+                let (mut rd, mut wr) = tokio::io::split(stream);
+                let mut hasher = Sha256::new();
+                let mut buf = vec![0u8; 32 * 1024];
+                loop {
+                    let n = rd.read(&mut buf).await.expect("server read");
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    wr.write_all(&buf[..n]).await.expect("echo");
+                }
+                wr.shutdown().await.expect("fin");
+                hasher.finalize()
+            }));
+        }
+        let mut hashes = Vec::new();
+        for task in tasks {
+            hashes.push(task.await.expect("echo task"));
+        }
+        hashes
+    });
+    let mut tasks = Vec::new();
+    for seed in 0..STREAMS {
+        let stream = client.open().expect("open");
+        tasks.push(tokio::spawn(async move {
+            let data = payload(seed, LEN);
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            let writer = async {
+                wr.write_all(&data).await.expect("client write");
+                wr.shutdown().await.expect("fin");
+            };
+            let reader = async {
+                let mut echoed = Vec::new();
+                rd.read_to_end(&mut echoed).await.expect("client read");
+                echoed
+            };
+            let ((), echoed) = tokio::join!(writer, reader);
+            assert_eq!(
+                Sha256::digest(&echoed),
+                Sha256::digest(&data),
+                "stream {seed} echo"
+            );
+            Sha256::digest(&data)
+        }));
+    }
+    let run = async {
+        let mut sent = Vec::new();
+        for task in tasks {
+            sent.push(task.await.expect("client task"));
+        }
+        let mut received = echo.await.expect("echo");
+        sent.sort();
+        received.sort();
+        assert_eq!(sent, received, "server saw every stream intact");
+    };
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("transfer timed out");
+}
+
+#[tokio::test]
+async fn half_close_in_both_directions() {
+    let ((client, _c), (server, _s)) = connected(Config::default());
+    let mut stream = client.open().unwrap();
+    stream.write_all(b"request").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut peer = server.accept().await.unwrap();
+    assert_eq!(read_to_end(&mut peer).await, b"request");
+    // The peer's read side is over, its write side is not.
+    peer.write_all(b"response").await.unwrap();
+    peer.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut stream).await, b"response");
+    let error = stream.write_all(b"late").await.unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe, "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn write_all_timeout_reports_exactly_what_was_handed_over() {
+    let window = 64 * 1024;
+    let ((client, _c), (server, _s)) = connected(Config {
+        window,
+        ..Config::default()
+    });
+    let mut stream = client.open().unwrap();
+    let data = payload(7, 200 * 1024);
+    let error = stream
+        .write_all_timeout(&data, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    let written = error.written();
+    assert!(matches!(error, WriteTimeout::Elapsed { .. }));
+    // Nobody reads on the other side, so exactly one window was accepted.
+    assert_eq!(written, window as usize);
+    // Every byte that was handed over arrives, and nothing else.
+    stream.shutdown().await.unwrap();
+    let mut peer = server.accept().await.unwrap();
+    let got = read_to_end(&mut peer).await;
+    assert_eq!(got, &data[..written]);
+
+    // Resuming from `written` delivers the rest without duplicates.
+    let mut stream = client.open().unwrap();
+    let mut peer = server.accept().await.unwrap();
+    let reader = tokio::spawn(async move { read_to_end(&mut peer).await });
+    let first = stream
+        .write_all_timeout(&data, Duration::from_millis(1))
+        .await;
+    let written = first.err().map_or(data.len(), |e| e.written());
+    stream
+        .write_all_timeout(&data[written..], Duration::from_secs(10))
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    assert_eq!(reader.await.unwrap(), data);
+}
+
+#[tokio::test]
+async fn link_failure_reaches_every_stream() {
+    let ((client, _c), (server, server_driver)) = connected(Config::default());
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let mut stream = client.open().unwrap();
+        stream.write_all(b"hello").await.unwrap();
+        streams.push(stream);
+    }
+    for _ in 0..5 {
+        let mut peer = server.accept().await.unwrap();
+        let mut buf = [0u8; 5];
+        peer.read_exact(&mut buf).await.unwrap();
+    }
+    // The server side's link goes away.
+    server_driver.abort();
+    let _ = server_driver.await;
+    let check = async {
+        for stream in &mut streams {
+            let mut buf = [0u8; 16];
+            let error = stream.read(&mut buf).await.expect_err("read fails");
+            assert_eq!(
+                error.kind(),
+                std::io::ErrorKind::ConnectionAborted,
+                "{error}"
+            );
+            assert!(error.to_string().contains("link"), "{error}");
+            let error = stream.write_all(b"more").await.expect_err("write fails");
+            assert_eq!(error.kind(), std::io::ErrorKind::ConnectionAborted);
+        }
+        assert!(client.accept().await.is_none());
+        assert!(client.open().is_err());
+    };
+    tokio::time::timeout(Duration::from_secs(10), check)
+        .await
+        .expect("errors arrive");
+}
+
+#[tokio::test]
+async fn protocol_violation_fails_the_mux_with_a_clear_error() {
+    let (left, mut right) = tokio::io::duplex(64 * 1024);
+    let (client, driver) = io::spawn(left, Config::default());
+    let mut stream = client.open().unwrap();
+    // An unknown command byte from the "peer".
+    right.write_all(&[0x42, 0, 1, 0, 0, 0, 0]).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), driver)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(result, Err(io::DriverError::Protocol(_))),
+        "{result:?}"
+    );
+    let mut buf = [0u8; 4];
+    let error = stream.read(&mut buf).await.unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
+    assert!(
+        error.to_string().contains("unknown frame command 0x42"),
+        "{error}"
+    );
+    let core: StreamError = StreamError::WouldBlock;
+    assert_eq!(
+        std::io::Error::from(core).kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+}
+
+#[tokio::test]
+async fn dropping_a_stream_closes_it_and_recycles_the_id() {
+    let ((client, _c), (server, _s)) = connected(Config::default());
+    let mut stream = client.open().unwrap();
+    let id = stream.id();
+    stream.write_all(b"bye").await.unwrap();
+    drop(stream);
+    let mut peer = server.accept().await.unwrap();
+    assert_eq!(read_to_end(&mut peer).await, b"bye");
+    drop(peer);
+    let reused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if client.stats().streams == 0 {
+                return client.open().unwrap();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("id released");
+    assert_eq!(reused.id(), id);
+}
