@@ -1,0 +1,757 @@
+//! The tox thread and the async handle that talks to it.
+//!
+//! Message flow:
+//! - [`ToxHandle`] methods put a [`Command`] on a bounded tokio channel; those that need an
+//!   answer carry a oneshot for it. Lossy sends need none, so they cost one channel slot.
+//! - The thread (a current-thread tokio runtime, so it can wait on the channel with a
+//!   timeout) alternates between `tox_iterate` and draining commands until the next iteration
+//!   is due. It never sleeps while commands are queued.
+//! - `tox_iterate` reports to [`Inbox`] (the callbacks' thread-local state), which forwards
+//!   events to the [`ToxEvent`] channel in order. Lossy packets that find the channel full are
+//!   dropped and counted; other events wait for room after the iteration.
+//! - When every handle is gone, or on [`ToxHandle::shutdown`], the thread saves and kills the
+//!   instance. The event channel then closes.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, trace, warn};
+
+use super::ffi::{self, Callbacks, Connection, Instance};
+use super::{LOSSLESS_ID_RANGE, LOSSY_ID_RANGE, ToxConfig, ToxError, check_packet, save};
+use crate::id::{BootstrapNode, PublicKey, ToxId, public_bootstrap_nodes};
+
+/// After this long without a DHT connection the node bootstraps again.
+const REBOOTSTRAP_AFTER: Duration = Duration::from_secs(5);
+/// While packets are arriving, iterate at least this often: c-toxcore reads its UDP socket only
+/// inside `tox_iterate`, and a default 208 KiB socket buffer holds only ~5 ms at 25 MB/s.
+const BUSY_INTERVAL: Duration = Duration::from_millis(1);
+/// How long after the last packet the node keeps the busy interval.
+const BUSY_LINGER: Duration = Duration::from_millis(200);
+/// Commands handled in one go before checking whether an iteration is due.
+const DRAIN_BUDGET: usize = 256;
+/// Received lossy payloads are copied into blocks of this size and handed out as `Bytes`
+/// slices, so receiving costs no allocation per packet.
+const RX_BLOCK: usize = 64 * 1024;
+
+/// Something that happened on the Tox network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ToxEvent {
+    /// A friend request was accepted under the node's [`super::FriendPolicy`] (refused requests
+    /// produce no event).
+    FriendRequest {
+        /// Who asked.
+        pk: PublicKey,
+    },
+    /// A friend came online, went offline or changed transport.
+    FriendConnection {
+        /// The friend.
+        pk: PublicKey,
+        /// How it is connected now.
+        status: Connection,
+    },
+    /// Our own DHT connection changed.
+    SelfConnection(Connection),
+    /// A custom lossy packet (first byte included).
+    Lossy {
+        /// The sender.
+        pk: PublicKey,
+        /// The packet.
+        data: Bytes,
+    },
+    /// A custom lossless packet (first byte included).
+    Lossless {
+        /// The sender.
+        pk: PublicKey,
+        /// The packet.
+        data: Bytes,
+    },
+}
+
+/// A friend as the node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FriendStatus {
+    /// The friend's key.
+    pub pk: PublicKey,
+    /// How it is connected.
+    pub connection: Connection,
+}
+
+/// A snapshot of the node, with counters since start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToxStatus {
+    /// Our Tox ID.
+    pub id: ToxId,
+    /// Our DHT connection.
+    pub connection: Connection,
+    /// The UDP port we are bound to.
+    pub udp_port: Option<u16>,
+    /// Every friend.
+    pub friends: Vec<FriendStatus>,
+    /// Lossy packets handed to c-toxcore.
+    pub lossy_sent: u64,
+    /// Lossy packets c-toxcore refused (friend offline, unknown friend).
+    pub lossy_send_failed: u64,
+    /// Lossy packets received.
+    pub lossy_received: u64,
+    /// Lossy packets dropped because the event channel was full.
+    pub lossy_dropped: u64,
+    /// Lossless packets handed to c-toxcore.
+    pub lossless_sent: u64,
+    /// Lossless packets received.
+    pub lossless_received: u64,
+}
+
+enum Command {
+    Lossy {
+        pk: PublicKey,
+        data: Bytes,
+    },
+    Lossless {
+        pk: PublicKey,
+        data: Bytes,
+        reply: oneshot::Sender<Result<(), ToxError>>,
+    },
+    AddFriend {
+        id: ToxId,
+        message: Vec<u8>,
+        reply: oneshot::Sender<Result<(), ToxError>>,
+    },
+    AddFriendNoRequest {
+        pk: PublicKey,
+        reply: oneshot::Sender<Result<(), ToxError>>,
+    },
+    RemoveFriend {
+        pk: PublicKey,
+        reply: oneshot::Sender<bool>,
+    },
+    Status {
+        reply: oneshot::Sender<ToxStatus>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Starts Tox nodes. See the module docs for the threading model.
+#[derive(Debug)]
+pub struct ToxNode;
+
+impl ToxNode {
+    /// Loads (or creates) the identity in `config.data_dir`, starts the tox thread, bootstraps
+    /// and returns a handle plus the stream of events. The identity is saved before this
+    /// returns, so a new ID is never lost.
+    pub fn spawn(config: ToxConfig) -> Result<(ToxHandle, mpsc::Receiver<ToxEvent>), ToxError> {
+        let (cmd_tx, cmd_rx) = mpsc::channel(config.command_capacity.max(1));
+        let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity.max(1));
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("tox".into())
+            .spawn(move || thread_main(config, cmd_rx, ev_tx, ready_tx))
+            .map_err(ToxError::Thread)?;
+        let id = ready_rx.recv().map_err(|_| ToxError::NodeGone)??;
+        Ok((ToxHandle { tx: cmd_tx, id }, ev_rx))
+    }
+
+    /// Loads or creates the identity in `data_dir` and returns its Tox ID without going online
+    /// (for `proxy id`). No socket is opened.
+    pub fn identity(data_dir: impl Into<PathBuf>) -> Result<ToxId, ToxError> {
+        let path = save::save_path(&data_dir.into());
+        let (tox, _) = open_instance(
+            &path,
+            ffi::Options {
+                udp_enabled: false,
+                ..ffi::Options::default()
+            },
+        )?;
+        Ok(tox.address())
+    }
+}
+
+/// A cheap, cloneable handle to a running node. The node stops when every handle is dropped.
+#[derive(Debug, Clone)]
+pub struct ToxHandle {
+    tx: mpsc::Sender<Command>,
+    id: ToxId,
+}
+
+impl ToxHandle {
+    /// Our Tox ID (to give to peers).
+    pub fn id(&self) -> ToxId {
+        self.id
+    }
+
+    /// Our public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.id.public_key()
+    }
+
+    /// Adds `id` as a friend and sends it a friend request carrying `message` (1..=1016 bytes).
+    /// Adding an existing friend again is not an error.
+    pub async fn add_friend(&self, id: ToxId, message: &[u8]) -> Result<(), ToxError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Command::AddFriend {
+            id,
+            message: message.to_vec(),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| ToxError::NodeGone)?
+    }
+
+    /// Adds `pk` as a friend without a request: the peer connects once it adds us too.
+    pub async fn add_friend_norequest(&self, pk: PublicKey) -> Result<(), ToxError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Command::AddFriendNoRequest { pk, reply }).await?;
+        rx.await.map_err(|_| ToxError::NodeGone)?
+    }
+
+    /// Removes a friend; returns whether it was one.
+    pub async fn remove_friend(&self, pk: PublicKey) -> Result<bool, ToxError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Command::RemoveFriend { pk, reply }).await?;
+        rx.await.map_err(|_| ToxError::NodeGone)
+    }
+
+    /// Queues a lossy packet to `friend`, waiting for room in the queue. The first byte must
+    /// be in [`LOSSY_ID_RANGE`] and the packet at most [`super::MAX_CUSTOM_PACKET`] bytes;
+    /// those checks fail here. Whether c-toxcore then sends it is not reported (it is lossy):
+    /// packets to an offline friend are dropped and counted in [`ToxStatus`].
+    pub async fn send_lossy(&self, friend: PublicKey, data: Bytes) -> Result<(), ToxError> {
+        check_packet(&data, &LOSSY_ID_RANGE)?;
+        self.call(Command::Lossy { pk: friend, data }).await
+    }
+
+    /// Like [`Self::send_lossy`] but never waits: a full queue is [`ToxError::QueueFull`].
+    pub fn try_send_lossy(&self, friend: PublicKey, data: Bytes) -> Result<(), ToxError> {
+        check_packet(&data, &LOSSY_ID_RANGE)?;
+        self.tx
+            .try_send(Command::Lossy { pk: friend, data })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => ToxError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => ToxError::NodeGone,
+            })
+    }
+
+    /// Sends a lossless packet (first byte in [`LOSSLESS_ID_RANGE`]) and waits until c-toxcore
+    /// has queued it. c-toxcore delivers it reliably and in order, but refuses it while the
+    /// friend is not online with us: that is [`ToxError::FriendNotConnected`], and the packet
+    /// is not kept for later. A full c-toxcore queue is [`ToxError::SendQueueFull`].
+    pub async fn send_lossless(&self, friend: PublicKey, data: Bytes) -> Result<(), ToxError> {
+        check_packet(&data, &LOSSLESS_ID_RANGE)?;
+        let (reply, rx) = oneshot::channel();
+        self.call(Command::Lossless {
+            pk: friend,
+            data,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| ToxError::NodeGone)?
+    }
+
+    /// A snapshot of the node.
+    pub async fn status(&self) -> Result<ToxStatus, ToxError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Command::Status { reply }).await?;
+        rx.await.map_err(|_| ToxError::NodeGone)
+    }
+
+    /// Stops the node now (even if other handles exist), saving its state, and waits until the
+    /// instance is gone. Afterwards every handle reports [`ToxError::NodeGone`].
+    pub async fn shutdown(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.call(Command::Shutdown { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    async fn call(&self, cmd: Command) -> Result<(), ToxError> {
+        self.tx.send(cmd).await.map_err(|_| ToxError::NodeGone)
+    }
+}
+
+/// Loads the savedata at `path` (if any) into a new instance, and saves it when the identity is
+/// new. Returns the instance and whether it was newly created.
+fn open_instance(
+    path: &std::path::Path,
+    mut opts: ffi::Options,
+) -> Result<(Instance, bool), ToxError> {
+    let save_err = |source| ToxError::Save {
+        path: path.to_owned(),
+        source,
+    };
+    opts.savedata = save::load(path).map_err(save_err)?;
+    let created = opts.savedata.is_none();
+    let tox = Instance::new(&opts)?;
+    if created {
+        save::store(path, &tox.savedata()).map_err(save_err)?;
+        info!(path = %path.display(), "created a new tox identity");
+    }
+    Ok((tox, created))
+}
+
+fn thread_main(
+    config: ToxConfig,
+    cmd_rx: mpsc::Receiver<Command>,
+    ev_tx: mpsc::Sender<ToxEvent>,
+    ready: std::sync::mpsc::SyncSender<Result<ToxId, ToxError>>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(ToxError::Thread(e)));
+            return;
+        }
+    };
+    let node = match Node::start(config, ev_tx) {
+        Ok(node) => node,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let span = tracing::info_span!("tox", pk = %node.id.public_key().short());
+    let _enter = span.enter();
+    info!(id = %node.id, port = ?node.tox.udp_port(), "tox node started");
+    let _ = ready.send(Ok(node.id));
+    rt.block_on(node.run(cmd_rx));
+}
+
+/// The tox thread's state. Lives on that thread only (`Instance` is not `Send`).
+struct Node {
+    tox: Instance,
+    inbox: Inbox,
+    id: ToxId,
+    config: ToxConfig,
+    save_path: PathBuf,
+    friends: HashMap<PublicKey, u32>,
+    /// Last time we bootstrapped (to retry while offline).
+    bootstrapped_at: Instant,
+    /// Savedata changed (friend list) and should be written.
+    dirty: bool,
+    lossy_sent: u64,
+    lossy_send_failed: u64,
+    lossless_sent: u64,
+}
+
+impl Node {
+    fn start(config: ToxConfig, ev_tx: mpsc::Sender<ToxEvent>) -> Result<Self, ToxError> {
+        let save_path = save::save_path(&config.data_dir);
+        let (mut tox, _) = open_instance(
+            &save_path,
+            ffi::Options {
+                ipv6_enabled: config.ipv6_enabled,
+                udp_enabled: config.udp_enabled,
+                local_discovery_enabled: config.local_discovery,
+                start_port: config.start_port,
+                end_port: config.end_port,
+                tcp_port: config.tcp_relay_port,
+                savedata: None,
+            },
+        )?;
+        if let Some(name) = &config.name {
+            tox.set_name(name);
+        }
+        let id = tox.address();
+        let mut node = Self {
+            inbox: Inbox::new(ev_tx, id.public_key()),
+            tox,
+            id,
+            config,
+            save_path,
+            friends: HashMap::new(),
+            bootstrapped_at: Instant::now(),
+            dirty: false,
+            lossy_sent: 0,
+            lossy_send_failed: 0,
+            lossless_sent: 0,
+        };
+        for n in node.tox.friends() {
+            if let Some(pk) = node.tox.friend_public_key(n) {
+                node.remember_friend(pk, n);
+            }
+        }
+        // Pre-authorise allowed peers so they connect even if their request was lost or sent
+        // before we came up.
+        let allowed: Vec<PublicKey> = node.config.allow.keys.iter().copied().collect();
+        for pk in allowed {
+            if !node.friends.contains_key(&pk) && pk != id.public_key() {
+                match node.tox.friend_add_norequest(&pk) {
+                    Ok(n) => {
+                        node.remember_friend(pk, n);
+                        node.dirty = true;
+                    }
+                    Err(e) => warn!(peer = %pk.short(), error = %e, "cannot pre-add allowed peer"),
+                }
+            }
+        }
+        for relay in &node.config.tcp_relays {
+            if !node.tox.add_tcp_relay(&relay.host, relay.port, &relay.pk) {
+                warn!(host = %relay.host, port = relay.port, "tcp relay address not usable");
+            }
+        }
+        node.bootstrap();
+        node.save_if_dirty();
+        Ok(node)
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut next_iterate = Instant::now();
+        let shutdown_ack = loop {
+            if Instant::now() >= next_iterate {
+                self.iterate().await;
+                next_iterate = Instant::now() + self.interval();
+            }
+            let cmd = tokio::select! {
+                biased;
+                cmd = rx.recv() => cmd,
+                () = tokio::time::sleep_until(next_iterate.into()) => continue,
+            };
+            let Some(cmd) = cmd else { break None };
+            if let Some(done) = self.handle(cmd) {
+                break Some(done);
+            }
+            // Drain what is already queued without yielding, but let iterations happen.
+            let mut stop = None;
+            for _ in 0..DRAIN_BUDGET {
+                let Ok(cmd) = rx.try_recv() else { break };
+                if let Some(done) = self.handle(cmd) {
+                    stop = Some(done);
+                    break;
+                }
+            }
+            if stop.is_some() {
+                break stop;
+            }
+        };
+        self.dirty = true;
+        self.save_if_dirty();
+        info!("tox node stopped");
+        // Kill the instance (closing its sockets) before acknowledging the shutdown.
+        drop(self);
+        if let Some(done) = shutdown_ack {
+            let _ = done.send(());
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        let tox = Duration::from_millis(u64::from(self.tox.iteration_interval().max(1)));
+        match self.inbox.last_packet {
+            Some(t) if t.elapsed() < BUSY_LINGER => tox.min(BUSY_INTERVAL),
+            _ => tox,
+        }
+    }
+
+    async fn iterate(&mut self) {
+        self.tox.iterate(&mut self.inbox);
+        for (pk, message_len) in std::mem::take(&mut self.inbox.requests) {
+            self.on_friend_request(pk, message_len);
+        }
+        self.inbox.flush().await;
+        if !self.inbox.connection.is_online() && self.bootstrapped_at.elapsed() >= REBOOTSTRAP_AFTER
+        {
+            debug!("still offline; bootstrapping again");
+            self.bootstrap();
+        }
+        self.save_if_dirty();
+    }
+
+    fn on_friend_request(&mut self, pk: PublicKey, message_len: usize) {
+        if !self.config.allow.allows(&pk) {
+            debug!(peer = %pk.short(), "friend request refused by policy");
+            return;
+        }
+        match self.tox.friend_add_norequest(&pk) {
+            Ok(n) => {
+                info!(peer = %pk.short(), message_len, "friend request accepted");
+                self.remember_friend(pk, n);
+                self.dirty = true;
+                self.inbox.push(ToxEvent::FriendRequest { pk });
+            }
+            Err(e) => debug!(peer = %pk.short(), error = %e, "cannot accept friend request"),
+        }
+    }
+
+    /// Returns the shutdown acknowledgement if the command asks the node to stop.
+    fn handle(&mut self, cmd: Command) -> Option<oneshot::Sender<()>> {
+        match cmd {
+            Command::Lossy { pk, data } => {
+                let sent = match self.friends.get(&pk) {
+                    Some(&n) => self.tox.send_lossy(n, &data).is_ok(),
+                    None => false,
+                };
+                if sent {
+                    self.lossy_sent += 1;
+                } else {
+                    self.lossy_send_failed += 1;
+                    trace!(peer = %pk.short(), "lossy packet not sent");
+                }
+            }
+            Command::Lossless { pk, data, reply } => {
+                let _ = reply.send(self.send_lossless(pk, &data));
+            }
+            Command::AddFriend { id, message, reply } => {
+                let _ = reply.send(self.add_friend(id, &message));
+            }
+            Command::AddFriendNoRequest { pk, reply } => {
+                let _ = reply.send(self.add_friend_norequest(pk));
+            }
+            Command::RemoveFriend { pk, reply } => {
+                let removed = match self.friends.remove(&pk) {
+                    Some(n) => {
+                        self.inbox.by_number.remove(&n);
+                        self.dirty = true;
+                        self.tox.friend_delete(n)
+                    }
+                    None => false,
+                };
+                self.save_if_dirty();
+                let _ = reply.send(removed);
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::Shutdown { done } => return Some(done),
+        }
+        None
+    }
+
+    fn send_lossless(&mut self, pk: PublicKey, data: &[u8]) -> Result<(), ToxError> {
+        let Some(&n) = self.friends.get(&pk) else {
+            return Err(ToxError::NotAFriend(pk.short()));
+        };
+        match self.tox.send_lossless(n, data) {
+            Ok(()) => {
+                self.lossless_sent += 1;
+                Ok(())
+            }
+            Err(ffi::PacketError::FriendNotConnected) => {
+                Err(ToxError::FriendNotConnected(pk.short()))
+            }
+            Err(ffi::PacketError::SendQueueFull) => Err(ToxError::SendQueueFull(pk.short())),
+            Err(e) => Err(ToxError::Packet(e)),
+        }
+    }
+
+    fn add_friend(&mut self, id: ToxId, message: &[u8]) -> Result<(), ToxError> {
+        let pk = id.public_key();
+        if self.friends.contains_key(&pk) {
+            return Ok(());
+        }
+        let n = self.tox.friend_add(&id, message)?;
+        info!(peer = %pk.short(), "friend added, request sent");
+        self.remember_friend(pk, n);
+        self.dirty = true;
+        self.save_if_dirty();
+        Ok(())
+    }
+
+    fn add_friend_norequest(&mut self, pk: PublicKey) -> Result<(), ToxError> {
+        if self.friends.contains_key(&pk) {
+            return Ok(());
+        }
+        let n = self.tox.friend_add_norequest(&pk)?;
+        info!(peer = %pk.short(), "friend added without request");
+        self.remember_friend(pk, n);
+        self.dirty = true;
+        self.save_if_dirty();
+        Ok(())
+    }
+
+    fn remember_friend(&mut self, pk: PublicKey, n: u32) {
+        self.friends.insert(pk, n);
+        self.inbox.by_number.insert(n, pk);
+    }
+
+    fn status(&self) -> ToxStatus {
+        let mut friends: Vec<FriendStatus> = self
+            .friends
+            .iter()
+            .map(|(pk, &n)| FriendStatus {
+                pk: *pk,
+                connection: self.tox.friend_connection(n),
+            })
+            .collect();
+        friends.sort_by_key(|f| f.pk);
+        ToxStatus {
+            id: self.id,
+            connection: self.inbox.connection,
+            udp_port: self.tox.udp_port(),
+            friends,
+            lossy_sent: self.lossy_sent,
+            lossy_send_failed: self.lossy_send_failed,
+            lossy_received: self.inbox.lossy_received,
+            lossy_dropped: self.inbox.lossy_dropped,
+            lossless_sent: self.lossless_sent,
+            lossless_received: self.inbox.lossless_received,
+        }
+    }
+
+    fn bootstrap(&mut self) {
+        self.bootstrapped_at = Instant::now();
+        let public = if self.config.use_public_bootstrap {
+            public_bootstrap_nodes()
+        } else {
+            Vec::new()
+        };
+        let nodes: Vec<BootstrapNode> = self
+            .config
+            .bootstrap
+            .iter()
+            .cloned()
+            .chain(public)
+            .collect();
+        if nodes.is_empty() {
+            debug!("no bootstrap nodes configured");
+        }
+        for node in &nodes {
+            if !self.tox.bootstrap(&node.host, node.port, &node.pk) {
+                debug!(host = %node.host, port = node.port, "bootstrap node not usable");
+            }
+        }
+    }
+
+    fn save_if_dirty(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        match save::store(&self.save_path, &self.tox.savedata()) {
+            Ok(()) => self.dirty = false,
+            // Keep running: the identity itself was saved at creation; only the friend list is
+            // at risk, and the next change retries.
+            Err(e) => warn!(path = %self.save_path.display(), error = %e, "saving tox state"),
+        }
+    }
+}
+
+/// The callbacks' state: turns c-toxcore events into [`ToxEvent`]s, in order.
+struct Inbox {
+    events: mpsc::Sender<ToxEvent>,
+    /// Events that did not fit in the channel; flushed (waiting for room) after the iteration.
+    /// While non-empty, new events queue behind them to keep the order.
+    pending: VecDeque<ToxEvent>,
+    /// Friend requests, handled after the iteration (the instance is busy during it).
+    requests: Vec<(PublicKey, usize)>,
+    by_number: HashMap<u32, PublicKey>,
+    rx_block: BytesMut,
+    connection: Connection,
+    last_packet: Option<Instant>,
+    own_pk: PublicKey,
+    lossy_received: u64,
+    lossy_dropped: u64,
+    lossless_received: u64,
+}
+
+impl Inbox {
+    fn new(events: mpsc::Sender<ToxEvent>, own_pk: PublicKey) -> Self {
+        Self {
+            events,
+            pending: VecDeque::new(),
+            requests: Vec::new(),
+            by_number: HashMap::new(),
+            rx_block: BytesMut::new(),
+            connection: Connection::None,
+            last_packet: None,
+            own_pk,
+            lossy_received: 0,
+            lossy_dropped: 0,
+            lossless_received: 0,
+        }
+    }
+
+    /// Queues an event that must not be dropped.
+    fn push(&mut self, ev: ToxEvent) {
+        if !self.pending.is_empty() {
+            self.pending.push_back(ev);
+            return;
+        }
+        match self.events.try_send(ev) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(ev)) => self.pending.push_back(ev),
+            // Nobody listens any more; the node keeps serving sends.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Delivers the pending events, waiting for room (never for lossy packets).
+    async fn flush(&mut self) {
+        while let Some(ev) = self.pending.pop_front() {
+            if matches!(ev, ToxEvent::Lossy { .. }) {
+                if self.events.try_send(ev).is_err() {
+                    self.lossy_dropped += 1;
+                }
+            } else if self.events.send(ev).await.is_err() {
+                self.pending.clear();
+            }
+        }
+    }
+
+    fn copy(&mut self, data: &[u8]) -> Bytes {
+        if self.rx_block.capacity() < data.len() {
+            self.rx_block.reserve(RX_BLOCK.max(data.len()));
+        }
+        self.rx_block.extend_from_slice(data);
+        self.rx_block.split().freeze()
+    }
+
+    fn peer(&self, friend: u32) -> Option<PublicKey> {
+        let pk = self.by_number.get(&friend).copied();
+        if pk.is_none() {
+            trace!(friend, "event for an unknown friend number");
+        }
+        pk
+    }
+}
+
+impl Callbacks for Inbox {
+    fn self_connection(&mut self, status: Connection) {
+        info!(?status, "dht connection");
+        self.connection = status;
+        self.push(ToxEvent::SelfConnection(status));
+    }
+
+    fn friend_connection(&mut self, friend: u32, status: Connection) {
+        let Some(pk) = self.peer(friend) else { return };
+        info!(peer = %pk.short(), ?status, "friend connection");
+        self.push(ToxEvent::FriendConnection { pk, status });
+    }
+
+    fn friend_request(&mut self, pk: PublicKey, message: &[u8]) {
+        if pk != self.own_pk {
+            self.requests.push((pk, message.len()));
+        }
+    }
+
+    fn lossy_packet(&mut self, friend: u32, data: &[u8]) {
+        let Some(pk) = self.peer(friend) else { return };
+        self.lossy_received += 1;
+        self.last_packet = Some(Instant::now());
+        let ev = ToxEvent::Lossy {
+            pk,
+            data: self.copy(data),
+        };
+        if !self.pending.is_empty() {
+            self.pending.push_back(ev);
+        } else if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(ev) {
+            self.lossy_dropped += 1;
+        }
+    }
+
+    fn lossless_packet(&mut self, friend: u32, data: &[u8]) {
+        let Some(pk) = self.peer(friend) else { return };
+        self.lossless_received += 1;
+        self.last_packet = Some(Instant::now());
+        let ev = ToxEvent::Lossless {
+            pk,
+            data: Bytes::copy_from_slice(data),
+        };
+        self.push(ev);
+    }
+}

@@ -1,0 +1,259 @@
+//! A private Tox network on 127.0.0.1 for tests and benches: several `tox-bootstrapd`
+//! processes (Debian package `toxcore-utils`) that bootstrap off each other, with LAN discovery
+//! and IPv6 off, each also serving as a TCP relay.
+//!
+//! Nothing here contacts the public network: the daemons know only each other, and
+//! [`ToxNet::config`] gives nodes that know only the daemons. Every process is killed and the
+//! scratch directory removed when the [`ToxNet`] is dropped, also while a test panics.
+
+use std::fs;
+use std::io;
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::id::{BootstrapNode, PUBLIC_KEY_SIZE, PublicKey};
+use crate::tox::ToxConfig;
+
+/// How long one daemon may take to come up before we try other ports.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts per daemon (a port we picked may be taken by someone else meanwhile).
+const START_ATTEMPTS: usize = 5;
+
+/// A running private Tox network. Dropping it stops the daemons.
+#[derive(Debug)]
+pub struct ToxNet {
+    dir: ScratchDir,
+    daemons: Vec<Daemon>,
+}
+
+#[derive(Debug)]
+struct Daemon {
+    child: Child,
+    udp: BootstrapNode,
+    tcp: BootstrapNode,
+}
+
+impl ToxNet {
+    /// Starts `n` bootstrap daemons (at least 1; use 4 or more for a DHT that finds friends
+    /// quickly). Daemon `i` bootstraps off daemons `0..i`.
+    pub fn start(n: usize) -> io::Result<Self> {
+        let dir = ScratchDir::new("toxnet")?;
+        let mut net = Self {
+            dir,
+            daemons: Vec::new(),
+        };
+        for i in 0..n.max(1) {
+            let daemon = net.start_daemon(i)?;
+            tracing::debug!(i, node = %daemon.udp, "tox-bootstrapd up");
+            net.daemons.push(daemon);
+        }
+        Ok(net)
+    }
+
+    /// The daemons as DHT bootstrap nodes (UDP).
+    pub fn nodes(&self) -> Vec<BootstrapNode> {
+        self.daemons.iter().map(|d| d.udp.clone()).collect()
+    }
+
+    /// The daemons as TCP relays.
+    pub fn tcp_relays(&self) -> Vec<BootstrapNode> {
+        self.daemons.iter().map(|d| d.tcp.clone()).collect()
+    }
+
+    /// A node configuration that joins only this network: no public bootstrap, no LAN
+    /// discovery, IPv4 only, identity in `data_dir`.
+    pub fn config(&self, data_dir: impl Into<PathBuf>) -> ToxConfig {
+        let mut c = ToxConfig::new(data_dir);
+        c.bootstrap = self.nodes();
+        c.use_public_bootstrap = false;
+        c.local_discovery = false;
+        c.ipv6_enabled = false;
+        c
+    }
+
+    /// A fresh directory under this network's scratch directory (removed with it).
+    pub fn scratch_dir(&self, name: &str) -> io::Result<PathBuf> {
+        let d = self.dir.path.join(name);
+        fs::create_dir_all(&d)?;
+        Ok(d)
+    }
+
+    fn start_daemon(&self, i: usize) -> io::Result<Daemon> {
+        let mut last_err = None;
+        for attempt in 0..START_ATTEMPTS {
+            let dir = self.dir.path.join(format!("bootstrapd{i}-{attempt}"));
+            fs::create_dir_all(&dir)?;
+            let udp_port = free_udp_port()?;
+            let tcp_port = free_tcp_port()?;
+            match self.try_start(&dir, udp_port, tcp_port) {
+                Ok(d) => return Ok(d),
+                Err(e) => {
+                    tracing::debug!(i, attempt, error = %e, "tox-bootstrapd did not start");
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::other("tox-bootstrapd did not start")))
+    }
+
+    fn try_start(&self, dir: &Path, udp_port: u16, tcp_port: u16) -> io::Result<Daemon> {
+        let keys = dir.join("keys");
+        let conf = dir.join("tox-bootstrapd.conf");
+        fs::write(&conf, self.daemon_config(dir, &keys, udp_port, tcp_port))?;
+        let log = fs::File::create(dir.join("log"))?;
+        let mut child = Command::new("tox-bootstrapd")
+            .arg(format!("--config={}", conf.display()))
+            .arg("--foreground")
+            .arg("--log-backend=stdout")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot run tox-bootstrapd ({e}): install Debian package toxcore-utils"
+                    ),
+                )
+            })?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let result = loop {
+            if let Some(status) = child.try_wait()? {
+                let log = fs::read_to_string(dir.join("log")).unwrap_or_default();
+                break Err(io::Error::other(format!(
+                    "tox-bootstrapd exited with {status}: {}",
+                    log.trim()
+                )));
+            }
+            if let Some(pk) = read_key(&keys) {
+                // The daemon writes its keys before binding its sockets: ready once both ports
+                // are taken (and it is still alive, checked again on the next line).
+                if port_taken_udp(udp_port) && port_taken_tcp(tcp_port) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if child.try_wait()?.is_none() {
+                        break Ok(pk);
+                    }
+                    continue;
+                }
+            }
+            if Instant::now() >= deadline {
+                break Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "tox-bootstrapd did not come up in time",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        match result {
+            Ok(pk) => Ok(Daemon {
+                child,
+                udp: BootstrapNode::new(pk, "127.0.0.1", udp_port),
+                tcp: BootstrapNode::new(pk, "127.0.0.1", tcp_port),
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    fn daemon_config(&self, dir: &Path, keys: &Path, udp_port: u16, tcp_port: u16) -> String {
+        let peers: Vec<String> = self
+            .daemons
+            .iter()
+            .map(|d| {
+                format!(
+                    "  {{ address = \"127.0.0.1\"\n    port = {}\n    public_key = \"{}\" }}",
+                    d.udp.port, d.udp.pk
+                )
+            })
+            .collect();
+        format!(
+            "port = {udp_port}\n\
+             keys_file_path = \"{keys}\"\n\
+             pid_file_path = \"{pid}\"\n\
+             enable_ipv6 = false\n\
+             enable_ipv4_fallback = true\n\
+             enable_lan_discovery = false\n\
+             enable_tcp_relay = true\n\
+             tcp_relay_ports = [{tcp_port}]\n\
+             enable_motd = true\n\
+             motd = \"fabric test network\"\n\
+             bootstrap_nodes = (\n{peers}\n)\n",
+            keys = keys.display(),
+            pid = dir.join("pid").display(),
+            peers = peers.join(",\n"),
+        )
+    }
+}
+
+impl Drop for ToxNet {
+    fn drop(&mut self) {
+        for d in &mut self.daemons {
+            let _ = d.child.kill();
+            let _ = d.child.wait();
+        }
+    }
+}
+
+/// A keys file is the daemon's public key (32 bytes) followed by its secret key (32 bytes).
+fn read_key(path: &Path) -> Option<PublicKey> {
+    let bytes = fs::read(path).ok()?;
+    if bytes.len() != 2 * PUBLIC_KEY_SIZE {
+        return None;
+    }
+    let mut pk = [0u8; PUBLIC_KEY_SIZE];
+    pk.copy_from_slice(&bytes[..PUBLIC_KEY_SIZE]);
+    Some(PublicKey(pk))
+}
+
+fn free_udp_port() -> io::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_tcp_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+// The daemons bind 0.0.0.0, so a bind on 127.0.0.1 conflicts with them.
+fn port_taken_udp(port: u16) -> bool {
+    UdpSocket::bind(("127.0.0.1", port)).is_err()
+}
+
+fn port_taken_tcp(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_err()
+}
+
+/// A directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    fn new(prefix: &str) -> io::Result<Self> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
