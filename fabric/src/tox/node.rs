@@ -36,6 +36,10 @@ const DRAIN_BUDGET: usize = 256;
 /// Received lossy payloads are copied into blocks of this size and handed out as `Bytes`
 /// slices, so receiving costs no allocation per packet.
 const RX_BLOCK: usize = 64 * 1024;
+/// Lossless packets waiting for room in c-toxcore's send queue, across all friends.
+const MAX_BACKLOG: usize = 1024;
+/// How long a lossless packet may wait for room before the caller gets `SendQueueFull`.
+const BACKLOG_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Something that happened on the Tox network.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,9 +242,11 @@ impl ToxHandle {
     }
 
     /// Sends a lossless packet (first byte in [`LOSSLESS_ID_RANGE`]) and waits until c-toxcore
-    /// has queued it. c-toxcore delivers it reliably and in order, but refuses it while the
-    /// friend is not online with us: that is [`ToxError::FriendNotConnected`], and the packet
-    /// is not kept for later. A full c-toxcore queue is [`ToxError::SendQueueFull`].
+    /// has queued it; c-toxcore then delivers it reliably and in order. While c-toxcore's queue
+    /// to the friend is full (its congestion control), the packet waits in the node for room,
+    /// in order, up to 30 s ([`ToxError::SendQueueFull`] after that). c-toxcore refuses custom
+    /// packets while the friend is not online with us (both sides must see each other): that is
+    /// [`ToxError::FriendNotConnected`], and the packet is not kept for later.
     pub async fn send_lossless(&self, friend: PublicKey, data: Bytes) -> Result<(), ToxError> {
         check_packet(&data, &LOSSLESS_ID_RANGE)?;
         let (reply, rx) = oneshot::channel();
@@ -339,6 +345,16 @@ struct Node {
     lossy_sent: u64,
     lossy_send_failed: u64,
     lossless_sent: u64,
+    /// Lossless packets c-toxcore had no room for yet, oldest first; retried after every
+    /// iteration (acknowledgements, which free room, are processed there).
+    backlog: VecDeque<Backlogged>,
+}
+
+struct Backlogged {
+    pk: PublicKey,
+    data: Bytes,
+    reply: oneshot::Sender<Result<(), ToxError>>,
+    since: Instant,
 }
 
 impl Node {
@@ -372,6 +388,7 @@ impl Node {
             lossy_sent: 0,
             lossy_send_failed: 0,
             lossless_sent: 0,
+            backlog: VecDeque::new(),
         };
         for n in node.tox.friends() {
             if let Some(pk) = node.tox.friend_public_key(n) {
@@ -443,9 +460,11 @@ impl Node {
 
     fn interval(&self) -> Duration {
         let tox = Duration::from_millis(u64::from(self.tox.iteration_interval().max(1)));
-        match self.inbox.last_packet {
-            Some(t) if t.elapsed() < BUSY_LINGER => tox.min(BUSY_INTERVAL),
-            _ => tox,
+        let receiving = matches!(self.inbox.last_packet, Some(t) if t.elapsed() < BUSY_LINGER);
+        if receiving || !self.backlog.is_empty() {
+            tox.min(BUSY_INTERVAL)
+        } else {
+            tox
         }
     }
 
@@ -454,6 +473,7 @@ impl Node {
         for (pk, message_len) in std::mem::take(&mut self.inbox.requests) {
             self.on_friend_request(pk, message_len);
         }
+        self.retry_backlog();
         self.inbox.flush().await;
         if !self.inbox.connection.is_online() && self.bootstrapped_at.elapsed() >= REBOOTSTRAP_AFTER
         {
@@ -495,7 +515,17 @@ impl Node {
                 }
             }
             Command::Lossless { pk, data, reply } => {
-                let _ = reply.send(self.send_lossless(pk, &data));
+                if self.backlog.iter().any(|b| b.pk == pk) {
+                    // Keep the order behind packets already waiting.
+                    self.backlog_push(pk, data, reply);
+                } else {
+                    match self.send_lossless(pk, &data) {
+                        Err(ToxError::SendQueueFull(_)) => self.backlog_push(pk, data, reply),
+                        r => {
+                            let _ = reply.send(r);
+                        }
+                    }
+                }
             }
             Command::AddFriend { id, message, reply } => {
                 let _ = reply.send(self.add_friend(id, &message));
@@ -521,6 +551,52 @@ impl Node {
             Command::Shutdown { done } => return Some(done),
         }
         None
+    }
+
+    fn backlog_push(
+        &mut self,
+        pk: PublicKey,
+        data: Bytes,
+        reply: oneshot::Sender<Result<(), ToxError>>,
+    ) {
+        if self.backlog.len() >= MAX_BACKLOG {
+            let _ = reply.send(Err(ToxError::SendQueueFull(pk.short())));
+            return;
+        }
+        self.backlog.push_back(Backlogged {
+            pk,
+            data,
+            reply,
+            since: Instant::now(),
+        });
+    }
+
+    /// Retries waiting lossless packets in order; a friend whose queue is still full keeps the
+    /// rest of its packets waiting.
+    fn retry_backlog(&mut self) {
+        if self.backlog.is_empty() {
+            return;
+        }
+        let mut blocked: Vec<PublicKey> = Vec::new();
+        for b in std::mem::take(&mut self.backlog) {
+            if blocked.contains(&b.pk) {
+                self.backlog.push_back(b);
+                continue;
+            }
+            match self.send_lossless(b.pk, &b.data) {
+                Err(ToxError::SendQueueFull(_)) if b.since.elapsed() < BACKLOG_TIMEOUT => {
+                    blocked.push(b.pk);
+                    self.backlog.push_back(b);
+                }
+                r => {
+                    if r.is_err() {
+                        // Later packets to this friend must not overtake the failed one.
+                        blocked.push(b.pk);
+                    }
+                    let _ = b.reply.send(r);
+                }
+            }
+        }
     }
 
     fn send_lossless(&mut self, pk: PublicKey, data: &[u8]) -> Result<(), ToxError> {
@@ -753,5 +829,103 @@ impl Callbacks for Inbox {
             data: Bytes::copy_from_slice(data),
         };
         self.push(ev);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("fabric-node-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    /// A node that contacts nobody: no bootstrap nodes, no LAN discovery.
+    fn offline(dir: &std::path::Path) -> ToxConfig {
+        let mut c = ToxConfig::new(dir);
+        c.use_public_bootstrap = false;
+        c.ipv6_enabled = false;
+        c
+    }
+
+    #[test]
+    fn identity_is_created_once_and_private() {
+        let d = scratch("identity");
+        let id = ToxNode::identity(&d).unwrap();
+        assert_eq!(ToxNode::identity(&d).unwrap(), id);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(d.join("tox.save"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::write(d.join("tox.save"), b"garbage").unwrap();
+        let err = ToxNode::identity(&d).unwrap_err();
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn offline_node_api() {
+        let d = scratch("api");
+        let id = ToxNode::identity(&d).unwrap();
+        let (h, _events) = ToxNode::spawn(offline(&d)).unwrap();
+        assert_eq!(h.id(), id, "spawn loads the saved identity");
+        let stranger = PublicKey([9; 32]);
+
+        let err = h
+            .try_send_lossy(stranger, Bytes::from_static(&[100]))
+            .unwrap_err();
+        assert!(
+            matches!(err, ToxError::InvalidPacketId { id: 100, .. }),
+            "{err}"
+        );
+        let err = h
+            .send_lossless(stranger, Bytes::from_static(&[200]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ToxError::InvalidPacketId { .. }), "{err}");
+        let err = h
+            .send_lossless(stranger, Bytes::from_static(&[170]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ToxError::NotAFriend(_)), "{err}");
+
+        // A lossy packet to a non-friend is accepted by the queue and counted as not sent.
+        h.send_lossy(stranger, Bytes::from_static(&[200, 1]))
+            .await
+            .unwrap();
+        h.add_friend_norequest(stranger).await.unwrap();
+        let err = h
+            .send_lossless(stranger, Bytes::from_static(&[170]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ToxError::FriendNotConnected(_)), "{err}");
+        let st = h.status().await.unwrap();
+        assert_eq!(st.id, id);
+        assert_eq!(st.lossy_send_failed, 1);
+        assert_eq!(
+            st.friends,
+            vec![FriendStatus {
+                pk: stranger,
+                connection: Connection::None
+            }]
+        );
+
+        // The friend list survives a restart.
+        h.shutdown().await;
+        assert!(matches!(h.status().await, Err(ToxError::NodeGone)));
+        let (h, _events) = ToxNode::spawn(offline(&d)).unwrap();
+        let st = h.status().await.unwrap();
+        assert_eq!(st.friends.len(), 1);
+        assert!(h.remove_friend(stranger).await.unwrap());
+        assert!(!h.remove_friend(stranger).await.unwrap());
+        drop(h);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
