@@ -1,0 +1,465 @@
+//! `proxy` in direct mode (no `--exit`), driven by real clients: curl, Chromium, and a
+//! hand-built SOCKS5 client where curl cannot show what we check (reply codes, UDP).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+use tests::servers::{
+    DnsServer, HttpServer, PAGE_RENDERED_TEXT, ProxyProcess, big_byte, dns_parse_a, dns_query,
+    proxy_bin, run_with_timeout,
+};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn curl(args: &[&str]) -> std::process::Output {
+    run_with_timeout(
+        Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "30"])
+            .args(args),
+        LIMIT,
+    )
+    .expect("run curl (Debian package curl)")
+}
+
+fn curl_ok(args: &[&str]) -> Vec<u8> {
+    let out = curl(args);
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn check_big(body: &[u8], n: u64) {
+    assert_eq!(body.len() as u64, n, "length");
+    if let Some(i) = (0..n).find(|&i| body[i as usize] != big_byte(i)) {
+        panic!("byte {i} differs");
+    }
+}
+
+#[test]
+fn socks5_hostname_get_small_and_large() {
+    let server = HttpServer::start().unwrap();
+    let proxy = ProxyProcess::start(&[]).unwrap();
+    let socks = proxy.socks.unwrap().to_string();
+    // A name, passed unresolved to the proxy (curl --socks5-hostname).
+    let url = format!("http://localhost:{}/index.html", server.addr().port());
+    let page = curl_ok(&["--socks5-hostname", &socks, &url]);
+    assert!(String::from_utf8_lossy(&page).contains("<h1 id=\"t\">static text</h1>"));
+    assert!(
+        proxy
+            .stderr()
+            .contains(&format!("target=localhost:{}", server.addr().port())),
+        "the proxy got the name, not an address:\n{}",
+        proxy.stderr()
+    );
+
+    let n = 20 * 1024 * 1024 + 7;
+    let body = curl_ok(&["--socks5", &socks, &server.url(&format!("/big/{n}"))]);
+    check_big(&body, n);
+}
+
+#[test]
+fn http_forward_get_post_headers_and_keep_alive() {
+    let server = HttpServer::start().unwrap();
+    let proxy = ProxyProcess::start(&[]).unwrap();
+    let http = format!("http://{}", proxy.http.unwrap());
+
+    let page = curl_ok(&["-x", &http, &server.url("/index.html")]);
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+
+    // POST with a body, fixed length and chunked.
+    let echoed = curl_ok(&[
+        "-x",
+        &http,
+        "--data-binary",
+        "hello body",
+        &server.url("/echo"),
+    ]);
+    assert_eq!(echoed, b"hello body");
+    let echoed = curl_ok(&[
+        "-x",
+        &http,
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        "chunked body",
+        &server.url("/echo"),
+    ]);
+    assert_eq!(echoed, b"chunked body");
+
+    // Hop-by-hop headers do not reach the origin; end-to-end ones do.
+    let headers = curl_ok(&[
+        "-x",
+        &http,
+        "-H",
+        "Proxy-Connection: keep-alive",
+        "-H",
+        "Proxy-Authorization: Basic eDp5",
+        "-H",
+        "Connection: keep-alive, X-Drop-Me",
+        "-H",
+        "X-Drop-Me: 1",
+        "-H",
+        "X-Keep-Me: 2",
+        &server.url("/headers"),
+    ]);
+    let headers = String::from_utf8_lossy(&headers);
+    assert!(headers.contains("x-keep-me: 2"), "{headers}");
+    assert!(
+        headers.contains(&format!("host: {}", server.addr())),
+        "{headers}"
+    );
+    for gone in [
+        "proxy-connection",
+        "proxy-authorization",
+        "x-drop-me",
+        "keep-alive",
+    ] {
+        assert!(!headers.contains(gone), "{gone} leaked:\n{headers}");
+    }
+
+    // Three requests on one client connection, and a big body.
+    let before = server.requests();
+    let out = curl_ok(&[
+        "-x",
+        &http,
+        "-w",
+        "[%{num_connects}]",
+        &server.url("/index.html"),
+        &server.url("/index.html"),
+        &server.url("/index.html"),
+    ]);
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(out.matches("static text").count(), 3);
+    assert_eq!(
+        out.matches("[0]").count(),
+        2,
+        "curl reused its connection: {out}"
+    );
+    assert_eq!(server.requests() - before, 3);
+    let n = 8 * 1024 * 1024;
+    check_big(
+        &curl_ok(&["-x", &http, &server.url(&format!("/big/{n}"))]),
+        n,
+    );
+
+    // The proxy answers requests addressed to itself.
+    let pac = curl_ok(&[&format!("{http}/proxy.pac")]);
+    let pac = String::from_utf8_lossy(&pac);
+    assert!(
+        pac.contains(&format!("PROXY {}", proxy.http.unwrap())),
+        "{pac}"
+    );
+    assert!(
+        pac.contains(&format!("SOCKS5 {}", proxy.socks.unwrap())),
+        "{pac}"
+    );
+    let out = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("{http}/other"),
+    ]);
+    assert_eq!(out.stdout, b"404");
+}
+
+#[test]
+fn http_connect_tunnel() {
+    let server = HttpServer::start().unwrap();
+    let proxy = ProxyProcess::start(&[]).unwrap();
+    let http = format!("http://{}", proxy.http.unwrap());
+    let page = curl_ok(&["-p", "-x", &http, &server.url("/index.html")]);
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    let n = 16 * 1024 * 1024 + 1;
+    check_big(
+        &curl_ok(&["-p", "-x", &http, &server.url(&format!("/big/{n}"))]),
+        n,
+    );
+    assert!(
+        proxy
+            .stderr()
+            .contains(&format!("target={}", server.addr()))
+    );
+}
+
+#[test]
+fn socks5_username_password() {
+    let server = HttpServer::start().unwrap();
+    let proxy = ProxyProcess::start(&["--socks-user", "alice", "--socks-pass", "s3cret"]).unwrap();
+    let socks = proxy.socks.unwrap().to_string();
+    let url = server.url("/index.html");
+    let page = curl_ok(&[
+        "--socks5-hostname",
+        &socks,
+        "--proxy-user",
+        "alice:s3cret",
+        &url,
+    ]);
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    let wrong = curl(&[
+        "--socks5-hostname",
+        &socks,
+        "--proxy-user",
+        "alice:nope",
+        &url,
+    ]);
+    assert!(!wrong.status.success());
+    let none = curl(&["--socks5-hostname", &socks, &url]);
+    assert!(!none.status.success());
+    assert_eq!(server.requests(), 1);
+}
+
+/// Greets a SOCKS5 server without auth and sends a request; returns the reply and stream.
+fn socks_request(proxy: SocketAddr, cmd: u8, target: SocketAddr) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut m = [0; 2];
+    s.read_exact(&mut m).unwrap();
+    assert_eq!(m, [5, 0]);
+    let SocketAddr::V4(v4) = target else {
+        panic!("ipv4 only here")
+    };
+    let mut req = vec![5, cmd, 0, 1];
+    req.extend_from_slice(&v4.ip().octets());
+    req.extend_from_slice(&v4.port().to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut reply = vec![0; 10];
+    s.read_exact(&mut reply).unwrap();
+    (s, reply)
+}
+
+#[test]
+fn socks5_udp_associate_carries_dns() {
+    let dns = DnsServer::start(Ipv4Addr::new(10, 9, 8, 7)).unwrap();
+    let proxy = ProxyProcess::start(&[]).unwrap();
+    let (_control, reply) = socks_request(proxy.socks.unwrap(), 3, "0.0.0.0:0".parse().unwrap());
+    assert_eq!(reply[..2], [5, 0], "udp associate accepted");
+    let relay = SocketAddr::new(
+        Ipv4Addr::new(reply[4], reply[5], reply[6], reply[7]).into(),
+        u16::from_be_bytes([reply[8], reply[9]]),
+    );
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for (i, name) in ["example.test", "another.example.test"].iter().enumerate() {
+        let SocketAddr::V4(dns_addr) = dns.addr() else {
+            unreachable!()
+        };
+        let mut datagram = vec![0, 0, 0, 1];
+        datagram.extend_from_slice(&dns_addr.ip().octets());
+        datagram.extend_from_slice(&dns_addr.port().to_be_bytes());
+        datagram.extend_from_slice(&dns_query(100 + i as u16, name));
+        udp.send_to(&datagram, relay).unwrap();
+        let mut buf = [0; 600];
+        let (n, from) = udp
+            .recv_from(&mut buf)
+            .expect("dns answer through the relay");
+        assert_eq!(from, relay);
+        // The reply header names the DNS server as the source.
+        assert_eq!(buf[..4], [0, 0, 0, 1]);
+        assert_eq!(&buf[4..8], &dns_addr.ip().octets());
+        assert_eq!(&buf[8..10], &dns_addr.port().to_be_bytes());
+        let (id, ip) = dns_parse_a(&buf[10..n]).expect("a dns answer");
+        assert_eq!(id, 100 + i as u16);
+        assert_eq!(ip, Ipv4Addr::new(10, 9, 8, 7));
+    }
+}
+
+#[test]
+fn refusals_get_the_right_codes() {
+    let server = HttpServer::start().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+
+    // Nothing listening: SOCKS5 "connection refused" (5), HTTP 502 saying why.
+    let proxy = ProxyProcess::start(&[]).unwrap();
+    let (_s, reply) = socks_request(proxy.socks.unwrap(), 1, dead);
+    assert_eq!(reply[1], 5);
+    let http = format!("http://{}", proxy.http.unwrap());
+    let out = curl(&[
+        "-x",
+        &http,
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{dead}/"),
+    ]);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.ends_with("\n502"), "{out}");
+    assert!(out.contains("connection refused"), "{out}");
+    drop(proxy);
+
+    // With the destination rules on, loopback is refused: SOCKS5 "not allowed" (2), HTTP 403.
+    let proxy = ProxyProcess::start(&["--direct-policy"]).unwrap();
+    let (_s, reply) = socks_request(proxy.socks.unwrap(), 1, server.addr());
+    assert_eq!(reply[1], 2);
+    let http = format!("http://{}", proxy.http.unwrap());
+    let out = curl(&[
+        "-x",
+        &http,
+        "-w",
+        "\n%{http_code}",
+        &server.url("/index.html"),
+    ]);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.ends_with("\n403"), "{out}");
+    assert!(out.contains("127.0.0.1 is a loopback address"), "{out}");
+    let out = curl(&["-p", "-x", &http, &server.url("/index.html")]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A name is checked by what it resolves to.
+    let out = curl(&[
+        "-x",
+        &http,
+        "-w",
+        "\n%{http_code}",
+        &format!("http://localhost:{}/", server.addr().port()),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n403"));
+    assert_eq!(server.requests(), 0, "nothing reached the server");
+
+    // With private destinations allowed but one port denied.
+    let port = server.addr().port().to_string();
+    let proxy =
+        ProxyProcess::start(&["--direct-policy", "--allow-private", "--deny-port", &port]).unwrap();
+    let (_s, reply) = socks_request(proxy.socks.unwrap(), 1, server.addr());
+    assert_eq!(reply[1], 2);
+    let (_s, reply) = socks_request(proxy.socks.unwrap(), 1, dead);
+    assert_eq!(reply[1], 5, "other ports pass the policy");
+}
+
+#[test]
+fn bad_settings_fail_clearly() {
+    let dir = std::env::temp_dir().join(format!("proxy-direct-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("sockz = \"127.0.0.1:1\"\n", "unknown field `sockz`"),
+        ("idle-timeout = \"never\"\n", "idle-timeout"),
+        ("[policy]\ndeny-cidrs = [\"10.0.0.0/77\"]\n", "10.0.0.0/77"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out =
+            run_with_timeout(Command::new(proxy_bin()).arg("--config").arg(&path), LIMIT).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains(needle), "{text}: {err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+    let out = run_with_timeout(
+        Command::new(proxy_bin()).args(["--config", "/nonexistent/proxy.toml"]),
+        LIMIT,
+    )
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Roles that need the Tox binding say so (until it is wired).
+    for args in [&["exit", "--allow-any"][..], &["id"], &["--exit", "ABCD"]] {
+        let out = run_with_timeout(Command::new(proxy_bin()).args(args), LIMIT).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("need the Tox binding"));
+    }
+
+    // A port already taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run_with_timeout(
+        Command::new(proxy_bin()).args(["--socks", &addr, "--http", "off"]),
+        LIMIT,
+    )
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cannot listen on {addr}")));
+}
+
+#[test]
+fn ctrl_c_shuts_down_cleanly() {
+    let mut proxy = ProxyProcess::start(&[]).unwrap();
+    // An idle client connection must not hold the shutdown past the grace period.
+    let _idle = TcpStream::connect(proxy.http.unwrap()).unwrap();
+    let status = proxy
+        .interrupt(Duration::from_secs(15))
+        .unwrap()
+        .expect("exited");
+    assert!(status.success(), "{status:?}\n{}", proxy.stderr());
+}
+
+fn chromium_dump_dom(proxy_server: &str, url: &str) -> String {
+    let profile = std::env::temp_dir().join(format!(
+        "proxy-chromium-{}-{}",
+        std::process::id(),
+        proxy_server.replace([':', '/'], "_")
+    ));
+    let _ = std::fs::remove_dir_all(&profile);
+    let out = run_with_timeout(
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+            ])
+            .arg(format!("--proxy-server={proxy_server}"))
+            // Chromium never proxies loopback unless told to.
+            .arg("--proxy-bypass-list=<-loopback>")
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--dump-dom", url]),
+        Duration::from_secs(90),
+    )
+    .expect("run chromium (Debian package chromium)");
+    let _ = std::fs::remove_dir_all(&profile);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn chromium_loads_a_page_through_both_listeners() {
+    let server = HttpServer::start().unwrap();
+    let proxy = ProxyProcess::start(&[]).unwrap();
+    let url = server.url("/index.html");
+    for scheme_addr in [
+        format!("socks5://{}", proxy.socks.unwrap()),
+        format!("http://{}", proxy.http.unwrap()),
+    ] {
+        let before = proxy
+            .stderr()
+            .matches(&format!("target={}", server.addr()))
+            .count();
+        let dom = chromium_dump_dom(&scheme_addr, &url);
+        assert!(
+            dom.contains(PAGE_RENDERED_TEXT),
+            "{scheme_addr}: dom was:\n{dom}"
+        );
+        let after = proxy
+            .stderr()
+            .matches(&format!("target={}", server.addr()))
+            .count();
+        assert!(
+            after > before,
+            "{scheme_addr}: the page did not go through the proxy"
+        );
+    }
+    // And without a proxy listening there, the page does not load: the flag is honoured.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dom = chromium_dump_dom(&format!("http://{dead}"), &url);
+    assert!(!dom.contains(PAGE_RENDERED_TEXT));
+}
