@@ -51,6 +51,7 @@
 //! Events are edge-triggered: after `Readable`, read until [`StreamError::WouldBlock`]; after a
 //! short write, wait for `Writable`.
 
+mod buffer;
 mod error;
 pub mod frame;
 mod ids;
@@ -60,6 +61,7 @@ mod stream;
 
 use std::collections::VecDeque;
 
+use self::buffer::Pool;
 pub use self::error::{Failure, OpenError, ProtocolError, StreamError, VerifyError};
 pub use self::frame::StreamId;
 use self::frame::{Cmd, HEADER_LEN, Header, verify_code};
@@ -147,7 +149,9 @@ enum InputState {
 pub struct Mux {
     config: Config,
     /// Streams by id; grows to the highest id seen.
-    streams: Vec<Option<Box<Stream>>>,
+    streams: Table,
+    /// Free buffer chunks shared by the streams.
+    pool: Pool,
     ids: IdBitmap,
     /// Streams with a SYN, CFM or FIN due.
     ctrl_queue: VecDeque<u16>,
@@ -174,6 +178,7 @@ impl Mux {
         Self {
             config,
             streams: Vec::new(),
+            pool: Pool::default(),
             ids: IdBitmap::new(),
             ctrl_queue: VecDeque::new(),
             data_queue: VecDeque::new(),
@@ -241,7 +246,7 @@ impl Mux {
             return Err(StreamError::MuxFailed(failure.clone()));
         }
         let window = self.config.window;
-        let stream = self.app_stream(id)?;
+        let stream = app_stream(&mut self.streams, id)?;
         if stream.fin_queued {
             return Err(StreamError::Finished(id));
         }
@@ -250,7 +255,7 @@ impl Mux {
         if n == 0 {
             return Ok(0);
         }
-        stream.send_buf.extend(&data[..n]);
+        stream.send_buf.push(&data[..n], &mut self.pool);
         let enqueue = !stream.in_data;
         stream.in_data = true;
         self.stats.send_buffered += n;
@@ -266,7 +271,7 @@ impl Mux {
     pub fn read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<usize, StreamError> {
         let quarter = (self.config.window / 4).max(1);
         let failure = self.failure.clone();
-        let stream = self.app_stream(id)?;
+        let stream = app_stream(&mut self.streams, id)?;
         if stream.recv_buf.is_empty() {
             return match failure {
                 _ if stream.fin_recv => Ok(0),
@@ -274,7 +279,7 @@ impl Mux {
                 None => Err(StreamError::WouldBlock),
             };
         }
-        let n = stream.take_received(buf);
+        let n = stream.recv_buf.read_into(buf, &mut self.pool);
         stream.cfm_pending += n as u32;
         let confirm =
             stream.cfm_pending >= quarter || (stream.fin_recv && stream.recv_buf.is_empty());
@@ -291,7 +296,7 @@ impl Mux {
         if let Some(failure) = &self.failure {
             return Err(StreamError::MuxFailed(failure.clone()));
         }
-        let stream = self.app_stream(id)?;
+        let stream = app_stream(&mut self.streams, id)?;
         if stream.fin_queued {
             return Ok(());
         }
@@ -306,13 +311,12 @@ impl Mux {
     /// unread and future incoming data discarded and confirmed. The id is released once the
     /// FIN handshake completes. Closing an unknown or closed stream does nothing.
     pub fn close(&mut self, id: StreamId) {
-        let Ok(stream) = self.app_stream(id) else {
+        let Ok(stream) = app_stream(&mut self.streams, id) else {
             return;
         };
         stream.app_closed = true;
         stream.fin_queued = true;
-        let discarded = stream.recv_buf.len();
-        stream.recv_buf = VecDeque::new();
+        let discarded = stream.recv_buf.clear(&mut self.pool);
         stream.cfm_pending += discarded as u32;
         let control = stream.has_control();
         self.stats.recv_buffered -= discarded;
@@ -546,13 +550,16 @@ impl Mux {
     /// refused streams are closed at once (FIN, data discarded and confirmed).
     fn admit(&mut self, id: u16) {
         let full = self.accept_queue.len() >= self.config.accept_backlog;
-        let Some(stream) = self.stream_mut(id) else {
+        let Some(stream) = self
+            .streams
+            .get_mut(usize::from(id))
+            .and_then(Option::as_deref_mut)
+        else {
             return;
         };
         if full {
             tracing::debug!(stream = id, "accept backlog full: refused");
-            let discarded = stream.recv_buf.len();
-            stream.recv_buf = VecDeque::new();
+            let discarded = stream.recv_buf.clear(&mut self.pool);
             stream.cfm_pending += discarded as u32;
             stream.app_closed = true;
             stream.fin_queued = true;
@@ -567,7 +574,7 @@ impl Mux {
 
     fn on_fin(&mut self, id: u16) -> Result<(), ProtocolError> {
         let successor = self.is_successor_target(id);
-        let stream = self.input_stream(id, Cmd::Fin)?;
+        let stream = input_stream(&mut self.streams, id, Cmd::Fin)?;
         if stream.fin_recv {
             return Err(ProtocolError::DuplicateFin(StreamId(id)));
         }
@@ -596,7 +603,7 @@ impl Mux {
             });
         }
         let window = self.config.window;
-        let stream = self.input_stream(id, Cmd::Psh)?;
+        let stream = input_stream(&mut self.streams, id, Cmd::Psh)?;
         if stream.fin_recv {
             return Err(ProtocolError::DataAfterFin(StreamId(id)));
         }
@@ -622,7 +629,7 @@ impl Mux {
     fn on_payload(&mut self, id: u16, bytes: &[u8]) {
         self.stats.bytes_received += bytes.len() as u64;
         let successor = self.is_successor_target(id);
-        let Some(stream) = self.input_stream(id, Cmd::Psh).ok() else {
+        let Some(stream) = input_stream(&mut self.streams, id, Cmd::Psh).ok() else {
             return;
         };
         if stream.app_closed {
@@ -631,7 +638,7 @@ impl Mux {
             return;
         }
         let was_empty = stream.recv_buf.is_empty();
-        stream.recv_buf.extend(bytes);
+        stream.recv_buf.push(bytes, &mut self.pool);
         let notify = was_empty && !successor && !stream.readable_queued;
         if notify {
             stream.readable_queued = true;
@@ -644,7 +651,7 @@ impl Mux {
 
     fn on_cfm(&mut self, id: u16, amount: u32) -> Result<(), ProtocolError> {
         let window = self.config.window;
-        let stream = self.input_stream(id, Cmd::Cfm)?;
+        let stream = input_stream(&mut self.streams, id, Cmd::Cfm)?;
         if amount > stream.unconfirmed {
             return Err(ProtocolError::BogusConfirm {
                 id: StreamId(id),
@@ -758,7 +765,7 @@ impl Mux {
                 length: n as u32,
             }
             .emit(out);
-            stream.emit_buffered(n, out);
+            stream.send_buf.append_to(n, out, &mut self.pool);
             stream.unconfirmed += n as u32;
             let more = !stream.send_buf.is_empty();
             self.stats.frames_sent += 1;
@@ -808,33 +815,9 @@ impl Mux {
         self.streams.get_mut(usize::from(id))?.as_deref_mut()
     }
 
-    /// The stream the application means by `id`: open and not closed by it.
-    fn app_stream(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
-        match self.stream_mut(id.0) {
-            Some(stream) if !stream.app_closed => Ok(stream),
-            _ => Err(StreamError::UnknownStream(id)),
-        }
-    }
-
     /// Whether frames for `id` belong to a queued successor rather than the held stream.
     fn is_successor_target(&self, id: u16) -> bool {
         self.stream(id).is_some_and(|s| s.successor.is_some())
-    }
-
-    /// The stream a frame from the peer for `id` addresses: the successor if one is queued.
-    fn input_stream(&mut self, id: u16, cmd: Cmd) -> Result<&mut Stream, ProtocolError> {
-        let stream = self
-            .streams
-            .get_mut(usize::from(id))
-            .and_then(Option::as_deref_mut)
-            .ok_or(ProtocolError::UnknownStream {
-                cmd,
-                id: StreamId(id),
-            })?;
-        Ok(match stream.successor {
-            Some(ref mut successor) => successor,
-            None => stream,
-        })
     }
 
     fn queue_ctrl(&mut self, id: u16) {
@@ -885,6 +868,35 @@ impl Mux {
             None => self.ids.free(id),
         }
     }
+}
+
+/// Streams by id.
+type Table = Vec<Option<Box<Stream>>>;
+
+/// The stream the application means by `id`: open and not closed by it.
+fn app_stream(streams: &mut Table, id: StreamId) -> Result<&mut Stream, StreamError> {
+    match streams
+        .get_mut(usize::from(id.0))
+        .and_then(Option::as_deref_mut)
+    {
+        Some(stream) if !stream.app_closed => Ok(stream),
+        _ => Err(StreamError::UnknownStream(id)),
+    }
+}
+
+/// The stream a frame from the peer for `id` addresses: the successor if one is queued.
+fn input_stream(streams: &mut Table, id: u16, cmd: Cmd) -> Result<&mut Stream, ProtocolError> {
+    let stream = streams
+        .get_mut(usize::from(id))
+        .and_then(Option::as_deref_mut)
+        .ok_or(ProtocolError::UnknownStream {
+            cmd,
+            id: StreamId(id),
+        })?;
+    Ok(match stream.successor {
+        Some(ref mut successor) => successor,
+        None => stream,
+    })
 }
 
 #[cfg(test)]

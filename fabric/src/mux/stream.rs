@@ -10,17 +10,16 @@
 //!   by the peer's PSH headers and not yet returned by our emitted CFMs. A header that would
 //!   break this is a protocol violation, checked before a single payload byte is stored.
 
-use std::collections::VecDeque;
-use std::io::Read;
+use super::buffer::ChunkBuf;
 
 /// One stream's state. Buffers start empty (no allocation) and are freed when they drain, so
 /// an idle stream costs only this struct.
 #[derive(Debug, Default)]
 pub(crate) struct Stream {
     /// Bytes the application wrote that are not yet in a PSH frame.
-    pub(crate) send_buf: VecDeque<u8>,
+    pub(crate) send_buf: ChunkBuf,
     /// Bytes received that the application has not read.
-    pub(crate) recv_buf: VecDeque<u8>,
+    pub(crate) recv_buf: ChunkBuf,
     /// Bytes sent in PSH frames that the peer has not confirmed.
     pub(crate) unconfirmed: u32,
     /// Bytes the peer announced in PSH headers that our CFMs have not yet returned.
@@ -100,28 +99,5 @@ impl Stream {
             && self.recv_outstanding == 0
             && self.cfm_pending == 0
             && !self.syn_pending
-    }
-
-    /// Copies up to `buf.len()` received bytes out, freeing the buffer when it drains.
-    pub(crate) fn take_received(&mut self, buf: &mut [u8]) -> usize {
-        // `Read for VecDeque<u8>` copies both halves of the ring and cannot fail.
-        let n = self.recv_buf.read(buf).unwrap_or(0);
-        if self.recv_buf.is_empty() {
-            self.recv_buf = VecDeque::new();
-        }
-        n
-    }
-
-    /// Appends the first `n` buffered bytes to `out`, freeing the buffer when it drains.
-    pub(crate) fn emit_buffered(&mut self, n: usize, out: &mut Vec<u8>) {
-        let (front, back) = self.send_buf.as_slices();
-        let from_front = n.min(front.len());
-        out.extend_from_slice(&front[..from_front]);
-        out.extend_from_slice(&back[..n - from_front]);
-        if n == self.send_buf.len() {
-            self.send_buf = VecDeque::new();
-        } else {
-            self.send_buf.drain(..n);
-        }
     }
 }

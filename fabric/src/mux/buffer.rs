@@ -1,0 +1,192 @@
+//! Stream buffers made of fixed-size chunks from a per-mux pool.
+//!
+//! A growing `VecDeque<u8>` copies everything it holds each time it doubles, and freeing it
+//! when it drains (so that idle streams cost nothing) makes the next burst grow it again from
+//! zero, often through fresh, page-faulting memory. Chunks never move once written, a drained
+//! buffer keeps no chunk, and the pool hands recently freed chunks to whichever stream needs
+//! one next.
+
+use std::collections::VecDeque;
+
+/// Bytes per chunk.
+pub(crate) const CHUNK: usize = 16 * 1024;
+
+/// Free chunks kept for reuse; beyond this they go back to the allocator (1 MiB).
+const POOL_MAX: usize = 64;
+
+type Chunk = Box<[u8]>;
+
+/// Free chunks shared by the streams of one mux.
+#[derive(Debug, Default)]
+pub(crate) struct Pool {
+    free: Vec<Chunk>,
+}
+
+impl Pool {
+    fn take(&mut self) -> Chunk {
+        self.free
+            .pop()
+            .unwrap_or_else(|| vec![0u8; CHUNK].into_boxed_slice())
+    }
+
+    fn give(&mut self, chunk: Chunk) {
+        if self.free.len() < POOL_MAX {
+            self.free.push(chunk);
+        }
+    }
+}
+
+/// A FIFO byte buffer. Empty, it owns no chunk.
+#[derive(Debug, Default)]
+pub(crate) struct ChunkBuf {
+    chunks: VecDeque<Chunk>,
+    /// Read offset in the first chunk.
+    head: usize,
+    /// Bytes held.
+    len: usize,
+}
+
+impl ChunkBuf {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Chunks held (for tests of the memory policy).
+    #[cfg(test)]
+    pub(crate) fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Write offset in the last chunk (`CHUNK` when it is full or there is none).
+    fn tail(&self) -> usize {
+        match (self.head + self.len) % CHUNK {
+            0 => CHUNK,
+            offset => offset,
+        }
+    }
+
+    /// Appends `data`.
+    pub(crate) fn push(&mut self, mut data: &[u8], pool: &mut Pool) {
+        while !data.is_empty() {
+            let tail = self.tail();
+            if tail == CHUNK || self.chunks.is_empty() {
+                self.chunks.push_back(pool.take());
+                let take = data.len().min(CHUNK);
+                let (now, rest) = data.split_at(take);
+                if let Some(last) = self.chunks.back_mut() {
+                    last[..take].copy_from_slice(now);
+                }
+                if self.len == 0 {
+                    self.head = 0;
+                }
+                self.len += take;
+                data = rest;
+                continue;
+            }
+            let take = data.len().min(CHUNK - tail);
+            let (now, rest) = data.split_at(take);
+            if let Some(last) = self.chunks.back_mut() {
+                last[tail..tail + take].copy_from_slice(now);
+            }
+            self.len += take;
+            data = rest;
+        }
+    }
+
+    /// Calls `sink` with the first `n` bytes (`n <= len`) in contiguous pieces and removes them.
+    fn consume(&mut self, mut n: usize, pool: &mut Pool, mut sink: impl FnMut(&[u8])) {
+        n = n.min(self.len);
+        while n > 0 {
+            let Some(first) = self.chunks.front() else {
+                break;
+            };
+            let avail = (CHUNK - self.head).min(self.len);
+            let take = n.min(avail);
+            sink(&first[self.head..self.head + take]);
+            self.head += take;
+            self.len -= take;
+            n -= take;
+            if self.head == CHUNK || self.len == 0 {
+                if let Some(chunk) = self.chunks.pop_front() {
+                    pool.give(chunk);
+                }
+                self.head = 0;
+            }
+        }
+        if self.len == 0 {
+            // Any chunk left is unused space past the tail.
+            while let Some(chunk) = self.chunks.pop_front() {
+                pool.give(chunk);
+            }
+            self.chunks = VecDeque::new();
+        }
+    }
+
+    /// Moves up to `out.len()` bytes into `out`; returns how many.
+    pub(crate) fn read_into(&mut self, out: &mut [u8], pool: &mut Pool) -> usize {
+        let n = out.len().min(self.len);
+        let mut at = 0;
+        self.consume(n, pool, |piece| {
+            out[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
+        });
+        n
+    }
+
+    /// Moves the first `n` bytes (`n <= len`) to the end of `out`.
+    pub(crate) fn append_to(&mut self, n: usize, out: &mut Vec<u8>, pool: &mut Pool) {
+        self.consume(n, pool, |piece| out.extend_from_slice(piece));
+    }
+
+    /// Drops everything; returns how many bytes that was.
+    pub(crate) fn clear(&mut self, pool: &mut Pool) -> usize {
+        let n = self.len;
+        self.consume(n, pool, |_| {});
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn behaves_like_a_fifo(ops in proptest::collection::vec((any::<bool>(), 0usize..40_000), 0..60)) {
+            let mut pool = Pool::default();
+            let mut buf = ChunkBuf::default();
+            let mut model = VecDeque::new();
+            let mut counter = 0u8;
+            for (push, n) in ops {
+                if push {
+                    let data: Vec<u8> = (0..n).map(|_| { counter = counter.wrapping_add(1); counter }).collect();
+                    buf.push(&data, &mut pool);
+                    model.extend(data);
+                } else if n % 2 == 0 {
+                    let mut out = vec![0u8; n];
+                    let got = buf.read_into(&mut out, &mut pool);
+                    let want: Vec<u8> = model.drain(..got.min(model.len())).collect();
+                    prop_assert_eq!(&out[..got], &want[..]);
+                    prop_assert_eq!(got, n.min(got + model.len()));
+                } else {
+                    let take = n.min(buf.len());
+                    let mut out = Vec::new();
+                    buf.append_to(take, &mut out, &mut pool);
+                    let want: Vec<u8> = model.drain(..take).collect();
+                    prop_assert_eq!(out, want);
+                }
+                prop_assert_eq!(buf.len(), model.len());
+                prop_assert!(buf.chunks() <= model.len().div_ceil(CHUNK) + 1);
+                if model.is_empty() {
+                    prop_assert_eq!(buf.chunks(), 0);
+                }
+            }
+        }
+    }
+}
