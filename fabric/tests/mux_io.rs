@@ -245,3 +245,38 @@ async fn dropping_a_stream_closes_it_and_recycles_the_id() {
     .expect("id released");
     assert_eq!(reused.id(), id);
 }
+
+#[tokio::test]
+async fn verify_detects_a_mux_peer() {
+    let ((client, _c), (server, _s)) = connected(Config::default());
+    let check = async {
+        client.verify(0xbeef, 0x1234_5678).await.unwrap();
+        server.verify(1, 2).await.unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(10), check)
+        .await
+        .expect("verified");
+
+    // A peer that is not a mux answers garbage: the mux fails with a clear error.
+    let (left, mut right) = tokio::io::duplex(64 * 1024);
+    let (client, _driver) = io::spawn(left, Config::default());
+    let answer = tokio::spawn(async move {
+        let mut challenge = [0u8; 7];
+        right.read_exact(&mut challenge).await.unwrap();
+        right.write_all(&[0x84, 0, 0, 0, 0, 0, 0]).await.unwrap();
+        right
+    });
+    let error = client.verify(0xbeef, 0x1234_5678).await.unwrap_err();
+    assert!(
+        error.to_string().contains("wrong verification reply"),
+        "{error}"
+    );
+    drop(answer.await);
+}
+
+#[test]
+fn streams_and_handles_are_send_static_unpin() {
+    fn check<T: Send + Sync + Unpin + 'static>() {}
+    check::<Stream>();
+    check::<Handle>();
+}

@@ -99,4 +99,21 @@ fn ten_thousand_idle_streams_cost_under_4_kib_each() {
     );
     assert!(per_stream < LIMIT, "{per_stream} bytes per idle stream");
     assert_eq!(a.stats().streams, STREAMS);
+
+    // Every stream now holds 100 unread bytes at the receiver: small first chunks, not 16 KiB.
+    for &id in &ids {
+        a.write(id, &[2u8; 100]).unwrap();
+    }
+    pump(&mut a, &mut b);
+    assert_eq!(b.stats().recv_buffered, 100 * STREAMS);
+    let used = LIVE.load(Ordering::Relaxed) - before - ids_vec;
+    let per_stream = used / (2 * STREAMS);
+    eprintln!(
+        "mux memory: {used} bytes with 100 unread bytes on each stream = {per_stream} bytes per \
+         stream and end"
+    );
+    assert!(
+        per_stream < LIMIT,
+        "{per_stream} bytes per stream with a little unread data"
+    );
 }

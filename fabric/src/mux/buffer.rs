@@ -30,18 +30,23 @@ impl Pool {
     }
 
     fn give(&mut self, chunk: Chunk) {
-        if self.free.len() < POOL_MAX {
+        // Small first chunks are not pooled: they are sized for one buffer's start.
+        if chunk.len() == CHUNK && self.free.len() < POOL_MAX {
             self.free.push(chunk);
         }
     }
 }
 
-/// A FIFO byte buffer. Empty, it owns no chunk.
+/// A FIFO byte buffer. Empty, it owns no chunk. A buffer that starts with less than a chunk
+/// of data gets a small chunk of its own (a power of two from 256 bytes), so that many
+/// streams holding a few unread bytes each do not pin 16 KiB apiece.
 #[derive(Debug, Default)]
 pub(crate) struct ChunkBuf {
     chunks: VecDeque<Chunk>,
     /// Read offset in the first chunk.
     head: usize,
+    /// Write offset in the last chunk.
+    tail: usize,
     /// Bytes held.
     len: usize,
 }
@@ -61,39 +66,30 @@ impl ChunkBuf {
         self.chunks.len()
     }
 
-    /// Write offset in the last chunk (`CHUNK` when it is full or there is none).
-    fn tail(&self) -> usize {
-        match (self.head + self.len) % CHUNK {
-            0 => CHUNK,
-            offset => offset,
-        }
-    }
-
     /// Appends `data`.
     pub(crate) fn push(&mut self, mut data: &[u8], pool: &mut Pool) {
         while !data.is_empty() {
-            let tail = self.tail();
-            if tail == CHUNK || self.chunks.is_empty() {
-                self.chunks.push_back(pool.take());
-                let take = data.len().min(CHUNK);
+            if let Some(last) = self.chunks.back_mut()
+                && self.tail < last.len()
+            {
+                let take = data.len().min(last.len() - self.tail);
                 let (now, rest) = data.split_at(take);
-                if let Some(last) = self.chunks.back_mut() {
-                    last[..take].copy_from_slice(now);
-                }
-                if self.len == 0 {
-                    self.head = 0;
-                }
+                last[self.tail..self.tail + take].copy_from_slice(now);
+                self.tail += take;
                 self.len += take;
                 data = rest;
                 continue;
             }
-            let take = data.len().min(CHUNK - tail);
-            let (now, rest) = data.split_at(take);
-            if let Some(last) = self.chunks.back_mut() {
-                last[tail..tail + take].copy_from_slice(now);
+            let chunk = if self.chunks.is_empty() && data.len() < CHUNK {
+                vec![0u8; data.len().next_power_of_two().clamp(256, CHUNK)].into_boxed_slice()
+            } else {
+                pool.take()
+            };
+            if self.chunks.is_empty() {
+                self.head = 0;
             }
-            self.len += take;
-            data = rest;
+            self.chunks.push_back(chunk);
+            self.tail = 0;
         }
     }
 
@@ -101,16 +97,17 @@ impl ChunkBuf {
     fn consume(&mut self, mut n: usize, pool: &mut Pool, mut sink: impl FnMut(&[u8])) {
         n = n.min(self.len);
         while n > 0 {
+            let last = self.chunks.len() == 1;
             let Some(first) = self.chunks.front() else {
                 break;
             };
-            let avail = (CHUNK - self.head).min(self.len);
-            let take = n.min(avail);
+            let end = if last { self.tail } else { first.len() };
+            let take = n.min(end - self.head);
             sink(&first[self.head..self.head + take]);
             self.head += take;
             self.len -= take;
             n -= take;
-            if self.head == CHUNK || self.len == 0 {
+            if self.head == end {
                 if let Some(chunk) = self.chunks.pop_front() {
                     pool.give(chunk);
                 }
@@ -123,6 +120,8 @@ impl ChunkBuf {
                 pool.give(chunk);
             }
             self.chunks = VecDeque::new();
+            self.head = 0;
+            self.tail = 0;
         }
     }
 
@@ -182,7 +181,7 @@ mod tests {
                     prop_assert_eq!(out, want);
                 }
                 prop_assert_eq!(buf.len(), model.len());
-                prop_assert!(buf.chunks() <= model.len().div_ceil(CHUNK) + 1);
+                prop_assert!(buf.chunks() <= model.len().div_ceil(CHUNK) + 2);
                 if model.is_empty() {
                     prop_assert_eq!(buf.chunks(), 0);
                 }

@@ -27,7 +27,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 
-use super::{Config, Event, Failure, Mux, OpenError, ProtocolError, Stats, StreamError, StreamId};
+use super::{
+    Config, Event, Failure, Mux, OpenError, ProtocolError, Stats, StreamError, StreamId,
+    VerifyError,
+};
 
 /// Bytes the ready-made driver reads from, and writes to, the link at once.
 const LINK_BATCH: usize = 256 * 1024;
@@ -50,6 +53,9 @@ struct State {
     mux: Mux,
     /// Tasks blocked reading or writing, by stream id.
     wakers: HashMap<u16, Wakers>,
+    /// Verification challenges sent, and answered (replies come in order).
+    challenges_sent: u64,
+    challenges_answered: u64,
 }
 
 #[derive(Default)]
@@ -77,7 +83,10 @@ impl State {
                 Event::Released(id) => {
                     self.wakers.remove(&id.0);
                 }
-                _ => {}
+                Event::Verified => {
+                    self.challenges_answered += 1;
+                    *accept = true;
+                }
             }
         }
     }
@@ -107,6 +116,8 @@ impl Handle {
                 state: Mutex::new(State {
                     mux: Mux::new(config),
                     wakers: HashMap::new(),
+                    challenges_sent: 0,
+                    challenges_answered: 0,
                 }),
                 transmit: Notify::new(),
                 accept: Notify::new(),
@@ -159,11 +170,33 @@ impl Handle {
         self.lock().mux.failure().cloned()
     }
 
-    /// Sends a verification challenge (see [`Mux::verify`]).
-    pub fn verify(&self, v1: u16, v2: u32) -> Result<(), super::VerifyError> {
-        self.lock().mux.verify(v1, v2)?;
+    /// Checks that the peer speaks this protocol (seed 004's `IsSmux`): sends the challenge
+    /// `(v1, v2)` (pass random values) and resolves when the peer answers it correctly. A
+    /// wrong answer fails the mux. Wrap it in a timeout: a peer that ignores the challenge
+    /// never answers.
+    pub async fn verify(&self, v1: u16, v2: u32) -> Result<(), VerifyError> {
+        let target = {
+            let mut state = self.lock();
+            state.mux.verify(v1, v2)?;
+            state.challenges_sent += 1;
+            state.challenges_sent
+        };
         self.shared.transmit.notify_one();
-        Ok(())
+        loop {
+            // Answers wake the acceptors' notifier too: both wait for "the peer said something".
+            let mut notified = pin!(self.shared.accept.notified());
+            notified.as_mut().enable();
+            {
+                let state = self.lock();
+                if state.challenges_answered >= target {
+                    return Ok(());
+                }
+                if let Some(failure) = state.mux.failure() {
+                    return Err(VerifyError::MuxFailed(failure.clone()));
+                }
+            }
+            notified.await;
+        }
     }
 
     // ---- driver side -------------------------------------------------------------------
