@@ -39,6 +39,14 @@
 //! A request is opened and written before the next transmit: its SYN and first PSH leave in
 //! the same flight, with no round trip.
 //!
+//! # Memory
+//!
+//! A stream's buffers start empty and return their memory as they drain: an idle stream costs
+//! its state only (about 170 bytes, measured by `tests/mux_memory.rs`). Buffered bytes live in
+//! 16 KiB chunks from a per-mux pool of at most 64 free chunks; a buffer that starts small
+//! gets a small first chunk instead. A peer can make us hold at most one window per stream
+//! it opened, and it can open at most [`Config::accept_backlog`] streams we did not accept.
+//!
 //! # Driving the core
 //!
 //! After any input or application call, a driver:
@@ -114,6 +122,20 @@ pub enum Event {
     Released(StreamId),
     /// The peer answered a verification challenge correctly: it speaks this protocol.
     Verified,
+}
+
+impl Event {
+    /// The stream the event is about, if any.
+    pub fn stream(&self) -> Option<StreamId> {
+        match *self {
+            Self::Incoming(id)
+            | Self::Readable(id)
+            | Self::Writable(id)
+            | Self::Finished(id)
+            | Self::Released(id) => Some(id),
+            Self::Verified => None,
+        }
+    }
 }
 
 /// Counters of a [`Mux`].
@@ -218,6 +240,12 @@ impl Mux {
             return Err(OpenError::MuxFailed(failure.clone()));
         }
         let id = self.ids.alloc().ok_or(OpenError::IdsExhausted)?;
+        // Events still queued for an earlier stream on this id (its `Released`, say) would
+        // be read as news about the new one.
+        if !self.events.is_empty() {
+            self.events
+                .retain(|event| event.stream() != Some(StreamId(id)));
+        }
         self.install(id, Stream::local());
         self.queue_ctrl(id);
         tracing::debug!(stream = id, "open");

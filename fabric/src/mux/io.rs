@@ -80,9 +80,8 @@ impl State {
                         wake.push(w);
                     }
                 }
-                Event::Released(id) => {
-                    self.wakers.remove(&id.0);
-                }
+                // Wakers go with their `Stream` (see its `Drop`).
+                Event::Released(_) => {}
                 Event::Verified => {
                     self.challenges_answered += 1;
                     *accept = true;

@@ -538,3 +538,23 @@ fn idle_streams_allocate_no_buffers() {
         "freed when drained"
     );
 }
+
+#[test]
+fn reopening_an_id_drops_its_stale_events() {
+    let (mut a, mut b) = pair();
+    let id = a.open().unwrap();
+    a.finish(id).unwrap();
+    settle(&mut a, &mut b);
+    b.accept();
+    b.close(id);
+    settle(&mut a, &mut b);
+    events(&mut a);
+    // The application closes and at once reopens, before draining events.
+    a.close(id);
+    let again = a.open().unwrap();
+    assert_eq!(again, id);
+    assert!(
+        !events(&mut a).contains(&Event::Released(id)),
+        "stale release of the new stream"
+    );
+}
