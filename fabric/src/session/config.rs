@@ -1,0 +1,109 @@
+//! Session settings and the KCP mode presets.
+
+use crate::time::Duration;
+
+/// How aggressively KCP retransmits, as kcptun names its presets.
+///
+/// Every preset turns KCP's congestion window off (`nc = 1`), as kcptun's do: the session
+/// bounds what is in flight with its send window instead, sized to the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KcpMode {
+    /// `nodelay 0, interval 40 ms, resend 2`.
+    Normal,
+    /// `nodelay 0, interval 30 ms, resend 2`.
+    Fast,
+    /// `nodelay 1, interval 20 ms, resend 2`.
+    Fast2,
+    /// `nodelay 1, interval 10 ms, resend 2`: the default.
+    Fast3,
+    /// Explicit settings.
+    Manual {
+        /// KCP's `nodelay`: minimum RTO 30 ms instead of 100 ms, gentler RTO backoff.
+        nodelay: bool,
+        /// Flush interval in milliseconds (10..=5000).
+        interval_ms: u32,
+        /// Fast retransmit after this many later segments were acknowledged (0 = off).
+        resend: u32,
+        /// Disable the congestion window.
+        no_cwnd: bool,
+    },
+}
+
+impl KcpMode {
+    /// `(nodelay, interval_ms, resend, no_cwnd)`.
+    pub(crate) fn params(self) -> (bool, u32, u32, bool) {
+        match self {
+            Self::Normal => (false, 40, 2, true),
+            Self::Fast => (false, 30, 2, true),
+            Self::Fast2 => (true, 20, 2, true),
+            Self::Fast3 => (true, 10, 2, true),
+            Self::Manual {
+                nodelay,
+                interval_ms,
+                resend,
+                no_cwnd,
+            } => (nodelay, interval_ms.clamp(10, 5000), resend, no_cwnd),
+        }
+    }
+}
+
+impl std::str::FromStr for KcpMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "normal" => Ok(Self::Normal),
+            "fast" => Ok(Self::Fast),
+            "fast2" => Ok(Self::Fast2),
+            "fast3" => Ok(Self::Fast3),
+            other => Err(format!(
+                "unknown KCP mode {other:?}: expected normal, fast, fast2 or fast3"
+            )),
+        }
+    }
+}
+
+/// Settings of one session.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Largest session packet the path carries (a Tox custom packet holds 1,373 bytes with
+    /// its id byte, so 1,372 there).
+    pub mtu: usize,
+    /// Retransmission behaviour.
+    pub mode: KcpMode,
+    /// Segments KCP may have in flight. Must cover about twice the bandwidth-delay product
+    /// for full speed under loss: 2,048 × 1.3 KB ≈ 2.7 MB, enough for 100 Mbit/s at 100 ms.
+    pub send_window: u16,
+    /// Segments KCP accepts ahead of the next in-order one.
+    pub recv_window: u16,
+    /// Smallest retransmission timeout; `None` keeps the mode's (30 ms with nodelay).
+    pub min_rto: Option<Duration>,
+    /// A ping goes out when nothing was sent for this long, holding NAT mappings open and
+    /// proving the peer alive.
+    pub keepalive: Duration,
+    /// The session is dead when nothing valid arrived for this long.
+    pub idle_timeout: Duration,
+    /// Outgoing datagrams held while the path is busy; more are dropped (they are
+    /// unreliable by contract, and a growing queue would only add latency).
+    pub datagram_queue: usize,
+    /// Received datagrams held for the application; more are dropped.
+    pub datagram_recv_queue: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mtu: 1372,
+            mode: KcpMode::Fast3,
+            send_window: 2048,
+            recv_window: 2048,
+            min_rto: None,
+            keepalive: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(40),
+            datagram_queue: 256,
+            datagram_recv_queue: 1024,
+        }
+    }
+}
