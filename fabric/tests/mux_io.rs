@@ -1,5 +1,7 @@
 //! The tokio adapter of the mux over `tokio::io::duplex`.
 
+#![cfg(feature = "tokio")]
+
 use std::time::Duration;
 
 use fabric::mux::io::{self, Handle, Stream, WriteTimeout};
