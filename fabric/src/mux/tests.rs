@@ -558,3 +558,51 @@ fn reopening_an_id_drops_its_stale_events() {
         "stale release of the new stream"
     );
 }
+
+mod chunking {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// What a receiver makes of `wire` fed in pieces cut at `cuts`.
+    fn receive(wire: &[u8], cuts: &[usize]) -> (Vec<Event>, Vec<(StreamId, Vec<u8>)>) {
+        let mut b = Mux::new(Config::default());
+        let mut start = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&wire.len())) {
+            b.handle_input(&wire[start..cut]).unwrap();
+            start = cut;
+        }
+        let events = events(&mut b);
+        let mut data = Vec::new();
+        while let Some(id) = b.accept() {
+            data.push((id, read_all(&mut b, id)));
+        }
+        (events, data)
+    }
+
+    proptest! {
+        #[test]
+        fn input_chunking_does_not_matter(
+            writes in proptest::collection::vec((0usize..4, 0usize..40_000), 1..12),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..16),
+            verify in any::<bool>(),
+        ) {
+            let mut a = Mux::new(Config::default());
+            let ids: Vec<StreamId> = (0..4).map(|_| a.open().unwrap()).collect();
+            if verify {
+                a.verify(7, 9).unwrap();
+            }
+            let mut wire = Vec::new();
+            for (i, &(stream, len)) in writes.iter().enumerate() {
+                let data: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+                a.write(ids[stream], &data).unwrap();
+                a.poll_transmit(usize::MAX, &mut wire);
+            }
+            a.finish(ids[0]).unwrap();
+            a.poll_transmit(usize::MAX, &mut wire);
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+            cuts.sort_unstable();
+            prop_assert_eq!(receive(&wire, &cuts), receive(&wire, &[]));
+        }
+    }
+}
