@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use fabric::id::ToxId;
 use fabric::tox::testnet::ToxNet;
 use fabric::tox::{MAX_CUSTOM_PACKET, ToxError, ToxEvent, ToxHandle, ToxNode};
 use tokio::sync::mpsc;
@@ -33,7 +34,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    rt.block_on(run());
+    if std::env::var_os("TOX_BENCH_ROLE").is_some() {
+        rt.block_on(child_exit());
+    } else {
+        rt.block_on(run());
+    }
 }
 
 #[derive(Default)]
@@ -111,8 +116,9 @@ async fn run() {
     // Keep the client's events drained so its channel never fills.
     let client_drain = tokio::spawn(async move { while client_ev.recv().await.is_some() {} });
 
-    lossy_phase(&client, &exit, exit_pk, &counters, phase, None).await;
-    lossy_phase(&client, &exit, exit_pk, &counters, phase, Some(25.0)).await;
+    println!("-- both nodes in this process");
+    lossy_phase(&client, Some(&exit), exit_pk, &counters, phase, None).await;
+    lossy_phase(&client, Some(&exit), exit_pk, &counters, phase, Some(25.0)).await;
     lossless_phase(&client, exit_pk, &counters, phase).await;
 
     // Idle CPU of this process (two connected nodes, one tokio runtime, nothing to do).
@@ -130,7 +136,121 @@ async fn run() {
     exit.shutdown().await;
     let _ = counter_task.await;
     let _ = client_drain.await;
+
     drop(net);
+    two_processes(phase).await;
+}
+
+/// Lossy throughput with the exit in a child process. c-toxcore 0.2.18 mlocks and madvises a
+/// temporary buffer around every packet it encrypts or decrypts; with both nodes in one process
+/// those calls contend on one address space, which real peers (two machines) never do.
+///
+/// It gets a network of its own: peers that just left leave DHT entries behind (same address,
+/// old key) that slow down finding a new peer for a couple of minutes.
+async fn two_processes(phase: Duration) {
+    println!("-- exit in a child process");
+    let net = &ToxNet::start(4).expect("tox-bootstrapd network");
+    let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
+    let mut child = std::process::Command::new(std::env::current_exe().expect("current exe"))
+        .env("TOX_BENCH_ROLE", "exit")
+        .env("TOX_BENCH_DIR", net.scratch_dir("exit2").expect("dir"))
+        .env("TOX_BENCH_BOOTSTRAP", nodes.join(","))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn exit process");
+    let counters = Arc::new(Counters::default());
+    let (id_tx, id_rx) = std::sync::mpsc::sync_channel(1);
+    let stdout = child.stdout.take().expect("piped stdout");
+    let c = counters.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(id) = line.strip_prefix("id ") {
+                let _ = id_tx.send(id.parse::<ToxId>().expect("child's tox id"));
+            } else if let Some(rest) = line.strip_prefix("rx ") {
+                let v: Vec<u64> = rest.split(' ').filter_map(|x| x.parse().ok()).collect();
+                if let [a, b, c2, d] = v[..] {
+                    c.lossy_packets.store(a, Ordering::Relaxed);
+                    c.lossy_bytes.store(b, Ordering::Relaxed);
+                    c.lossless_packets.store(c2, Ordering::Relaxed);
+                    c.lossless_bytes.store(d, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    let exit_id = id_rx.recv_timeout(WAIT).expect("child reports its tox id");
+    let (client, mut client_ev) =
+        ToxNode::spawn(net.config(net.scratch_dir("client2").expect("dir"))).expect("client");
+    let t0 = Instant::now();
+    client
+        .add_friend(exit_id, b"bench")
+        .await
+        .expect("add_friend");
+    wait_online(&mut client_ev, exit_id.public_key()).await;
+    println!(
+        "connect (two processes): exit online after {:.2?}",
+        t0.elapsed()
+    );
+    let client_drain = tokio::spawn(async move { while client_ev.recv().await.is_some() {} });
+    let to = exit_id.public_key();
+    lossy_phase(&client, None, to, &counters, phase, None).await;
+    lossy_phase(&client, None, to, &counters, phase, Some(25.0)).await;
+    client.shutdown().await;
+    let _ = client_drain.await;
+    // Closing its stdin stops the child.
+    drop(child.stdin.take());
+    let _ = child.wait();
+}
+
+/// The child side of [`two_processes`]: accepts any friend, counts what arrives and prints the
+/// counters every 100 ms; stops when stdin closes.
+async fn child_exit() {
+    let dir = std::env::var_os("TOX_BENCH_DIR").expect("TOX_BENCH_DIR");
+    let mut cfg = fabric::tox::ToxConfig::new(dir);
+    cfg.bootstrap = std::env::var("TOX_BENCH_BOOTSTRAP")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    cfg.use_public_bootstrap = false;
+    cfg.local_discovery = false;
+    cfg.ipv6_enabled = false;
+    cfg.allow.allow_any = true;
+    let (h, mut ev) = ToxNode::spawn(cfg).expect("exit node");
+    println!("id {}", h.id());
+    let (eof_tx, mut eof_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while std::io::stdin()
+            .read_line(&mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
+        let _ = eof_tx.send(());
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let (mut a, mut b, mut c, mut d) = (0u64, 0u64, 0u64, 0u64);
+    loop {
+        tokio::select! {
+            e = ev.recv() => match e {
+                Some(ToxEvent::Lossy { data, .. }) => {
+                    a += 1;
+                    b += data.len() as u64;
+                }
+                Some(ToxEvent::Lossless { data, .. }) => {
+                    c += 1;
+                    d += data.len() as u64;
+                }
+                Some(_) => {}
+                None => break,
+            },
+            _ = tick.tick() => println!("rx {a} {b} {c} {d}"),
+            _ = &mut eof_rx => break,
+        }
+    }
+    h.shutdown().await;
 }
 
 async fn wait_online(ev: &mut mpsc::Receiver<ToxEvent>, friend: fabric::id::PublicKey) {
@@ -151,7 +271,7 @@ async fn wait_online(ev: &mut mpsc::Receiver<ToxEvent>, friend: fabric::id::Publ
 /// Full-size lossy packets client → exit for `secs`, unpaced or paced at `rate_mb` MB/s.
 async fn lossy_phase(
     client: &ToxHandle,
-    exit: &ToxHandle,
+    exit: Option<&ToxHandle>,
     to: fabric::id::PublicKey,
     counters: &Counters,
     secs: Duration,
@@ -160,7 +280,10 @@ async fn lossy_phase(
     let before_rx = counters.lossy_packets.load(Ordering::Relaxed);
     let before_bytes = counters.lossy_bytes.load(Ordering::Relaxed);
     let before_tx = client.status().await.expect("status");
-    let before_exit = exit.status().await.expect("status");
+    let before_exit = match exit {
+        Some(e) => e.status().await.expect("status").lossy_dropped,
+        None => 0,
+    };
     let mut block = BytesMut::new();
     let cpu_start = cpu_time();
     let start = Instant::now();
@@ -193,10 +316,13 @@ async fn lossy_phase(
     let rx = counters.lossy_packets.load(Ordering::Relaxed) - before_rx;
     let rx_bytes = counters.lossy_bytes.load(Ordering::Relaxed) - before_bytes;
     let after_tx = client.status().await.expect("status");
-    let after_exit = exit.status().await.expect("status");
+    let after_exit = match exit {
+        Some(e) => e.status().await.expect("status").lossy_dropped,
+        None => 0,
+    };
     let handed = after_tx.lossy_sent - before_tx.lossy_sent;
     let failed = after_tx.lossy_send_failed - before_tx.lossy_send_failed;
-    let dropped_rx = after_exit.lossy_dropped - before_exit.lossy_dropped;
+    let dropped_rx = after_exit - before_exit;
     let label = match rate_mb {
         Some(r) => format!("lossy paced at {r} MB/s"),
         None => "lossy unpaced".to_owned(),
@@ -204,7 +330,7 @@ async fn lossy_phase(
     println!(
         "{label}: sent {sent} packets ({:.1} MB/s offered, {handed} handed to toxcore, \
          {failed} refused), received {rx} ({:.1} MB/s), loss {:.2} %, dropped at full \
-         event channel {dropped_rx}; process cpu {:.1} ms per MB received (both nodes)",
+         event channel {dropped_rx}; this process's cpu {:.1} ms per MB received",
         sent as f64 * per_packet / elapsed.as_secs_f64() / 1e6,
         rx_bytes as f64 / elapsed.as_secs_f64() / 1e6,
         if sent == 0 {

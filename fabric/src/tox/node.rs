@@ -31,6 +31,9 @@ const REBOOTSTRAP_AFTER: Duration = Duration::from_secs(5);
 const BUSY_INTERVAL: Duration = Duration::from_millis(1);
 /// How long after the last packet the node keeps the busy interval.
 const BUSY_LINGER: Duration = Duration::from_millis(200);
+/// An iteration that received at least this many packets found a backlog in the socket: the
+/// next one runs right away (after queued commands) instead of after [`BUSY_INTERVAL`].
+const BACKLOG_PACKETS: u32 = 16;
 /// Commands handled in one go before checking whether an iteration is due.
 const DRAIN_BUDGET: usize = 256;
 /// Received lossy payloads are copied into blocks of this size and handed out as `Bytes`
@@ -460,6 +463,9 @@ impl Node {
 
     fn interval(&self) -> Duration {
         let tox = Duration::from_millis(u64::from(self.tox.iteration_interval().max(1)));
+        if self.inbox.received_last_iteration >= BACKLOG_PACKETS {
+            return Duration::ZERO;
+        }
         let receiving = matches!(self.inbox.last_packet, Some(t) if t.elapsed() < BUSY_LINGER);
         if receiving || !self.backlog.is_empty() {
             tox.min(BUSY_INTERVAL)
@@ -469,6 +475,7 @@ impl Node {
     }
 
     async fn iterate(&mut self) {
+        self.inbox.received_last_iteration = 0;
         self.tox.iterate(&mut self.inbox);
         for (pk, message_len) in std::mem::take(&mut self.inbox.requests) {
             self.on_friend_request(pk, message_len);
@@ -719,6 +726,7 @@ struct Inbox {
     rx_block: BytesMut,
     connection: Connection,
     last_packet: Option<Instant>,
+    received_last_iteration: u32,
     own_pk: PublicKey,
     lossy_received: u64,
     lossy_dropped: u64,
@@ -735,6 +743,7 @@ impl Inbox {
             rx_block: BytesMut::new(),
             connection: Connection::None,
             last_packet: None,
+            received_last_iteration: 0,
             own_pk,
             lossy_received: 0,
             lossy_dropped: 0,
@@ -808,6 +817,7 @@ impl Callbacks for Inbox {
     fn lossy_packet(&mut self, friend: u32, data: &[u8]) {
         let Some(pk) = self.peer(friend) else { return };
         self.lossy_received += 1;
+        self.received_last_iteration += 1;
         self.last_packet = Some(Instant::now());
         let ev = ToxEvent::Lossy {
             pk,
@@ -823,6 +833,7 @@ impl Callbacks for Inbox {
     fn lossless_packet(&mut self, friend: u32, data: &[u8]) {
         let Some(pk) = self.peer(friend) else { return };
         self.lossless_received += 1;
+        self.received_last_iteration += 1;
         self.last_packet = Some(Instant::now());
         let ev = ToxEvent::Lossless {
             pk,
@@ -925,7 +936,8 @@ mod tests {
         assert_eq!(st.friends.len(), 1);
         assert!(h.remove_friend(stranger).await.unwrap());
         assert!(!h.remove_friend(stranger).await.unwrap());
-        drop(h);
+        // Dropping the handle would stop the node too, but without waiting for its last save.
+        h.shutdown().await;
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
