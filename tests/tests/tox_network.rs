@@ -148,9 +148,10 @@ fn check_lossy(data: &[u8]) -> Option<u32> {
 async fn lossy_one_way(a: &Peer, b: &mut Peer, count: u32) -> Result<()> {
     for seq in 0..count {
         a.handle.send_lossy(b.pk(), lossy(seq)).await?;
-        // Pace a little: this checks delivery, not throughput (the bench does that).
-        if seq % 20 == 19 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        // Pace to ~2 MB/s: this checks delivery and integrity, not throughput (the bench does
+        // that), and must not overrun a receiver starved of CPU on a busy CI machine.
+        if seq % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     let from = a.pk();
