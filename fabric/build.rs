@@ -21,6 +21,7 @@ fn link_toxcore() {
     const MISSING: &str = "c-toxcore not found: install Debian package libtoxcore-dev \
                            (apt-get install libtoxcore-dev pkg-config)";
     println!("cargo::rerun-if-env-changed=PKG_CONFIG_PATH");
+    println!("cargo::rerun-if-env-changed=PKG_CONFIG_LIBDIR");
     let output = Command::new("pkg-config")
         .args(["--libs", "toxcore"])
         .output();
