@@ -43,8 +43,9 @@
 //!
 //! A stream's buffers start empty and return their memory as they drain: an idle stream costs
 //! its state only (about 170 bytes, measured by `tests/mux_memory.rs`). Buffered bytes live in
-//! 16 KiB chunks from a per-mux pool of at most 64 free chunks; a buffer that starts small
-//! gets a small first chunk instead. A peer can make us hold at most one window per stream
+//! 16 KiB chunks from a per-mux pool of free chunks (at most 512; whenever nothing is
+//! buffered it is trimmed to 64 plus 32 per open stream); a buffer that starts small gets a
+//! small first chunk instead. A peer can make us hold at most one window per stream
 //! it opened, and it can open at most [`Config::accept_backlog`] streams we did not accept.
 //!
 //! # Driving the core
@@ -69,7 +70,7 @@ mod stream;
 
 use std::collections::VecDeque;
 
-use self::buffer::Pool;
+use self::buffer::{Pool, idle_pool_size};
 pub use self::error::{Failure, OpenError, ProtocolError, StreamError, VerifyError};
 pub use self::frame::StreamId;
 use self::frame::{Cmd, HEADER_LEN, Header, verify_code};
@@ -437,6 +438,9 @@ impl Mux {
             return out.len() - start;
         }
         self.transmit_data(limit, out);
+        if self.stats.send_buffered == 0 && self.stats.recv_buffered == 0 {
+            self.pool.trim(idle_pool_size(self.stats.streams));
+        }
         out.len() - start
     }
 

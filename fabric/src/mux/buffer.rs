@@ -11,8 +11,17 @@ use std::collections::VecDeque;
 /// Bytes per chunk.
 pub(crate) const CHUNK: usize = 16 * 1024;
 
-/// Free chunks kept for reuse; beyond this they go back to the allocator (1 MiB).
-const POOL_MAX: usize = 64;
+/// Free chunks kept for reuse while data is buffered (8 MiB): enough for a few streams with
+/// full windows in each direction, so bulk transfers recycle chunks instead of allocating
+/// (and zeroing) new ones.
+const POOL_MAX: usize = 512;
+
+/// Free chunks kept once nothing is buffered anywhere in the mux: 64 (1 MiB), plus 32 (half a
+/// default window) per open stream, so that streams which go quiet between bursts find their
+/// chunks again instead of allocating and zeroing new ones.
+pub(crate) fn idle_pool_size(streams: usize) -> usize {
+    64 + 32 * streams
+}
 
 type Chunk = Box<[u8]>;
 
@@ -27,6 +36,14 @@ impl Pool {
         self.free
             .pop()
             .unwrap_or_else(|| vec![0u8; CHUNK].into_boxed_slice())
+    }
+
+    /// Frees all but `keep` spare chunks.
+    pub(crate) fn trim(&mut self, keep: usize) {
+        if self.free.len() > keep {
+            self.free.truncate(keep);
+            self.free.shrink_to(keep);
+        }
     }
 
     fn give(&mut self, chunk: Chunk) {
