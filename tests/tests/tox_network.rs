@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use fabric::id::PublicKey;
-use fabric::tox::{ToxConfig, ToxError, ToxEvent, ToxHandle, ToxNode};
+use fabric::tox::{Connection, ToxConfig, ToxError, ToxEvent, ToxHandle, ToxNode};
 use tests::toxnet::ToxNet;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
@@ -356,5 +356,45 @@ async fn restarted_exit_keeps_id_and_friend_reconnects() -> Result<()> {
     exit.send_lossless_retrying(client.pk(), lossless("back"))
         .await?;
     assert_eq!(client.recv_lossless(exit.pk()).await?, lossless("back"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_only_client_connects_through_relay() -> Result<()> {
+    init_tracing();
+    let net = start_net()?;
+    let mut client_cfg = net.config(data_dir(&net, "client")?);
+    // As behind a UDP-blocking firewall: everything goes through the daemons' TCP relays.
+    client_cfg.udp_enabled = false;
+    client_cfg.tcp_relays = net.tcp_relays();
+    let mut client = Peer::spawn("client", client_cfg)?;
+    let mut exit_cfg = net.config(data_dir(&net, "exit")?);
+    exit_cfg.allow.keys.insert(client.pk());
+    let mut exit = Peer::spawn("exit", exit_cfg)?;
+
+    client
+        .handle
+        .add_friend(exit.handle.id(), b"via relay")
+        .await?;
+    let exit_pk = exit.pk();
+    let status = client
+        .wait_for("exit online", WAIT, |ev| match ev {
+            ToxEvent::FriendConnection { pk, status } if *pk == exit_pk && status.is_online() => {
+                Some(*status)
+            }
+            _ => None,
+        })
+        .await?;
+    assert_eq!(
+        status,
+        Connection::Tcp,
+        "udp is off, so the friend must be reached over tcp"
+    );
+    exit.wait_online(client.pk()).await?;
+    client
+        .send_lossless_retrying(exit.pk(), lossless("relayed"))
+        .await?;
+    assert_eq!(exit.recv_lossless(client.pk()).await?, lossless("relayed"));
+    lossy_one_way(&exit, &mut client, 100).await?;
     Ok(())
 }
