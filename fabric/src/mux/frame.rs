@@ -163,10 +163,11 @@ impl<'a> Frame<'a> {
             Cmd::Psh => header.length as usize,
             _ => 0,
         };
-        let Some(payload) = bytes.get(HEADER_LEN..HEADER_LEN + payload_len) else {
+        // Saturating: on 32-bit targets a hostile length must not overflow the range end.
+        let Some(payload) = bytes.get(HEADER_LEN..HEADER_LEN.saturating_add(payload_len)) else {
             return Ok(None);
         };
-        Ok(Some((Self { header, payload }, HEADER_LEN + payload_len)))
+        Ok(Some((Self { header, payload }, HEADER_LEN + payload.len())))
     }
 
     /// Appends the frame's wire bytes to `out`.
