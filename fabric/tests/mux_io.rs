@@ -282,3 +282,38 @@ fn streams_and_handles_are_send_static_unpin() {
     check::<Stream>();
     check::<Handle>();
 }
+
+/// Seed 004's first problem: a stream nobody reads must not block the others.
+#[tokio::test]
+async fn an_unread_stream_does_not_block_the_others() {
+    let ((client, _c), (server, _s)) = connected(Config::default());
+    let mut stuck = client.open().unwrap();
+    let mut moving = client.open().unwrap();
+    // Fill the first stream's window and more; nobody on the other side reads it.
+    let blocked = tokio::spawn(async move {
+        let data = vec![1u8; 4 << 20];
+        let _ = stuck.write_all(&data).await;
+    });
+    let _unread = server.accept().await.unwrap();
+    let data = payload(3, 8 << 20);
+    let expected = Sha256::digest(&data);
+    let writer = tokio::spawn(async move {
+        moving.write_all(&data).await.unwrap();
+        moving.shutdown().await.unwrap();
+        moving
+    });
+    let check = async {
+        let mut peer = server.accept().await.unwrap();
+        let got = read_to_end(&mut peer).await;
+        assert_eq!(Sha256::digest(&got), expected);
+    };
+    tokio::time::timeout(Duration::from_secs(30), check)
+        .await
+        .expect("second stream flowed");
+    drop(writer.await);
+    assert!(
+        !blocked.is_finished(),
+        "the unread stream is held back by its window"
+    );
+    blocked.abort();
+}

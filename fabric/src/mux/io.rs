@@ -347,7 +347,9 @@ where
     result
 }
 
-/// Starts [`run`] over `io` on a new task and returns the handle and the task.
+/// Starts [`run`] over `io` on a new task and returns the handle and the task. The task ends
+/// when the link closes or fails, or after [`Handle::fail`]; it holds a handle itself, so
+/// dropping the returned one does not stop it.
 pub fn spawn<T>(io: T, config: Config) -> (Handle, tokio::task::JoinHandle<Result<(), DriverError>>)
 where
     T: AsyncRead + AsyncWrite + Send + 'static,
