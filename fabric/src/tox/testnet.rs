@@ -21,6 +21,16 @@ use crate::tox::ToxConfig;
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts per daemon (a port we picked may be taken by someone else meanwhile).
 const START_ATTEMPTS: usize = 5;
+/// Runs the daemon (`$0 "$@"`) under a shell that kills it when our end of its stdin closes,
+/// which also happens when the test process dies without unwinding (killed by a harness
+/// timeout, aborted): no daemon outlives the test. The shell exits with the daemon's status
+/// when the daemon stops by itself, so an early failure (port taken) is seen at once.
+/// (A background job's stdin is /dev/null in a non-interactive shell, hence the copy on fd 3.)
+const SUPERVISOR: &str = r#"exec 3<&0
+"$0" "$@" </dev/null 3<&- & p=$!
+( read -r _ignored <&3; kill "$p" 2>/dev/null ) &
+exec 3<&-
+wait "$p""#;
 
 /// A running private Tox network. Dropping it stops the daemons.
 #[derive(Debug)]
@@ -104,26 +114,27 @@ impl ToxNet {
         let conf = dir.join("tox-bootstrapd.conf");
         fs::write(&conf, self.daemon_config(dir, &keys, udp_port, tcp_port))?;
         let log = fs::File::create(dir.join("log"))?;
-        let mut child = Command::new("tox-bootstrapd")
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(SUPERVISOR)
+            .arg("tox-bootstrapd")
             .arg(format!("--config={}", conf.display()))
             .arg("--foreground")
             .arg("--log-backend=stdout")
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .spawn()
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot run tox-bootstrapd ({e}): install Debian package toxcore-utils"
-                    ),
-                )
-            })?;
+            .spawn()?;
         let deadline = Instant::now() + START_TIMEOUT;
         let result = loop {
             if let Some(status) = child.try_wait()? {
                 let log = fs::read_to_string(dir.join("log")).unwrap_or_default();
+                if status.code() == Some(127) {
+                    break Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "tox-bootstrapd not found: install Debian package toxcore-utils",
+                    ));
+                }
                 break Err(io::Error::other(format!(
                     "tox-bootstrapd exited with {status}: {}",
                     log.trim()
@@ -155,8 +166,7 @@ impl ToxNet {
                 tcp: BootstrapNode::new(pk, "127.0.0.1", tcp_port),
             }),
             Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                stop(&mut child);
                 Err(e)
             }
         }
@@ -194,11 +204,29 @@ impl ToxNet {
 
 impl Drop for ToxNet {
     fn drop(&mut self) {
+        // Close every stdin first so the daemons stop in parallel.
         for d in &mut self.daemons {
-            let _ = d.child.kill();
-            let _ = d.child.wait();
+            drop(d.child.stdin.take());
+        }
+        for d in &mut self.daemons {
+            stop(&mut d.child);
         }
     }
+}
+
+/// Stops a supervised daemon: closing its stdin makes the shell kill it; if it is still there
+/// after a few seconds, kill the shell too.
+fn stop(child: &mut Child) {
+    drop(child.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A keys file is the daemon's public key (32 bytes) followed by its secret key (32 bytes).
