@@ -42,6 +42,10 @@ pub const LOSSLESS_ID_RANGE: RangeInclusive<u8> = 160..=191;
 
 /// Whose friend requests a node accepts. Requests from anyone else are dropped silently (logged
 /// at debug): the sender cannot tell a refusal from an offline node.
+///
+/// The policy governs new friends only: friends kept in the savedata stay friends when their
+/// key leaves the list (remove them with [`ToxHandle::remove_friend`]); the exit role checks
+/// every session's peer against its own policy anyway.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FriendPolicy {
     /// Accept every request.
