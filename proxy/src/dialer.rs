@@ -5,6 +5,7 @@
 //! it in [`crate::exit_policy::PolicyDialer`]; with `--exit` a fabric-backed dialer will open a
 //! mux stream to the exit peer instead. Front-ends never see which one they talk to.
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -163,9 +164,10 @@ impl From<DialError> for io::Error {
 }
 
 /// A bidirectional byte stream a dialer hands back (a TCP connection, a mux stream).
-pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + fmt::Debug + 'static {}
+/// `Any` lets the relay recognise a plain `TcpStream` and splice it.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + fmt::Debug + Any {}
 
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + fmt::Debug + 'static> Stream for T {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + fmt::Debug + Any> Stream for T {}
 
 /// A stream whose concrete type the front-end does not care about.
 pub type BoxedStream = Box<dyn Stream>;

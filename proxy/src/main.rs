@@ -26,6 +26,11 @@ const NO_TOX: &str = "exit peers need the Tox binding, not built yet";
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    #[cfg(target_os = "linux")]
+    match proxy::server::raise_fd_limit() {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(err) => tracing::warn!(%err, "cannot raise the open file limit"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -112,3 +112,16 @@ pub async fn accept_loop<F, Fut>(
         );
     }
 }
+
+/// Raises this process's open-file limit to its hard limit: every relayed connection holds
+/// two sockets and, when spliced, two pipes (four descriptors), and the usual soft limit of
+/// 1,024 would cap the proxy far below `--max-connections`. Returns the new soft limit.
+#[cfg(target_os = "linux")]
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard.max(soft))
+}

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tracing::{debug, trace};
 
 use crate::dialer::{DialError, Target, UdpFlow};
-use crate::relay::relay;
+use crate::relay::relay_tcp;
 use crate::server::{Shared, accept_loop};
 
 /// Username and password a client must present (RFC 1929).
@@ -134,7 +134,7 @@ pub async fn handle(
             // at an exit); clients ignore it for CONNECT.
             let unspecified = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0);
             let mut client = proto.reply_success(unspecified).await?;
-            let t = relay(&mut client, &mut upstream, shared.idle_timeout).await?;
+            let t = relay_tcp(&mut client, &mut upstream, shared.idle_timeout).await?;
             debug!(up = t.up, down = t.down, "relay done");
             Ok(())
         }
