@@ -517,6 +517,20 @@ mod tests {
         }
 
         #[test]
+        fn bootstrap_node_round_trips(pk in any::<[u8; 32]>(), port in 1u16..,
+                                      v4 in any::<[u8; 4]>(), v6 in any::<[u16; 8]>(),
+                                      name in "[a-z][a-z0-9-]{0,20}(\\.[a-z]{2,6}){0,2}",
+                                      which in 0u8..3) {
+            let host = match which {
+                0 => std::net::Ipv4Addr::from(v4).to_string(),
+                1 => std::net::Ipv6Addr::from(v6).to_string(),
+                _ => name,
+            };
+            let node = BootstrapNode::new(PublicKey(pk), host, port);
+            prop_assert_eq!(node.to_string().parse::<BootstrapNode>().unwrap(), node);
+        }
+
+        #[test]
         fn any_text_parses_or_errs(s in "\\PC{0,90}") {
             // Never panics, whatever the input.
             let _ = s.parse::<ToxId>();

@@ -151,7 +151,8 @@ pub struct ToxNode;
 impl ToxNode {
     /// Loads (or creates) the identity in `config.data_dir`, starts the tox thread, bootstraps
     /// and returns a handle plus the stream of events. The identity is saved before this
-    /// returns, so a new ID is never lost.
+    /// returns, so a new ID is never lost. Blocks the caller for as long as `tox_new` takes to
+    /// load the savedata and bind its socket (milliseconds), which is why it is not async.
     pub fn spawn(config: ToxConfig) -> Result<(ToxHandle, mpsc::Receiver<ToxEvent>), ToxError> {
         let (cmd_tx, cmd_rx) = mpsc::channel(config.command_capacity.max(1));
         let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity.max(1));
