@@ -436,10 +436,12 @@ impl Instance {
     /// Runs one round of the event loop (`tox_iterate`), reporting events to `cb`.
     pub fn iterate<C: Callbacks>(&mut self, cb: &mut C) {
         // SAFETY: the trampolines registered here are instantiated for `C` and the user data
-        // passed to tox_iterate in the same call is a `*mut C` valid for the whole call.
-        // c-toxcore hands that pointer only to callbacks invoked during this tox_iterate;
-        // other API functions pass NULL, which the trampolines ignore. Re-registering on every
-        // call (five pointer stores) keeps the trampolines and the user data type in step.
+        // passed to tox_iterate in the same call is a `*mut C`, exclusively borrowed for the
+        // whole call. c-toxcore calls the user callbacks only from inside tox_iterate, handing
+        // them the user data given to that call (tox.c wraps it in the per-call
+        // `Tox_Userdata`), so the pointer never outlives the borrow; the trampolines also
+        // ignore NULL. Re-registering on every call (five pointer stores) keeps the
+        // trampolines and the user data type in step.
         unsafe {
             tox_callback_self_connection_status(self.ptr(), Some(self_connection_trampoline::<C>));
             tox_callback_friend_connection_status(
