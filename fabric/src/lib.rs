@@ -14,6 +14,7 @@
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod connection;
 pub mod id;
 pub mod mux;
 pub mod session;

@@ -187,15 +187,39 @@ struct Outbox(Arc<Mutex<OutQueue>>);
 impl io::Write for Outbox {
     fn write(&mut self, segments: &[u8]) -> io::Result<usize> {
         let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let has_data = q.count_segments(segments);
-        let mut buf = q.free.pop().unwrap_or_default();
-        buf.clear();
-        Packet::Kcp(segments).emit(ConvId(0), &mut buf);
-        if has_data {
-            q.queued_bytes += buf.len();
-            q.packets.push_back(buf);
+        q.count_segments(segments);
+        // KCP packs its acknowledgements into the same packet as data. Data is paced, at the
+        // rate of *this* direction, which may be slow; acknowledgements held back with it
+        // would bunch up and inflate the peer's RTT. So the two part ways here: segments are
+        // independent in KCP's input, in any grouping.
+        let mut acks = q.free.pop().unwrap_or_default();
+        let mut data = q.free.pop().unwrap_or_default();
+        acks.clear();
+        data.clear();
+        acks.push(packet::Kind::Kcp as u8);
+        data.push(packet::Kind::Kcp as u8);
+        let mut rest = segments;
+        while rest.len() >= KCP_HEADER {
+            let len = u32::from_le_bytes([rest[20], rest[21], rest[22], rest[23]]) as usize;
+            let end = (KCP_HEADER + len).min(rest.len());
+            let out = if rest[4] == packet::CMD_ACK {
+                &mut acks
+            } else {
+                &mut data
+            };
+            out.extend_from_slice(&rest[..end]);
+            rest = &rest[end..];
+        }
+        if acks.len() > 1 {
+            q.acks.push_back(acks);
         } else {
-            q.acks.push_back(buf);
+            q.recycle(acks);
+        }
+        if data.len() > 1 {
+            q.queued_bytes += data.len();
+            q.packets.push_back(data);
+        } else {
+            q.recycle(data);
         }
         Ok(segments.len())
     }
@@ -206,16 +230,13 @@ impl io::Write for Outbox {
 }
 
 impl OutQueue {
-    /// Counts first transmissions and retransmissions of data segments in a packet KCP wrote;
-    /// returns whether it has any.
-    fn count_segments(&mut self, mut rest: &[u8]) -> bool {
-        let mut has_data = false;
+    /// Counts first transmissions and retransmissions of data segments in a packet KCP wrote.
+    fn count_segments(&mut self, mut rest: &[u8]) {
         while rest.len() >= KCP_HEADER {
             let cmd = rest[4];
             let sn = u32::from_le_bytes([rest[12], rest[13], rest[14], rest[15]]);
             let len = u32::from_le_bytes([rest[20], rest[21], rest[22], rest[23]]) as usize;
             if cmd == packet::CMD_PUSH {
-                has_data = true;
                 match self.highest_sn {
                     Some(h) if (sn.wrapping_sub(h) as i32) <= 0 => self.retransmits += 1,
                     _ => {
@@ -226,7 +247,6 @@ impl OutQueue {
             }
             rest = rest.get(KCP_HEADER + len..).unwrap_or_default();
         }
-        has_data
     }
 
     fn recycle(&mut self, spent: Vec<u8>) {
@@ -371,11 +391,11 @@ impl Session {
                 }
             }
             Packet::Pong(token) => {
-                if let Some((want, sent)) = self.ping_outstanding {
-                    if want == token {
-                        self.ping_outstanding = None;
-                        self.rtt_sample(self.now.saturating_duration_since(sent));
-                    }
+                if let Some((want, sent)) = self.ping_outstanding
+                    && want == token
+                {
+                    self.ping_outstanding = None;
+                    self.rtt_sample(self.now.saturating_duration_since(sent));
                 }
             }
         }
@@ -662,10 +682,10 @@ impl Session {
         // a retransmission is due, but `update` only flushes on its interval ticks: a driver
         // trusting `check` would spin until the tick. Flushing here sends the retransmission
         // on time and moves `check` forward.
-        if self.kcp.check(now_ms) == 0 {
-            if let Err(error) = self.kcp.flush() {
-                debug!(conv = %self.conv, %error, "KCP flush failed");
-            }
+        if self.kcp.check(now_ms) == 0
+            && let Err(error) = self.kcp.flush()
+        {
+            debug!(conv = %self.conv, %error, "KCP flush failed");
         }
     }
 

@@ -13,6 +13,8 @@ use std::collections::BinaryHeap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
+use crate::connection::{Connection, Endpoint};
+use crate::mux::Config as MuxConfig;
 use crate::session::{Config as SessionConfig, ConvId, Session};
 use crate::time::{Duration, Instant};
 
@@ -311,32 +313,52 @@ impl SimNet {
     }
 }
 
-/// Two [`Session`]s joined by a [`SimNet`], driven in virtual time.
+/// Two endpoints ([`Session`]s, or [`Connection`](crate::connection::Connection)s with
+/// their streams) joined by a [`SimNet`], driven in virtual time.
 ///
 /// Each [`Pair::step`] delivers every packet that has landed, runs due timers, lets the
 /// caller move application data, then sends everything the sessions have to send. Time jumps
 /// straight to the next landing or deadline, so a simulated hour takes seconds.
 #[derive(Debug)]
-pub struct Pair {
+pub struct Pair<E = Session> {
     /// The path between the two sessions; swap it to move them to another path.
     pub net: SimNet,
     /// Endpoint `A`.
-    pub a: Session,
+    pub a: E,
     /// Endpoint `B`.
-    pub b: Session,
+    pub b: E,
     /// Virtual time.
     pub now: Instant,
     buf: Vec<u8>,
 }
 
-impl Pair {
-    /// Two sessions on `conv` with `config`, over `net`, starting at `now`.
+impl Pair<Session> {
+    /// Two sessions with `config`, over `net`, starting at `now`.
     pub fn new(net: SimNet, config: SessionConfig, now: Instant) -> Self {
         let conv = ConvId(0x5EED);
+        let a = Session::new(conv, config.clone(), now);
+        let b = Session::new(conv, config, now);
+        Self::with(net, a, b, now)
+    }
+}
+
+impl Pair<Connection> {
+    /// Two connections (mux over session) over `net`, starting at `now`.
+    pub fn connections(net: SimNet, session: SessionConfig, mux: MuxConfig, now: Instant) -> Self {
+        let conv = ConvId(0x5EED);
+        let a = Connection::new(conv, session.clone(), mux.clone(), now);
+        let b = Connection::new(conv, session, mux, now);
+        Self::with(net, a, b, now)
+    }
+}
+
+impl<E: Endpoint> Pair<E> {
+    /// Two endpoints over `net`, starting at `now`.
+    pub fn with(net: SimNet, a: E, b: E, now: Instant) -> Self {
         Self {
             net,
-            a: Session::new(conv, config.clone(), now),
-            b: Session::new(conv, config, now),
+            a,
+            b,
             now,
             buf: Vec::new(),
         }
@@ -344,7 +366,7 @@ impl Pair {
 
     /// One round: input, timers, `app(a, b, now)`, output. Returns `false` once nothing is
     /// left to happen (no packet in flight and no deadline), and then leaves time alone.
-    pub fn step(&mut self, mut app: impl FnMut(&mut Session, &mut Session, Instant)) -> bool {
+    pub fn step(&mut self, mut app: impl FnMut(&mut E, &mut E, Instant)) -> bool {
         let now = self.now;
         for side in [Side::A, Side::B] {
             while let Some(p) = self.net.poll_deliver(side, now) {
@@ -386,7 +408,7 @@ impl Pair {
     pub fn run_until(
         &mut self,
         limit: Instant,
-        mut app: impl FnMut(&mut Session, &mut Session, Instant) -> bool,
+        mut app: impl FnMut(&mut E, &mut E, Instant) -> bool,
     ) -> bool {
         let mut done = false;
         while !done && self.now <= limit {
@@ -397,7 +419,7 @@ impl Pair {
         done
     }
 
-    fn session(&mut self, side: Side) -> &mut Session {
+    fn session(&mut self, side: Side) -> &mut E {
         match side {
             Side::A => &mut self.a,
             Side::B => &mut self.b,

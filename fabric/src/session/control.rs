@@ -346,8 +346,10 @@ impl Acceptor {
         request: u32,
         resume: Option<ConvId>,
     ) -> (Control, bool) {
-        if let (Some(want), Some(have)) = (resume, self.current) {
-            if want == have {
+        if let (Some(want), Some(have)) = (resume, self.current)
+            && want == have
+        {
+            {
                 return (
                     Control::Accept {
                         request,

@@ -1,0 +1,149 @@
+//! A connection to a peer: the [`mux`](crate::mux) riding on a [`Session`], as one sans-IO
+//! endpoint.
+//!
+//! ```text
+//!  streams ─► Mux ──frames──► Session (KCP) ──packets──► path
+//!  streams ◄─ Mux ◄─bytes──── Session (KCP) ◄─packets─── path
+//! ```
+//!
+//! The mux hands the session only what the session's pacer and window admit
+//! ([`Session::send_capacity`]), so bytes wait in the mux, where its round-robin scheduler can
+//! put a short request ahead of a bulk transfer, instead of in KCP's first-in-first-out queue.
+//!
+//! Call order is the session's (see [`crate::session`]): inputs and timeouts, then the
+//! application's reads and writes on [`Connection::mux`], then [`Connection::poll_transmit`]
+//! until `None`, [`Connection::poll_event`], and sleep until [`Connection::poll_timeout`].
+
+use crate::mux::{self, Mux};
+use crate::session::{self, CloseReason, ConvId, Event, InputError, Session};
+use crate::time::Instant;
+
+/// The mux settings for streams over a session.
+///
+/// One stream moves at most one window per round trip, so the seed's 512 KiB caps a single
+/// download at 512 KiB / RTT: 52 Mbit/s at 80 ms. Paths through Tox and across continents
+/// are long, so streams over a session get 4 MiB (84 Mbit/s at 400 ms). Buffers grow only
+/// with unread data, so idle streams still cost nothing; a reader that stops can pin one
+/// window of memory per stream, which the exit bounds with its per-client stream limit.
+pub fn mux_config() -> mux::Config {
+    mux::Config {
+        window: 4 * 1024 * 1024,
+        ..mux::Config::default()
+    }
+}
+
+/// One end of a sans-IO protocol driven by packets and time: what [`crate::testing::Pair`]
+/// and the drivers need of an endpoint.
+pub trait Endpoint {
+    /// Feeds one packet from the path.
+    fn handle_input(&mut self, now: Instant, packet: &[u8]) -> Result<(), InputError>;
+    /// Advances time.
+    fn handle_timeout(&mut self, now: Instant);
+    /// Puts the next packet into `buf`; `None` when there is nothing to send now.
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<usize>;
+    /// When [`Endpoint::handle_timeout`] is due.
+    fn poll_timeout(&self) -> Option<Instant>;
+}
+
+impl Endpoint for Session {
+    fn handle_input(&mut self, now: Instant, packet: &[u8]) -> Result<(), InputError> {
+        Self::handle_input(self, now, packet)
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        Self::handle_timeout(self, now);
+    }
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<usize> {
+        Self::poll_transmit(self, now, buf)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        Self::poll_timeout(self)
+    }
+}
+
+/// The mux over a session.
+#[derive(Debug)]
+pub struct Connection {
+    session: Session,
+    mux: Mux,
+    /// Bytes moving between mux and session, kept to reuse its allocation.
+    scratch: Vec<u8>,
+}
+
+impl Connection {
+    /// A connection on `conv`, starting at `now`.
+    pub fn new(conv: ConvId, session: session::Config, mux: mux::Config, now: Instant) -> Self {
+        Self {
+            session: Session::new(conv, session, now),
+            mux: Mux::new(mux),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The streams.
+    pub fn mux(&mut self) -> &mut Mux {
+        &mut self.mux
+    }
+
+    /// The session underneath, for datagrams and statistics.
+    pub fn session(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    /// The session's next event. A mux protocol error closes the session, so it shows here.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.session.poll_event()
+    }
+
+    /// Moves what arrived on the session into the mux.
+    fn deliver(&mut self) {
+        self.scratch.clear();
+        if self.session.recv(&mut self.scratch) == 0 {
+            return;
+        }
+        if let Err(error) = self.mux.handle_input(&self.scratch) {
+            tracing::debug!(conv = %self.session.conv(), %error, "mux protocol error");
+            self.session.close(CloseReason::ProtocolError);
+        }
+    }
+
+    /// Moves frames from the mux into the session, as much as the session admits.
+    fn feed(&mut self, now: Instant) {
+        while self.mux.has_transmit() {
+            let capacity = self.session.send_capacity(now);
+            if capacity == 0 {
+                break;
+            }
+            self.scratch.clear();
+            if self.mux.poll_transmit(capacity, &mut self.scratch) == 0 {
+                break;
+            }
+            if self.session.send(&self.scratch).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+impl Endpoint for Connection {
+    fn handle_input(&mut self, now: Instant, packet: &[u8]) -> Result<(), InputError> {
+        self.session.handle_input(now, packet)?;
+        self.deliver();
+        Ok(())
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.session.handle_timeout(now);
+        if self.session.is_closed() && self.mux.failure().is_none() {
+            self.mux.fail(mux::Failure::link("session closed"));
+        }
+    }
+
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<usize> {
+        self.feed(now);
+        self.session.poll_transmit(now, buf)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.session.poll_timeout()
+    }
+}
