@@ -69,7 +69,10 @@ fn bulk_transfer_survives_every_loss_level() {
             let d = down.pump(b, a, now);
             u && d
         });
-        assert!(done, "loss {loss}: transfer did not finish in 120 virtual seconds");
+        assert!(
+            done,
+            "loss {loss}: transfer did not finish in 120 virtual seconds"
+        );
         up.verify();
         down.verify();
         let s = pair.a.stats();
@@ -92,7 +95,9 @@ fn reordering_duplication_and_jitter_do_not_corrupt() {
     };
     let mut pair = Pair::new(SimNet::symmetric(config, 5), Config::default(), t0);
     let mut up = Transfer::new(3 << 20, 9);
-    assert!(pair.run_until(t0 + Duration::from_secs(120), |a, b, now| up.pump(a, b, now)));
+    assert!(pair.run_until(t0 + Duration::from_secs(120), |a, b, now| {
+        up.pump(a, b, now)
+    }));
     up.verify();
 }
 
@@ -111,7 +116,9 @@ fn session_moves_to_another_path_mid_transfer() {
     assert!(reached, "transfer never reached a third");
     assert!(!pair.net.a_to_b.is_idle(), "packets in flight at the move");
     pair.net = SimNet::symmetric(link(10, 0.01), 2);
-    assert!(pair.run_until(t0 + Duration::from_secs(240), |a, b, now| up.pump(a, b, now)));
+    assert!(pair.run_until(t0 + Duration::from_secs(240), |a, b, now| {
+        up.pump(a, b, now)
+    }));
     up.verify();
     assert!(!pair.a.is_closed() && !pair.b.is_closed());
 }
@@ -124,7 +131,10 @@ fn datagrams_travel_beside_the_stream() {
     let mut got = Vec::new();
     let mut sent = 0u32;
     let max = pair.a.max_datagram();
-    assert!(!pair.a.send_datagram(&vec![0; max + 1]), "oversized refused");
+    assert!(
+        !pair.a.send_datagram(&vec![0; max + 1]),
+        "oversized refused"
+    );
     let done = pair.run_until(t0 + Duration::from_secs(60), |a, b, now| {
         if sent < 500 && a.send_datagram(&sent.to_be_bytes()) {
             sent += 1;
@@ -137,7 +147,11 @@ fn datagrams_travel_beside_the_stream() {
     assert!(done);
     up.verify();
     // About 10 % are lost; what arrives is intact and in range.
-    assert!(got.len() > 380 && got.len() <= 500, "{} datagrams", got.len());
+    assert!(
+        got.len() > 380 && got.len() <= 500,
+        "{} datagrams",
+        got.len()
+    );
     assert!(got.iter().all(|&n| n < 500));
 }
 
@@ -154,12 +168,21 @@ fn keepalive_holds_an_idle_session_and_silence_ends_it() {
     }
     assert!(!pair.a.is_closed() && !pair.b.is_closed());
     assert!(pair.a.stats().srtt.is_some(), "pings measured the RTT");
-    assert!(pair.a.stats().packets_sent < 3600, "keepalive is not chatty");
+    assert!(
+        pair.a.stats().packets_sent < 3600,
+        "keepalive is not chatty"
+    );
 
     // Now the path dies: both ends notice within the idle timeout.
     let died = pair.now;
-    pair.net.a_to_b.set_config(LinkConfig { loss: 1.0, ..link(50, 0.0) });
-    pair.net.b_to_a.set_config(LinkConfig { loss: 1.0, ..link(50, 0.0) });
+    pair.net.a_to_b.set_config(LinkConfig {
+        loss: 1.0,
+        ..link(50, 0.0)
+    });
+    pair.net.b_to_a.set_config(LinkConfig {
+        loss: 1.0,
+        ..link(50, 0.0)
+    });
     let mut closed = Vec::new();
     pair.run_until(died + idle * 2, |a, b, now| {
         for s in [&mut *a, &mut *b] {
