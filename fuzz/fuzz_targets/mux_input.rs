@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
         }
         while mux.poll_event().is_some() {}
         while let Some(id) = mux.accept() {
-            if turn % 3 == 0 {
+            if turn.is_multiple_of(3) {
                 mux.close(id);
             }
         }
@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
                 Err(other) => panic!("unexpected read error {other:?}"),
             }
             let _ = mux.write(id, &buf[..turn % 700]);
-            if turn % 5 == 0 {
+            if turn.is_multiple_of(5) {
                 let _ = mux.finish(id);
             }
         }
