@@ -3,7 +3,7 @@
 //! [`Mux`] is the sans-IO core. It reads bytes from the link with [`Mux::handle_input`] and
 //! hands back bytes for the link from [`Mux::poll_transmit`]; it never does I/O, never
 //! spawns, and needs no clock (the KCP session underneath keeps the link alive). The `tokio`
-//! feature adds [`io`]: a shared [`Handle`](io::Handle), [`Stream`](io::Stream)s that are
+//! feature adds the `io` module: a shared `Handle`, `Stream`s that are
 //! `AsyncRead + AsyncWrite`, and a ready-made driver over any `AsyncRead + AsyncWrite`.
 //!
 //! ```text
@@ -36,8 +36,8 @@
 //! Both ends opening the same id at once bind to one stream: a SYN for an id we opened and
 //! of which the peer has shown nothing yet is simply accepted as the other half.
 //!
-//! A request is opened and written before the next transmit: its SYN and first PSH leave in
-//! the same flight, with no round trip.
+//! Open a stream and write to it before the next transmit, and its SYN and first PSH leave in
+//! the same flight: no round trip per stream.
 //!
 //! # Memory
 //!
@@ -58,7 +58,8 @@
 //! 4. when the link dies, calls [`Mux::fail`] so every stream reports the error.
 //!
 //! Events are edge-triggered: after `Readable`, read until [`StreamError::WouldBlock`]; after a
-//! short write, wait for `Writable`.
+//! short write, wait for `Writable`. At most one `Readable` and one `Writable` per stream wait
+//! in the queue at a time, so an undrained queue stays bounded.
 
 mod buffer;
 mod error;
