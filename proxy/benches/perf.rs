@@ -373,6 +373,7 @@ fn main() {
     }
 
     let before = proxy.rss_kib();
+    let cpu_before = proxy.cpu_secs();
     let start = Instant::now();
     for i in 0..conns {
         let mut s = Via::Socks(proxy.socks).open(echo);
@@ -389,9 +390,12 @@ fn main() {
     }
     // Let the proxy finish closing the last connections.
     thread::sleep(Duration::from_millis(300));
+    let elapsed = start.elapsed().as_secs_f64();
     println!(
-        "proxy RSS before / after {conns} sequential SOCKS5 connections: {before} KiB / {} KiB ({:.1} s)",
+        "proxy RSS before / after {conns} sequential SOCKS5 connections: {before} KiB / {} KiB \
+         ({:.0} conn/s, proxy CPU {:.0} us per connection)",
         proxy.rss_kib(),
-        start.elapsed().as_secs_f64()
+        conns as f64 / elapsed,
+        (proxy.cpu_secs() - cpu_before) / conns as f64 * 1e6,
     );
 }

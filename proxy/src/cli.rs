@@ -111,8 +111,14 @@ pub struct RunArgs {
     /// Require this SOCKS5 user name (with --socks-pass).
     #[arg(long, value_name = "USER")]
     pub socks_user: Option<String>,
-    /// Require this SOCKS5 password (with --socks-user).
-    #[arg(long, value_name = "PASS")]
+    /// Require this SOCKS5 password (with --socks-user); better given in the environment or
+    /// the config file than on a command line other users can see.
+    #[arg(
+        long,
+        value_name = "PASS",
+        env = "PROXY_SOCKS_PASS",
+        hide_env_values = true
+    )]
     pub socks_pass: Option<String>,
     /// Send traffic through this exit peer, by its Tox ID (repeatable).
     #[arg(long, value_name = "TOXID")]

@@ -515,4 +515,31 @@ mod tests {
         assert_eq!(&buf[..n], b"pong");
         assert_eq!(from, server_addr);
     }
+
+    #[tokio::test]
+    async fn connect_timeout_on_a_full_backlog() {
+        // A listener that never accepts, with its backlog filled: Linux drops further SYNs,
+        // so a connect hangs until the dialer's timeout, all on loopback.
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        let dialer = DirectDialer::new(Duration::from_millis(300));
+        let mut timed_out = false;
+        for _ in 0..8 {
+            match dialer.connect_tcp(&Target::Ip(addr)).await {
+                Ok(s) => fillers.push(s),
+                Err(DialError::TimedOut) => {
+                    timed_out = true;
+                    break;
+                }
+                Err(err) => panic!("{err:?}"),
+            }
+        }
+        assert!(timed_out, "backlog never filled");
+    }
 }

@@ -276,13 +276,24 @@ pub struct ExitPolicy {
 impl ExitPolicy {
     /// Checks one resolved destination; the error says why it is refused.
     pub fn check(&self, addr: SocketAddr) -> Result<(), String> {
-        let (ip, port) = (addr.ip().to_canonical(), addr.port());
+        self.check_port(addr.port())?;
+        self.check_ip(addr.ip())
+    }
+
+    /// The port rules alone (rule 1).
+    pub fn check_port(&self, port: u16) -> Result<(), String> {
         if self.deny_ports.iter().any(|r| r.contains(port)) {
             return Err(format!("port {port} is denied"));
         }
         if !self.allow_ports.is_empty() && !self.allow_ports.iter().any(|r| r.contains(port)) {
             return Err(format!("port {port} is not in the allowed ports"));
         }
+        Ok(())
+    }
+
+    /// The address rules alone (rules 2 to 4).
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), String> {
+        let ip = ip.to_canonical();
         if let Some(net) = self.deny_cidrs.iter().find(|n| n.contains(ip)) {
             return Err(format!("{ip} is in the denied network {net}"));
         }
@@ -303,12 +314,13 @@ impl ExitPolicy {
     /// dialing order; fails with the reason for the first address if none is allowed.
     pub async fn allowed_addrs(&self, target: &Target) -> Result<Vec<SocketAddr>, DialError> {
         // Refuse by port before any resolution: a denied port needs no DNS query.
-        self.check_port(target.port())?;
+        self.check_port(target.port())
+            .map_err(DialError::PolicyDenied)?;
         let addrs = resolve(target).await?;
         let mut first_denial = None;
         let allowed: Vec<SocketAddr> = addrs
             .into_iter()
-            .filter(|a| match self.check(*a) {
+            .filter(|a| match self.check_ip(a.ip()) {
                 Ok(()) => true,
                 Err(why) => {
                     first_denial.get_or_insert(why);
@@ -319,20 +331,12 @@ impl ExitPolicy {
         if allowed.is_empty() {
             let why = first_denial.unwrap_or_else(|| "no address".into());
             let why = match target {
-                Target::Domain(name, _) => format!("{name} resolves to {why}"),
+                Target::Domain(name, _) => format!("{name}: {why}"),
                 Target::Ip(_) => why,
             };
             return Err(DialError::PolicyDenied(why));
         }
         Ok(allowed)
-    }
-
-    fn check_port(&self, port: u16) -> Result<(), DialError> {
-        let probe = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1)), port);
-        match self.check(probe) {
-            Err(why) if why.starts_with("port ") => Err(DialError::PolicyDenied(why)),
-            _ => Ok(()),
-        }
     }
 }
 
@@ -623,7 +627,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&err, DialError::PolicyDenied(why) if why.starts_with("localhost resolves to")),
+            matches!(&err, DialError::PolicyDenied(why) if why.starts_with("localhost: ") && why.contains("loopback")),
             "{err}"
         );
         let flow = dialer.udp_associate().await.unwrap();
