@@ -349,8 +349,13 @@ impl Mux {
         let discarded = stream.recv_buf.clear(&mut self.pool);
         stream.cfm_pending += discarded as u32;
         let control = stream.has_control();
+        let unaccepted = std::mem::take(&mut stream.in_accept);
         self.stats.recv_buffered -= discarded;
         tracing::debug!(stream = id.0, discarded, "close");
+        if unaccepted {
+            // Closed straight from its `Incoming` event: it no longer counts against the backlog.
+            self.accept_queue.retain(|&queued| queued != id.0);
+        }
         if control {
             self.queue_ctrl(id.0);
         }

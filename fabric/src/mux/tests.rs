@@ -498,6 +498,15 @@ fn accept_backlog_refuses_with_fin() {
     assert_eq!(b.accept(), Some(ids[0]));
     assert_eq!(b.accept(), Some(ids[1]));
     assert_eq!(b.accept(), None);
+
+    // Streams closed before being accepted leave the backlog.
+    let more: Vec<StreamId> = (0..2).map(|_| a.open().unwrap()).collect();
+    settle(&mut a, &mut b);
+    b.close(more[0]);
+    b.close(more[1]);
+    let last = a.open().unwrap();
+    settle(&mut a, &mut b);
+    assert_eq!(b.accept(), Some(last));
 }
 
 #[test]
