@@ -1,9 +1,10 @@
 //! What every listener shares: the dialer, timeouts, the connection limit, and shutdown.
 //!
 //! One accept loop per listener; one task per accepted connection, tracked so that shutdown
-//! can wait for connections in flight. A connection holds a semaphore permit for its whole
-//! life and the loop takes the permit *before* accepting, so over the limit new clients wait
-//! in the kernel's backlog instead of being accepted and dropped.
+//! can wait for connections in flight. A connection holds a semaphore permit (shared by all
+//! listeners) for its whole life; over the limit a listener holds its one newly accepted
+//! client until a slot frees and accepts nothing more, so further clients wait in the
+//! kernel's backlog instead of being accepted and dropped.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -80,13 +81,6 @@ pub async fn accept_loop<F, Fut>(
 {
     let mut id: u64 = 0;
     loop {
-        let permit = tokio::select! {
-            () = shared.shutdown.cancelled() => return,
-            permit = shared.limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-        };
         let (stream, peer) = tokio::select! {
             () = shared.shutdown.cancelled() => return,
             res = listener.accept() => match res {
@@ -97,6 +91,16 @@ pub async fn accept_loop<F, Fut>(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
+            },
+        };
+        // Over the limit this one connection waits here, and the listener accepts no more
+        // until it gets its slot. (Taking the permit before accepting would let an idle
+        // listener sit on a slot while another listener's clients wait.)
+        let permit = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            permit = shared.limit.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
             },
         };
         id += 1;

@@ -44,7 +44,12 @@ pub struct HttpServer {
 impl HttpServer {
     /// Starts the server on 127.0.0.1, an ephemeral port.
     pub fn start() -> io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Self::start_on("127.0.0.1:0".parse().map_err(io::Error::other)?)
+    }
+
+    /// Starts the server on `addr` (e.g. `[::1]:0`).
+    pub fn start_on(addr: SocketAddr) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicU64::new(0));
@@ -73,7 +78,7 @@ impl HttpServer {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT{path}`.
+    /// `http://127.0.0.1:PORT{path}` (or `http://[::1]:PORT{path}`).
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

@@ -463,3 +463,79 @@ fn chromium_loads_a_page_through_both_listeners() {
     let dom = chromium_dump_dom(&format!("http://{dead}"), &url);
     assert!(!dom.contains(PAGE_RENDERED_TEXT));
 }
+
+#[test]
+fn ipv6_targets_through_both_listeners() {
+    let Ok(server) = HttpServer::start_on("[::1]:0".parse().unwrap()) else {
+        eprintln!("skipped: this host has no IPv6 loopback");
+        return;
+    };
+    let proxy = ProxyProcess::start(&[]).unwrap();
+    let url = server.url("/index.html");
+    assert!(url.starts_with("http://[::1]:"));
+    let socks = proxy.socks.unwrap().to_string();
+    let http = format!("http://{}", proxy.http.unwrap());
+    for args in [
+        vec!["--socks5", socks.as_str(), url.as_str()],
+        vec!["-x", http.as_str(), url.as_str()],
+        vec!["-p", "-x", http.as_str(), url.as_str()],
+    ] {
+        let page = curl_ok(&args);
+        assert!(
+            String::from_utf8_lossy(&page).contains("static text"),
+            "{args:?}"
+        );
+    }
+    assert_eq!(server.requests(), 3);
+}
+
+#[test]
+fn idle_relays_are_closed() {
+    let server = HttpServer::start().unwrap();
+    let proxy = ProxyProcess::start(&["--idle-timeout", "1"]).unwrap();
+    let (mut s, reply) = socks_request(proxy.socks.unwrap(), 1, server.addr());
+    assert_eq!(reply[1], 0);
+    // Used, then left idle: the proxy closes it within 1 to 1.5 s of the last byte.
+    s.write_all(b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = vec![0; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let start = std::time::Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    // EOF (Ok) once the relay ends; the remaining page bytes may come first.
+    let _ = s.read_to_end(&mut rest);
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "closed too early: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "not closed: {waited:?}");
+}
+
+#[test]
+fn connection_limit_holds_new_clients_back() {
+    let proxy = ProxyProcess::start(&["--max-connections", "1"]).unwrap();
+    let socks = proxy.socks.unwrap();
+    let first = TcpStream::connect(socks).unwrap();
+    // Give the proxy time to accept the first and take the only slot.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut second = TcpStream::connect(socks).unwrap();
+    second.write_all(&[5, 1, 0]).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let mut m = [0; 2];
+    assert!(
+        second.read_exact(&mut m).is_err(),
+        "second client served while the first holds the slot"
+    );
+    drop(first);
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let res = second.read_exact(&mut m);
+    assert!(res.is_ok(), "{res:?}\n{}", proxy.stderr());
+    assert_eq!(m, [5, 0]);
+}
