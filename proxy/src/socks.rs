@@ -1,10 +1,10 @@
 //! The SOCKS5 front-end (RFC 1928, RFC 1929 username/password).
 //!
 //! fast-socks5's `Socks5ServerProtocol` does the handshake: method negotiation, optional
-//! username/password, reading the command. We then dial through our own [`Dialer`] (never
-//! fast-socks5's resolver, so names stay unresolved until the exit) and answer with the reply
-//! code that says why a dial failed. UDP ASSOCIATE relays datagrams through the dialer's
-//! [`UdpFlow`](crate::dialer::UdpFlow), parsing their headers with [`udp`].
+//! username/password, reading the command. We then dial through our own
+//! [`Dialer`](crate::dialer::Dialer) (never fast-socks5's resolver, so names stay unresolved
+//! until the exit) and answer with the reply code that says why a dial failed. UDP ASSOCIATE
+//! relays datagrams through the dialer's [`UdpFlow`], parsing their headers with [`udp`].
 
 pub mod udp;
 
