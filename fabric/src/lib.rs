@@ -17,6 +17,8 @@
 pub mod connection;
 pub mod id;
 pub mod mux;
+#[cfg(feature = "tox")]
+pub mod peer;
 pub mod session;
 #[cfg(feature = "test-util")]
 pub mod testing;

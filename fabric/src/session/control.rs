@@ -33,6 +33,8 @@ pub enum CloseReason {
     ProtocolError,
     /// The peer is shutting down.
     Shutdown,
+    /// The peer has no session with that conv (it restarted, or timed the session out).
+    UnknownSession,
     /// A reason this version does not know.
     Other(u8),
 }
@@ -46,6 +48,7 @@ impl CloseReason {
             Self::Busy => 3,
             Self::ProtocolError => 4,
             Self::Shutdown => 5,
+            Self::UnknownSession => 6,
             Self::Other(b) => b,
         }
     }
@@ -58,6 +61,7 @@ impl CloseReason {
             3 => Self::Busy,
             4 => Self::ProtocolError,
             5 => Self::Shutdown,
+            6 => Self::UnknownSession,
             b => Self::Other(b),
         }
     }
@@ -72,6 +76,7 @@ impl std::fmt::Display for CloseReason {
             Self::Busy => f.write_str("peer is busy"),
             Self::ProtocolError => f.write_str("protocol error"),
             Self::Shutdown => f.write_str("peer shut down"),
+            Self::UnknownSession => f.write_str("peer has no such session"),
             Self::Other(b) => write!(f, "unknown reason {b}"),
         }
     }

@@ -1,0 +1,721 @@
+//! Peers over Tox: a client dials an exit by its Tox ID, an exit accepts the clients it
+//! allows, and each pair runs one KCP session carrying the mux.
+//!
+//! ```text
+//!  Tox events ─► router task ─┬─ lossy 200 ──► session driver (one per peer) ─► mux streams
+//!                             └─ lossless 170 (control: open / accept / reject / close)
+//!  session driver ─► Session::poll_transmit ─► lossy packet 200 ─► Tox thread
+//! ```
+//!
+//! Session packets travel in Tox lossy custom packets (id byte 200, then the session packet,
+//! at most 1,373 bytes in all); control messages in lossless ones (id byte 170, then the
+//! message). The client asks for a session, the exit assigns its conv (seed 000).
+//!
+//! Reconnection: a session survives its peer going offline for less than the idle timeout
+//! (KCP retransmits once packets flow again). When the exit comes back, the client asks to
+//! resume its conv; an exit that still has the session keeps it, an exit that restarted
+//! assigns a fresh one and the client starts over. An exit that receives packets for a
+//! session it does not know says so at once, so a client notices a restarted exit in a
+//! round trip rather than after the idle timeout.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::connection::mux_config;
+use crate::id::{PublicKey, ToxId};
+use crate::mux::io::{Handle, Stream};
+use crate::session::control::{Acceptor, OpenOutcome, Opener};
+use crate::session::{self, CloseReason, Control, ConvId, Event, Session};
+use crate::time::{Duration, Instant};
+use crate::tox::{FriendPolicy, ToxConfig, ToxError, ToxEvent, ToxHandle, ToxNode};
+
+/// First byte of a lossy Tox packet carrying a session packet.
+pub const SESSION_PACKET_ID: u8 = 200;
+/// First byte of a lossless Tox packet carrying a control message.
+pub const CONTROL_PACKET_ID: u8 = 170;
+
+/// How a [`Fabric`] runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FabricConfig {
+    /// The Tox node; its `allow` policy also decides which clients may open sessions here.
+    pub tox: ToxConfig,
+    /// Session settings (the MTU must fit a Tox custom packet: 1,372 is the default).
+    pub session: session::Config,
+    /// How long [`Fabric::connect`] waits for the exit to come online and answer.
+    pub connect_timeout: Duration,
+}
+
+impl FabricConfig {
+    /// Defaults around a Tox configuration.
+    pub fn new(tox: ToxConfig) -> Self {
+        Self {
+            tox,
+            session: session::Config::default(),
+            connect_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a connection to an exit failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The Tox node failed.
+    #[error("tox: {0}")]
+    Tox(#[from] ToxError),
+    /// The exit did not come online, or did not answer, in time.
+    #[error("the exit did not answer within {0:?}")]
+    TimedOut(Duration),
+    /// The exit refused.
+    #[error("the exit refused the session: {0}")]
+    Rejected(CloseReason),
+    /// The fabric is shutting down.
+    #[error("the fabric is shutting down")]
+    Shutdown,
+}
+
+/// A stream opened by a peer, as the exit sees it.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Who opened it.
+    pub peer: PublicKey,
+    /// The stream.
+    pub stream: Stream,
+}
+
+/// Counters of one peer's session, for status output.
+#[derive(Debug, Clone, Default)]
+pub struct PeerStatus {
+    /// The conv of the running session, if any.
+    pub conv: Option<ConvId>,
+    /// Whether Tox sees the peer online.
+    pub online: bool,
+    /// The session's counters.
+    pub session: session::Stats,
+    /// Lossy packets the Tox node's queue refused.
+    pub dropped_packets: u64,
+}
+
+/// The fabric: a Tox node and the sessions to its peers.
+#[derive(Debug)]
+pub struct Fabric {
+    shared: Arc<Shared>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    tox: ToxHandle,
+    config: FabricConfig,
+    allow: FriendPolicy,
+    routes: Mutex<HashMap<PublicKey, Slot>>,
+    incoming: mpsc::Sender<Incoming>,
+    epoch: Instant,
+    requests: Mutex<u32>,
+}
+
+/// Everything known about one peer.
+#[derive(Debug)]
+struct Slot {
+    online: watch::Sender<bool>,
+    session: Option<Running>,
+    /// A client's open in progress waits for the answer here.
+    opener: Option<mpsc::Sender<Control>>,
+    /// The exit's conv assignment for this client.
+    acceptor: Option<Acceptor>,
+    /// When an "unknown session" close was last sent, to answer a stream of stale packets once
+    /// a second, not once a packet.
+    last_unknown: Option<Instant>,
+    status: Arc<Mutex<PeerStatus>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    conv: ConvId,
+    input: mpsc::Sender<Input>,
+    handle: Handle,
+    ended: watch::Receiver<bool>,
+}
+
+#[derive(Debug)]
+enum Input {
+    Packet(Bytes),
+    PeerClose(CloseReason),
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            online: watch::channel(false).0,
+            session: None,
+            opener: None,
+            acceptor: None,
+            last_unknown: None,
+            status: Arc::default(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Fabric {
+    /// Starts the Tox node and the router. Must be called inside a tokio runtime.
+    pub fn start(config: FabricConfig) -> Result<Self, ToxError> {
+        let allow = config.tox.allow.clone();
+        let (tox, events) = ToxNode::spawn(config.tox.clone())?;
+        let (incoming_tx, incoming_rx) = mpsc::channel(1024);
+        let shared = Arc::new(Shared {
+            tox,
+            config,
+            allow,
+            routes: Mutex::new(HashMap::new()),
+            incoming: incoming_tx,
+            epoch: Instant::now(),
+            requests: Mutex::new(0),
+        });
+        tokio::spawn(route(Arc::downgrade(&shared), events));
+        Ok(Self {
+            shared,
+            incoming: tokio::sync::Mutex::new(incoming_rx),
+        })
+    }
+
+    /// This node's Tox ID.
+    pub fn id(&self) -> ToxId {
+        self.shared.tox.id()
+    }
+
+    /// The Tox node, for status and tests.
+    pub fn tox(&self) -> &ToxHandle {
+        &self.shared.tox
+    }
+
+    /// Dials the exit `exit`: befriends it, waits for it to come online, asks for a session.
+    /// The returned [`Peer`] keeps the session up (reconnecting by itself) until dropped.
+    pub async fn connect(&self, exit: ToxId) -> Result<Peer, ConnectError> {
+        let pk = exit.public_key();
+        if let Err(error) = self.shared.tox.add_friend(exit, b"proxy session").await {
+            // Already a friend (saved from an earlier run) is the common case.
+            debug!(%error, "friend request not sent");
+        }
+        let status = self.shared.slot_status(pk);
+        let conv = establish(&self.shared, pk, None).await?;
+        info!(exit = %pk, %conv, "session to exit established");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(supervise(Arc::downgrade(&self.shared), pk, stop_rx));
+        Ok(Peer {
+            shared: self.shared.clone(),
+            pk,
+            status,
+            _stop: stop_tx,
+        })
+    }
+
+    /// The next stream a client opened to this node (exit role). `None` once the fabric is
+    /// shutting down.
+    pub async fn accept(&self) -> Option<Incoming> {
+        self.incoming.lock().await.recv().await
+    }
+
+    /// Status of every peer with a session or a slot.
+    pub fn peers(&self) -> Vec<(PublicKey, PeerStatus)> {
+        let routes = lock(&self.shared.routes);
+        routes
+            .iter()
+            .map(|(pk, slot)| (*pk, lock(&slot.status).clone()))
+            .collect()
+    }
+
+    /// Closes every session (telling the peers) and stops the Tox node.
+    pub async fn shutdown(&self) {
+        let running: Vec<_> = lock(&self.shared.routes)
+            .values_mut()
+            .filter_map(|slot| slot.session.take())
+            .collect();
+        for r in running {
+            let _ = r.input.send(Input::PeerClose(CloseReason::Shutdown)).await;
+        }
+        self.shared.tox.shutdown().await;
+    }
+}
+
+/// A client's link to one exit: open streams on it.
+#[derive(Debug)]
+pub struct Peer {
+    shared: Arc<Shared>,
+    pk: PublicKey,
+    status: Arc<Mutex<PeerStatus>>,
+    /// Dropping the peer stops its supervisor.
+    _stop: watch::Sender<bool>,
+}
+
+impl Peer {
+    /// The exit's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.pk
+    }
+
+    /// Opens a stream to the exit. Fails while the session is down (the supervisor is
+    /// reconnecting); the first bytes written travel with the stream's SYN.
+    pub fn open(&self) -> io::Result<Stream> {
+        let handle = lock(&self.shared.routes)
+            .get(&self.pk)
+            .and_then(|slot| slot.session.as_ref().map(|r| r.handle.clone()));
+        match handle {
+            Some(h) => Ok(h.open()?),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no session to the exit (reconnecting)",
+            )),
+        }
+    }
+
+    /// Whether a session to the exit is up.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.shared.routes)
+            .get(&self.pk)
+            .is_some_and(|slot| slot.session.is_some())
+    }
+
+    /// The session's state and counters.
+    pub fn status(&self) -> PeerStatus {
+        lock(&self.status).clone()
+    }
+}
+
+impl Shared {
+    fn with_slot<R>(&self, pk: PublicKey, f: impl FnOnce(&mut Slot) -> R) -> R {
+        let mut routes = lock(&self.routes);
+        f(routes.entry(pk).or_insert_with(Slot::new))
+    }
+
+    fn slot_status(&self, pk: PublicKey) -> Arc<Mutex<PeerStatus>> {
+        self.with_slot(pk, |slot| slot.status.clone())
+    }
+
+    fn next_request(&self) -> u32 {
+        let mut r = lock(&self.requests);
+        *r = r.wrapping_add(1);
+        // Mixed with the clock so that a restarted client does not reuse its requests.
+        *r ^ (self.epoch.elapsed().as_nanos() as u32).rotate_left(16)
+    }
+
+    /// Sends a control message without blocking the caller.
+    fn send_control(self: &Arc<Self>, pk: PublicKey, msg: Control) {
+        let tox = self.tox.clone();
+        tokio::spawn(async move {
+            let mut packet = BytesMut::with_capacity(1 + session::control::MAX_CONTROL_LEN);
+            packet.put_u8(CONTROL_PACKET_ID);
+            let mut body = Vec::new();
+            msg.emit(&mut body);
+            packet.extend_from_slice(&body);
+            if let Err(error) = tox.send_lossless(pk, packet.freeze()).await {
+                debug!(peer = %pk, %error, ?msg, "control message not sent");
+            }
+        });
+    }
+
+    /// Starts a session with `pk` on `conv`, replacing any other.
+    fn start_session(self: &Arc<Self>, pk: PublicKey, conv: ConvId, exit_role: bool) -> Handle {
+        let handle = Handle::new(mux_config());
+        let (input_tx, input_rx) = mpsc::channel(4096);
+        let (ended_tx, ended_rx) = watch::channel(false);
+        let status = self.with_slot(pk, |slot| {
+            // Dropping the old session's input ends its driver.
+            slot.session = Some(Running {
+                conv,
+                input: input_tx,
+                handle: handle.clone(),
+                ended: ended_rx,
+            });
+            slot.status.clone()
+        });
+        let session = Session::new(conv, self.config.session.clone(), Instant::now());
+        tokio::spawn(drive(
+            Arc::downgrade(self),
+            pk,
+            session,
+            handle.clone(),
+            input_rx,
+            ended_tx,
+            status,
+        ));
+        if exit_role {
+            let handle = handle.clone();
+            let incoming = self.incoming.clone();
+            tokio::spawn(async move {
+                while let Some(stream) = handle.accept().await {
+                    if incoming.send(Incoming { peer: pk, stream }).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        handle
+    }
+
+    fn handle_control(self: &Arc<Self>, pk: PublicKey, msg: Control) {
+        match msg {
+            Control::Open { request, resume } => {
+                if !self.allow.allows(&pk) {
+                    debug!(peer = %pk, "session refused: not allowed");
+                    self.send_control(
+                        pk,
+                        Control::Reject {
+                            request,
+                            reason: CloseReason::NotAllowed,
+                        },
+                    );
+                    return;
+                }
+                let now = Instant::now();
+                let epoch = self.epoch;
+                let (answer, running_conv) = self.with_slot(pk, |slot| {
+                    let acceptor = slot
+                        .acceptor
+                        .get_or_insert_with(|| Acceptor::new(epoch, &pk.0));
+                    let (answer, _) = acceptor.handle_open(now, request, resume);
+                    (answer, slot.session.as_ref().map(|r| r.conv))
+                });
+                if let Control::Accept { conv, .. } = answer
+                    && running_conv != Some(conv)
+                {
+                    info!(peer = %pk, %conv, "session accepted");
+                    self.start_session(pk, conv, true);
+                }
+                self.send_control(pk, answer);
+            }
+            Control::Accept { .. } | Control::Reject { .. } => {
+                let opener = self.with_slot(pk, |slot| slot.opener.clone());
+                if let Some(tx) = opener {
+                    let _ = tx.try_send(msg);
+                }
+            }
+            Control::Close { conv, reason } => {
+                let input = self.with_slot(pk, |slot| {
+                    slot.session
+                        .as_ref()
+                        .filter(|r| r.conv == conv)
+                        .map(|r| r.input.clone())
+                });
+                if let Some(input) = input {
+                    let _ = input.try_send(Input::PeerClose(reason));
+                }
+            }
+        }
+    }
+
+    fn handle_session_packet(self: &Arc<Self>, pk: PublicKey, data: Bytes) {
+        let now = Instant::now();
+        let (input, answer_unknown) = self.with_slot(pk, |slot| {
+            if let Some(r) = &slot.session {
+                return (Some(r.input.clone()), false);
+            }
+            // Only an exit (which holds an acceptor for this client, or allows it) tells a
+            // client its session is gone; a client ignores strays.
+            let due = slot
+                .last_unknown
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+            let exit_side = slot.acceptor.is_some() || self.allow.allows(&pk);
+            if due && exit_side {
+                slot.last_unknown = Some(now);
+                return (None, true);
+            }
+            (None, false)
+        });
+        if let Some(input) = input {
+            // A full queue drops the packet: it is lossy, KCP retransmits.
+            let _ = input.try_send(Input::Packet(data));
+        } else if answer_unknown && let Some(conv) = packet_conv(&data[1..]) {
+            debug!(peer = %pk, %conv, "packets for an unknown session");
+            self.send_control(
+                pk,
+                Control::Close {
+                    conv,
+                    reason: CloseReason::UnknownSession,
+                },
+            );
+        }
+    }
+}
+
+/// The conv a session packet is addressed to.
+fn packet_conv(p: &[u8]) -> Option<ConvId> {
+    let (&kind, rest) = p.split_first()?;
+    let b: [u8; 4] = rest.get(..4)?.try_into().ok()?;
+    Some(ConvId(if kind == b'K' {
+        u32::from_le_bytes(b)
+    } else {
+        u32::from_be_bytes(b)
+    }))
+}
+
+/// Routes Tox events to sessions and control handlers until the node or the fabric is gone.
+async fn route(shared: Weak<Shared>, mut events: mpsc::Receiver<ToxEvent>) {
+    while let Some(event) = events.recv().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match event {
+            ToxEvent::Lossy { pk, data } if data.first() == Some(&SESSION_PACKET_ID) => {
+                shared.handle_session_packet(pk, data);
+            }
+            ToxEvent::Lossless { pk, data } if data.first() == Some(&CONTROL_PACKET_ID) => {
+                match Control::parse(&data[1..]) {
+                    Ok(msg) => shared.handle_control(pk, msg),
+                    Err(error) => debug!(peer = %pk, %error, "bad control message"),
+                }
+            }
+            ToxEvent::FriendConnection { pk, status } => {
+                debug!(peer = %pk, ?status, "friend connection");
+                shared.with_slot(pk, |slot| {
+                    slot.online.send_replace(status.is_online());
+                    lock(&slot.status).online = status.is_online();
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Client side: asks `pk` for a session until it answers, and starts it.
+async fn establish(
+    shared: &Arc<Shared>,
+    pk: PublicKey,
+    resume: Option<ConvId>,
+) -> Result<ConvId, ConnectError> {
+    let timeout = shared.config.connect_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut online = shared.with_slot(pk, |slot| slot.online.subscribe());
+    tokio::time::timeout_at(deadline, online.wait_for(|o| *o))
+        .await
+        .map_err(|_| ConnectError::TimedOut(timeout))?
+        .map_err(|_| ConnectError::Shutdown)?;
+    let (tx, mut rx) = mpsc::channel(8);
+    shared.with_slot(pk, |slot| slot.opener = Some(tx));
+    let now = Instant::now();
+    let remaining = deadline.into_std().saturating_duration_since(now);
+    let mut opener = Opener::new(
+        now,
+        shared.next_request(),
+        resume,
+        Duration::from_secs(1),
+        remaining,
+    );
+    let outcome = loop {
+        let now = Instant::now();
+        opener.handle_timeout(now);
+        while let Some(msg) = opener.poll_transmit(now) {
+            shared.send_control(pk, msg);
+        }
+        if let Some(outcome) = opener.outcome() {
+            break outcome;
+        }
+        let wake = opener.poll_timeout().unwrap_or(now);
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(msg) => opener.handle_control(msg),
+                None => return Err(ConnectError::Shutdown),
+            },
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
+        }
+    };
+    shared.with_slot(pk, |slot| slot.opener = None);
+    match outcome {
+        OpenOutcome::Accepted(conv) => {
+            let running = shared.with_slot(pk, |slot| slot.session.as_ref().map(|r| r.conv));
+            if running != Some(conv) {
+                shared.start_session(pk, conv, false);
+            }
+            Ok(conv)
+        }
+        OpenOutcome::Rejected(reason) => Err(ConnectError::Rejected(reason)),
+        OpenOutcome::TimedOut => Err(ConnectError::TimedOut(timeout)),
+    }
+}
+
+/// Client side: keeps a session to `pk` up until the [`Peer`] is dropped.
+///
+/// It re-establishes when the session ends, and asks to resume whenever the exit comes back
+/// online, which keeps the conv (and the streams) when the exit still has the session and
+/// starts afresh when it restarted.
+async fn supervise(shared: Weak<Shared>, pk: PublicKey, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let (mut online, ended, conv) = s.with_slot(pk, |slot| {
+            (
+                slot.online.subscribe(),
+                slot.session.as_ref().map(|r| r.ended.clone()),
+                slot.session.as_ref().map(|r| r.conv),
+            )
+        });
+        drop(s);
+        if let Some(mut ended) = ended {
+            // Wait for the session to end, or for the exit to go away and come back.
+            online.mark_unchanged();
+            let back_online = async {
+                loop {
+                    if online.changed().await.is_err() {
+                        return;
+                    }
+                    if !*online.borrow_and_update() {
+                        let _ = online.wait_for(|o| *o).await;
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = ended.wait_for(|e| *e) => {}
+                () = back_online => {}
+            }
+        }
+        let Some(s) = shared.upgrade() else { return };
+        let result = tokio::select! {
+            _ = stop.changed() => return,
+            r = establish(&s, pk, conv) => r,
+        };
+        match result {
+            Ok(new) if Some(new) == conv => debug!(exit = %pk, conv = %new, "session resumed"),
+            Ok(new) => {
+                info!(exit = %pk, conv = %new, "session to exit re-established");
+                backoff = Duration::from_millis(500);
+            }
+            Err(error) => {
+                warn!(exit = %pk, %error, "reconnecting to exit failed");
+                drop(s);
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Runs one session: packets from the router in, mux frames through, packets to Tox out.
+async fn drive(
+    shared: Weak<Shared>,
+    pk: PublicKey,
+    mut session: Session,
+    handle: Handle,
+    mut input: mpsc::Receiver<Input>,
+    ended: watch::Sender<bool>,
+    status: Arc<Mutex<PeerStatus>>,
+) {
+    let Some(tox) = shared.upgrade().map(|s| s.tox.clone()) else {
+        return;
+    };
+    let conv = session.conv();
+    let mut scratch = Vec::new();
+    let mut buf = Vec::new();
+    let mut dropped = 0u64;
+    let mut last_status = Instant::now() - Duration::from_secs(1);
+    let reason = 'run: loop {
+        let now = Instant::now();
+        // Mux frames into the session, as much as its pacer and window admit.
+        let mut blocked = false;
+        while handle.has_transmit() {
+            let capacity = session.send_capacity(now);
+            if capacity == 0 {
+                blocked = true;
+                break;
+            }
+            scratch.clear();
+            if handle.poll_transmit(capacity, &mut scratch) == 0 || session.send(&scratch).is_err()
+            {
+                break;
+            }
+        }
+        while session.poll_transmit(now, &mut buf).is_some() {
+            let mut packet = BytesMut::with_capacity(buf.len() + 1);
+            packet.put_u8(SESSION_PACKET_ID);
+            packet.extend_from_slice(&buf);
+            let packet = packet.freeze();
+            if let Err(ToxError::QueueFull) = tox.try_send_lossy(pk, packet.clone()) {
+                // The Tox thread is behind: wait for it rather than drop what KCP paced.
+                if tox.send_lossy(pk, packet).await.is_err() {
+                    dropped += 1;
+                }
+            }
+        }
+        if let Some(Event::Closed { reason, by_peer }) = session.poll_event() {
+            if !by_peer && let Some(s) = shared.upgrade() {
+                s.send_control(pk, Control::Close { conv, reason });
+            }
+            break 'run reason;
+        }
+        if now.saturating_duration_since(last_status) >= Duration::from_millis(250) {
+            last_status = now;
+            let mut st = lock(&status);
+            st.conv = Some(conv);
+            st.session = session.stats();
+            st.dropped_packets = dropped;
+        }
+        let deadline = session
+            .poll_timeout()
+            .unwrap_or(now + Duration::from_secs(1));
+        tokio::select! {
+            msg = input.recv() => match msg {
+                Some(Input::Packet(p)) => {
+                    let now = Instant::now();
+                    let _ = session.handle_input(now, &p[1..]);
+                    // Take whatever else has arrived before answering: one flush of
+                    // acknowledgements for the lot.
+                    let mut more = 0;
+                    while more < 256 {
+                        match input.try_recv() {
+                            Ok(Input::Packet(p)) => { let _ = session.handle_input(now, &p[1..]); }
+                            Ok(Input::PeerClose(reason)) => session.handle_peer_close(reason),
+                            Err(_) => break,
+                        }
+                        more += 1;
+                    }
+                    scratch.clear();
+                    if session.recv(&mut scratch) > 0
+                        && let Err(error) = handle.handle_input(&scratch)
+                    {
+                        warn!(peer = %pk, %conv, %error, "mux protocol error");
+                        session.close(CloseReason::ProtocolError);
+                    }
+                }
+                Some(Input::PeerClose(reason)) => session.handle_peer_close(reason),
+                // Replaced by a newer session, or the fabric is gone.
+                None => break 'run CloseReason::Normal,
+            },
+            r = handle.transmit_ready(), if !blocked => {
+                if r.is_err() {
+                    session.close(CloseReason::ProtocolError);
+                }
+            }
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                session.handle_timeout(Instant::now());
+            }
+        }
+    };
+    info!(peer = %pk, %conv, %reason, "session ended");
+    handle.fail(format!("session ended: {reason}"));
+    if let Some(s) = shared.upgrade() {
+        s.with_slot(pk, |slot| {
+            if slot.session.as_ref().is_some_and(|r| r.conv == conv) {
+                slot.session = None;
+            }
+            if let Some(a) = slot.acceptor.as_mut() {
+                a.forget(conv);
+            }
+            lock(&slot.status).conv = None;
+        });
+    }
+    ended.send_replace(true);
+}
