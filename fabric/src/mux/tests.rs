@@ -615,3 +615,29 @@ mod chunking {
         }
     }
 }
+
+#[test]
+fn fin_follows_all_data_even_with_tiny_budgets() {
+    let (mut a, mut b) = pair();
+    let id = a.open().unwrap();
+    a.write(id, &[9u8; 40_000]).unwrap();
+    a.finish(id).unwrap();
+    let mut wire = Vec::new();
+    let mut all = Vec::new();
+    for budget in (0..).map(|i| 7 + i % 50) {
+        wire.clear();
+        if a.poll_transmit(budget, &mut wire) == 0 && !a.has_transmit() {
+            break;
+        }
+        assert!(wire.len() <= budget);
+        all.extend_from_slice(&wire);
+    }
+    let seen = frames(&all);
+    assert_eq!(seen.first(), Some(&(Cmd::Syn, 1, 0)));
+    assert_eq!(seen.last(), Some(&(Cmd::Fin, 1, 0)));
+    let data: u32 = seen.iter().filter(|f| f.0 == Cmd::Psh).map(|f| f.2).sum();
+    assert_eq!(data, 40_000);
+    b.handle_input(&all).unwrap();
+    b.accept();
+    assert_eq!(read_all(&mut b, id).len(), 40_000);
+}
