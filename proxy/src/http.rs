@@ -187,7 +187,11 @@ async fn forward(
 ) -> Response<Body> {
     debug!(method = %req.method(), %target, "forward");
     // Origin-form toward the origin, with the Host header the client meant.
-    let host = req.uri().authority().map(|a| a.as_str().to_owned());
+    // Never userinfo (`http://user:pass@host/`): that must not leak into a Host header.
+    let host = req.uri().authority().map(|a| match a.port() {
+        Some(port) => format!("{}:{port}", a.host()),
+        None => a.host().to_owned(),
+    });
     let path = req
         .uri()
         .path_and_query()

@@ -166,6 +166,25 @@ fn http_forward_get_post_headers_and_keep_alive() {
         &format!("{http}/other"),
     ]);
     assert_eq!(out.stdout, b"404");
+
+    // An HTTP/1.0 request without Host, with userinfo in the URL: the origin gets a Host
+    // header built from the URL, without the credentials.
+    let mut s = TcpStream::connect(proxy.http.unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let port = server.addr().port();
+    write!(
+        s,
+        "GET http://user:pw@127.0.0.1:{port}/headers HTTP/1.0\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    assert!(
+        resp.contains(&format!("host: 127.0.0.1:{port}\n")),
+        "{resp}"
+    );
+    assert!(!resp.contains("pw"), "{resp}");
 }
 
 #[test]
