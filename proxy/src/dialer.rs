@@ -379,9 +379,15 @@ impl UdpFlow for DirectUdpFlow {
         target: &'a Target,
     ) -> BoxFuture<'a, Result<(), DialError>> {
         Box::pin(async move {
+            // Names are resolved per datagram (no cache): SOCKS clients nearly always send
+            // UDP to addresses, which is the path that must be cheap.
             let addr = match target {
                 Target::Ip(addr) => *addr,
-                Target::Domain(..) => resolve(target).await?[0],
+                Target::Domain(..) => {
+                    let addrs = resolve(target).await?;
+                    let usable = addrs.iter().find(|a| self.dual_stack || a.is_ipv4());
+                    *usable.unwrap_or(&addrs[0])
+                }
             };
             if !self.dual_stack && addr.is_ipv6() {
                 return Err(DialError::NetworkUnreachable);
