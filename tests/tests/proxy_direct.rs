@@ -558,3 +558,41 @@ fn connection_limit_holds_new_clients_back() {
     assert!(res.is_ok(), "{res:?}\n{}", proxy.stderr());
     assert_eq!(m, [5, 0]);
 }
+
+#[test]
+fn dial_timeouts_get_504_and_ttl_expired() {
+    // A listener that never accepts: once its accept queue is full, Linux drops further SYNs
+    // and a connect hangs — a destination that times out, on loopback.
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = blackhole.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    let full =
+        (0..1000).any(
+            |_| match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(s) => {
+                    fillers.push(s);
+                    false
+                }
+                Err(_) => true,
+            },
+        );
+    assert!(full, "accept queue never filled");
+
+    let proxy = ProxyProcess::start(&["--connect-timeout", "1"]).unwrap();
+    let (_s, reply) = socks_request(proxy.socks.unwrap(), 1, addr);
+    assert_eq!(
+        reply[1], 6,
+        "ttl expired, the usual socks5 answer for a timeout"
+    );
+    let http = format!("http://{}", proxy.http.unwrap());
+    let out = curl(&[
+        "-x",
+        &http,
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{addr}/"),
+    ]);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.ends_with("\n504"), "{out}");
+    assert!(out.contains("timed out"), "{out}");
+}
