@@ -117,6 +117,10 @@ pub struct Stats {
     pub acks_received: u64,
     /// Segments waiting in KCP (queued or in flight, unacknowledged).
     pub waiting_segments: usize,
+    /// The pacer's estimate of the path's delivery rate, bytes per second.
+    pub delivery_rate: f64,
+    /// The rate data packets currently leave at, bytes per second.
+    pub pacing_rate: f64,
 }
 
 /// Segments in flight at or under which a direction counts as a thin flow.
@@ -330,6 +334,8 @@ impl Session {
             retransmits: q.retransmits,
             segments_sent: q.segments_sent,
             waiting_segments: self.kcp.wait_snd(),
+            delivery_rate: self.pacer.bandwidth(),
+            pacing_rate: self.pacer.pacing_rate(),
             ..self.stats
         }
     }
@@ -425,7 +431,11 @@ impl Session {
         }
         if acked > 0 {
             self.stats.acks_received += acked as u64;
-            self.pacer.on_acked(self.now, acked);
+            let (sent, resent) = {
+                let q = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+                (q.segments_sent, q.retransmits)
+            };
+            self.pacer.on_acked(self.now, acked, sent, resent);
         }
     }
 
@@ -503,7 +513,11 @@ impl Session {
             .queued_bytes;
         let target = (self.pacer.pacing_rate() * 0.004) as usize;
         let target = target.max(8 * self.kcp.mss());
-        let capacity = room.min(target.saturating_sub(backlog));
+        // Whole segments: what `send` is given is flushed as it is, so a capacity that ends
+        // mid-segment would leave a part-filled segment behind every call (the window counts
+        // segments, not bytes). Rounding up overshoots the backlog target by under a segment.
+        let mss = self.kcp.mss();
+        let capacity = room.min(target.saturating_sub(backlog)).div_ceil(mss) * mss;
         if capacity == 0 {
             self.pacer.on_limited();
         }

@@ -1,0 +1,172 @@
+//! The whole fabric over Tox on loopback: connect time (friend request to the first byte back
+//! through a fresh exit) and bulk throughput of one and of eight streams, mux over KCP over
+//! Tox lossy packets. The exit runs in a child process, as real peers run on two machines
+//! (c-toxcore locks memory around every packet it encrypts, which two nodes in one process
+//! contend on). Private tox-bootstrapd network on 127.0.0.1 only.
+//!
+//! `cargo bench -p fabric --features tox,test-util --bench fabric_tox`
+//! (`FABRIC_BENCH_MB` sets the megabytes per run, default 64).
+
+use std::io::BufRead;
+use std::time::{Duration, Instant};
+
+use fabric::id::ToxId;
+use fabric::peer::{Fabric, FabricConfig, Peer};
+use fabric::tox::ToxConfig;
+use fabric::tox::testnet::ToxNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if std::env::var_os("FABRIC_BENCH_ROLE").is_some() {
+        rt.block_on(child_exit());
+    } else {
+        rt.block_on(parent());
+    }
+}
+
+async fn parent() {
+    let mb: usize = std::env::var("FABRIC_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let net = ToxNet::start(4).expect("tox-bootstrapd network");
+    let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .env("FABRIC_BENCH_ROLE", "exit")
+        .env("FABRIC_BENCH_DIR", net.scratch_dir("exit").expect("dir"))
+        .env("FABRIC_BENCH_BOOTSTRAP", nodes.join(","))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn exit");
+    let stdout = child.stdout.take().expect("stdout");
+    let (id_tx, id_rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(id) = line.strip_prefix("id ") {
+                let _ = id_tx.send(id.parse::<ToxId>().expect("exit's tox id"));
+            }
+        }
+    });
+    let exit_id = id_rx.recv_timeout(WAIT).expect("exit reports its id");
+    let client = Fabric::start(FabricConfig::new(
+        net.config(net.scratch_dir("client").expect("dir")),
+    ))
+    .expect("client fabric");
+
+    println!("fabric over Tox, loopback, exit in a child process");
+    let t0 = Instant::now();
+    let peer = std::sync::Arc::new(
+        tokio::time::timeout(WAIT, client.connect(exit_id))
+            .await
+            .expect("connect in time")
+            .expect("connect"),
+    );
+    let session_at = t0.elapsed();
+    let n = send_counted(&peer, 1, 1).await;
+    assert_eq!(n, 1);
+    println!(
+        "connect: session after {:.2?}, first byte back after {:.2?}",
+        session_at,
+        t0.elapsed()
+    );
+    for streams in [1usize, 8] {
+        let per_stream = mb * 1024 * 1024 / streams;
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..streams)
+            .map(|_| {
+                let p = peer.clone();
+                tokio::spawn(async move { send_counted(&p, per_stream, 256 * 1024).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.expect("stream task"), per_stream);
+        }
+        let took = start.elapsed();
+        let total = (per_stream * streams) as f64;
+        let status = peer.status();
+        println!(
+            "bulk, {streams} stream(s): {:.1} MB in {:.2?} = {:.1} MB/s  (srtt {:?}, retransmits {} of {} segments, pacer {:.1} MB/s)",
+            total / 1e6,
+            took,
+            total / 1e6 / took.as_secs_f64(),
+            status.session.srtt,
+            status.session.retransmits,
+            status.session.segments_sent,
+            status.session.pacing_rate / 1e6,
+        );
+    }
+    drop(peer);
+    client.shutdown().await;
+    drop(child.stdin.take());
+    let _ = child.wait();
+}
+
+/// Sends `len` bytes on a new stream in `chunk`-sized writes; returns the count the exit
+/// read, once it has read them all.
+async fn send_counted(peer: &Peer, len: usize, chunk: usize) -> usize {
+    let mut stream = peer.open().expect("open");
+    let buf = vec![0xA5u8; chunk.min(len).max(1)];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        stream.write_all(&buf[..n]).await.expect("write");
+        left -= n;
+    }
+    stream.shutdown().await.expect("finish");
+    let mut count = [0u8; 8];
+    stream.read_exact(&mut count).await.expect("count back");
+    u64::from_be_bytes(count) as usize
+}
+
+/// The exit: counts each stream's bytes and answers the count at its end; stops when stdin
+/// closes.
+async fn child_exit() {
+    let dir = std::env::var_os("FABRIC_BENCH_DIR").expect("FABRIC_BENCH_DIR");
+    let mut tox = ToxConfig::new(dir);
+    tox.bootstrap = std::env::var("FABRIC_BENCH_BOOTSTRAP")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    tox.use_public_bootstrap = false;
+    tox.local_discovery = false;
+    tox.ipv6_enabled = false;
+    tox.allow.allow_any = true;
+    let exit = std::sync::Arc::new(Fabric::start(FabricConfig::new(tox)).expect("exit fabric"));
+    println!("id {}", exit.id());
+    let (eof_tx, eof_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+        let _ = eof_tx.send(());
+    });
+    let server = exit.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = server.accept().await {
+            tokio::spawn(async move {
+                let mut s = incoming.stream;
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(k) => n += k as u64,
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.write_all(&n.to_be_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let _ = eof_rx.await;
+    exit.shutdown().await;
+}
