@@ -20,6 +20,7 @@ pub mod mux;
 #[cfg(feature = "tox")]
 pub mod peer;
 pub mod session;
+pub mod target;
 #[cfg(feature = "test-util")]
 pub mod testing;
 pub mod time;

@@ -18,6 +18,7 @@
 pub mod cli;
 pub mod config;
 pub mod dialer;
+pub mod exit;
 pub mod exit_policy;
 pub mod http;
 pub mod relay;

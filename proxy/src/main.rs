@@ -8,20 +8,24 @@
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use fabric::id::{BootstrapNode, PeerRef, ToxId};
+use fabric::peer::{Fabric, FabricConfig};
+use fabric::tox::{ToxConfig, ToxNode};
 use proxy::Proxy;
 use proxy::cli::{Cli, Command};
-use proxy::config::{ExitSettings, RunSettings, id_data_dir};
+use proxy::config::{CommonSettings, ExitSettings, RunSettings, id_data_dir};
+use proxy::dialer::{Dialer, DirectDialer};
+use proxy::exit::{ExitOptions, FabricDialer};
+use proxy::exit_policy::PolicyDialer;
 use tracing_subscriber::EnvFilter;
 
 /// How long connections in flight get to finish after Ctrl-C.
 const GRACE: Duration = Duration::from_secs(5);
-
-/// The seam the lead wires once `fabric`'s Tox binding lands.
-const NO_TOX: &str = "exit peers need the Tox binding, not built yet";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -47,6 +51,10 @@ fn main() -> ExitCode {
             eprintln!("proxy: {err}");
             ExitCode::from(2)
         }
+        Err(Failure::Usage(err)) => {
+            eprintln!("proxy: {err}");
+            ExitCode::from(2)
+        }
         Err(Failure::Run(err)) => {
             eprintln!("proxy: {err:#}");
             ExitCode::FAILURE
@@ -56,6 +64,8 @@ fn main() -> ExitCode {
 
 enum Failure {
     Settings(proxy::config::ConfigError),
+    /// A flag's value is wrong (a Tox ID with a typo, a bad bootstrap node).
+    Usage(String),
     Run(anyhow::Error),
 }
 
@@ -69,24 +79,47 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Some(Command::Exit(args)) => {
             let settings = ExitSettings::resolve(&args).map_err(Failure::Settings)?;
-            tracing::debug!(?settings, "exit settings");
-            Err(anyhow::anyhow!(NO_TOX).into())
+            run_exit(settings).await
         }
         Some(Command::Id(args)) => {
             let dir = id_data_dir(args.config.as_deref(), args.data_dir.as_deref())
                 .map_err(Failure::Settings)?;
-            tracing::debug!(?dir, "data dir");
-            Err(anyhow::anyhow!(NO_TOX).into())
+            let dir = data_dir(dir)?;
+            let id = ToxNode::identity(&dir)
+                .with_context(|| format!("reading the identity in {}", dir.display()))?;
+            println!("{id}");
+            Ok(())
         }
         None => {
             let settings = RunSettings::resolve(&cli.run).map_err(Failure::Settings)?;
-            if !settings.exits.is_empty() {
-                return Err(anyhow::anyhow!(NO_TOX).into());
-            }
             if settings.tun {
                 return Err(anyhow::anyhow!("TUN mode is not built yet").into());
             }
-            let dialer = Proxy::direct_dialer(&settings);
+            // Keep the fabric alive as long as the listeners.
+            let mut _fabric = None;
+            let dialer: Arc<dyn Dialer> = if settings.exits.is_empty() {
+                Proxy::direct_dialer(&settings)
+            } else {
+                let exits = settings
+                    .exits
+                    .iter()
+                    .map(|s| {
+                        s.parse::<ToxId>()
+                            .map_err(|e| Failure::Usage(format!("--exit {s:?}: {e}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let tox = tox_config(&settings.common)?;
+                let fabric = Arc::new(
+                    Fabric::start(FabricConfig::new(tox)).context("starting the Tox node")?,
+                );
+                println!("tox id: {}", fabric.id());
+                let dialer = FabricDialer::new(settings.common.connect_timeout);
+                for exit in exits {
+                    tokio::spawn(connect_exit(fabric.clone(), dialer.clone(), exit));
+                }
+                _fabric = Some(fabric);
+                Arc::new(dialer)
+            };
             let proxy = Proxy::bind(&settings, dialer)
                 .await
                 .context("starting listeners")?;
@@ -101,6 +134,86 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Keeps trying to reach `exit` until it answers, then hands its session to the dialer (the
+/// session then reconnects by itself).
+async fn connect_exit(fabric: Arc<Fabric>, dialer: FabricDialer, exit: ToxId) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match fabric.connect(exit).await {
+            Ok(peer) => {
+                tracing::info!(exit = %exit.public_key(), "connected to exit");
+                dialer.add_exit(peer);
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(exit = %exit.public_key(), %err, "exit not reached yet, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// The exit role: serves allowed clients until Ctrl-C.
+async fn run_exit(settings: ExitSettings) -> Result<(), Failure> {
+    let mut tox = tox_config(&settings.common)?;
+    tox.allow.allow_any = settings.allow_any;
+    for peer in &settings.allow {
+        let peer: PeerRef = peer
+            .parse()
+            .map_err(|e| Failure::Usage(format!("--allow {peer:?}: {e}")))?;
+        tox.allow.keys.insert(peer.public_key());
+    }
+    if !tox.allow.allow_any && tox.allow.keys.is_empty() {
+        tracing::warn!("no client is allowed: pass --allow <TOXID|KEY> or --allow-any");
+    }
+    let fabric = Arc::new(Fabric::start(FabricConfig::new(tox)).context("starting the Tox node")?);
+    // Scripts and tests read this line.
+    println!("tox id: {}", fabric.id());
+    let direct = DirectDialer::new(settings.common.connect_timeout);
+    let dialer: Arc<dyn Dialer> =
+        Arc::new(PolicyDialer::new(direct, settings.common.policy.clone()));
+    let options = ExitOptions {
+        idle_timeout: settings.common.idle_timeout,
+        ..ExitOptions::default()
+    };
+    tokio::select! {
+        () = proxy::exit::serve(fabric.clone(), dialer, options) => {}
+        () = shutdown_signal() => {}
+    }
+    fabric.shutdown().await;
+    Ok(())
+}
+
+/// The Tox node's settings from the common flags.
+fn tox_config(common: &CommonSettings) -> Result<ToxConfig, Failure> {
+    let mut tox = ToxConfig::new(data_dir(common.data_dir.clone())?);
+    tox.use_public_bootstrap = common.public_bootstrap;
+    for node in &common.bootstrap {
+        let parsed: BootstrapNode = node
+            .parse()
+            .map_err(|e| Failure::Usage(format!("--bootstrap {node:?}: {e}")))?;
+        tox.bootstrap.push(parsed.clone());
+        // Bootstrap nodes given by hand are usually tox-bootstrapd with its TCP relay on the
+        // same port, which lets a node without UDP reach the network.
+        tox.tcp_relays.push(parsed);
+    }
+    Ok(tox)
+}
+
+/// The identity directory: the one configured, or `$XDG_DATA_HOME/proxy`
+/// (`~/.local/share/proxy`).
+fn data_dir(configured: Option<std::path::PathBuf>) -> Result<std::path::PathBuf, Failure> {
+    if let Some(dir) = configured {
+        return Ok(dir);
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/share")))
+        .ok_or_else(|| Failure::Usage("no --data-dir and no HOME to put the identity in".into()))?;
+    Ok(base.join("proxy"))
 }
 
 /// Completes on the first Ctrl-C or SIGTERM; a second one ends the process at once.

@@ -1,0 +1,244 @@
+//! The exit-request header: the first bytes a client writes on a new stream, naming where the
+//! exit should connect, and the one byte the exit answers.
+//!
+//! ```text
+//! request  version 1 | kind u8 | address | port u16 BE
+//!          kind 1: IPv4, 4 bytes; kind 3: name, length u8 then 1..=255 bytes; kind 4: IPv6, 16
+//! reply    code u8: 0 connected, then as SOCKS5 (RFC 1928 §6): 1 general failure,
+//!          2 not allowed by policy, 3 network unreachable, 4 host unreachable,
+//!          5 connection refused, 6 timed out
+//! ```
+//!
+//! Names travel unresolved: the exit resolves them, so the client never leaks a DNS query.
+//! The application's bytes may follow the header in the same flight, before the reply.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use thiserror::Error;
+
+const VERSION: u8 = 1;
+const KIND_V4: u8 = 1;
+const KIND_NAME: u8 = 3;
+const KIND_V6: u8 = 4;
+
+/// Where the exit should connect.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// An address and port.
+    Ip(SocketAddr),
+    /// A host name (1 to 255 bytes) and port, resolved by the exit.
+    Name(String, u16),
+}
+
+/// A request header that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// A version this exit does not speak.
+    #[error("unknown exit-request version {0}")]
+    Version(u8),
+    /// An address kind that does not exist.
+    #[error("unknown address kind {0}")]
+    Kind(u8),
+    /// An empty host name.
+    #[error("empty host name")]
+    EmptyName,
+    /// A host name that is not UTF-8.
+    #[error("host name is not UTF-8")]
+    NameEncoding,
+    /// A name too long for the header.
+    #[error("host name of {0} bytes (at most 255)")]
+    NameTooLong(usize),
+}
+
+impl Target {
+    /// Decodes a request from the start of `b`: the target and the header's length, or `None`
+    /// when more bytes are needed.
+    pub fn parse(b: &[u8]) -> Result<Option<(Self, usize)>, TargetError> {
+        let Some(&version) = b.first() else {
+            return Ok(None);
+        };
+        if version != VERSION {
+            return Err(TargetError::Version(version));
+        }
+        let Some(&kind) = b.get(1) else {
+            return Ok(None);
+        };
+        let (addr_len, start) = match kind {
+            KIND_V4 => (4, 2),
+            KIND_V6 => (16, 2),
+            KIND_NAME => match b.get(2) {
+                None => return Ok(None),
+                Some(0) => return Err(TargetError::EmptyName),
+                Some(&n) => (usize::from(n), 3),
+            },
+            other => return Err(TargetError::Kind(other)),
+        };
+        let end = start + addr_len + 2;
+        if b.len() < end {
+            return Ok(None);
+        }
+        let addr = &b[start..start + addr_len];
+        let port = u16::from_be_bytes([b[end - 2], b[end - 1]]);
+        let target = match kind {
+            KIND_V4 => {
+                let a: [u8; 4] = addr.try_into().map_err(|_| TargetError::Kind(kind))?;
+                Self::Ip(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(a)), port))
+            }
+            KIND_V6 => {
+                let a: [u8; 16] = addr.try_into().map_err(|_| TargetError::Kind(kind))?;
+                Self::Ip(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(a)), port))
+            }
+            _ => {
+                let name = std::str::from_utf8(addr).map_err(|_| TargetError::NameEncoding)?;
+                Self::Name(name.to_owned(), port)
+            }
+        };
+        Ok(Some((target, end)))
+    }
+
+    /// Appends the encoded request to `out`.
+    pub fn emit(&self, out: &mut Vec<u8>) -> Result<(), TargetError> {
+        out.push(VERSION);
+        match self {
+            Self::Ip(SocketAddr::V4(a)) => {
+                out.push(KIND_V4);
+                out.extend_from_slice(&a.ip().octets());
+                out.extend_from_slice(&a.port().to_be_bytes());
+            }
+            Self::Ip(SocketAddr::V6(a)) => {
+                out.push(KIND_V6);
+                out.extend_from_slice(&a.ip().octets());
+                out.extend_from_slice(&a.port().to_be_bytes());
+            }
+            Self::Name(name, port) => {
+                let len =
+                    u8::try_from(name.len()).map_err(|_| TargetError::NameTooLong(name.len()))?;
+                if len == 0 {
+                    return Err(TargetError::EmptyName);
+                }
+                out.push(KIND_NAME);
+                out.push(len);
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(&port.to_be_bytes());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ip(a) => a.fmt(f),
+            Self::Name(n, p) => write!(f, "{n}:{p}"),
+        }
+    }
+}
+
+/// The exit's answer to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reply {
+    /// Connected: the stream now carries the target's bytes.
+    Connected,
+    /// Failed for another reason.
+    GeneralFailure,
+    /// The exit's policy refuses this destination.
+    NotAllowed,
+    /// No route to the network.
+    NetworkUnreachable,
+    /// No route to the host, or the name does not resolve.
+    HostUnreachable,
+    /// The target refused the connection.
+    Refused,
+    /// The connection attempt timed out.
+    TimedOut,
+}
+
+impl Reply {
+    /// The reply byte.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            Self::Connected => 0,
+            Self::GeneralFailure => 1,
+            Self::NotAllowed => 2,
+            Self::NetworkUnreachable => 3,
+            Self::HostUnreachable => 4,
+            Self::Refused => 5,
+            Self::TimedOut => 6,
+        }
+    }
+
+    /// Decodes a reply byte; unknown codes are general failures.
+    pub fn from_byte(b: u8) -> Self {
+        match b {
+            0 => Self::Connected,
+            2 => Self::NotAllowed,
+            3 => Self::NetworkUnreachable,
+            4 => Self::HostUnreachable,
+            5 => Self::Refused,
+            6 => Self::TimedOut,
+            _ => Self::GeneralFailure,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_target() -> impl Strategy<Value = Target> {
+        prop_oneof![
+            // Scope ids and flow labels mean nothing at the exit and are not carried.
+            (any::<IpAddr>(), any::<u16>())
+                .prop_map(|(ip, port)| Target::Ip(SocketAddr::new(ip, port))),
+            ("[a-z0-9.-]{1,255}", any::<u16>()).prop_map(|(n, p)| Target::Name(n, p)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips_with_trailing_data(t in any_target(), tail in proptest::collection::vec(any::<u8>(), 0..32)) {
+            let mut b = Vec::new();
+            t.emit(&mut b).unwrap();
+            let len = b.len();
+            // Every prefix asks for more; the whole header parses, whatever follows it.
+            for cut in 0..len {
+                prop_assert_eq!(Target::parse(&b[..cut]), Ok(None));
+            }
+            b.extend_from_slice(&tail);
+            prop_assert_eq!(Target::parse(&b), Ok(Some((t, len))));
+        }
+
+        #[test]
+        fn parse_never_panics(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Target::parse(&b);
+        }
+    }
+
+    #[test]
+    fn bad_headers() {
+        assert_eq!(Target::parse(&[2]), Err(TargetError::Version(2)));
+        assert_eq!(Target::parse(&[1, 9]), Err(TargetError::Kind(9)));
+        assert_eq!(Target::parse(&[1, 3, 0]), Err(TargetError::EmptyName));
+        assert_eq!(
+            Target::parse(&[1, 3, 1, 0xff, 0, 80]),
+            Err(TargetError::NameEncoding)
+        );
+        let long = Target::Name("a".repeat(256), 1);
+        assert_eq!(
+            long.emit(&mut Vec::new()),
+            Err(TargetError::NameTooLong(256))
+        );
+    }
+
+    #[test]
+    fn reply_codes_round_trip() {
+        for b in 0..=6 {
+            assert_eq!(Reply::from_byte(b).to_byte(), b);
+        }
+        assert_eq!(Reply::from_byte(200), Reply::GeneralFailure);
+    }
+}

@@ -1,0 +1,245 @@
+//! `proxy` through an exit peer, end to end: a private Tox network (tox-bootstrapd on
+//! 127.0.0.1), `proxy exit` and a client `proxy --exit <id>` as real processes, curl through
+//! the client's SOCKS5 and HTTP listeners to a local HTTP server, and the exit's policy.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tests::servers::{HttpServer, PAGE, ProxyProcess, big_byte, proxy_bin, run_with_timeout};
+use tests::toxnet::ToxNet;
+
+/// A `proxy exit` process, killed on drop.
+struct ExitProcess {
+    child: Child,
+    id: String,
+}
+
+impl ExitProcess {
+    fn start(net: &ToxNet, name: &str, extra: &[&str]) -> Self {
+        let dir = net.scratch_dir(name).expect("scratch dir");
+        let mut args = vec![
+            "exit".to_owned(),
+            "--data-dir".to_owned(),
+            dir.display().to_string(),
+            "--no-public-bootstrap".to_owned(),
+        ];
+        for node in net.nodes() {
+            args.push("--bootstrap".into());
+            args.push(node.to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = Command::new(proxy_bin())
+            .args(&args)
+            .env("RUST_LOG", "proxy=debug,fabric=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn proxy exit");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(id) = line.strip_prefix("tox id: ") {
+                    let _ = tx.send(id.to_owned());
+                }
+            }
+        });
+        let id = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("proxy exit prints its tox id");
+        assert_eq!(id.len(), 76, "a Tox ID is 76 hex digits: {id}");
+        Self { child, id }
+    }
+}
+
+impl Drop for ExitProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client(net: &ToxNet, name: &str, exit: &ExitProcess) -> ProxyProcess {
+    let dir = net.scratch_dir(name).expect("scratch dir");
+    let dir = dir.display().to_string();
+    let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
+    let mut args = vec![
+        "--exit",
+        &exit.id,
+        "--data-dir",
+        &dir,
+        "--no-public-bootstrap",
+    ];
+    for n in &nodes {
+        args.push("--bootstrap");
+        args.push(n);
+    }
+    ProxyProcess::start(&args).expect("client proxy starts")
+}
+
+fn curl(args: &[&str]) -> std::process::Output {
+    run_with_timeout(
+        Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "30"])
+            .args(args),
+        Duration::from_secs(40),
+    )
+    .expect("run curl (Debian package curl)")
+}
+
+/// Retries `args` until curl succeeds (the session to the exit takes a few seconds to come up).
+fn curl_until_ok(args: &[&str], limit: Duration) -> Vec<u8> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = curl(args);
+        if out.status.success() {
+            return out.stdout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "curl {args:?} kept failing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn curl_through_an_exit_over_tox() {
+    let net = ToxNet::start(4).expect("private tox network");
+    let origin = HttpServer::start().expect("origin");
+    // The origin is on loopback, which an exit refuses unless told otherwise.
+    let exit = ExitProcess::start(&net, "exit", &["--allow-any", "--allow-private"]);
+    let proxy = client(&net, "client", &exit);
+    let socks = proxy.socks.expect("socks").to_string();
+    let http = format!("http://{}", proxy.http.expect("http"));
+
+    let page = curl_until_ok(
+        &["--socks5-hostname", &socks, &origin.url("/index.html")],
+        Duration::from_secs(90),
+    );
+    assert_eq!(page, PAGE.as_bytes());
+
+    // 8 MiB through the HTTP listener's forward proxy, checked byte for byte.
+    let n = 8 << 20;
+    let body = curl_until_ok(
+        &["-x", &http, &origin.url(&format!("/big/{n}"))],
+        Duration::from_secs(30),
+    );
+    assert_eq!(body.len(), n);
+    assert!(
+        body.iter()
+            .enumerate()
+            .all(|(i, &b)| b == big_byte(i as u64))
+    );
+
+    // A CONNECT tunnel through the exit.
+    let tunneled = curl_until_ok(
+        &["-p", "-x", &http, &origin.url("/index.html")],
+        Duration::from_secs(30),
+    );
+    assert_eq!(tunneled, PAGE.as_bytes());
+}
+
+#[test]
+fn the_exit_policy_refuses_private_destinations() {
+    let net = ToxNet::start(4).expect("private tox network");
+    let origin = HttpServer::start().expect("origin");
+    let exit = ExitProcess::start(&net, "exit", &["--allow-any"]);
+    let proxy = client(&net, "client", &exit);
+    let http = format!("http://{}", proxy.http.expect("http"));
+    // Wait for the session: until then the client answers 502 "no session to any exit".
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = curl(&[
+            "-x",
+            &http,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &origin.url("/index.html"),
+        ]);
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        if code == "403" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected 403 from the exit's policy, last status {code}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(origin.requests(), 0, "the origin was never contacted");
+}
+
+#[test]
+fn bad_tox_ids_on_the_command_line_are_clear_errors() {
+    for (id, expect) in [
+        ("1234", "wrong length"),
+        (&"G".repeat(76)[..], "invalid hex"),
+        (&"0".repeat(75)[..], "wrong length"),
+    ] {
+        let out = run_with_timeout(
+            Command::new(proxy_bin()).args([
+                "--exit",
+                id,
+                "--socks",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+            ]),
+            Duration::from_secs(20),
+        )
+        .expect("run proxy");
+        assert_eq!(out.status.code(), Some(2), "{id}: exit code");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{id}: {err}");
+    }
+    // A one-digit typo in a real ID is caught by the checksum.
+    let dir = std::env::temp_dir().join(format!("proxy-id-{}", std::process::id()));
+    let out = run_with_timeout(
+        Command::new(proxy_bin()).args(["id", "--data-dir", &dir.display().to_string()]),
+        Duration::from_secs(20),
+    )
+    .expect("proxy id");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(id.len(), 76);
+    let again = run_with_timeout(
+        Command::new(proxy_bin()).args(["id", "--data-dir", &dir.display().to_string()]),
+        Duration::from_secs(20),
+    )
+    .expect("proxy id");
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        id,
+        "identity persists"
+    );
+    let mut typo = id.clone().into_bytes();
+    typo[10] = if typo[10] == b'A' { b'B' } else { b'A' };
+    let typo = String::from_utf8(typo).unwrap_or_default();
+    let out = run_with_timeout(
+        Command::new(proxy_bin()).args([
+            "--exit",
+            &typo,
+            "--socks",
+            "127.0.0.1:0",
+            "--http",
+            "off",
+        ]),
+        Duration::from_secs(20),
+    )
+    .expect("run proxy");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checksum"));
+    let _ = std::fs::remove_dir_all(dir);
+}
