@@ -49,7 +49,10 @@ async fn parent() {
     let stdout = child.stdout.take().expect("stdout");
     let (id_tx, id_rx) = std::sync::mpsc::sync_channel(1);
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if let Some(id) = line.strip_prefix("id ") {
                 let _ = id_tx.send(id.parse::<ToxId>().expect("exit's tox id"));
             }
@@ -145,7 +148,11 @@ async fn child_exit() {
     let (eof_tx, eof_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
         let mut sink = String::new();
-        while std::io::stdin().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+        while std::io::stdin()
+            .read_line(&mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
         let _ = eof_tx.send(());
     });
     let server = exit.clone();
