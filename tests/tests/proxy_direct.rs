@@ -385,11 +385,32 @@ fn bad_settings_fail_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
     let _ = std::fs::remove_dir_all(&dir);
 
-    // Roles that need the Tox binding say so (until it is wired).
-    for args in [&["exit", "--allow-any"][..], &["id"], &["--exit", "ABCD"]] {
+    // Bad values for the Tox roles are refused before any Tox node starts (so this never
+    // touches a Tox network): exit code 2 and the parser's reason.
+    for (args, needle) in [
+        (
+            &["--exit", "ABCD", "--no-public-bootstrap"][..],
+            "wrong length",
+        ),
+        (
+            &["exit", "--allow", "XYZ", "--no-public-bootstrap"],
+            "--allow",
+        ),
+        (
+            &[
+                "exit",
+                "--allow-any",
+                "--no-public-bootstrap",
+                "--bootstrap",
+                "nonsense",
+            ],
+            "--bootstrap",
+        ),
+    ] {
         let out = run_with_timeout(Command::new(proxy_bin()).args(args), LIMIT).unwrap();
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("need the Tox binding"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
     }
 
     // A port already taken.
