@@ -507,3 +507,36 @@ mod tests {
         assert_eq!(dns_answer(&q[..5], "10.1.2.3".parse().unwrap()), None);
     }
 }
+
+/// Loads `url` in headless Chromium (Debian package `chromium`) through `proxy_server`
+/// (`socks5://…` or `http://…`) and returns the DOM after scripts ran.
+pub fn chromium_dump_dom(proxy_server: &str, url: &str) -> String {
+    let profile = std::env::temp_dir().join(format!(
+        "proxy-chromium-{}-{}",
+        std::process::id(),
+        proxy_server.replace([':', '/'], "_")
+    ));
+    let _ = std::fs::remove_dir_all(&profile);
+    let out = run_with_timeout(
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+            ])
+            .arg(format!("--proxy-server={proxy_server}"))
+            // Chromium never proxies loopback unless told to.
+            .arg("--proxy-bypass-list=<-loopback>")
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--dump-dom", url]),
+        Duration::from_secs(90),
+    )
+    .expect("run chromium (Debian package chromium)");
+    let _ = std::fs::remove_dir_all(&profile);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tests::servers::{
-    DnsServer, HttpServer, PAGE_RENDERED_TEXT, ProxyProcess, big_byte, dns_parse_a, dns_query,
-    proxy_bin, run_with_timeout,
+    DnsServer, HttpServer, PAGE_RENDERED_TEXT, ProxyProcess, big_byte, chromium_dump_dom,
+    dns_parse_a, dns_query, proxy_bin, run_with_timeout,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -435,37 +435,6 @@ fn ctrl_c_shuts_down_cleanly() {
         .unwrap()
         .expect("exited");
     assert!(status.success(), "{status:?}\n{}", proxy.stderr());
-}
-
-fn chromium_dump_dom(proxy_server: &str, url: &str) -> String {
-    let profile = std::env::temp_dir().join(format!(
-        "proxy-chromium-{}-{}",
-        std::process::id(),
-        proxy_server.replace([':', '/'], "_")
-    ));
-    let _ = std::fs::remove_dir_all(&profile);
-    let out = run_with_timeout(
-        Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-            ])
-            .arg(format!("--proxy-server={proxy_server}"))
-            // Chromium never proxies loopback unless told to.
-            .arg("--proxy-bypass-list=<-loopback>")
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .args(["--dump-dom", url]),
-        Duration::from_secs(90),
-    )
-    .expect("run chromium (Debian package chromium)");
-    let _ = std::fs::remove_dir_all(&profile);
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

@@ -8,7 +8,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tests::servers::{HttpServer, PAGE, ProxyProcess, big_byte, proxy_bin, run_with_timeout};
+use tests::servers::{
+    HttpServer, PAGE, PAGE_RENDERED_TEXT, ProxyProcess, big_byte, chromium_dump_dom, proxy_bin,
+    run_with_timeout,
+};
 use tests::toxnet::ToxNet;
 
 /// A `proxy exit` process, killed on drop.
@@ -143,6 +146,21 @@ fn curl_through_an_exit_over_tox() {
         Duration::from_secs(30),
     );
     assert_eq!(tunneled, PAGE.as_bytes());
+
+    // A browser through both listeners: the page's script ran, and the origin saw the
+    // requests (which only the exit can have made: the client sends everything there).
+    for proxy_server in [format!("socks5://{socks}"), http.clone()] {
+        let before = origin.requests();
+        let dom = chromium_dump_dom(&proxy_server, &origin.url("/index.html"));
+        assert!(
+            dom.contains(PAGE_RENDERED_TEXT),
+            "{proxy_server}: dom was:\n{dom}"
+        );
+        assert!(
+            origin.requests() > before,
+            "{proxy_server}: origin not reached"
+        );
+    }
 }
 
 #[test]
