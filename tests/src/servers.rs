@@ -495,19 +495,6 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<std:
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dns_round_trip() {
-        let q = dns_query(0x1234, "example.test");
-        let r = dns_answer(&q, "10.1.2.3".parse().unwrap()).unwrap();
-        assert_eq!(dns_parse_a(&r), Some((0x1234, "10.1.2.3".parse().unwrap())));
-        assert_eq!(dns_answer(&q[..5], "10.1.2.3".parse().unwrap()), None);
-    }
-}
-
 /// Loads `url` in headless Chromium (Debian package `chromium`) through `proxy_server`
 /// (`socks5://…` or `http://…`) and returns the DOM after scripts ran.
 pub fn chromium_dump_dom(proxy_server: &str, url: &str) -> String {
@@ -539,4 +526,17 @@ pub fn chromium_dump_dom(proxy_server: &str, url: &str) -> String {
     .expect("run chromium (Debian package chromium)");
     let _ = std::fs::remove_dir_all(&profile);
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_round_trip() {
+        let q = dns_query(0x1234, "example.test");
+        let r = dns_answer(&q, "10.1.2.3".parse().unwrap()).unwrap();
+        assert_eq!(dns_parse_a(&r), Some((0x1234, "10.1.2.3".parse().unwrap())));
+        assert_eq!(dns_answer(&q[..5], "10.1.2.3".parse().unwrap()), None);
+    }
 }
