@@ -135,7 +135,9 @@ impl Dialer for FabricDialer {
 pub struct ExitOptions {
     /// Idle timeout of relayed connections.
     pub idle_timeout: Option<Duration>,
-    /// Streams one client may have open at once; more wait for a free slot.
+    /// Streams one client may have open at once; more are refused at once. Each open stream
+    /// may hold up to one mux window of unread data, so this also bounds what one client can
+    /// make the exit buffer (256 × 4 MiB).
     pub streams_per_client: usize,
     /// How long a client has to send its request header.
     pub header_timeout: Duration,
@@ -145,7 +147,7 @@ impl Default for ExitOptions {
     fn default() -> Self {
         Self {
             idle_timeout: Some(Duration::from_secs(300)),
-            streams_per_client: 1024,
+            streams_per_client: 256,
             header_timeout: Duration::from_secs(30),
         }
     }
@@ -160,12 +162,21 @@ pub async fn serve(fabric: Arc<Fabric>, dialer: Arc<dyn Dialer>, options: ExitOp
             .entry(incoming.peer)
             .or_insert_with(|| Arc::new(Semaphore::new(options.streams_per_client)))
             .clone();
+        // Refused at once rather than queued: a queued stream still holds whatever its
+        // client sent, so a queue would let one client make the exit buffer without bound.
+        let Ok(slot) = limit.try_acquire_owned() else {
+            warn!(peer = %incoming.peer, "client over its stream limit, stream refused");
+            let mut stream = incoming.stream;
+            tokio::spawn(async move {
+                let _ = stream.write_all(&[Reply::GeneralFailure.to_byte()]).await;
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        };
         let dialer = dialer.clone();
         let options = options.clone();
         tokio::spawn(async move {
-            let Ok(_slot) = limit.acquire_owned().await else {
-                return;
-            };
+            let _slot = slot;
             if let Err(error) = serve_stream(incoming, dialer.as_ref(), &options).await {
                 debug!(%error, "exit stream ended with an error");
             }
