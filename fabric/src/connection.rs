@@ -105,23 +105,56 @@ impl Connection {
             self.session.close(CloseReason::ProtocolError);
         }
     }
+}
 
-    /// Moves frames from the mux into the session, as much as the session admits.
-    fn feed(&mut self, now: Instant) {
-        while self.mux.has_transmit() {
-            let capacity = self.session.send_capacity(now);
-            if capacity == 0 {
-                break;
-            }
-            self.scratch.clear();
-            if self.mux.poll_transmit(capacity, &mut self.scratch) == 0 {
-                break;
-            }
-            if self.session.send(&self.scratch).is_err() {
-                break;
-            }
+/// Where the frames a session carries come from: the mux core, or the tokio handle around
+/// one (`fabric::peer`'s driver).
+pub(crate) trait FrameSource {
+    /// Whether frames are waiting.
+    fn has_transmit(&self) -> bool;
+    /// Appends frames, at most `budget` bytes; returns how many.
+    fn poll_transmit(&mut self, budget: usize, out: &mut Vec<u8>) -> usize;
+}
+
+impl FrameSource for Mux {
+    fn has_transmit(&self) -> bool {
+        Self::has_transmit(self)
+    }
+    fn poll_transmit(&mut self, budget: usize, out: &mut Vec<u8>) -> usize {
+        Self::poll_transmit(self, budget, out)
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl FrameSource for mux::io::Handle {
+    fn has_transmit(&self) -> bool {
+        Self::has_transmit(self)
+    }
+    fn poll_transmit(&mut self, budget: usize, out: &mut Vec<u8>) -> usize {
+        Self::poll_transmit(self, budget, out)
+    }
+}
+
+/// Moves frames into `session`, as many as its pacer and window admit, so that bytes wait in
+/// the mux's round-robin scheduler rather than in KCP's queue. Returns whether frames are
+/// left waiting for capacity (the session's timer or the next acknowledgement frees it).
+pub(crate) fn feed(
+    session: &mut Session,
+    frames: &mut impl FrameSource,
+    now: Instant,
+    scratch: &mut Vec<u8>,
+) -> bool {
+    while frames.has_transmit() {
+        let capacity = session.send_capacity(now);
+        if capacity == 0 {
+            return true;
+        }
+        scratch.clear();
+        if frames.poll_transmit(capacity, scratch) == 0 || session.send(scratch).is_err() {
+            break;
         }
     }
+    false
 }
 
 impl Endpoint for Connection {
@@ -139,7 +172,7 @@ impl Endpoint for Connection {
     }
 
     fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<usize> {
-        self.feed(now);
+        feed(&mut self.session, &mut self.mux, now, &mut self.scratch);
         self.session.poll_transmit(now, buf)
     }
 

@@ -27,7 +27,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::connection::mux_config;
+use crate::connection::{feed, mux_config};
 use crate::id::{PublicKey, ToxId};
 use crate::mux::io::{Handle, Stream};
 use crate::session::control::{Acceptor, OpenOutcome, Opener};
@@ -435,7 +435,7 @@ impl Shared {
         if let Some(input) = input {
             // A full queue drops the packet: it is lossy, KCP retransmits.
             let _ = input.try_send(Input::Packet(data));
-        } else if answer_unknown && let Some(conv) = packet_conv(&data[1..]) {
+        } else if answer_unknown && let Some(conv) = session::conv_of(&data[1..]) {
             debug!(peer = %pk, %conv, "packets for an unknown session");
             self.send_control(
                 pk,
@@ -446,17 +446,6 @@ impl Shared {
             );
         }
     }
-}
-
-/// The conv a session packet is addressed to.
-fn packet_conv(p: &[u8]) -> Option<ConvId> {
-    let (&kind, rest) = p.split_first()?;
-    let b: [u8; 4] = rest.get(..4)?.try_into().ok()?;
-    Some(ConvId(if kind == b'K' {
-        u32::from_le_bytes(b)
-    } else {
-        u32::from_be_bytes(b)
-    }))
 }
 
 /// Routes Tox events to sessions and control handlers until the node or the fabric is gone.
@@ -609,7 +598,7 @@ async fn drive(
     shared: Weak<Shared>,
     pk: PublicKey,
     mut session: Session,
-    handle: Handle,
+    mut handle: Handle,
     mut input: mpsc::Receiver<Input>,
     ended: watch::Sender<bool>,
     status: Arc<Mutex<PeerStatus>>,
@@ -625,19 +614,7 @@ async fn drive(
     let reason = 'run: loop {
         let now = Instant::now();
         // Mux frames into the session, as much as its pacer and window admit.
-        let mut blocked = false;
-        while handle.has_transmit() {
-            let capacity = session.send_capacity(now);
-            if capacity == 0 {
-                blocked = true;
-                break;
-            }
-            scratch.clear();
-            if handle.poll_transmit(capacity, &mut scratch) == 0 || session.send(&scratch).is_err()
-            {
-                break;
-            }
-        }
+        let blocked = feed(&mut session, &mut handle, now, &mut scratch);
         while session.poll_transmit(now, &mut buf).is_some() {
             let mut packet = BytesMut::with_capacity(buf.len() + 1);
             packet.put_u8(SESSION_PACKET_ID);

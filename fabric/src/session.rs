@@ -34,6 +34,8 @@ use tracing::{debug, trace};
 pub use self::config::{Config, KcpMode};
 pub use self::control::{CloseReason, Control};
 use self::pacer::Pacer;
+#[cfg(feature = "tox")]
+pub(crate) use self::packet::conv_of;
 use self::packet::{DATAGRAM_OVERHEAD, KCP_HEADER, Packet};
 use crate::time::{Duration, Instant};
 
@@ -207,17 +209,13 @@ impl io::Write for Outbox {
         data.clear();
         acks.push(packet::Kind::Kcp as u8);
         data.push(packet::Kind::Kcp as u8);
-        let mut rest = segments;
-        while rest.len() >= KCP_HEADER {
-            let len = u32::from_le_bytes([rest[20], rest[21], rest[22], rest[23]]) as usize;
-            let end = (KCP_HEADER + len).min(rest.len());
-            let out = if rest[4] == packet::CMD_ACK {
+        for (h, segment) in packet::segments(segments) {
+            let out = if h.cmd == packet::CMD_ACK {
                 &mut acks
             } else {
                 &mut data
             };
-            out.extend_from_slice(&rest[..end]);
-            rest = &rest[end..];
+            out.extend_from_slice(segment);
         }
         if acks.len() > 1 {
             q.acks.push_back(acks);
@@ -240,21 +238,18 @@ impl io::Write for Outbox {
 
 impl OutQueue {
     /// Counts first transmissions and retransmissions of data segments in a packet KCP wrote.
-    fn count_segments(&mut self, mut rest: &[u8]) {
-        while rest.len() >= KCP_HEADER {
-            let cmd = rest[4];
-            let sn = u32::from_le_bytes([rest[12], rest[13], rest[14], rest[15]]);
-            let len = u32::from_le_bytes([rest[20], rest[21], rest[22], rest[23]]) as usize;
-            if cmd == packet::CMD_PUSH {
-                match self.highest_sn {
-                    Some(h) if (sn.wrapping_sub(h) as i32) <= 0 => self.retransmits += 1,
-                    _ => {
-                        self.highest_sn = Some(sn);
-                        self.segments_sent += 1;
-                    }
+    fn count_segments(&mut self, segments: &[u8]) {
+        for (h, _) in packet::segments(segments) {
+            if h.cmd != packet::CMD_PUSH {
+                continue;
+            }
+            match self.highest_sn {
+                Some(high) if (h.sn.wrapping_sub(high) as i32) <= 0 => self.retransmits += 1,
+                _ => {
+                    self.highest_sn = Some(h.sn);
+                    self.segments_sent += 1;
                 }
             }
-            rest = rest.get(KCP_HEADER + len..).unwrap_or_default();
         }
     }
 
@@ -414,17 +409,14 @@ impl Session {
     }
 
     /// Delivery and RTT samples from the acknowledgements in a (checked) KCP packet.
-    fn ack_samples(&mut self, mut rest: &[u8], now_ms: u32) {
+    fn ack_samples(&mut self, segments: &[u8], now_ms: u32) {
         let mut newest = None;
         let mut acked = 0;
-        while rest.len() >= KCP_HEADER {
-            let len = u32::from_le_bytes([rest[20], rest[21], rest[22], rest[23]]) as usize;
-            if rest[4] == packet::CMD_ACK {
-                let ts = u32::from_le_bytes([rest[8], rest[9], rest[10], rest[11]]);
-                newest = Some(now_ms.wrapping_sub(ts));
+        for (h, _) in packet::segments(segments) {
+            if h.cmd == packet::CMD_ACK {
+                newest = Some(now_ms.wrapping_sub(h.ts));
                 acked += 1;
             }
-            rest = rest.get(KCP_HEADER + len..).unwrap_or_default();
         }
         if let Some(ms) = newest {
             self.rtt_sample(Duration::from_millis(u64::from(ms)));

@@ -22,6 +22,18 @@ pub(crate) enum Kind {
     Pong = b'Q' as isize,
 }
 
+/// The conv a session packet is addressed to: little-endian inside KCP's own header,
+/// big-endian in ours. `None` for a packet too short to say.
+pub(crate) fn conv_of(packet: &[u8]) -> Option<ConvId> {
+    let (&kind, rest) = packet.split_first()?;
+    let b: [u8; 4] = rest.get(..4)?.try_into().ok()?;
+    Some(ConvId(if kind == Kind::Kcp as u8 {
+        u32::from_le_bytes(b)
+    } else {
+        u32::from_be_bytes(b)
+    }))
+}
+
 /// Bytes a datagram packet spends before its payload.
 pub(crate) const DATAGRAM_OVERHEAD: usize = 5;
 /// KCP's own segment header.
@@ -40,25 +52,13 @@ pub(crate) enum Packet<'a> {
 impl<'a> Packet<'a> {
     /// Parses `data`, refusing anything not addressed to `conv`.
     pub(crate) fn parse(data: &'a [u8], conv: ConvId) -> Result<Self, InputError> {
-        let (&kind, rest) = data.split_first().ok_or(InputError::Truncated)?;
-        if kind == Kind::Kcp as u8 {
-            let head: [u8; 4] = rest
-                .get(..4)
-                .and_then(|b| b.try_into().ok())
-                .ok_or(InputError::Truncated)?;
-            let got = ConvId(u32::from_le_bytes(head));
-            if got != conv {
-                return Err(InputError::WrongConv(got));
-            }
-            return Ok(Self::Kcp(rest));
-        }
-        let head: [u8; 4] = rest
-            .get(..4)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(InputError::Truncated)?;
-        let got = ConvId(u32::from_be_bytes(head));
+        let got = conv_of(data).ok_or(InputError::Truncated)?;
         if got != conv {
             return Err(InputError::WrongConv(got));
+        }
+        let (&kind, rest) = data.split_first().ok_or(InputError::Truncated)?;
+        if kind == Kind::Kcp as u8 {
+            return Ok(Self::Kcp(rest));
         }
         let body = &rest[4..];
         let token = || -> Result<u64, InputError> {
@@ -110,6 +110,7 @@ pub(crate) struct SegmentHeader {
     pub(crate) conv: u32,
     pub(crate) cmd: u8,
     pub(crate) ts: u32,
+    pub(crate) sn: u32,
     pub(crate) len: usize,
 }
 
@@ -126,9 +127,23 @@ impl SegmentHeader {
             conv: u32_at(0),
             cmd: b[4],
             ts: u32_at(8),
+            sn: u32_at(12),
             len: u32_at(20) as usize,
         })
     }
+}
+
+/// The segments of a KCP packet this session wrote or has checked, each with its header and
+/// its bytes (header included). A truncated tail ends the walk; [`check_segments`] is what
+/// refuses such input from the network.
+pub(crate) fn segments(b: &[u8]) -> impl Iterator<Item = (SegmentHeader, &[u8])> {
+    let mut rest = b;
+    std::iter::from_fn(move || {
+        let h = SegmentHeader::parse(rest)?;
+        let (segment, tail) = rest.split_at((KCP_HEADER + h.len).min(rest.len()));
+        rest = tail;
+        Some((h, segment))
+    })
 }
 
 /// Checks every segment in `segments` (KCP bytes without the kind byte); returns whether any
