@@ -13,7 +13,10 @@ enum Op {
     /// A packet as it came off the wire.
     Raw(Vec<u8>),
     /// A packet dressed as KCP for this session's conv, so it gets past the first checks.
-    Kcp { cmd: u8, rest: Vec<u8> },
+    Kcp {
+        cmd: u8,
+        rest: Vec<u8>,
+    },
     /// A datagram packet for this conv.
     Datagram(Vec<u8>),
     Send(Vec<u8>),
