@@ -8,19 +8,10 @@ use anyhow::{Context, Result, bail, ensure};
 use fabric::peer::{ConnectError, Fabric, FabricConfig, Peer};
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
+use tests::init_tracing;
 use tests::toxnet::ToxNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,toxcore=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
 
 fn fabric(net: &ToxNet, name: &str, allow: &[&Fabric]) -> Result<Fabric> {
     let mut tox = net.config(net.scratch_dir(name)?);

@@ -84,6 +84,15 @@ fn client(net: &ToxNet, name: &str, exit: &ExitProcess) -> ProxyProcess {
     ProxyProcess::start(&args).expect("client proxy starts")
 }
 
+/// Runs the `proxy` binary to completion (at most 20 s).
+fn run_proxy(args: &[&str]) -> std::process::Output {
+    run_with_timeout(
+        Command::new(proxy_bin()).args(args),
+        Duration::from_secs(20),
+    )
+    .expect("run proxy")
+}
+
 fn curl(args: &[&str]) -> std::process::Output {
     run_with_timeout(
         Command::new("curl")
@@ -202,29 +211,15 @@ fn bad_tox_ids_on_the_command_line_are_clear_errors() {
         (&"G".repeat(76)[..], "invalid hex"),
         (&"0".repeat(75)[..], "wrong length"),
     ] {
-        let out = run_with_timeout(
-            Command::new(proxy_bin()).args([
-                "--exit",
-                id,
-                "--socks",
-                "127.0.0.1:0",
-                "--http",
-                "off",
-            ]),
-            Duration::from_secs(20),
-        )
-        .expect("run proxy");
+        let out = run_proxy(&["--exit", id, "--socks", "127.0.0.1:0", "--http", "off"]);
         assert_eq!(out.status.code(), Some(2), "{id}: exit code");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expect), "{id}: {err}");
     }
     // A one-digit typo in a real ID is caught by the checksum.
     let dir = std::env::temp_dir().join(format!("proxy-id-{}", std::process::id()));
-    let out = run_with_timeout(
-        Command::new(proxy_bin()).args(["id", "--data-dir", &dir.display().to_string()]),
-        Duration::from_secs(20),
-    )
-    .expect("proxy id");
+    let dir_arg = dir.display().to_string();
+    let out = run_proxy(&["id", "--data-dir", &dir_arg]);
     assert!(
         out.status.success(),
         "{}",
@@ -232,11 +227,7 @@ fn bad_tox_ids_on_the_command_line_are_clear_errors() {
     );
     let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert_eq!(id.len(), 76);
-    let again = run_with_timeout(
-        Command::new(proxy_bin()).args(["id", "--data-dir", &dir.display().to_string()]),
-        Duration::from_secs(20),
-    )
-    .expect("proxy id");
+    let again = run_proxy(&["id", "--data-dir", &dir_arg]);
     assert_eq!(
         String::from_utf8_lossy(&again.stdout).trim(),
         id,
@@ -245,18 +236,7 @@ fn bad_tox_ids_on_the_command_line_are_clear_errors() {
     let mut typo = id.clone().into_bytes();
     typo[10] = if typo[10] == b'A' { b'B' } else { b'A' };
     let typo = String::from_utf8(typo).unwrap_or_default();
-    let out = run_with_timeout(
-        Command::new(proxy_bin()).args([
-            "--exit",
-            &typo,
-            "--socks",
-            "127.0.0.1:0",
-            "--http",
-            "off",
-        ]),
-        Duration::from_secs(20),
-    )
-    .expect("run proxy");
+    let out = run_proxy(&["--exit", &typo, "--socks", "127.0.0.1:0", "--http", "off"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("checksum"));
     let _ = std::fs::remove_dir_all(dir);

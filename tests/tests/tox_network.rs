@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use fabric::id::PublicKey;
 use fabric::tox::{Connection, ToxConfig, ToxError, ToxEvent, ToxHandle, ToxNode};
+use tests::init_tracing;
 use tests::toxnet::ToxNet;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
@@ -98,16 +99,6 @@ impl Peer {
         })
         .await
     }
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,toxcore=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
 }
 
 fn start_net() -> Result<ToxNet> {
