@@ -11,6 +11,9 @@
 //! at most 1,373 bytes in all); control messages in lossless ones (id byte 170, then the
 //! message). The client asks for a session, the exit assigns its conv (seed 000).
 //!
+//! Beside the streams, each session carries unreliable datagrams
+//! ([`Fabric::send_datagram`], [`Fabric::recv_datagram`]): what UDP flows ride on.
+//!
 //! Reconnection: a session survives its peer going offline for less than the idle timeout
 //! (KCP retransmits once packets flow again). When the exit comes back, the client asks to
 //! resume its conv; an exit that still has the session keeps it, an exit that restarted
@@ -108,6 +111,7 @@ pub struct PeerStatus {
 pub struct Fabric {
     shared: Arc<Shared>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
+    datagrams: tokio::sync::Mutex<mpsc::Receiver<(PublicKey, Vec<u8>)>>,
 }
 
 #[derive(Debug)]
@@ -119,6 +123,9 @@ struct Shared {
     incoming: mpsc::Sender<Incoming>,
     epoch: Instant,
     requests: Mutex<u32>,
+    datagrams: mpsc::Sender<(PublicKey, Vec<u8>)>,
+    /// The largest datagram a session takes.
+    max_datagram: usize,
 }
 
 /// Everything known about one peer.
@@ -148,6 +155,8 @@ struct Running {
 enum Input {
     Packet(Bytes),
     PeerClose(CloseReason),
+    /// A datagram to send.
+    Datagram(Vec<u8>),
 }
 
 impl Slot {
@@ -173,6 +182,8 @@ impl Fabric {
         let allow = config.tox.allow.clone();
         let (tox, events) = ToxNode::spawn(config.tox.clone())?;
         let (incoming_tx, incoming_rx) = mpsc::channel(1024);
+        let (datagrams_tx, datagrams_rx) = mpsc::channel(DATAGRAM_QUEUE);
+        let max_datagram = config.session.max_datagram();
         let shared = Arc::new(Shared {
             tox,
             config,
@@ -181,11 +192,14 @@ impl Fabric {
             incoming: incoming_tx,
             epoch: Instant::now(),
             requests: Mutex::new(0),
+            datagrams: datagrams_tx,
+            max_datagram,
         });
         tokio::spawn(route(Arc::downgrade(&shared), events));
         Ok(Self {
             shared,
             incoming: tokio::sync::Mutex::new(incoming_rx),
+            datagrams: tokio::sync::Mutex::new(datagrams_rx),
         })
     }
 
@@ -224,6 +238,23 @@ impl Fabric {
     /// shutting down.
     pub async fn accept(&self) -> Option<Incoming> {
         self.incoming.lock().await.recv().await
+    }
+
+    /// The next datagram a peer sent: who sent it and its payload. `None` once the fabric is
+    /// shutting down.
+    pub async fn recv_datagram(&self) -> Option<(PublicKey, Vec<u8>)> {
+        self.datagrams.lock().await.recv().await
+    }
+
+    /// Sends an unreliable datagram to `peer` on its session. Like UDP, it may be lost; it is
+    /// dropped (and counted) when the session's queue is full.
+    pub fn send_datagram(&self, peer: PublicKey, payload: Vec<u8>) -> Result<(), DatagramError> {
+        self.shared.send_datagram(peer, payload)
+    }
+
+    /// The largest payload [`Fabric::send_datagram`] takes.
+    pub fn max_datagram(&self) -> usize {
+        self.shared.max_datagram
     }
 
     /// Status of every peer with a session or a slot.
@@ -290,9 +321,56 @@ impl Peer {
     pub fn status(&self) -> PeerStatus {
         lock(&self.status).clone()
     }
+
+    /// Sends an unreliable datagram to the exit (see [`Fabric::send_datagram`]); what the
+    /// exit sends back arrives through [`Fabric::recv_datagram`].
+    pub fn send_datagram(&self, payload: Vec<u8>) -> Result<(), DatagramError> {
+        self.shared.send_datagram(self.pk, payload)
+    }
+
+    /// The largest payload [`Peer::send_datagram`] takes.
+    pub fn max_datagram(&self) -> usize {
+        self.shared.max_datagram
+    }
 }
 
+/// Why a datagram was not sent.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum DatagramError {
+    /// No session to the peer (not connected yet, or reconnecting).
+    #[error("no session to the peer")]
+    NoSession,
+    /// Larger than a session datagram can be.
+    #[error("datagram of {len} bytes (at most {max})")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The largest that fits.
+        max: usize,
+    },
+}
+
+/// Received datagrams waiting for the application; more are dropped, as UDP would.
+const DATAGRAM_QUEUE: usize = 4096;
+
 impl Shared {
+    fn send_datagram(&self, pk: PublicKey, payload: Vec<u8>) -> Result<(), DatagramError> {
+        if payload.len() > self.max_datagram {
+            return Err(DatagramError::TooLarge {
+                len: payload.len(),
+                max: self.max_datagram,
+            });
+        }
+        let input = lock(&self.routes)
+            .get(&pk)
+            .and_then(|slot| slot.session.as_ref().map(|r| r.input.clone()))
+            .ok_or(DatagramError::NoSession)?;
+        // A full queue drops the datagram, as a full socket buffer would.
+        let _ = input.try_send(Input::Datagram(payload));
+        Ok(())
+    }
+
     fn with_slot<R>(&self, pk: PublicKey, f: impl FnOnce(&mut Slot) -> R) -> R {
         let mut routes = lock(&self.routes);
         f(routes.entry(pk).or_insert_with(Slot::new))
@@ -603,7 +681,10 @@ async fn drive(
     ended: watch::Sender<bool>,
     status: Arc<Mutex<PeerStatus>>,
 ) {
-    let Some(tox) = shared.upgrade().map(|s| s.tox.clone()) else {
+    let Some((tox, datagrams)) = shared
+        .upgrade()
+        .map(|s| (s.tox.clone(), s.datagrams.clone()))
+    else {
         return;
     };
     let conv = session.conv();
@@ -655,9 +736,14 @@ async fn drive(
                         match input.try_recv() {
                             Ok(Input::Packet(p)) => { let _ = session.handle_input(now, &p[1..]); }
                             Ok(Input::PeerClose(reason)) => session.handle_peer_close(reason),
+                            Ok(Input::Datagram(d)) => { session.send_datagram(&d); }
                             Err(_) => break,
                         }
                         more += 1;
+                    }
+                    while let Some(d) = session.recv_datagram() {
+                        // Full means the application is behind: drop, as UDP would.
+                        let _ = datagrams.try_send((pk, d));
                     }
                     scratch.clear();
                     if session.recv(&mut scratch) > 0
@@ -668,6 +754,7 @@ async fn drive(
                     }
                 }
                 Some(Input::PeerClose(reason)) => session.handle_peer_close(reason),
+                Some(Input::Datagram(d)) => { session.send_datagram(&d); }
                 // Replaced by a newer session, or the fabric is gone.
                 None => break 'run CloseReason::Normal,
             },

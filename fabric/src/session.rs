@@ -337,7 +337,7 @@ impl Session {
 
     /// Largest payload [`Session::send_datagram`] takes.
     pub fn max_datagram(&self) -> usize {
-        self.config.mtu.saturating_sub(DATAGRAM_OVERHEAD)
+        self.config.max_datagram()
     }
 
     /// Feeds one packet from any path.

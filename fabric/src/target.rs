@@ -11,6 +11,15 @@
 //!
 //! Names travel unresolved: the exit resolves them, so the client never leaks a DNS query.
 //! The application's bytes may follow the header in the same flight, before the reply.
+//!
+//! UDP flows travel in session datagrams, each led by a [`UdpHeader`]:
+//!
+//! ```text
+//! datagram  flow u32 BE | address as in the request (version | kind | address | port) | payload
+//! ```
+//! From the client the address is the destination (a name is resolved at the exit); from the
+//! exit it is the source of the reply. The flow number is the client's: one per UDP
+//! association, so the exit keeps one socket per flow and replies reach the right one.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -136,6 +145,62 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// A client's UDP association, as numbered by the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId(pub u32);
+
+impl std::fmt::Display for FlowId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The header in front of a UDP payload in a session datagram.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UdpHeader {
+    /// The association.
+    pub flow: FlowId,
+    /// The destination (client to exit) or the source (exit to client).
+    pub addr: Target,
+}
+
+/// A UDP datagram header that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum UdpHeaderError {
+    /// Shorter than its header.
+    #[error("truncated udp datagram header")]
+    Truncated,
+    /// The address does not decode.
+    #[error("udp datagram address: {0}")]
+    Address(#[from] TargetError),
+}
+
+impl UdpHeader {
+    /// The longest header: flow, version, kind, a 255-byte name and a port.
+    pub const MAX_LEN: usize = 4 + 2 + 1 + 255 + 2;
+
+    /// Splits a datagram into its header and payload. A datagram arrives whole, so a short
+    /// one is an error, not a request for more.
+    pub fn parse(datagram: &[u8]) -> Result<(Self, &[u8]), UdpHeaderError> {
+        let (flow, rest) = datagram
+            .split_first_chunk::<4>()
+            .ok_or(UdpHeaderError::Truncated)?;
+        let (addr, used) = Target::parse(rest)?.ok_or(UdpHeaderError::Truncated)?;
+        let header = Self {
+            flow: FlowId(u32::from_be_bytes(*flow)),
+            addr,
+        };
+        Ok((header, &rest[used..]))
+    }
+
+    /// Appends the header to `out`; the payload goes right after it.
+    pub fn emit(&self, out: &mut Vec<u8>) -> Result<(), TargetError> {
+        out.extend_from_slice(&self.flow.0.to_be_bytes());
+        self.addr.emit(out)
+    }
+}
+
 /// The exit's answer to a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -210,6 +275,22 @@ mod tests {
             }
             b.extend_from_slice(&tail);
             prop_assert_eq!(Target::parse(&b), Ok(Some((t, len))));
+        }
+
+        #[test]
+        fn udp_header_round_trips(flow in any::<u32>(), addr in any_target(), payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let h = UdpHeader { flow: FlowId(flow), addr };
+            let mut b = Vec::new();
+            h.emit(&mut b).unwrap();
+            let len = b.len();
+            prop_assert!(len <= UdpHeader::MAX_LEN);
+            for cut in 0..len {
+                prop_assert!(UdpHeader::parse(&b[..cut]).is_err());
+            }
+            b.extend_from_slice(&payload);
+            let (back, rest) = UdpHeader::parse(&b).unwrap();
+            prop_assert_eq!(back, h);
+            prop_assert_eq!(rest, &payload[..]);
         }
 
         #[test]

@@ -1,9 +1,9 @@
-//! The exit-request header decoder: any bytes give a target, a request for more, or an
-//! error; never a panic. What decodes re-encodes to the same bytes.
+//! The exit-request header and the UDP datagram header decoders: any bytes give a target, a
+//! request for more, or an error; never a panic. What decodes re-encodes to the same bytes.
 
 #![no_main]
 
-use fabric::target::Target;
+use fabric::target::{Target, UdpHeader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -11,5 +11,11 @@ fuzz_target!(|data: &[u8]| {
         let mut again = Vec::new();
         target.emit(&mut again).expect("a decoded target encodes");
         assert_eq!(&again[..], &data[..used]);
+    }
+    if let Ok((header, payload)) = UdpHeader::parse(data) {
+        let mut again = Vec::new();
+        header.emit(&mut again).expect("a decoded header encodes");
+        again.extend_from_slice(payload);
+        assert_eq!(&again[..], data);
     }
 });

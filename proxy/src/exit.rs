@@ -8,7 +8,7 @@
 //!
 //! A stream starts with the exit-request header (`fabric::target`): the target, names
 //! unresolved. The exit answers one byte (connected, or why not, in SOCKS5's codes) and then
-//! relays bytes both ways.
+//! relays bytes both ways. UDP flows travel as session datagrams (see [`udp`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -24,6 +24,11 @@ use tracing::{debug, info, warn};
 
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
 
+mod udp;
+
+use self::udp::UdpFlows;
+pub use self::udp::{UdpOptions, serve_udp};
+
 /// Reaches targets through exit peers. With several exits, new flows go to the first one
 /// with a live session (failover in the order given).
 #[derive(Debug, Clone)]
@@ -31,6 +36,7 @@ pub struct FabricDialer {
     exits: Arc<Mutex<Vec<Arc<Peer>>>>,
     /// How long to wait for the exit's answer (its own connect timeout plus the path).
     reply_timeout: Duration,
+    udp: Arc<UdpFlows>,
 }
 
 impl FabricDialer {
@@ -40,7 +46,17 @@ impl FabricDialer {
         Self {
             exits: Arc::default(),
             reply_timeout: connect_timeout + Duration::from_secs(10),
+            udp: Arc::default(),
         }
+    }
+
+    /// Hands the datagrams the exits send to this dialer's UDP flows, until `fabric` shuts
+    /// down. Run it as a task beside the dialer.
+    pub fn deliver_datagrams(
+        &self,
+        fabric: Arc<Fabric>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        self.udp.clone().run(fabric)
     }
 
     /// Makes `peer` available for new flows, after those added before it.
@@ -121,12 +137,7 @@ impl Dialer for FabricDialer {
     }
 
     fn udp_associate(&self) -> BoxFuture<'_, Result<Box<dyn UdpFlow>, DialError>> {
-        Box::pin(async {
-            Err(DialError::Other(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "UDP through an exit is not supported yet",
-            )))
-        })
+        Box::pin(async { self.udp.associate(self.exits()) })
     }
 }
 

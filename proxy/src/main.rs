@@ -20,7 +20,7 @@ use proxy::Proxy;
 use proxy::cli::{Cli, Command};
 use proxy::config::{CommonSettings, ExitSettings, RunSettings, id_data_dir};
 use proxy::dialer::{Dialer, DirectDialer};
-use proxy::exit::{ExitOptions, FabricDialer};
+use proxy::exit::{ExitOptions, FabricDialer, UdpOptions};
 use proxy::exit_policy::PolicyDialer;
 use tracing_subscriber::EnvFilter;
 
@@ -114,6 +114,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
                 println!("tox id: {}", fabric.id());
                 let dialer = FabricDialer::new(settings.common.connect_timeout);
+                tokio::spawn(dialer.deliver_datagrams(fabric.clone()));
                 for exit in exits {
                     tokio::spawn(connect_exit(fabric.clone(), dialer.clone(), exit));
                 }
@@ -180,7 +181,8 @@ async fn run_exit(settings: ExitSettings) -> Result<(), Failure> {
         ..ExitOptions::default()
     };
     tokio::select! {
-        () = proxy::exit::serve(fabric.clone(), dialer, options) => {}
+        () = proxy::exit::serve(fabric.clone(), dialer.clone(), options) => {}
+        () = proxy::exit::serve_udp(fabric.clone(), dialer, UdpOptions::default()) => {}
         () = shutdown_signal() => {}
     }
     fabric.shutdown().await;

@@ -214,6 +214,7 @@ fn respond(out: &mut TcpStream, status: u16, ctype: &str, body: &[u8]) -> io::Re
 pub struct DnsServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    queries: Arc<AtomicU64>,
 }
 
 impl DnsServer {
@@ -224,23 +225,35 @@ impl DnsServer {
         let addr = socket.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let queries = Arc::new(AtomicU64::new(0));
+        let queries2 = queries.clone();
         thread::spawn(move || {
             let mut buf = [0u8; 512];
             while !stop2.load(Ordering::Relaxed) {
                 let Ok((n, from)) = socket.recv_from(&mut buf) else {
                     continue;
                 };
+                queries2.fetch_add(1, Ordering::Relaxed);
                 if let Some(reply) = dns_answer(&buf[..n], answer) {
                     let _ = socket.send_to(&reply, from);
                 }
             }
         });
-        Ok(Self { addr, stop })
+        Ok(Self {
+            addr,
+            stop,
+            queries,
+        })
     }
 
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Datagrams it has received.
+    pub fn queries(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
     }
 }
 
@@ -303,6 +316,80 @@ pub fn dns_parse_a(response: &[u8]) -> Option<(u16, std::net::Ipv4Addr)> {
     let n = response.len();
     let ip = response.get(n - 4..)?;
     Some((id, std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3])))
+}
+
+/// A SOCKS5 UDP association (RFC 1928 §7) held open by its control connection.
+#[derive(Debug)]
+pub struct SocksUdp {
+    _control: TcpStream,
+    relay: SocketAddr,
+    socket: UdpSocket,
+}
+
+impl SocksUdp {
+    /// Asks the SOCKS5 server at `proxy` (no auth) for a UDP association.
+    pub fn associate(proxy: SocketAddr) -> io::Result<Self> {
+        let mut control = TcpStream::connect(proxy)?;
+        control.set_read_timeout(Some(Duration::from_secs(30)))?;
+        control.write_all(&[5, 1, 0])?;
+        let mut method = [0; 2];
+        control.read_exact(&mut method)?;
+        if method != [5, 0] {
+            return Err(io::Error::other(format!("socks method {method:?}")));
+        }
+        control.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])?;
+        let mut reply = [0; 10];
+        control.read_exact(&mut reply)?;
+        if reply[..2] != [5, 0] || reply[3] != 1 {
+            return Err(io::Error::other(format!(
+                "udp associate refused: {reply:?}"
+            )));
+        }
+        let relay = SocketAddr::new(
+            std::net::Ipv4Addr::new(reply[4], reply[5], reply[6], reply[7]).into(),
+            u16::from_be_bytes([reply[8], reply[9]]),
+        );
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(Self {
+            _control: control,
+            relay,
+            socket,
+        })
+    }
+
+    /// Sends an A query for `name` with id `id` to the IPv4 DNS server `server` through the
+    /// relay and returns the answer's id and address. Checks that the relay names `server`
+    /// as the reply's source.
+    pub fn dns_query(
+        &self,
+        server: SocketAddr,
+        id: u16,
+        name: &str,
+    ) -> io::Result<(u16, std::net::Ipv4Addr)> {
+        let SocketAddr::V4(v4) = server else {
+            return Err(io::Error::other("ipv4 dns servers only"));
+        };
+        let mut datagram = vec![0, 0, 0, 1];
+        datagram.extend_from_slice(&v4.ip().octets());
+        datagram.extend_from_slice(&v4.port().to_be_bytes());
+        datagram.extend_from_slice(&dns_query(id, name));
+        self.socket.send_to(&datagram, self.relay)?;
+        let mut buf = [0; 600];
+        let (n, from) = self.socket.recv_from(&mut buf)?;
+        if from != self.relay {
+            return Err(io::Error::other(format!(
+                "reply from {from}, not the relay"
+            )));
+        }
+        if buf[..10] != datagram[..10] {
+            return Err(io::Error::other(format!(
+                "reply header {:?} does not name {server}",
+                &buf[..10]
+            )));
+        }
+        dns_parse_a(&buf[10..n]).ok_or_else(|| io::Error::other("not a dns answer"))
+    }
 }
 
 /// The `proxy` binary, built on first use so a test never runs a stale one. `PROXY_BIN`

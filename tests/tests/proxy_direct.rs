@@ -2,13 +2,13 @@
 //! hand-built SOCKS5 client where curl cannot show what we check (reply codes, UDP).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
 use tests::servers::{
-    DnsServer, HttpServer, PAGE_RENDERED_TEXT, ProxyProcess, big_byte, chromium_dump_dom,
-    dns_parse_a, dns_query, proxy_bin, run_with_timeout,
+    DnsServer, HttpServer, PAGE_RENDERED_TEXT, ProxyProcess, SocksUdp, big_byte, chromium_dump_dom,
+    proxy_bin, run_with_timeout,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -257,35 +257,11 @@ fn socks_request(proxy: SocketAddr, cmd: u8, target: SocketAddr) -> (TcpStream, 
 fn socks5_udp_associate_carries_dns() {
     let dns = DnsServer::start(Ipv4Addr::new(10, 9, 8, 7)).unwrap();
     let proxy = ProxyProcess::start(&[]).unwrap();
-    let (_control, reply) = socks_request(proxy.socks.unwrap(), 3, "0.0.0.0:0".parse().unwrap());
-    assert_eq!(reply[..2], [5, 0], "udp associate accepted");
-    let relay = SocketAddr::new(
-        Ipv4Addr::new(reply[4], reply[5], reply[6], reply[7]).into(),
-        u16::from_be_bytes([reply[8], reply[9]]),
-    );
-    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let udp = SocksUdp::associate(proxy.socks.unwrap()).expect("udp associate accepted");
     for (i, name) in ["example.test", "another.example.test"].iter().enumerate() {
-        let SocketAddr::V4(dns_addr) = dns.addr() else {
-            unreachable!()
-        };
-        let mut datagram = vec![0, 0, 0, 1];
-        datagram.extend_from_slice(&dns_addr.ip().octets());
-        datagram.extend_from_slice(&dns_addr.port().to_be_bytes());
-        datagram.extend_from_slice(&dns_query(100 + i as u16, name));
-        udp.send_to(&datagram, relay).unwrap();
-        let mut buf = [0; 600];
-        let (n, from) = udp
-            .recv_from(&mut buf)
-            .expect("dns answer through the relay");
-        assert_eq!(from, relay);
-        // The reply header names the DNS server as the source.
-        assert_eq!(buf[..4], [0, 0, 0, 1]);
-        assert_eq!(&buf[4..8], &dns_addr.ip().octets());
-        assert_eq!(&buf[8..10], &dns_addr.port().to_be_bytes());
-        let (id, ip) = dns_parse_a(&buf[10..n]).expect("a dns answer");
-        assert_eq!(id, 100 + i as u16);
-        assert_eq!(ip, Ipv4Addr::new(10, 9, 8, 7));
+        let id = 100 + i as u16;
+        let answer = udp.dns_query(dns.addr(), id, name).expect("dns answer");
+        assert_eq!(answer, (id, Ipv4Addr::new(10, 9, 8, 7)));
     }
 }
 

@@ -3,14 +3,15 @@
 //! the client's SOCKS5 and HTTP listeners to a local HTTP server, and the exit's policy.
 
 use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tests::servers::{
-    HttpServer, PAGE, PAGE_RENDERED_TEXT, ProxyProcess, big_byte, chromium_dump_dom, proxy_bin,
-    run_with_timeout,
+    DnsServer, HttpServer, PAGE, PAGE_RENDERED_TEXT, ProxyProcess, SocksUdp, big_byte,
+    chromium_dump_dom, proxy_bin, run_with_timeout,
 };
 use tests::toxnet::ToxNet;
 
@@ -149,6 +150,22 @@ fn curl_through_an_exit_over_tox() {
             .all(|(i, &b)| b == big_byte(i as u64))
     );
 
+    // UDP ASSOCIATE through the exit: DNS queries ride the session's datagrams, and the
+    // relay names the DNS server as the source of each answer.
+    let dns = DnsServer::start(Ipv4Addr::new(10, 9, 8, 7)).expect("dns server");
+    let udp = SocksUdp::associate(proxy.socks.expect("socks")).expect("udp associate");
+    for (i, name) in ["example.test", "another.example.test", "third.test"]
+        .iter()
+        .enumerate()
+    {
+        let id = 200 + i as u16;
+        // Datagrams may be lost (they are UDP): a client retries, and so does this test.
+        let answer = (0..5)
+            .find_map(|_| udp.dns_query(dns.addr(), id, name).ok())
+            .expect("a dns answer through the exit");
+        assert_eq!(answer, (id, Ipv4Addr::new(10, 9, 8, 7)));
+    }
+
     // A CONNECT tunnel through the exit.
     let tunneled = curl_until_ok(
         &["-p", "-x", &http, &origin.url("/index.html")],
@@ -202,6 +219,14 @@ fn the_exit_policy_refuses_private_destinations() {
         thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(origin.requests(), 0, "the origin was never contacted");
+
+    // UDP to a loopback DNS server is refused too: the query never reaches it.
+    let dns = DnsServer::start(Ipv4Addr::new(10, 9, 8, 7)).expect("dns server");
+    let udp = SocksUdp::associate(proxy.socks.expect("socks")).expect("udp associate");
+    for id in 0..2 {
+        assert!(udp.dns_query(dns.addr(), id, "example.test").is_err());
+    }
+    assert_eq!(dns.queries(), 0, "the dns server was never contacted");
 }
 
 #[test]

@@ -107,3 +107,10 @@ impl Default for Config {
         }
     }
 }
+
+impl Config {
+    /// The largest payload a session with this configuration takes as one datagram.
+    pub fn max_datagram(&self) -> usize {
+        self.mtu.saturating_sub(super::packet::DATAGRAM_OVERHEAD)
+    }
+}
