@@ -36,7 +36,7 @@ use crate::mux::io::{Handle, Stream};
 use crate::session::control::{Acceptor, OpenOutcome, Opener};
 use crate::session::{self, CloseReason, Control, ConvId, Event, Session};
 use crate::time::{Duration, Instant};
-use crate::tox::{FriendPolicy, ToxConfig, ToxError, ToxEvent, ToxHandle, ToxNode};
+use crate::tox::{Connection, FriendPolicy, ToxConfig, ToxError, ToxEvent, ToxHandle, ToxNode};
 
 /// First byte of a lossy Tox packet carrying a session packet.
 pub const SESSION_PACKET_ID: u8 = 200;
@@ -95,13 +95,18 @@ pub struct Incoming {
 
 /// Counters of one peer's session, for status output.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct PeerStatus {
     /// The conv of the running session, if any.
     pub conv: Option<ConvId>,
     /// Whether Tox sees the peer online.
     pub online: bool,
+    /// How Tox reaches the peer: direct UDP, a TCP relay, or not at all.
+    pub path: Connection,
     /// The session's counters.
     pub session: session::Stats,
+    /// The streams' counters.
+    pub mux: crate::mux::Stats,
     /// Lossy packets the Tox node's queue refused.
     pub dropped_packets: u64,
 }
@@ -546,7 +551,9 @@ async fn route(shared: Weak<Shared>, mut events: mpsc::Receiver<ToxEvent>) {
                 debug!(peer = %pk, ?status, "friend connection");
                 shared.with_slot(pk, |slot| {
                     slot.online.send_replace(status.is_online());
-                    lock(&slot.status).online = status.is_online();
+                    let mut st = lock(&slot.status);
+                    st.online = status.is_online();
+                    st.path = status;
                 });
             }
             _ => {}
@@ -671,6 +678,9 @@ async fn supervise(shared: Weak<Shared>, pk: PublicKey, mut stop: watch::Receive
     }
 }
 
+/// How often a busy session driver refreshes its [`PeerStatus`].
+const STATUS_EVERY: Duration = Duration::from_millis(20);
+
 /// Runs one session: packets from the router in, mux frames through, packets to Tox out.
 async fn drive(
     shared: Weak<Shared>,
@@ -714,16 +724,20 @@ async fn drive(
             }
             break 'run reason;
         }
-        if now.saturating_duration_since(last_status) >= Duration::from_millis(250) {
+        let deadline = session
+            .poll_timeout()
+            .unwrap_or(now + Duration::from_secs(1));
+        // Status at most every 20 ms while busy, and whenever the session goes quiet, so
+        // what it shows is never more than 20 ms old.
+        let quiet = deadline.saturating_duration_since(now) >= STATUS_EVERY;
+        if quiet || now.saturating_duration_since(last_status) >= STATUS_EVERY {
             last_status = now;
             let mut st = lock(&status);
             st.conv = Some(conv);
             st.session = session.stats();
+            st.mux = handle.stats();
             st.dropped_packets = dropped;
         }
-        let deadline = session
-            .poll_timeout()
-            .unwrap_or(now + Duration::from_secs(1));
         tokio::select! {
             msg = input.recv() => match msg {
                 Some(Input::Packet(p)) => {

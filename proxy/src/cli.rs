@@ -45,6 +45,8 @@ pub enum Command {
     Exit(ExitArgs),
     /// Print this node's Tox ID (creating the identity if missing).
     Id(IdArgs),
+    /// Show a running proxy's exits, paths, round-trip times, loss, streams and bytes.
+    Status(StatusArgs),
 }
 
 /// Flags every role has.
@@ -62,6 +64,9 @@ pub struct CommonArgs {
     /// Do not use the built-in public Tox bootstrap nodes.
     #[arg(long)]
     pub no_public_bootstrap: bool,
+    /// Serve Prometheus metrics (`/metrics`) and status (`/status`) on this address.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Timeouts and limits of relayed connections.
@@ -169,6 +174,18 @@ pub struct IdArgs {
     /// Where the identity lives.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+}
+
+/// `proxy status`.
+#[derive(Debug, Args, Default, Clone)]
+pub struct StatusArgs {
+    /// Where the running proxy answers: its HTTP listener, or its `--metrics` address
+    /// [default: the HTTP listener of the config file, else 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub from: Option<SocketAddr>,
+    /// Settings file (only its `http` and `metrics` matter here).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// A listener setting: an address, or `off`.

@@ -13,6 +13,7 @@
 //! data-dir = "/var/lib/proxy"
 //! bootstrap = ["<64 hex>@node.example:33445"]
 //! public-bootstrap = true
+//! metrics = "127.0.0.1:9100"    # serve /metrics and /status here
 //! connect-timeout = 10          # seconds
 //! idle-timeout = 300            # seconds, 0 = never
 //! max-connections = 1024
@@ -37,7 +38,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::{CommonArgs, ExitArgs, LimitArgs, Listen, PolicyArgs, RunArgs};
+use crate::cli::{CommonArgs, ExitArgs, LimitArgs, Listen, PolicyArgs, RunArgs, StatusArgs};
 use crate::exit_policy::{Cidr, ExitPolicy, PortRange};
 use crate::socks::Credentials;
 
@@ -91,6 +92,7 @@ pub struct ConfigFile {
     #[serde(default)]
     bootstrap: Vec<String>,
     public_bootstrap: Option<bool>,
+    metrics: Option<SocketAddr>,
     connect_timeout: Option<u64>,
     idle_timeout: Option<u64>,
     max_connections: Option<usize>,
@@ -200,6 +202,8 @@ pub struct CommonSettings {
     pub max_connections: usize,
     /// Destination rules.
     pub policy: ExitPolicy,
+    /// Where to serve `/metrics` and `/status`, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The client role's settings, resolved from flags over file over defaults.
@@ -358,6 +362,7 @@ fn common(
             args.bootstrap.clone()
         },
         public_bootstrap: !args.no_public_bootstrap && file.public_bootstrap.unwrap_or(true),
+        metrics: args.metrics.or(file.metrics),
         connect_timeout: Duration::from_secs(connect_timeout),
         idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
         max_connections,
@@ -380,6 +385,26 @@ pub fn id_data_dir(
         return Ok(Some(dir.to_owned()));
     }
     Ok(ConfigFile::load_opt(config)?.data_dir)
+}
+
+/// Where `proxy status` asks: `--from`, else the file's `metrics`, else its HTTP listener,
+/// else the default HTTP listener.
+pub fn status_addr(args: &StatusArgs) -> Result<SocketAddr, ConfigError> {
+    if let Some(addr) = args.from {
+        return Ok(addr);
+    }
+    let file = ConfigFile::load_opt(args.config.as_deref())?;
+    if let Some(addr) = file.metrics {
+        return Ok(addr);
+    }
+    match file.http.map(|v| v.0) {
+        Some(Listen::At(addr)) => Ok(addr),
+        Some(Listen::Off) => Err(ConfigError::Invalid {
+            key: "http",
+            message: "the HTTP listener is off and no `metrics` address is set: pass --from".into(),
+        }),
+        None => Ok(DEFAULT_HTTP.parse().expect("the default is an address")),
+    }
 }
 
 #[cfg(test)]

@@ -108,13 +108,13 @@ async fn route(
         return connect(req, shared, state).await;
     }
     let Some(authority) = req.uri().authority() else {
-        return local(&req, pac);
+        return local(&req, pac, shared);
     };
     let port = req.uri().port_u16().unwrap_or(80);
     let target = Target::from_host_port(authority.host(), port);
     if target == Target::Ip(pac.http) {
         // The proxy asked, through itself, for itself: answer instead of looping.
-        return local(&req, pac);
+        return local(&req, pac, shared);
     }
     if req.uri().scheme_str() != Some("http") {
         return text(
@@ -140,13 +140,20 @@ async fn connect(req: Request<Incoming>, shared: &Shared, state: &ConnState) -> 
     debug!(%target, "connect");
     let mut upstream = match shared.dialer.connect(target.clone()).await {
         Ok(s) => s,
-        Err(err) => return dial_failed(&target, &err),
+        Err(err) => {
+            shared.counters.dial_failed();
+            return dial_failed(&target, &err);
+        }
     };
     let idle = shared.idle_timeout;
+    let counters = shared.counters.clone();
     let tunnel = shared.tracker.spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => match tunnel(upgraded, &mut upstream, idle).await {
-                Ok(t) => debug!(%target, up = t.up, down = t.down, "tunnel done"),
+                Ok(t) => {
+                    counters.relayed(t);
+                    debug!(%target, up = t.up, down = t.down, "tunnel done");
+                }
                 Err(err) => debug!(%target, %err, "tunnel ended"),
             },
             Err(err) => debug!(%err, "upgrade failed"),
@@ -241,7 +248,10 @@ async fn upstream_for(
     }
     let stream = match shared.dialer.connect(target.clone()).await {
         Ok(s) => s,
-        Err(err) => return Err(Box::new(dial_failed(target, &err))),
+        Err(err) => {
+            shared.counters.dial_failed();
+            return Err(Box::new(dial_failed(target, &err)));
+        }
     };
     let (sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
         Ok(pair) => pair,
@@ -291,7 +301,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Requests addressed to the proxy itself.
-fn local(req: &Request<Incoming>, pac_info: PacInfo) -> Response<Body> {
+fn local(req: &Request<Incoming>, pac_info: PacInfo, shared: &Shared) -> Response<Body> {
+    if req.method() == Method::GET
+        && let Some(status) = &shared.status
+        && let path @ ("/status" | "/metrics") = req.uri().path()
+    {
+        let (code, kind, body) = crate::status::respond(path, status);
+        let mut resp = Response::new(full(body));
+        *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+        return resp;
+    }
     if req.method() == Method::GET && req.uri().path() == "/proxy.pac" {
         let host = req
             .headers()
@@ -309,7 +330,8 @@ fn local(req: &Request<Incoming>, pac_info: PacInfo) -> Response<Body> {
     }
     text(
         StatusCode::NOT_FOUND,
-        "proxy: this is an HTTP proxy; configure it as your proxy, or fetch /proxy.pac\n".into(),
+        "proxy: this is an HTTP proxy; configure it as your proxy, or fetch /proxy.pac or /status\n"
+            .into(),
     )
 }
 

@@ -24,6 +24,7 @@ pub mod http;
 pub mod relay;
 pub mod server;
 pub mod socks;
+pub mod status;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ use crate::dialer::{Dialer, DirectDialer};
 use crate::exit_policy::PolicyDialer;
 use crate::server::Shared;
 use crate::socks::Credentials;
+use crate::status::Status;
 
 /// A listener could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,11 @@ impl Proxy {
     /// The HTTP listener's address.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Makes `GET /status` on the HTTP listener answer from `status`.
+    pub fn set_status(&mut self, status: Arc<Status>) {
+        self.shared.status = Some(status);
     }
 
     /// What every connection shares (its shutdown token stops the listeners).

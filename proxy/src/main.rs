@@ -18,10 +18,12 @@ use fabric::peer::{Fabric, FabricConfig};
 use fabric::tox::{ToxConfig, ToxNode};
 use proxy::Proxy;
 use proxy::cli::{Cli, Command};
-use proxy::config::{CommonSettings, ExitSettings, RunSettings, id_data_dir};
+use proxy::config::{CommonSettings, ExitSettings, RunSettings, id_data_dir, status_addr};
 use proxy::dialer::{Dialer, DirectDialer};
 use proxy::exit::{ExitOptions, FabricDialer, UdpOptions};
 use proxy::exit_policy::PolicyDialer;
+use proxy::status::{Counters, Role, Status};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// How long connections in flight get to finish after Ctrl-C.
@@ -81,6 +83,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let settings = ExitSettings::resolve(&args).map_err(Failure::Settings)?;
             run_exit(settings).await
         }
+        Some(Command::Status(args)) => {
+            let addr = status_addr(&args).map_err(Failure::Settings)?;
+            let text = proxy::status::fetch(addr)
+                .await
+                .with_context(|| format!("asking the proxy at {addr} for its status"))?;
+            print!("{text}");
+            Ok(())
+        }
         Some(Command::Id(args)) => {
             let dir = id_data_dir(args.config.as_deref(), args.data_dir.as_deref())
                 .map_err(Failure::Settings)?;
@@ -96,7 +106,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(anyhow::anyhow!("TUN mode is not built yet").into());
             }
             // Keep the fabric alive as long as the listeners.
-            let mut _fabric = None;
+            let mut client_fabric = None;
             let dialer: Arc<dyn Dialer> = if settings.exits.is_empty() {
                 Proxy::direct_dialer(&settings)
             } else {
@@ -118,12 +128,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 for exit in exits {
                     tokio::spawn(connect_exit(fabric.clone(), dialer.clone(), exit));
                 }
-                _fabric = Some(fabric);
+                client_fabric = Some(fabric);
                 Arc::new(dialer)
             };
-            let proxy = Proxy::bind(&settings, dialer)
+            let mut proxy = Proxy::bind(&settings, dialer)
                 .await
                 .context("starting listeners")?;
+            let role = if client_fabric.is_some() {
+                Role::Client
+            } else {
+                Role::Direct
+            };
+            let counters = proxy.shared().counters.clone();
+            let status = Arc::new(Status::new(role, client_fabric.clone(), counters));
+            proxy.set_status(status.clone());
+            serve_metrics(&settings.common, status, proxy.shared().shutdown.clone()).await?;
             // Tests and scripts read these lines to learn the ports (useful with port 0).
             if let Some(addr) = proxy.socks_addr() {
                 println!("socks5 listening on {addr}");
@@ -173,6 +192,13 @@ async fn run_exit(settings: ExitSettings) -> Result<(), Failure> {
     let fabric = Arc::new(Fabric::start(FabricConfig::new(tox)).context("starting the Tox node")?);
     // Scripts and tests read this line.
     println!("tox id: {}", fabric.id());
+    let stop_metrics = CancellationToken::new();
+    let status = Arc::new(Status::new(
+        Role::Exit,
+        Some(fabric.clone()),
+        Arc::new(Counters::default()),
+    ));
+    serve_metrics(&settings.common, status, stop_metrics.clone()).await?;
     let direct = DirectDialer::new(settings.common.connect_timeout);
     let dialer: Arc<dyn Dialer> =
         Arc::new(PolicyDialer::new(direct, settings.common.policy.clone()));
@@ -185,7 +211,27 @@ async fn run_exit(settings: ExitSettings) -> Result<(), Failure> {
         () = proxy::exit::serve_udp(fabric.clone(), dialer, UdpOptions::default()) => {}
         () = shutdown_signal() => {}
     }
+    stop_metrics.cancel();
     fabric.shutdown().await;
+    Ok(())
+}
+
+/// Opens the `--metrics` listener, if asked for, and serves it until `stop`.
+async fn serve_metrics(
+    common: &CommonSettings,
+    status: Arc<Status>,
+    stop: CancellationToken,
+) -> Result<(), Failure> {
+    let Some(addr) = common.metrics else {
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+    let addr = listener.local_addr().context("metrics listener address")?;
+    // Tests and scripts read this line to learn the port (useful with port 0).
+    println!("metrics listening on {addr} (/metrics, /status)");
+    tokio::spawn(proxy::status::serve(listener, status, stop));
     Ok(())
 }
 

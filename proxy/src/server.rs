@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::dialer::Dialer;
+use crate::status::{Counters, Status};
 
 /// Settings shared by the SOCKS5 and HTTP front-ends.
 #[derive(Debug, Clone)]
@@ -34,6 +35,10 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Connection and byte counters for status output.
+    pub counters: Arc<Counters>,
+    /// What `GET /status` on the HTTP listener shows, once set.
+    pub status: Option<Arc<Status>>,
 }
 
 impl Shared {
@@ -50,6 +55,8 @@ impl Shared {
             limit: Arc::new(Semaphore::new(max_connections)),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            counters: Arc::default(),
+            status: None,
         }
     }
 
@@ -106,10 +113,13 @@ pub async fn accept_loop<F, Fut>(
         id += 1;
         let span = info_span!("conn", kind, id, %peer);
         let fut = handle(stream, peer);
+        let counters = shared.counters.clone();
+        counters.accepted();
         shared.tracker.spawn(
             async move {
                 debug!("accepted");
                 fut.await;
+                counters.finished();
                 drop(permit);
             }
             .instrument(span),

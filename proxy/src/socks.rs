@@ -126,6 +126,7 @@ pub async fn handle(
             let mut upstream = match shared.dialer.connect(target.clone()).await {
                 Ok(stream) => stream,
                 Err(err) => {
+                    shared.counters.dial_failed();
                     let _ = proto.reply_error(&reply_for(&err)).await;
                     return Err(SocksError::Dial { target, err });
                 }
@@ -135,6 +136,7 @@ pub async fn handle(
             let unspecified = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0);
             let mut client = proto.reply_success(unspecified).await?;
             let t = relay_tcp(&mut client, &mut upstream, shared.idle_timeout).await?;
+            shared.counters.relayed(t);
             debug!(up = t.up, down = t.down, "relay done");
             Ok(())
         }

@@ -392,6 +392,27 @@ impl SocksUdp {
     }
 }
 
+/// A plain `GET path` to `addr`: the status code and body (at most 10 s).
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::other("not an HTTP response"))?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad status line in {head:?}")))?;
+    Ok((code, body.to_owned()))
+}
+
 /// The `proxy` binary, built on first use so a test never runs a stale one. `PROXY_BIN`
 /// overrides the path.
 pub fn proxy_bin() -> &'static Path {
@@ -435,6 +456,8 @@ pub struct ProxyProcess {
     pub socks: Option<SocketAddr>,
     /// The HTTP listener, if on.
     pub http: Option<SocketAddr>,
+    /// The `--metrics` listener, if asked for.
+    pub metrics: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -484,6 +507,7 @@ impl ProxyProcess {
             child,
             socks: None,
             http: None,
+            metrics: None,
             stderr,
         };
         let want_socks = !args.windows(2).any(|w| w == ["--socks", "off"]);
@@ -499,6 +523,8 @@ impl ProxyProcess {
                 me.socks = addr(&line);
             } else if line.starts_with("http listening on ") {
                 me.http = addr(&line);
+            } else if line.starts_with("metrics listening on ") {
+                me.metrics = addr(&line);
             }
         }
         Ok(me)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tests::servers::{
     DnsServer, HttpServer, PAGE_RENDERED_TEXT, ProxyProcess, SocksUdp, big_byte, chromium_dump_dom,
-    proxy_bin, run_with_timeout,
+    http_get, proxy_bin, run_with_timeout,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -399,6 +399,90 @@ fn bad_settings_fail_clearly() {
     .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cannot listen on {addr}")));
+}
+
+#[test]
+fn status_and_metrics_count_connections_and_failures() {
+    let server = HttpServer::start().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = ProxyProcess::start(&["--metrics", "127.0.0.1:0"]).unwrap();
+    let socks = proxy.socks.unwrap().to_string();
+    let n = 1 << 20;
+    let body = curl_ok(&[
+        "--socks5-hostname",
+        &socks,
+        &server.url(&format!("/big/{n}")),
+    ]);
+    check_big(&body, n);
+    let (refused, reply) = socks_request(proxy.socks.unwrap(), 1, dead);
+    assert_eq!(reply[1], 5, "refused");
+    drop(refused);
+
+    // `proxy status` asks the metrics listener here (asking the HTTP listener works too, but
+    // is itself a connection to the front-ends and would show in the counts).
+    let metrics = proxy.metrics.expect("metrics listener");
+    let from = metrics.to_string();
+    let deadline = std::time::Instant::now() + LIMIT;
+    let text = loop {
+        let out = run_with_timeout(
+            Command::new(proxy_bin()).args(["status", "--from", &from]),
+            LIMIT,
+        )
+        .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        // The two connections have ended once both show as closed.
+        if text.contains("0 open") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(text.starts_with("proxy direct (up "), "{text}");
+    assert!(
+        text.contains("0 open, 2 accepted, 1 dial failures"),
+        "{text}"
+    );
+    assert!(text.contains("/ 1.0 MiB down"), "{text}");
+
+    // The metrics listener: Prometheus text, and 404 elsewhere.
+    let (code, prom) = http_get(metrics, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        prom.contains("proxy_frontend_connections_total 2"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("proxy_frontend_dial_failures_total 1"),
+        "{prom}"
+    );
+    // The body and the origin's response head.
+    let down: u64 = prom
+        .lines()
+        .find_map(|l| l.strip_prefix("proxy_frontend_bytes_total{direction=\"down\"} "))
+        .and_then(|v| v.parse().ok())
+        .expect("bytes down");
+    assert!((n..n + 512).contains(&down), "{prom}");
+    assert_eq!(http_get(metrics, "/nothing").unwrap().0, 404);
+    // The HTTP listener answers /status addressed to itself.
+    let (code, text) = http_get(proxy.http.unwrap(), "/status").unwrap();
+    assert_eq!(code, 200);
+    assert!(text.starts_with("proxy direct"), "{text}");
+
+    // Nobody listening: a clear error, exit code 1.
+    let out = run_with_timeout(
+        Command::new(proxy_bin()).args(["status", "--from", &dead.to_string()]),
+        LIMIT,
+    )
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("asking the proxy at {dead}")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tests::servers::{
     DnsServer, HttpServer, PAGE, PAGE_RENDERED_TEXT, ProxyProcess, SocksUdp, big_byte,
-    chromium_dump_dom, proxy_bin, run_with_timeout,
+    chromium_dump_dom, http_get, proxy_bin, run_with_timeout,
 };
 use tests::toxnet::ToxNet;
 
@@ -19,6 +19,8 @@ use tests::toxnet::ToxNet;
 struct ExitProcess {
     child: Child,
     id: String,
+    /// The `--metrics` listener, when the test asked for one.
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl ExitProcess {
@@ -47,16 +49,24 @@ impl ExitProcess {
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(id) = line.strip_prefix("tox id: ") {
-                    let _ = tx.send(id.to_owned());
-                }
+                let _ = tx.send(line);
             }
         });
-        let id = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("proxy exit prints its tox id");
+        let want_metrics = extra.contains(&"--metrics");
+        let (mut id, mut metrics) = (None, None);
+        while id.is_none() || (want_metrics && metrics.is_none()) {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("proxy exit prints its tox id (and metrics address)");
+            if let Some(rest) = line.strip_prefix("tox id: ") {
+                id = Some(rest.to_owned());
+            } else if let Some(rest) = line.strip_prefix("metrics listening on ") {
+                metrics = rest.split(' ').next().and_then(|a| a.parse().ok());
+            }
+        }
+        let id = id.expect("tox id");
         assert_eq!(id.len(), 76, "a Tox ID is 76 hex digits: {id}");
-        Self { child, id }
+        Self { child, id, metrics }
     }
 }
 
@@ -126,7 +136,11 @@ fn curl_through_an_exit_over_tox() {
     let net = ToxNet::start(4).expect("private tox network");
     let origin = HttpServer::start().expect("origin");
     // The origin is on loopback, which an exit refuses unless told otherwise.
-    let exit = ExitProcess::start(&net, "exit", &["--allow-any", "--allow-private"]);
+    let exit = ExitProcess::start(
+        &net,
+        "exit",
+        &["--allow-any", "--allow-private", "--metrics", "127.0.0.1:0"],
+    );
     let proxy = client(&net, "client", &exit);
     let socks = proxy.socks.expect("socks").to_string();
     let http = format!("http://{}", proxy.http.expect("http"));
@@ -165,6 +179,37 @@ fn curl_through_an_exit_over_tox() {
             .expect("a dns answer through the exit");
         assert_eq!(answer, (id, Ipv4Addr::new(10, 9, 8, 7)));
     }
+
+    // Status on both sides: the client names its exit, the path Tox found and the session;
+    // the exit's metrics show the client's session up with streams having moved bytes.
+    let out = run_proxy(&["status", "--from", &proxy.http.expect("http").to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let exit_pk = &exit.id[..64];
+    assert!(text.starts_with("proxy client"), "{text}");
+    assert!(text.contains(&format!("exit {exit_pk}")), "{text}");
+    assert!(
+        text.contains("path tox-udp") || text.contains("path tox-tcp-relay"),
+        "{text}"
+    );
+    assert!(text.contains("session conv "), "{text}");
+    let (code, prom) = http_get(exit.metrics.expect("exit metrics"), "/metrics").expect("scrape");
+    assert_eq!(code, 200);
+    let up = prom
+        .lines()
+        .find(|l| l.starts_with("proxy_peer_session_up{"))
+        .expect("a client in the exit's metrics");
+    assert!(up.ends_with(" 1"), "{prom}");
+    let received: f64 = prom
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("proxy_peer_bytes_total{")
+                .filter(|l| l.contains("direction=\"sent\""))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+        })
+        .expect("bytes sent to the client");
+    assert!(received > n as f64, "the exit sent the 8 MiB: {prom}");
 
     // A CONNECT tunnel through the exit.
     let tunneled = curl_until_ok(

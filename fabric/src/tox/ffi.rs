@@ -158,9 +158,10 @@ unsafe extern "C" {
 }
 
 /// How a Tox instance (or a friend) is connected (`Tox_Connection`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Connection {
     /// Not connected.
+    #[default]
     None,
     /// Connected through a TCP relay only.
     Tcp,

@@ -1,0 +1,599 @@
+//! Status and metrics: what `proxy status` prints and what Prometheus scrapes.
+//!
+//! ```text
+//! front-ends ─► Counters ─┐
+//! fabric peers ───────────┴─► Status::snapshot ─► text (GET /status)
+//!                                              └─► Prometheus text format (GET /metrics)
+//! ```
+//!
+//! The client's HTTP listener answers `GET /status` addressed to itself (as it does
+//! `/proxy.pac`); `--metrics ADDR` opens a listener of its own with `/metrics` and `/status`,
+//! for either role. `proxy status` fetches `/status` and prints it.
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fabric::peer::{Fabric, PeerStatus};
+use fabric::tox::Connection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::relay::Transferred;
+
+/// Counters of the local front-ends (SOCKS5, HTTP), updated as connections come and go.
+#[derive(Debug, Default)]
+pub struct Counters {
+    accepted: AtomicU64,
+    finished: AtomicU64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+    dial_failures: AtomicU64,
+}
+
+impl Counters {
+    /// A client connection was accepted.
+    pub fn accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A client connection ended.
+    pub fn finished(&self) {
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A relay ended having moved `t`.
+    pub fn relayed(&self, t: Transferred) {
+        self.bytes_up.fetch_add(t.up, Ordering::Relaxed);
+        self.bytes_down.fetch_add(t.down, Ordering::Relaxed);
+    }
+
+    /// A dial failed (refused, unreachable, denied, timed out).
+    pub fn dial_failed(&self) {
+        self.dial_failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A local proxy dialing directly.
+    Direct,
+    /// A local proxy dialing through exits.
+    Client,
+    /// An exit.
+    Exit,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Client => "client",
+            Self::Exit => "exit",
+        }
+    }
+}
+
+/// Everything status output reads from.
+#[derive(Debug)]
+pub struct Status {
+    role: Role,
+    started: Instant,
+    fabric: Option<Arc<Fabric>>,
+    counters: Arc<Counters>,
+}
+
+/// One moment's figures.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// What this process is.
+    pub role: Role,
+    /// How long it has run.
+    pub uptime: Duration,
+    /// Its Tox ID, when it runs a Tox node.
+    pub tox_id: Option<String>,
+    /// Front-end connections accepted.
+    pub accepted: u64,
+    /// Front-end connections open now.
+    pub active: u64,
+    /// Bytes relayed from clients to targets (counted when a relay ends).
+    pub bytes_up: u64,
+    /// Bytes relayed from targets to clients (counted when a relay ends).
+    pub bytes_down: u64,
+    /// Dials that failed.
+    pub dial_failures: u64,
+    /// The peers (exits for a client, clients for an exit), by public key in hex.
+    pub peers: Vec<(String, PeerStatus)>,
+}
+
+impl Status {
+    /// Status of a process in `role`, with its fabric if it has one.
+    pub fn new(role: Role, fabric: Option<Arc<Fabric>>, counters: Arc<Counters>) -> Self {
+        Self {
+            role,
+            started: Instant::now(),
+            fabric,
+            counters,
+        }
+    }
+
+    /// The figures now.
+    pub fn snapshot(&self) -> Snapshot {
+        let c = &self.counters;
+        let accepted = c.accepted.load(Ordering::Relaxed);
+        let finished = c.finished.load(Ordering::Relaxed);
+        let mut peers: Vec<_> = self
+            .fabric
+            .iter()
+            .flat_map(|f| f.peers())
+            .map(|(pk, st)| (pk.to_string(), st))
+            .collect();
+        peers.sort_by(|a, b| a.0.cmp(&b.0));
+        Snapshot {
+            role: self.role,
+            uptime: self.started.elapsed(),
+            tox_id: self.fabric.as_ref().map(|f| f.id().to_string()),
+            accepted,
+            active: accepted.saturating_sub(finished),
+            bytes_up: c.bytes_up.load(Ordering::Relaxed),
+            bytes_down: c.bytes_down.load(Ordering::Relaxed),
+            dial_failures: c.dial_failures.load(Ordering::Relaxed),
+            peers,
+        }
+    }
+}
+
+fn path_name(status: &PeerStatus) -> &'static str {
+    match status.path {
+        Connection::Udp => "tox-udp",
+        Connection::Tcp => "tox-tcp-relay",
+        Connection::None => "offline",
+    }
+}
+
+/// Retransmitted segments as a share of all data segments sent: the loss the session saw
+/// (or thought it saw).
+fn loss_ratio(st: &PeerStatus) -> f64 {
+    let s = &st.session;
+    let total = s.segments_sent + s.retransmits;
+    if total == 0 {
+        0.0
+    } else {
+        s.retransmits as f64 / total as f64
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn millis(d: Option<Duration>) -> String {
+    d.map_or_else(
+        || "-".into(),
+        |d| format!("{:.1} ms", d.as_secs_f64() * 1e3),
+    )
+}
+
+impl Snapshot {
+    /// The human-readable form `proxy status` prints.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let up = self.uptime.as_secs();
+        let _ = writeln!(
+            out,
+            "proxy {} (up {}h{:02}m{:02}s)",
+            self.role.name(),
+            up / 3600,
+            up / 60 % 60,
+            up % 60
+        );
+        if let Some(id) = &self.tox_id {
+            let _ = writeln!(out, "tox id: {id}");
+        }
+        if self.role != Role::Exit {
+            let _ = writeln!(
+                out,
+                "front-ends: {} open, {} accepted, {} dial failures, relayed {} up / {} down",
+                self.active,
+                self.accepted,
+                self.dial_failures,
+                bytes(self.bytes_up),
+                bytes(self.bytes_down)
+            );
+        }
+        let kind = if self.role == Role::Exit {
+            "client"
+        } else {
+            "exit"
+        };
+        if self.peers.is_empty() && self.role != Role::Direct {
+            let _ = writeln!(out, "no {kind} yet");
+        }
+        for (pk, st) in &self.peers {
+            let s = &st.session;
+            let _ = writeln!(
+                out,
+                "{kind} {pk}\n  path {}  session {}  rtt {} (min {})  delivery {:.1} Mbit/s",
+                path_name(st),
+                st.conv
+                    .map_or_else(|| "down".into(), |c| format!("conv {c}")),
+                millis(s.srtt),
+                millis(s.min_rtt),
+                s.delivery_rate * 8.0 / 1e6,
+            );
+            let _ = writeln!(
+                out,
+                "  streams {}  sent {} in {} packets  received {} in {} packets",
+                st.mux.streams,
+                bytes(s.bytes_sent),
+                s.packets_sent,
+                bytes(s.bytes_received),
+                s.packets_received,
+            );
+            let _ = writeln!(
+                out,
+                "  retransmits {} of {} segments ({:.2} % loss)  dropped {} packets, {} datagrams",
+                s.retransmits,
+                s.segments_sent + s.retransmits,
+                loss_ratio(st) * 100.0,
+                st.dropped_packets,
+                s.datagrams_dropped,
+            );
+        }
+        out
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(
+                out,
+                "# HELP proxy_{name} {help}\n# TYPE proxy_{name} {kind}"
+            );
+            for (labels, value) in samples {
+                let _ = writeln!(out, "proxy_{name}{labels} {value}");
+            }
+        };
+        let role = format!("{{role=\"{}\"}}", self.role.name());
+        metric(
+            "uptime_seconds",
+            "gauge",
+            "Seconds since the process started.",
+            &[(role, self.uptime.as_secs_f64())],
+        );
+        let plain = |v: u64| vec![(String::new(), v as f64)];
+        metric(
+            "frontend_connections_total",
+            "counter",
+            "Client connections accepted by the SOCKS5 and HTTP listeners.",
+            &plain(self.accepted),
+        );
+        metric(
+            "frontend_connections_open",
+            "gauge",
+            "Client connections open now.",
+            &plain(self.active),
+        );
+        metric(
+            "frontend_dial_failures_total",
+            "counter",
+            "Dials that failed (refused, unreachable, denied by policy, timed out).",
+            &plain(self.dial_failures),
+        );
+        metric(
+            "frontend_bytes_total",
+            "counter",
+            "Bytes relayed, counted when a relay ends.",
+            &[
+                ("{direction=\"up\"}".into(), self.bytes_up as f64),
+                ("{direction=\"down\"}".into(), self.bytes_down as f64),
+            ],
+        );
+        let per_peer = |f: &dyn Fn(&PeerStatus) -> f64| -> Vec<(String, f64)> {
+            self.peers
+                .iter()
+                .map(|(pk, st)| (format!("{{peer=\"{pk}\"}}"), f(st)))
+                .collect()
+        };
+        let online: Vec<_> = self
+            .peers
+            .iter()
+            .map(|(pk, st)| {
+                (
+                    format!("{{peer=\"{pk}\",path=\"{}\"}}", path_name(st)),
+                    f64::from(u8::from(st.online)),
+                )
+            })
+            .collect();
+        metric(
+            "peer_online",
+            "gauge",
+            "1 when Tox sees the peer online, by path.",
+            &online,
+        );
+        metric(
+            "peer_session_up",
+            "gauge",
+            "1 when a KCP session to the peer runs.",
+            &per_peer(&|st| f64::from(u8::from(st.conv.is_some()))),
+        );
+        metric(
+            "peer_rtt_seconds",
+            "gauge",
+            "Smoothed round-trip time of the session.",
+            &per_peer(&|st| st.session.srtt.map_or(f64::NAN, |d| d.as_secs_f64())),
+        );
+        metric(
+            "peer_delivery_rate_bytes",
+            "gauge",
+            "The session's delivery-rate estimate, bytes per second.",
+            &per_peer(&|st| st.session.delivery_rate),
+        );
+        metric(
+            "peer_streams",
+            "gauge",
+            "Streams open on the session.",
+            &per_peer(&|st| st.mux.streams as f64),
+        );
+        metric(
+            "peer_segments_sent_total",
+            "counter",
+            "Data segments sent the first time.",
+            &per_peer(&|st| st.session.segments_sent as f64),
+        );
+        metric(
+            "peer_retransmits_total",
+            "counter",
+            "Data segments sent again.",
+            &per_peer(&|st| st.session.retransmits as f64),
+        );
+        metric(
+            "peer_packets_total",
+            "counter",
+            "Session packets, by direction.",
+            &self
+                .peers
+                .iter()
+                .flat_map(|(pk, st)| {
+                    [
+                        (
+                            format!("{{peer=\"{pk}\",direction=\"sent\"}}"),
+                            st.session.packets_sent as f64,
+                        ),
+                        (
+                            format!("{{peer=\"{pk}\",direction=\"received\"}}"),
+                            st.session.packets_received as f64,
+                        ),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        );
+        metric(
+            "peer_bytes_total",
+            "counter",
+            "Session bytes on the path, by direction.",
+            &self
+                .peers
+                .iter()
+                .flat_map(|(pk, st)| {
+                    [
+                        (
+                            format!("{{peer=\"{pk}\",direction=\"sent\"}}"),
+                            st.session.bytes_sent as f64,
+                        ),
+                        (
+                            format!("{{peer=\"{pk}\",direction=\"received\"}}"),
+                            st.session.bytes_received as f64,
+                        ),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        );
+        metric(
+            "peer_dropped_packets_total",
+            "counter",
+            "Session packets the Tox node's queue refused.",
+            &per_peer(&|st| st.dropped_packets as f64),
+        );
+        out
+    }
+}
+
+/// Serves `GET /metrics` and `GET /status` on `listener` until `shutdown` is cancelled.
+///
+/// A deliberately tiny HTTP/1.1 responder (one request per connection): scrapers and
+/// `proxy status` need nothing more, and it keeps the metrics port free of the proxy's
+/// request handling.
+pub async fn serve(listener: TcpListener, status: Arc<Status>, shutdown: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    debug!(%error, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let answer = tokio::time::timeout(Duration::from_secs(10), answer(stream, &status));
+            if let Ok(Err(error)) = answer.await {
+                debug!(%peer, %error, "metrics request failed");
+            }
+        });
+    }
+}
+
+/// The response to a request for `path`: status code, content type, body.
+pub fn respond(path: &str, status: &Status) -> (u16, &'static str, String) {
+    match path {
+        "/metrics" => (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            status.snapshot().prometheus(),
+        ),
+        "/status" => (200, "text/plain; charset=utf-8", status.snapshot().text()),
+        _ => (
+            404,
+            "text/plain; charset=utf-8",
+            "proxy: try /status or /metrics\n".into(),
+        ),
+    }
+}
+
+async fn answer(mut stream: TcpStream, status: &Status) -> io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || head.len() > 8192 {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let (code, kind, body) = match (parts.next(), parts.next()) {
+        (Some("GET"), Some(path)) => respond(path, status),
+        _ => (
+            405,
+            "text/plain; charset=utf-8",
+            "proxy: only GET here\n".into(),
+        ),
+    };
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        _ => "Method Not Allowed",
+    };
+    let response = format!(
+        "HTTP/1.1 {code} {reason}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Fetches `/status` from a running proxy at `addr` (its HTTP listener or `--metrics`
+/// address) for `proxy status`.
+pub async fn fetch(addr: SocketAddr) -> io::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!("GET /status HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        let first = head.lines().next().unwrap_or_default();
+        return Err(io::Error::other(format!(
+            "{addr} answered {first:?} (is it a proxy's HTTP listener or --metrics address?)"
+        )));
+    }
+    Ok(body.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        let mut st = PeerStatus::default();
+        st.online = true;
+        st.path = Connection::Udp;
+        st.session.srtt = Some(Duration::from_millis(42));
+        st.session.segments_sent = 99;
+        st.session.retransmits = 1;
+        st.mux.streams = 3;
+        Snapshot {
+            role: Role::Client,
+            uptime: Duration::from_secs(3725),
+            tox_id: Some("AB".repeat(38)),
+            accepted: 10,
+            active: 2,
+            bytes_up: 2048,
+            bytes_down: 5 << 20,
+            dial_failures: 1,
+            peers: vec![("CD".repeat(32), st)],
+        }
+    }
+
+    #[test]
+    fn text_names_the_path_rtt_loss_and_streams() {
+        let t = snapshot().text();
+        assert!(t.starts_with("proxy client (up 1h02m05s)"), "{t}");
+        assert!(t.contains("2 open, 10 accepted, 1 dial failures"), "{t}");
+        assert!(t.contains("relayed 2.0 KiB up / 5.0 MiB down"), "{t}");
+        assert!(t.contains("path tox-udp"), "{t}");
+        assert!(t.contains("rtt 42.0 ms"), "{t}");
+        assert!(t.contains("streams 3"), "{t}");
+        assert!(
+            t.contains("retransmits 1 of 100 segments (1.00 % loss)"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn prometheus_lines_are_well_formed() {
+        let p = snapshot().prometheus();
+        let pk = "CD".repeat(32);
+        assert!(p.contains(&format!("proxy_peer_rtt_seconds{{peer=\"{pk}\"}} 0.042")));
+        assert!(p.contains(&format!(
+            "proxy_peer_online{{peer=\"{pk}\",path=\"tox-udp\"}} 1"
+        )));
+        assert!(p.contains("proxy_frontend_connections_total 10"));
+        // Every sample line is `name{labels} value` with a TYPE line before its family.
+        let mut typed = std::collections::HashSet::new();
+        for line in p.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed.insert(rest.split(' ').next().unwrap().to_owned());
+            } else if !line.starts_with('#') {
+                let (name, value) = line.rsplit_once(' ').unwrap();
+                let family = name.split('{').next().unwrap();
+                assert!(typed.contains(family), "{line}");
+                assert!(value.parse::<f64>().is_ok(), "{line}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_status_and_metrics_over_http() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counters = Arc::new(Counters::default());
+        counters.accepted();
+        let status = Arc::new(Status::new(Role::Direct, None, counters));
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, status, stop.clone()));
+        let text = fetch(addr).await.unwrap();
+        assert!(text.starts_with("proxy direct"), "{text}");
+        assert!(text.contains("1 open, 1 accepted"), "{text}");
+        stop.cancel();
+        server.await.unwrap();
+    }
+}
