@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::connection::{feed, mux_config};
 use crate::id::{PublicKey, ToxId};
@@ -423,15 +423,19 @@ impl Shared {
             slot.status.clone()
         });
         let session = Session::new(conv, self.config.session.clone(), Instant::now());
-        tokio::spawn(drive(
-            Arc::downgrade(self),
-            pk,
-            session,
-            handle.clone(),
-            input_rx,
-            ended_tx,
-            status,
-        ));
+        let span = tracing::info_span!("session", peer = %pk, %conv);
+        tokio::spawn(
+            drive(
+                Arc::downgrade(self),
+                pk,
+                session,
+                handle.clone(),
+                input_rx,
+                ended_tx,
+                status,
+            )
+            .instrument(span),
+        );
         if exit_role {
             let handle = handle.clone();
             let incoming = self.incoming.clone();

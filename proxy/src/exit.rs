@@ -20,7 +20,7 @@ use fabric::peer::{Fabric, Incoming, Peer};
 use fabric::target::{Reply, Target as WireTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
 
@@ -186,12 +186,16 @@ pub async fn serve(fabric: Arc<Fabric>, dialer: Arc<dyn Dialer>, options: ExitOp
         };
         let dialer = dialer.clone();
         let options = options.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(error) = serve_stream(incoming, dialer.as_ref(), &options).await {
-                debug!(%error, "exit stream ended with an error");
+        let span = debug_span!("stream", peer = %incoming.peer, id = incoming.stream.id().0);
+        tokio::spawn(
+            async move {
+                let _slot = slot;
+                if let Err(error) = serve_stream(incoming, dialer.as_ref(), &options).await {
+                    debug!(%error, "exit stream ended with an error");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
     info!("exit stopped accepting streams");
 }
