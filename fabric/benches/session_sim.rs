@@ -4,7 +4,10 @@
 //! Each cell runs 22 virtual seconds: one stream uploads without pause while a second stream
 //! carries 1-byte requests, each answered by 1 byte, one at a time. Goodput counts the bulk
 //! bytes the receiver read from second 2 to second 22 (after startup); latency is the time
-//! from writing a request to reading its answer. The path's buffer holds one
+//! from writing a request to reading its answer. The "alone" columns run the same requests
+//! on an otherwise idle session: the latency of a lone interactive flow. Beside a bulk
+//! transfer, a request waits behind every segment lost before it (one ordered KCP stream);
+//! alone, only its own losses count. The path's buffer holds one
 //! bandwidth-delay product (at least 64 KB). Virtual time: the figures do not depend on the
 //! machine, only the wall-clock column does.
 //!
@@ -27,7 +30,7 @@ struct Cell {
     retransmit_pct: f64,
 }
 
-fn run(rtt: Duration, loss: f64, seed: u64) -> Cell {
+fn run(rtt: Duration, loss: f64, seed: u64, with_bulk: bool) -> Cell {
     let t0 = Instant::now();
     let net = SimNet::symmetric(LinkConfig::with_rate_rtt_loss(100, rtt, loss), seed);
     let mut pair: Pair<Connection> =
@@ -43,7 +46,7 @@ fn run(rtt: Duration, loss: f64, seed: u64) -> Cell {
     let mut latencies = Vec::new();
     let end = t0 + WARMUP + MEASURE;
     pair.run_until(end, |a, b, now| {
-        while a.mux().write(bulk, &chunk).unwrap_or(0) > 0 {}
+        while with_bulk && a.mux().write(bulk, &chunk).unwrap_or(0) > 0 {}
         while let Some(id) = b.mux().accept() {
             if id == bulk {
                 bulk_peer = Some(id);
@@ -104,16 +107,27 @@ fn main() {
         "fabric over SimNet: 100 Mbit/s, buffer = 1 BDP, one bulk stream + 1-byte request/response"
     );
     println!(
-        "{:>7} {:>6} {:>14} {:>10} {:>10} {:>8} {:>8} {:>8}",
-        "rtt", "loss", "goodput", "rr p50", "rr p99", "p99/rtt", "samples", "retx"
+        "{:>7} {:>6} {:>14} {:>10} {:>10} {:>8} {:>8} {:>8} | {:>10} {:>10} {:>8}",
+        "rtt",
+        "loss",
+        "goodput",
+        "rr p50",
+        "rr p99",
+        "p99/rtt",
+        "samples",
+        "retx",
+        "alone p50",
+        "alone p99",
+        "p99/rtt"
     );
     for rtt_ms in [2u64, 40, 200] {
         for loss in [0.0, 0.01, 0.05, 0.10, 0.20] {
             let wall = Instant::now();
             let rtt = Duration::from_millis(rtt_ms);
-            let c = run(rtt, loss, 1);
+            let c = run(rtt, loss, 1, true);
+            let alone = run(rtt, loss, 1, false);
             println!(
-                "{:>5}ms {:>5.0}% {:>9.1} Mbit/s {:>8.1}ms {:>8.1}ms {:>8.2} {:>8} {:>7.1}%   ({:.1}s wall)",
+                "{:>5}ms {:>5.0}% {:>9.1} Mbit/s {:>8.1}ms {:>8.1}ms {:>8.2} {:>8} {:>7.1}% | {:>8.1}ms {:>8.1}ms {:>8.2}   ({:.1}s wall)",
                 rtt_ms,
                 loss * 100.0,
                 c.goodput_mbit,
@@ -122,6 +136,9 @@ fn main() {
                 c.p99.as_secs_f64() / rtt.as_secs_f64(),
                 c.samples,
                 c.retransmit_pct,
+                alone.p50.as_secs_f64() * 1e3,
+                alone.p99.as_secs_f64() * 1e3,
+                alone.p99.as_secs_f64() / rtt.as_secs_f64(),
                 wall.elapsed().as_secs_f64(),
             );
         }
