@@ -94,6 +94,14 @@ pub struct ToxConfig {
     pub event_capacity: usize,
     /// Capacity of the command channel (mostly outgoing packets).
     pub command_capacity: usize,
+    /// Let c-toxcore lock its crypto buffers in memory (`mlock`), as it does by default.
+    ///
+    /// Off here: c-toxcore locks and unlocks a buffer around every packet it encrypts or
+    /// decrypts, and those syscalls took about 40 % of the Tox thread during bulk transfers.
+    /// With this off, the Tox thread refuses them (see `ffi::refuse_memory_locks`) and Tox
+    /// secrets can be swapped out like the rest of the process's memory; turn it on where
+    /// swap is not encrypted and that matters more than speed.
+    pub lock_memory: bool,
 }
 
 impl ToxConfig {
@@ -115,6 +123,7 @@ impl ToxConfig {
             name: None,
             event_capacity: 4096,
             command_capacity: 4096,
+            lock_memory: false,
         }
     }
 }

@@ -67,6 +67,10 @@ pub struct CommonArgs {
     /// Serve Prometheus metrics (`/metrics`) and status (`/status`) on this address.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Let c-toxcore lock its crypto buffers in RAM (mlock) around every packet: keeps Tox
+    /// secrets out of swap, at about half the throughput.
+    #[arg(long)]
+    pub tox_lock_memory: bool,
 }
 
 /// Timeouts and limits of relayed connections.

@@ -14,6 +14,7 @@
 //! bootstrap = ["<64 hex>@node.example:33445"]
 //! public-bootstrap = true
 //! metrics = "127.0.0.1:9100"    # serve /metrics and /status here
+//! tox-lock-memory = false       # let c-toxcore mlock its buffers (slower)
 //! connect-timeout = 10          # seconds
 //! idle-timeout = 300            # seconds, 0 = never
 //! max-connections = 1024
@@ -93,6 +94,7 @@ pub struct ConfigFile {
     bootstrap: Vec<String>,
     public_bootstrap: Option<bool>,
     metrics: Option<SocketAddr>,
+    tox_lock_memory: Option<bool>,
     connect_timeout: Option<u64>,
     idle_timeout: Option<u64>,
     max_connections: Option<usize>,
@@ -204,6 +206,8 @@ pub struct CommonSettings {
     pub policy: ExitPolicy,
     /// Where to serve `/metrics` and `/status`, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Let c-toxcore `mlock` its buffers.
+    pub tox_lock_memory: bool,
 }
 
 /// The client role's settings, resolved from flags over file over defaults.
@@ -363,6 +367,7 @@ fn common(
         },
         public_bootstrap: !args.no_public_bootstrap && file.public_bootstrap.unwrap_or(true),
         metrics: args.metrics.or(file.metrics),
+        tox_lock_memory: args.tox_lock_memory || file.tox_lock_memory.unwrap_or(false),
         connect_timeout: Duration::from_secs(connect_timeout),
         idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
         max_connections,

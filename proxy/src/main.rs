@@ -239,6 +239,7 @@ async fn serve_metrics(
 fn tox_config(common: &CommonSettings) -> Result<ToxConfig, Failure> {
     let mut tox = ToxConfig::new(data_dir(common.data_dir.clone())?);
     tox.use_public_bootstrap = common.public_bootstrap;
+    tox.lock_memory = common.tox_lock_memory;
     for node in &common.bootstrap {
         let parsed: BootstrapNode = node
             .parse()

@@ -320,6 +320,12 @@ fn thread_main(
             return;
         }
     };
+    if !config.lock_memory {
+        match ffi::refuse_memory_locks() {
+            Ok(()) => debug!("c-toxcore's per-packet memory locks are refused on this thread"),
+            Err(error) => debug!(%error, "c-toxcore will lock its buffers"),
+        }
+    }
     let node = match Node::start(config, ev_tx) {
         Ok(node) => node,
         Err(e) => {
