@@ -7,13 +7,11 @@
 //! `cargo bench -p fabric --features tox,test-util --bench fabric_tox`
 //! (`FABRIC_BENCH_MB` sets the megabytes per run, default 64).
 
-use std::io::BufRead;
 use std::time::{Duration, Instant};
 
-use fabric::id::ToxId;
 use fabric::peer::{Fabric, FabricConfig, Peer};
 use fabric::tox::ToxConfig;
-use fabric::tox::testnet::ToxNet;
+use fabric::tox::testnet::{self, ToxNet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -24,8 +22,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    if std::env::var_os("FABRIC_BENCH_ROLE").is_some() {
-        rt.block_on(child_exit());
+    if let Some(config) = testnet::child_config() {
+        rt.block_on(child_exit(config));
     } else {
         rt.block_on(parent());
     }
@@ -37,28 +35,8 @@ async fn parent() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(64);
     let net = ToxNet::start(4).expect("tox-bootstrapd network");
-    let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
-    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
-        .env("FABRIC_BENCH_ROLE", "exit")
-        .env("FABRIC_BENCH_DIR", net.scratch_dir("exit").expect("dir"))
-        .env("FABRIC_BENCH_BOOTSTRAP", nodes.join(","))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn exit");
-    let stdout = child.stdout.take().expect("stdout");
-    let (id_tx, id_rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(id) = line.strip_prefix("id ") {
-                let _ = id_tx.send(id.parse::<ToxId>().expect("exit's tox id"));
-            }
-        }
-    });
-    let exit_id = id_rx.recv_timeout(WAIT).expect("exit reports its id");
+    let child = net.spawn_child("exit").expect("spawn exit");
+    let exit_id = child.id(WAIT).expect("exit reports its id");
     let client = Fabric::start(FabricConfig::new(
         net.config(net.scratch_dir("client").expect("dir")),
     ))
@@ -108,8 +86,8 @@ async fn parent() {
     }
     drop(peer);
     client.shutdown().await;
-    drop(child.stdin.take());
-    let _ = child.wait();
+    // Dropping the child closes its stdin, which stops it.
+    drop(child);
 }
 
 /// Sends `len` bytes on a new stream in `chunk`-sized writes; returns the count the exit
@@ -131,30 +109,11 @@ async fn send_counted(peer: &Peer, len: usize, chunk: usize) -> usize {
 
 /// The exit: counts each stream's bytes and answers the count at its end; stops when stdin
 /// closes.
-async fn child_exit() {
-    let dir = std::env::var_os("FABRIC_BENCH_DIR").expect("FABRIC_BENCH_DIR");
-    let mut tox = ToxConfig::new(dir);
-    tox.bootstrap = std::env::var("FABRIC_BENCH_BOOTSTRAP")
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    tox.use_public_bootstrap = false;
-    tox.local_discovery = false;
-    tox.ipv6_enabled = false;
+async fn child_exit(mut tox: ToxConfig) {
     tox.allow.allow_any = true;
     let exit = std::sync::Arc::new(Fabric::start(FabricConfig::new(tox)).expect("exit fabric"));
     println!("id {}", exit.id());
-    let (eof_tx, eof_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while std::io::stdin()
-            .read_line(&mut sink)
-            .map(|n| n > 0)
-            .unwrap_or(false)
-        {}
-        let _ = eof_tx.send(());
-    });
+    let eof_rx = testnet::stdin_closed();
     let server = exit.clone();
     tokio::spawn(async move {
         while let Some(incoming) = server.accept().await {

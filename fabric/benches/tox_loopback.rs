@@ -12,8 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use fabric::id::ToxId;
-use fabric::tox::testnet::ToxNet;
+use fabric::tox::testnet::{self, ToxNet};
 use fabric::tox::{MAX_CUSTOM_PACKET, ToxError, ToxEvent, ToxHandle, ToxNode};
 use tokio::sync::mpsc;
 
@@ -34,8 +33,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if std::env::var_os("TOX_BENCH_ROLE").is_some() {
-        rt.block_on(child_exit());
+    if let Some(config) = testnet::child_config() {
+        rt.block_on(child_exit(config));
     } else {
         rt.block_on(run());
     }
@@ -150,26 +149,14 @@ async fn run() {
 async fn two_processes(phase: Duration) {
     println!("-- exit in a child process");
     let net = &ToxNet::start(4).expect("tox-bootstrapd network");
-    let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
-    let mut child = std::process::Command::new(std::env::current_exe().expect("current exe"))
-        .env("TOX_BENCH_ROLE", "exit")
-        .env("TOX_BENCH_DIR", net.scratch_dir("exit2").expect("dir"))
-        .env("TOX_BENCH_BOOTSTRAP", nodes.join(","))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn exit process");
+    let mut child = net.spawn_child("exit2").expect("spawn exit process");
+    let exit_id = child.id(WAIT).expect("child reports its tox id");
     let counters = Arc::new(Counters::default());
-    let (id_tx, id_rx) = std::sync::mpsc::sync_channel(1);
-    let stdout = child.stdout.take().expect("piped stdout");
     let c = counters.clone();
+    let lines = child.take_lines();
     std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(id) = line.strip_prefix("id ") {
-                let _ = id_tx.send(id.parse::<ToxId>().expect("child's tox id"));
-            } else if let Some(rest) = line.strip_prefix("rx ") {
+        while let Ok(line) = lines.recv() {
+            if let Some(rest) = line.strip_prefix("rx ") {
                 let v: Vec<u64> = rest.split(' ').filter_map(|x| x.parse().ok()).collect();
                 if let [a, b, c2, d] = v[..] {
                     c.lossy_packets.store(a, Ordering::Relaxed);
@@ -180,7 +167,6 @@ async fn two_processes(phase: Duration) {
             }
         }
     });
-    let exit_id = id_rx.recv_timeout(WAIT).expect("child reports its tox id");
     let (client, mut client_ev) =
         ToxNode::spawn(net.config(net.scratch_dir("client2").expect("dir"))).expect("client");
     let t0 = Instant::now();
@@ -199,37 +185,17 @@ async fn two_processes(phase: Duration) {
     lossy_phase(&client, None, to, &counters, phase, Some(25.0)).await;
     client.shutdown().await;
     let _ = client_drain.await;
-    // Closing its stdin stops the child.
-    drop(child.stdin.take());
-    let _ = child.wait();
+    // Dropping the child closes its stdin, which stops it.
+    drop(child);
 }
 
 /// The child side of [`two_processes`]: accepts any friend, counts what arrives and prints the
 /// counters every 100 ms; stops when stdin closes.
-async fn child_exit() {
-    let dir = std::env::var_os("TOX_BENCH_DIR").expect("TOX_BENCH_DIR");
-    let mut cfg = fabric::tox::ToxConfig::new(dir);
-    cfg.bootstrap = std::env::var("TOX_BENCH_BOOTSTRAP")
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    cfg.use_public_bootstrap = false;
-    cfg.local_discovery = false;
-    cfg.ipv6_enabled = false;
+async fn child_exit(mut cfg: fabric::tox::ToxConfig) {
     cfg.allow.allow_any = true;
     let (h, mut ev) = ToxNode::spawn(cfg).expect("exit node");
     println!("id {}", h.id());
-    let (eof_tx, mut eof_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while std::io::stdin()
-            .read_line(&mut sink)
-            .map(|n| n > 0)
-            .unwrap_or(false)
-        {}
-        let _ = eof_tx.send(());
-    });
+    let mut eof_rx = testnet::stdin_closed();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let (mut a, mut b, mut c, mut d) = (0u64, 0u64, 0u64, 0u64);
     loop {

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::id::{BootstrapNode, PUBLIC_KEY_SIZE, PublicKey};
+use crate::id::{BootstrapNode, PUBLIC_KEY_SIZE, PublicKey, ToxId};
 use crate::tox::ToxConfig;
 
 /// How long one daemon may take to come up before we try other ports.
@@ -89,6 +89,37 @@ impl ToxNet {
         let d = self.dir.path.join(name);
         fs::create_dir_all(&d)?;
         Ok(d)
+    }
+
+    /// Starts a copy of the running executable as another peer on this network, with its
+    /// identity in `name` under the scratch directory. The copy learns its role from
+    /// [`child_config`]; it should print `id <TOXID>` on a line of its own once its node is up,
+    /// and stop when its stdin closes ([`stdin_closed`]), which dropping the [`ChildPeer`] does.
+    ///
+    /// Benches put the two ends of a transfer in two processes as real peers are, so that
+    /// neither process's scheduling or allocator hides the other's costs.
+    pub fn spawn_child(&self, name: &str) -> io::Result<ChildPeer> {
+        let nodes: Vec<String> = self.nodes().iter().map(|n| n.to_string()).collect();
+        let mut child = Command::new(std::env::current_exe()?)
+            .env(CHILD_DIR, self.scratch_dir(name)?)
+            .env(CHILD_BOOTSTRAP, nodes.join(","))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("child without stdout"))?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(ChildPeer { child, lines })
     }
 
     fn start_daemon(&self, i: usize) -> io::Result<Daemon> {
@@ -212,6 +243,87 @@ impl Drop for ToxNet {
             stop(&mut d.child);
         }
     }
+}
+
+/// Where a [`ChildPeer`] keeps its identity.
+const CHILD_DIR: &str = "TOXNET_CHILD_DIR";
+/// The network's bootstrap nodes, comma-separated, for a [`ChildPeer`].
+const CHILD_BOOTSTRAP: &str = "TOXNET_CHILD_BOOTSTRAP";
+
+/// Another process on a [`ToxNet`] (see [`ToxNet::spawn_child`]). Dropping it closes the
+/// child's stdin and waits for it to stop (killing it after 10 s).
+#[derive(Debug)]
+pub struct ChildPeer {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ChildPeer {
+    /// Waits up to `timeout` for the child's `id <TOXID>` line; lines before it are skipped.
+    pub fn id(&self, timeout: Duration) -> io::Result<ToxId> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).map_err(|_| {
+                io::Error::new(io::ErrorKind::TimedOut, "the child did not print its id")
+            })?;
+            if let Some(id) = line.strip_prefix("id ") {
+                return id
+                    .parse()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+    }
+
+    /// The child's further output, one line at a time, for a thread of the caller's (the
+    /// child stays alive as long as this [`ChildPeer`]).
+    pub fn take_lines(&mut self) -> std::sync::mpsc::Receiver<String> {
+        std::mem::replace(&mut self.lines, std::sync::mpsc::channel().1)
+    }
+}
+
+impl Drop for ChildPeer {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// In a process started by [`ToxNet::spawn_child`]: a node configuration for that network
+/// (like [`ToxNet::config`]). `None` in any other process.
+pub fn child_config() -> Option<ToxConfig> {
+    let dir = std::env::var_os(CHILD_DIR)?;
+    let mut c = ToxConfig::new(dir);
+    c.bootstrap = std::env::var(CHILD_BOOTSTRAP)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    c.use_public_bootstrap = false;
+    c.local_discovery = false;
+    c.ipv6_enabled = false;
+    Some(c)
+}
+
+/// In a child: completes when the parent closes the child's stdin (or dies).
+pub fn stdin_closed() -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+        let _ = tx.send(());
+    });
+    rx
 }
 
 /// Stops a supervised daemon: closing its stdin makes the shell kill it; if it is still there
