@@ -120,8 +120,17 @@ fn main() {
         "alone p99",
         "p99/rtt"
     );
+    // SIM_RTT_MS and SIM_LOSS_PCT pick one row or column (e.g. SIM_RTT_MS=40 SIM_LOSS_PCT=5).
+    let only = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<f64>().ok());
+    let (only_rtt, only_loss) = (only("SIM_RTT_MS"), only("SIM_LOSS_PCT"));
     for rtt_ms in [2u64, 40, 200] {
+        if only_rtt.is_some_and(|r| r != rtt_ms as f64) {
+            continue;
+        }
         for loss in [0.0, 0.01, 0.05, 0.10, 0.20] {
+            if only_loss.is_some_and(|l| (l / 100.0 - loss).abs() > 1e-9) {
+                continue;
+            }
             let wall = Instant::now();
             let rtt = Duration::from_millis(rtt_ms);
             let c = run(rtt, loss, 1, true);
