@@ -365,47 +365,31 @@ impl Snapshot {
             "Data segments sent again.",
             &per_peer(&|st| st.session.retransmits as f64),
         );
+        let by_direction = |f: &dyn Fn(&PeerStatus) -> (u64, u64)| -> Vec<(String, f64)> {
+            self.peers
+                .iter()
+                .flat_map(|(pk, st)| {
+                    let (sent, received) = f(st);
+                    [("sent", sent), ("received", received)].map(|(direction, v)| {
+                        (
+                            format!("{{peer=\"{pk}\",direction=\"{direction}\"}}"),
+                            v as f64,
+                        )
+                    })
+                })
+                .collect()
+        };
         metric(
             "peer_packets_total",
             "counter",
             "Session packets, by direction.",
-            &self
-                .peers
-                .iter()
-                .flat_map(|(pk, st)| {
-                    [
-                        (
-                            format!("{{peer=\"{pk}\",direction=\"sent\"}}"),
-                            st.session.packets_sent as f64,
-                        ),
-                        (
-                            format!("{{peer=\"{pk}\",direction=\"received\"}}"),
-                            st.session.packets_received as f64,
-                        ),
-                    ]
-                })
-                .collect::<Vec<_>>(),
+            &by_direction(&|st| (st.session.packets_sent, st.session.packets_received)),
         );
         metric(
             "peer_bytes_total",
             "counter",
             "Session bytes on the path, by direction.",
-            &self
-                .peers
-                .iter()
-                .flat_map(|(pk, st)| {
-                    [
-                        (
-                            format!("{{peer=\"{pk}\",direction=\"sent\"}}"),
-                            st.session.bytes_sent as f64,
-                        ),
-                        (
-                            format!("{{peer=\"{pk}\",direction=\"received\"}}"),
-                            st.session.bytes_received as f64,
-                        ),
-                    ]
-                })
-                .collect::<Vec<_>>(),
+            &by_direction(&|st| (st.session.bytes_sent, st.session.bytes_received)),
         );
         metric(
             "peer_dropped_packets_total",
