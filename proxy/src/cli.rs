@@ -71,6 +71,13 @@ pub struct CommonArgs {
     /// secrets out of swap, at about half the throughput.
     #[arg(long)]
     pub tox_lock_memory: bool,
+    /// Reach Tox through TCP relays only (no UDP: for networks that block it).
+    #[arg(long)]
+    pub tox_no_udp: bool,
+    /// Look for Tox peers on the local network with broadcasts (off: a proxy node should not
+    /// announce itself).
+    #[arg(long)]
+    pub tox_lan_discovery: bool,
 }
 
 /// Timeouts and limits of relayed connections.

@@ -15,6 +15,8 @@
 //! public-bootstrap = true
 //! metrics = "127.0.0.1:9100"    # serve /metrics and /status here
 //! tox-lock-memory = false       # let c-toxcore mlock its buffers (slower)
+//! tox-udp = true                # false: reach Tox through TCP relays only
+//! tox-lan-discovery = false     # broadcast for Tox peers on the local network
 //! connect-timeout = 10          # seconds
 //! idle-timeout = 300            # seconds, 0 = never
 //! max-connections = 1024
@@ -95,6 +97,8 @@ pub struct ConfigFile {
     public_bootstrap: Option<bool>,
     metrics: Option<SocketAddr>,
     tox_lock_memory: Option<bool>,
+    tox_udp: Option<bool>,
+    tox_lan_discovery: Option<bool>,
     connect_timeout: Option<u64>,
     idle_timeout: Option<u64>,
     max_connections: Option<usize>,
@@ -208,6 +212,10 @@ pub struct CommonSettings {
     pub metrics: Option<SocketAddr>,
     /// Let c-toxcore `mlock` its buffers.
     pub tox_lock_memory: bool,
+    /// Use UDP for Tox (else TCP relays only).
+    pub tox_udp: bool,
+    /// Tox LAN discovery broadcasts.
+    pub tox_lan_discovery: bool,
 }
 
 /// The client role's settings, resolved from flags over file over defaults.
@@ -368,6 +376,8 @@ fn common(
         public_bootstrap: !args.no_public_bootstrap && file.public_bootstrap.unwrap_or(true),
         metrics: args.metrics.or(file.metrics),
         tox_lock_memory: args.tox_lock_memory || file.tox_lock_memory.unwrap_or(false),
+        tox_udp: !args.tox_no_udp && file.tox_udp.unwrap_or(true),
+        tox_lan_discovery: args.tox_lan_discovery || file.tox_lan_discovery.unwrap_or(false),
         connect_timeout: Duration::from_secs(connect_timeout),
         idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
         max_connections,

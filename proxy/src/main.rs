@@ -240,6 +240,8 @@ fn tox_config(common: &CommonSettings) -> Result<ToxConfig, Failure> {
     let mut tox = ToxConfig::new(data_dir(common.data_dir.clone())?);
     tox.use_public_bootstrap = common.public_bootstrap;
     tox.lock_memory = common.tox_lock_memory;
+    tox.udp_enabled = common.tox_udp;
+    tox.local_discovery = common.tox_lan_discovery;
     for node in &common.bootstrap {
         let parsed: BootstrapNode = node
             .parse()

@@ -78,6 +78,10 @@ impl Drop for ExitProcess {
 }
 
 fn client(net: &ToxNet, name: &str, exit: &ExitProcess) -> ProxyProcess {
+    client_with(net, name, exit, &[])
+}
+
+fn client_with(net: &ToxNet, name: &str, exit: &ExitProcess, extra: &[&str]) -> ProxyProcess {
     let dir = net.scratch_dir(name).expect("scratch dir");
     let dir = dir.display().to_string();
     let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
@@ -92,6 +96,7 @@ fn client(net: &ToxNet, name: &str, exit: &ExitProcess) -> ProxyProcess {
         args.push("--bootstrap");
         args.push(n);
     }
+    args.extend_from_slice(extra);
     ProxyProcess::start(&args).expect("client proxy starts")
 }
 
@@ -232,6 +237,37 @@ fn curl_through_an_exit_over_tox() {
             "{proxy_server}: origin not reached"
         );
     }
+}
+
+#[test]
+fn without_udp_the_session_rides_tox_tcp_relays() {
+    let net = ToxNet::start(4).expect("private tox network");
+    let origin = HttpServer::start().expect("origin");
+    let exit = ExitProcess::start(
+        &net,
+        "exit",
+        &["--allow-any", "--allow-private", "--tox-no-udp"],
+    );
+    let proxy = client_with(&net, "client", &exit, &["--tox-no-udp"]);
+    let socks = proxy.socks.expect("socks").to_string();
+    let n = 2 << 20;
+    let body = curl_until_ok(
+        &[
+            "--socks5-hostname",
+            &socks,
+            &origin.url(&format!("/big/{n}")),
+        ],
+        Duration::from_secs(120),
+    );
+    assert_eq!(body.len(), n);
+    assert!(
+        body.iter()
+            .enumerate()
+            .all(|(i, &b)| b == big_byte(i as u64))
+    );
+    let out = run_proxy(&["status", "--from", &proxy.http.expect("http").to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("path tox-tcp-relay"), "{text}");
 }
 
 #[test]

@@ -296,7 +296,16 @@ fn open_instance(
     };
     opts.savedata = save::load(path).map_err(save_err)?;
     let created = opts.savedata.is_none();
-    let tox = Instance::new(&opts)?;
+    let tox = match Instance::new(&opts) {
+        Ok(tox) => tox,
+        // A host without IPv6 cannot open the dual-stack socket: fall back to IPv4 only.
+        Err(error) if opts.ipv6_enabled => {
+            debug!(%error, "no dual-stack socket, trying IPv4 only");
+            opts.ipv6_enabled = false;
+            Instance::new(&opts)?
+        }
+        Err(error) => return Err(error.into()),
+    };
     if created {
         save::store(path, &tox.savedata()).map_err(save_err)?;
         info!(path = %path.display(), "created a new tox identity");

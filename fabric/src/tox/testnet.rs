@@ -127,8 +127,10 @@ impl ToxNet {
         for attempt in 0..START_ATTEMPTS {
             let dir = self.dir.path.join(format!("bootstrapd{i}-{attempt}"));
             fs::create_dir_all(&dir)?;
-            let udp_port = free_udp_port()?;
-            let tcp_port = free_tcp_port()?;
+            // One port for both, as public bootstrap nodes have: `--bootstrap PK@HOST:PORT`
+            // then names the TCP relay too.
+            let port = free_port()?;
+            let (udp_port, tcp_port) = (port, port);
             match self.try_start(&dir, udp_port, tcp_port) {
                 Ok(d) => return Ok(d),
                 Err(e) => {
@@ -352,12 +354,16 @@ fn read_key(path: &Path) -> Option<PublicKey> {
     Some(PublicKey(pk))
 }
 
-fn free_udp_port() -> io::Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn free_tcp_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A port free for both UDP and TCP (on every address, as the daemons bind).
+fn free_port() -> io::Result<u16> {
+    for _ in 0..100 {
+        let udp = UdpSocket::bind("0.0.0.0:0")?;
+        let port = udp.local_addr()?.port();
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::other("no port free for both UDP and TCP"))
 }
 
 // The daemons bind 0.0.0.0, so a bind on 127.0.0.1 conflicts with them.
