@@ -13,4 +13,6 @@
 #[cfg(feature = "tokio")]
 pub mod driver;
 pub mod stun;
+#[cfg(feature = "tokio")]
+pub mod tcp;
 pub mod udp;

@@ -41,6 +41,9 @@ pub enum SignalError {
     /// An offer of a version we do not speak.
     #[error("unsupported link offer version {0}")]
     Version(u8),
+    /// Flag bits this version does not define (refused so every message has one encoding).
+    #[error("unknown offer flags {0:#04x}")]
+    UnknownFlags(u8),
     /// More than [`MAX_CANDIDATES`] candidates.
     #[error("too many candidates: {0}")]
     TooMany(usize),
@@ -120,6 +123,9 @@ impl Signal {
                 let offer_id = r.u64()?;
                 let x25519_public = r.array::<32>()?;
                 let flags = r.u8()?;
+                if flags & !1 != 0 {
+                    return Err(SignalError::UnknownFlags(flags));
+                }
                 let tls_fingerprint = if flags & 1 != 0 {
                     Some(r.array::<32>()?)
                 } else {
@@ -346,6 +352,11 @@ mod tests {
     fn refusals() {
         assert_eq!(Signal::parse(b"X"), Err(SignalError::UnknownTag(b'X')));
         assert_eq!(Signal::parse(b"O\x02"), Err(SignalError::Version(2)));
+        // Found by the link_signal fuzzer: unknown flag bits used to be dropped silently.
+        let mut offer = b"O\x01".to_vec();
+        offer.extend_from_slice(&[0; 8 + 32]);
+        offer.push(0xFF);
+        assert_eq!(Signal::parse(&offer), Err(SignalError::UnknownFlags(0xFF)));
         let mut out = Vec::new();
         let too_many = Signal::Candidates {
             offer_id: 1,
