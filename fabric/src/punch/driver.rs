@@ -34,6 +34,9 @@ pub enum StunError {
     Closed,
 }
 
+/// How many datagrams or commands one wake-up of the link task handles at most.
+const BATCH: usize = 64;
+
 fn random_id() -> TransactionId {
     TransactionId(rand::random())
 }
@@ -223,43 +226,76 @@ async fn run(
         let deadline = punch.poll_timeout();
         tokio::select! {
             r = socket.recv_from(&mut rx) => {
-                let (n, from) = match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // ICMP errors surface here on Linux; the path logic decides.
-                        tracing::trace!(error = %e, "recv error");
-                        continue;
-                    }
-                };
-                if stun::is_stun(&rx[..n]) {
-                    continue;
-                }
-                match punch.handle_input(Instant::now(), from, &mut rx[..n]) {
-                    Ok(Input::Data(data)) => {
-                        if events.send(LinkEvent::Data(data.to_vec())).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::trace!(error = %e, %from, "dropped link packet"),
-                }
-            }
-            command = commands.recv() => match command {
-                None => return,
-                Some(Command::AddRemote(addr)) => punch.add_remote(addr),
-                Some(Command::Send(packet)) => {
-                    tx.clear();
-                    match punch.seal_data(&packet, &mut tx) {
-                        Ok(dst) => {
-                            if let Err(e) = socket.send_to(&tx, dst).await {
-                                tracing::debug!(error = %e, "link send failed");
+                // Then drain what else is queued without another trip through select.
+                let mut next = Some(r);
+                for _ in 0..BATCH {
+                    let Some(r) = next.take() else { break };
+                    match r {
+                        Ok((n, from)) => {
+                            if !on_datagram(&mut punch, from, &mut rx[..n], &events).await {
+                                return;
                             }
                         }
-                        Err(e) => tracing::trace!(error = %e, "link packet not sent"),
+                        // ICMP errors surface here on Linux; keepalives decide about the path.
+                        Err(e) => tracing::trace!(error = %e, "recv error"),
+                    }
+                    next = match socket.try_recv_from(&mut rx) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                        r => Some(r),
+                    };
+                }
+            }
+            command = commands.recv() => {
+                let mut next = command;
+                for _ in 0..BATCH {
+                    match next.take() {
+                        None => return,
+                        Some(Command::AddRemote(addr)) => punch.add_remote(addr),
+                        Some(Command::Send(packet)) => {
+                            tx.clear();
+                            match punch.seal_data(&packet, &mut tx) {
+                                Ok(dst) => {
+                                    if let Err(e) = socket.send_to(&tx, dst).await {
+                                        tracing::debug!(error = %e, "link send failed");
+                                    }
+                                }
+                                Err(e) => tracing::trace!(error = %e, "link packet not sent"),
+                            }
+                        }
+                    }
+                    match commands.try_recv() {
+                        Ok(c) => next = Some(c),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => return,
                     }
                 }
-            },
-            () = sleep_until(deadline) => punch.handle_timeout(Instant::now()),
+            }
+            () = sleep_until(deadline) => {}
+        }
+        // Timers run after every wake-up, so a busy socket cannot starve keepalives.
+        let now = Instant::now();
+        if punch.poll_timeout().is_some_and(|t| t <= now) {
+            punch.handle_timeout(now);
+        }
+    }
+}
+
+/// Hands one datagram to the core; `false` once the event receiver is gone.
+async fn on_datagram(
+    punch: &mut UdpPunch,
+    from: SocketAddr,
+    packet: &mut [u8],
+    events: &mpsc::Sender<LinkEvent>,
+) -> bool {
+    if stun::is_stun(packet) {
+        return true;
+    }
+    match punch.handle_input(Instant::now(), from, packet) {
+        Ok(Input::Data(data)) => events.send(LinkEvent::Data(data.to_vec())).await.is_ok(),
+        Ok(_) => true,
+        Err(e) => {
+            tracing::trace!(error = %e, %from, "dropped link packet");
+            true
         }
     }
 }
