@@ -456,18 +456,40 @@ mod tests {
         delay: Duration,
         in_flight: Vec<(Instant, usize, SocketAddr, Vec<u8>)>,
         addrs: [SocketAddr; 2],
+        /// Host 1 behind a symmetric NAT: one mapping (destination, public source) per
+        /// destination; its own address is unreachable; a mapping only lets in packets from
+        /// the destination it was made for.
+        symmetric_1: Option<Vec<(SocketAddr, SocketAddr)>>,
     }
 
     impl Net {
         fn send(&mut self, now: Instant, from: usize, dst: SocketAddr, bytes: Vec<u8>) {
-            let Some(to) = self.addrs.iter().position(|&a| a == dst) else {
-                return;
+            let mut src = self.addrs[from];
+            if from == 1
+                && let Some(maps) = &mut self.symmetric_1
+            {
+                src = match maps.iter().find(|m| m.0 == dst) {
+                    Some(m) => m.1,
+                    None => {
+                        let public =
+                            SocketAddr::from(([203, 0, 113, 99], 20000 + maps.len() as u16));
+                        maps.push((dst, public));
+                        public
+                    }
+                };
+            }
+            let to = match &self.symmetric_1 {
+                Some(maps) if maps.iter().any(|m| m.1 == dst && m.0 == src) => 1,
+                Some(_) if dst == self.addrs[1] => return,
+                _ => match self.addrs.iter().position(|&a| a == dst) {
+                    Some(to) => to,
+                    None => return,
+                },
             };
             if to == from || self.rng.random_bool(self.loss) {
                 return;
             }
-            self.in_flight
-                .push((now + self.delay, to, self.addrs[from], bytes));
+            self.in_flight.push((now + self.delay, to, src, bytes));
         }
     }
 
@@ -529,6 +551,7 @@ mod tests {
             delay: Duration::from_millis(30),
             in_flight: Vec::new(),
             addrs: [a, b],
+            symmetric_1: None,
         };
         ([pa, pb], net, now)
     }
@@ -571,6 +594,39 @@ mod tests {
                     "seed {seed} side {i}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn punches_to_a_peer_behind_a_symmetric_nat_in_either_role() {
+        for (seed_a, seed_b) in [(1, 2), (2, 1)] {
+            let now = Instant::now();
+            let a: SocketAddr = "198.51.100.1:4000".parse().unwrap();
+            // What B learned from STUN: useless, its NAT maps per destination.
+            let b_stun: SocketAddr = "203.0.113.99:3478".parse().unwrap();
+            let (ka, kb) = keys(seed_a, seed_b);
+            let config = PunchConfig::default();
+            let mut p = [
+                UdpPunch::new(now, ka, &[b_stun], config),
+                UdpPunch::new(now, kb, &[a], config),
+            ];
+            let mut net = Net {
+                rng: ChaCha20Rng::seed_from_u64(5),
+                loss: 0.1,
+                delay: Duration::from_millis(20),
+                in_flight: Vec::new(),
+                addrs: [a, b_stun],
+                symmetric_1: Some(Vec::new()),
+            };
+            let out = run(&mut p, &mut net, now, Duration::from_secs(20));
+            // B's mapping towards A, learned by A as a peer-reflexive candidate.
+            let b_mapped: SocketAddr = "203.0.113.99:20000".parse().unwrap();
+            assert_eq!(
+                out[0].map(|o| o.0),
+                Some(Event::Connected { remote: b_mapped })
+            );
+            assert_eq!(out[1].map(|o| o.0), Some(Event::Connected { remote: a }));
+            assert_ne!(p[0].controlling(), p[1].controlling());
         }
     }
 
