@@ -161,6 +161,19 @@ impl core::fmt::Debug for LinkKeys {
     }
 }
 
+#[cfg(fuzzing)]
+impl LinkKeys {
+    /// Keys from raw bytes, skipping X25519 and HKDF: for fuzzers only, where the key exchange
+    /// would dominate every run.
+    pub fn from_raw(send: [u8; 32], recv: [u8; 32], controlling: bool) -> Self {
+        Self {
+            send,
+            recv,
+            controlling,
+        }
+    }
+}
+
 impl LinkKeys {
     /// Whether our public key was the lower one: the side that nominates the punched pair.
     /// Both sides compute opposite answers from the same two public keys.
