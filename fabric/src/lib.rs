@@ -16,9 +16,11 @@
 
 pub mod connection;
 pub mod id;
+pub mod link;
 pub mod mux;
 #[cfg(feature = "tox")]
 pub mod peer;
+pub mod punch;
 pub mod session;
 pub mod target;
 #[cfg(feature = "test-util")]

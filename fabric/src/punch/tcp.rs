@@ -1,0 +1,438 @@
+//! TCP hole punching (seed 002) and the TLS 1.3 link on top of it.
+//!
+//! ```text
+//!  one local port P, SO_REUSEADDR + SO_REUSEPORT:
+//!    P ── STUN over TCP ──► server-reflexive candidate (driver::stun_tcp)
+//!    P ── listen ◄── peer's dials that get through
+//!    P ── dial every remote candidate, again and again ──► simultaneous open through NATs
+//!  every TCP connection made ─► TLS 1.3, both sides pin the certificate fingerprint the other
+//!  sent in its LinkOffer over Tox
+//!  controlling side: first handshake done ─► sends SELECT on it ─► that is the link
+//!  controlled side: the connection on which SELECT arrives is the link; the rest are dropped
+//! ```
+//!
+//! Both sides dial and listen, so two connections can come up at once (A's dial accepted by
+//! B and B's dial accepted by A). The controlling side (lower X25519 key, see
+//! [`crate::link::LinkKeys::controlling`]) is the TLS client on every connection and alone
+//! chooses one; that makes both ends agree. Certificates are self-signed (`rcgen`); trust comes
+//! only from the SHA-256 fingerprint exchanged over the authenticated Tox channel.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+
+use super::driver::reusable_tcp_socket;
+use crate::time::Duration;
+
+/// The byte the controlling side sends, inside TLS, on the connection it chose.
+const SELECT: u8 = 0x5A;
+
+/// Why TCP punching failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TcpPunchError {
+    /// Binding or listening on the local port failed.
+    #[error("tcp punch socket: {0}")]
+    Io(#[from] io::Error),
+    /// Making the certificate or the TLS configuration failed.
+    #[error("tls setup: {0}")]
+    Tls(#[from] rustls::Error),
+    /// Generating the self-signed certificate failed.
+    #[error("certificate generation: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// No connection completed the handshake in time.
+    #[error("tcp punching timed out")]
+    Timeout,
+}
+
+/// Timings of TCP punching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpPunchConfig {
+    /// The pause between two dials of one remote candidate.
+    pub retry_interval: Duration,
+    /// How long one dial may take.
+    pub connect_timeout: Duration,
+    /// Give up after this long.
+    pub punch_timeout: Duration,
+}
+
+impl Default for TcpPunchConfig {
+    fn default() -> Self {
+        Self {
+            retry_interval: Duration::from_millis(200),
+            connect_timeout: Duration::from_secs(2),
+            punch_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Our self-signed certificate and key for punched TCP links.
+pub struct TlsIdentity {
+    cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+    fingerprint: [u8; 32],
+}
+
+impl core::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsIdentity {
+    /// Generates a fresh certificate and key (ECDSA P-256).
+    pub fn generate() -> Result<Self, TcpPunchError> {
+        let certified = rcgen::generate_simple_self_signed(vec!["proxy.invalid".to_owned()])?;
+        let cert = certified.cert.der().clone();
+        let key = PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der());
+        Ok(Self {
+            fingerprint: fingerprint(&cert),
+            cert,
+            key,
+        })
+    }
+
+    /// The SHA-256 of our certificate, to send in [`crate::link::signal::LinkOffer`].
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+}
+
+fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
+    Sha256::digest(cert.as_ref()).into()
+}
+
+/// Accepts exactly one certificate: the one whose SHA-256 the peer sent over Tox. Used as the
+/// server verifier on the client side and the client verifier on the server side.
+#[derive(Debug)]
+struct Pinned {
+    fingerprint: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl Pinned {
+    fn check(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        if fingerprint(cert) == self.fingerprint {
+            Ok(())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The configs allow TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for Pinned {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls12_signature(self, message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls13_signature(self, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        ServerCertVerifier::supported_verify_schemes(self)
+    }
+}
+
+enum Tls {
+    Client(TlsConnector),
+    Server(TlsAcceptor),
+}
+
+fn tls(
+    controlling: bool,
+    identity: &TlsIdentity,
+    peer_fingerprint: [u8; 32],
+) -> Result<Tls, TcpPunchError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let pinned = Arc::new(Pinned {
+        fingerprint: peer_fingerprint,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let versions = &[&rustls::version::TLS13];
+    let provider: Arc<CryptoProvider> = provider;
+    Ok(if controlling {
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)?
+            .dangerous()
+            .with_custom_certificate_verifier(pinned)
+            .with_client_auth_cert(vec![identity.cert.clone()], identity.key())?;
+        Tls::Client(TlsConnector::from(Arc::new(config)))
+    } else {
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)?
+            .with_client_cert_verifier(pinned)
+            .with_single_cert(vec![identity.cert.clone()], identity.key())?;
+        Tls::Server(TlsAcceptor::from(Arc::new(config)))
+    })
+}
+
+/// Punches a TCP link from `local` (a port the caller may first have used for
+/// [`super::driver::stun_tcp`]) to any of `remotes`, and secures it with TLS 1.3 pinned to
+/// `peer_fingerprint`. `controlling` must be [`crate::link::LinkKeys::controlling`] of the same
+/// offer exchange, so the two sides take opposite roles.
+pub async fn punch_tcp(
+    local: SocketAddr,
+    remotes: &[SocketAddr],
+    controlling: bool,
+    identity: &TlsIdentity,
+    peer_fingerprint: [u8; 32],
+    config: TcpPunchConfig,
+) -> Result<TlsStream<TcpStream>, TcpPunchError> {
+    let tls = tls(controlling, identity, peer_fingerprint)?;
+    let listener = reusable_tcp_socket(local)?.listen(16)?;
+    let local = listener.local_addr()?;
+    let span = tracing::debug_span!("tcp_punch", %local, controlling);
+    let _enter = span.enter();
+    let (conn_tx, mut conns) = mpsc::channel::<TcpStream>(16);
+    // Dialers and the acceptor only make TCP connections; dropping the set ends them.
+    let mut makers = JoinSet::new();
+    for &remote in remotes {
+        let tx = conn_tx.clone();
+        makers.spawn(dial(local, remote, config, tx));
+    }
+    makers.spawn(async move {
+        while let Ok((stream, from)) = listener.accept().await {
+            tracing::debug!(%from, "tcp punch accepted");
+            if conn_tx.send(stream).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut handshakes: JoinSet<io::Result<TlsStream<TcpStream>>> = JoinSet::new();
+    let work = async {
+        loop {
+            tokio::select! {
+                Some(stream) = conns.recv() => {
+                    let _ = stream.set_nodelay(true);
+                    match &tls {
+                        Tls::Client(c) => {
+                            let c = c.clone();
+                            handshakes.spawn(async move {
+                                let name = ServerName::try_from("proxy.invalid")
+                                    .map_err(io::Error::other)?;
+                                let mut s = c.connect(name, stream).await?;
+                                s.write_all(&[SELECT]).await?;
+                                s.flush().await?;
+                                Ok(s.into())
+                            });
+                        }
+                        Tls::Server(a) => {
+                            let a = a.clone();
+                            handshakes.spawn(async move {
+                                let mut s = a.accept(stream).await?;
+                                let mut b = [0u8; 1];
+                                s.read_exact(&mut b).await?;
+                                if b[0] != SELECT {
+                                    return Err(io::Error::new(
+                                        io::ErrorKind::InvalidData,
+                                        "bad select byte",
+                                    ));
+                                }
+                                Ok(s.into())
+                            });
+                        }
+                    }
+                }
+                Some(done) = handshakes.join_next() => match done {
+                    Ok(Ok(stream)) => return stream,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "tcp punch handshake failed"),
+                    Err(e) => tracing::warn!(error = %e, "tcp punch handshake task"),
+                },
+            }
+        }
+    };
+    let stream = tokio::time::timeout(config.punch_timeout, work)
+        .await
+        .map_err(|_| TcpPunchError::Timeout)?;
+    if let Ok(peer) = stream.get_ref().0.peer_addr() {
+        tracing::info!(%peer, "punched tcp path connected");
+    }
+    Ok(stream)
+}
+
+/// Dials `remote` from `local` until a connection is made or the receiver is gone.
+async fn dial(
+    local: SocketAddr,
+    remote: SocketAddr,
+    config: TcpPunchConfig,
+    tx: mpsc::Sender<TcpStream>,
+) {
+    loop {
+        let attempt = async {
+            let socket = reusable_tcp_socket(local)?;
+            tokio::time::timeout(config.connect_timeout, socket.connect(remote))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+        };
+        match attempt.await {
+            Ok(stream) => {
+                tracing::debug!(%remote, "tcp punch dialled");
+                let _ = tx.send(stream).await;
+                return;
+            }
+            Err(e) => tracing::trace!(%remote, error = %e, "tcp punch dial"),
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(config.retry_interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn free_port() -> SocketAddr {
+        // Bind and drop: the port is free again (with reuse it can be bound at once).
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn both_sides_agree_on_one_pinned_tls_link() {
+        let (ia, ib) = (
+            TlsIdentity::generate().unwrap(),
+            TlsIdentity::generate().unwrap(),
+        );
+        let (pa, pb) = (free_port().await, free_port().await);
+        let unreachable: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let config = TcpPunchConfig::default();
+        let (fa, fb) = (ia.fingerprint(), ib.fingerprint());
+        let a =
+            tokio::spawn(
+                async move { punch_tcp(pa, &[unreachable, pb], true, &ia, fb, config).await },
+            );
+        let b =
+            tokio::spawn(
+                async move { punch_tcp(pb, &[unreachable, pa], false, &ib, fa, config).await },
+            );
+        let (a, b) = tokio::time::timeout(Duration::from_secs(15), async {
+            (a.await.unwrap(), b.await.unwrap())
+        })
+        .await
+        .unwrap();
+        let (mut a, mut b) = (a.unwrap(), b.unwrap());
+        // The same TCP connection on both ends.
+        let (ta, tb) = (a.get_ref().0, b.get_ref().0);
+        assert_eq!(ta.local_addr().unwrap(), tb.peer_addr().unwrap());
+        assert_eq!(ta.peer_addr().unwrap(), tb.local_addr().unwrap());
+        assert_eq!(
+            a.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        a.write_all(b"over the punched link").await.unwrap();
+        a.flush().await.unwrap();
+        let mut got = [0u8; 21];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"over the punched link");
+        b.write_all(b"and back").await.unwrap();
+        b.flush().await.unwrap();
+        let mut back = [0u8; 8];
+        a.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"and back");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_fingerprint_never_connects() {
+        let (ia, ib) = (
+            TlsIdentity::generate().unwrap(),
+            TlsIdentity::generate().unwrap(),
+        );
+        let (pa, pb) = (free_port().await, free_port().await);
+        let config = TcpPunchConfig {
+            punch_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let fa = ia.fingerprint();
+        // A pins a fingerprint B does not have.
+        let a = tokio::spawn(async move { punch_tcp(pa, &[pb], true, &ia, [7; 32], config).await });
+        let b = tokio::spawn(async move { punch_tcp(pb, &[pa], false, &ib, fa, config).await });
+        assert!(matches!(a.await.unwrap(), Err(TcpPunchError::Timeout)));
+        assert!(matches!(b.await.unwrap(), Err(TcpPunchError::Timeout)));
+    }
+}
