@@ -97,8 +97,8 @@ impl Default for Config {
         Self {
             mtu: 1372,
             mode: KcpMode::Fast3,
-            send_window: 2048,
-            recv_window: 2048,
+            send_window: 4096,
+            recv_window: 4096,
             min_rto: None,
             keepalive: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(40),
