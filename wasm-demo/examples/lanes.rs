@@ -34,24 +34,25 @@ fn main() {
         let run = demo.run_mut().expect("started");
         let show = |status: Status, elapsed: Duration| match status {
             Status::Complete { verified: true } => format!("{:.2} s", elapsed.as_secs_f64()),
+            Status::Running => "unfinished".to_string(),
             other => format!("{other:?}"),
         };
         let (fs, fe) = (run.fabric.status(), run.fabric.elapsed());
         let (bs, be) = (run.baseline.status(), run.baseline.elapsed());
         let fr = run.fabric.protocol_stats().retransmits;
         let br = run.baseline.protocol_stats().retransmits;
+        let ratio = match bs {
+            Status::Running => "-".to_string(),
+            _ => format!("{:.1}x", be.as_secs_f64() / fe.as_secs_f64()),
+        };
         println!(
-            "{:>4.0}% {:>12} {:>12} {:>12} {:>12} {:>7.1}x",
+            "{:>4.0}% {:>12} {:>12} {:>12} {:>12} {:>8}",
             loss * 100.0,
             show(fs, fe),
             fr,
             show(bs, be),
             br,
-            if bs == Status::Running {
-                f64::NAN
-            } else {
-                be.as_secs_f64() / fe.as_secs_f64()
-            }
+            ratio
         );
     }
 }
