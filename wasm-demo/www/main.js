@@ -248,6 +248,23 @@ function showDigests(lane, view) {
     : `✗ ${digests.length - matching} of ${digests.length} checksums differ`;
 }
 
+function showSummary() {
+  const [f, b] = LANES.map((lane) => demo.lane(lane.index));
+  const el = $("summary");
+  if (!f.complete) {
+    el.textContent = "";
+  } else if (!b.complete) {
+    const pct = (100 * b.delivered) / b.total;
+    el.innerHTML = `The fabric moved ${fmt.bytes(f.total)} in <b>${fmt.secs(f.elapsed_s)}</b>; ` +
+      `the TCP-like baseline has ${pct.toFixed(0)} % after ${fmt.secs(b.elapsed_s)}.`;
+  } else {
+    const ratio = b.elapsed_s / Math.max(f.elapsed_s, 1e-3);
+    el.innerHTML = `The fabric moved ${fmt.bytes(f.total)} in <b>${fmt.secs(f.elapsed_s)}</b>, ` +
+      `the TCP-like baseline in ${fmt.secs(b.elapsed_s)}: ` +
+      (ratio >= 1 ? `<b>${ratio.toFixed(1)}× faster</b>.` : `${(1 / ratio).toFixed(1)}× slower.`);
+  }
+}
+
 function drawCharts() {
   const tMax = Math.max(5, ...history.map((h) => h.at(-1)?.[0] ?? 0));
   const horizon = Math.ceil(tMax / 5) * 5;
@@ -285,6 +302,7 @@ function frame() {
   const clock = $("clock");
   if (demo.lane(0)) {
     for (const lane of LANES) updateLane(lane);
+    showSummary();
     drawCharts();
     clock.textContent = demo.running()
       ? demo.lagging() ? "this machine cannot keep up: the simulation runs slower than the clock" : ""
