@@ -448,6 +448,9 @@ impl Endpoint for Baseline {
         let [kind, f0, f1, s0, s1, s2, s3, flags] = *header;
         let flow = u16::from_be_bytes([f0, f1]);
         let seq = u32::from_be_bytes([s0, s1, s2, s3]);
+        if packet.len() > self.config.mtu || (kind == KIND_ACK && !payload.is_empty()) {
+            return self.invalid(InputError::BadLength(packet.len()));
+        }
         match kind {
             KIND_DATA => {
                 let receiver = self.receivers.entry(flow).or_insert_with(|| {
@@ -673,6 +676,17 @@ mod tests {
             b.handle_input(now, &[9, 0, 1, 0, 0, 0, 0, 0]),
             Err(InputError::UnknownKind(9))
         );
+        assert_eq!(
+            b.handle_input(now, &[2, 0, 1, 0, 0, 0, 0, 0, 7]),
+            Err(InputError::BadLength(9))
+        );
+        let mut jumbo = vec![1, 0, 1, 0, 0, 0, 0, 0];
+        jumbo.resize(Config::default().mtu + 1, 0);
+        assert_eq!(
+            b.handle_input(now, &jumbo),
+            Err(InputError::BadLength(jumbo.len()))
+        );
+        assert_eq!(b.accept(), None, "a refused packet opens no flow");
         // An acknowledgement for a flow we never opened, and one beyond what was sent.
         assert_eq!(b.handle_input(now, &[2, 0, 7, 0, 0, 0, 9, 0]), Ok(()));
         let flow = b.open();
@@ -685,6 +699,6 @@ mod tests {
         ack.push(0);
         assert_eq!(b.handle_input(now, &ack), Ok(()));
         assert_eq!(b.senders[&flow].una, 0);
-        assert_eq!(b.stats().invalid_packets, 2);
+        assert_eq!(b.stats().invalid_packets, 4);
     }
 }
