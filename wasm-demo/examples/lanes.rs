@@ -25,7 +25,7 @@ fn main() {
         // 60 frames a second, at most 20 simulated minutes.
         for _ in 0..(20 * 60 * 60) {
             now += Duration::from_micros(16_667);
-            demo.tick(now);
+            demo.tick(now, usize::MAX);
             let run = demo.run().expect("started");
             if run.fabric.status() != Status::Running && run.baseline.status() != Status::Running {
                 break;

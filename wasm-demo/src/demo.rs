@@ -6,6 +6,11 @@
 //! not come back to a burst of simulated minutes), and each lane runs every protocol event up
 //! to that clock at its exact simulated time: the sessions see the same timings they would see
 //! on a real path, however irregular the frames are.
+//!
+//! A tick takes at most a given number of protocol steps, so a frame stays short on a slow
+//! machine. A lane that runs out of steps lags; the clock then waits for it, and the whole
+//! simulation runs slower than real time (the page says so) instead of falling ever further
+//! behind.
 
 use std::rc::Rc;
 
@@ -18,8 +23,6 @@ use crate::lane::{self, Lane, Status, Workload};
 
 /// Longest stretch of time one frame may advance the simulation.
 pub const MAX_FRAME: Duration = Duration::from_millis(100);
-/// Protocol steps one lane may take per frame before it is left lagging.
-const MAX_STEPS: usize = 50_000;
 
 /// What the page's controls set.
 #[derive(Debug, Clone, PartialEq)]
@@ -141,21 +144,36 @@ impl Demo {
         });
     }
 
-    /// Advances to the page's clock `now`.
-    pub fn tick(&mut self, now: Instant) {
+    /// Advances to the page's clock `now`, taking at most `max_steps` protocol steps in each
+    /// lane.
+    pub fn tick(&mut self, now: Instant, max_steps: usize) {
         let elapsed = now.saturating_duration_since(self.last_tick).min(MAX_FRAME);
         self.last_tick = now;
         self.clock += elapsed.mul_f64(self.settings.speed.clamp(0.0, 100.0));
         self.lagging = false;
-        if let Some(run) = &mut self.run {
-            if !matches!(run.fabric.status(), Status::Running)
-                && !matches!(run.baseline.status(), Status::Running)
-            {
-                return;
-            }
-            self.lagging |= !run.fabric.advance(self.clock, MAX_STEPS);
-            self.lagging |= !run.baseline.advance(self.clock, MAX_STEPS);
+        let Some(run) = &mut self.run else {
+            return;
+        };
+        let mut behind = None::<Instant>;
+        if run.fabric.status() == Status::Running && !run.fabric.advance(self.clock, max_steps) {
+            behind = Some(run.fabric.reached());
         }
+        if run.baseline.status() == Status::Running && !run.baseline.advance(self.clock, max_steps)
+        {
+            let reached = run.baseline.reached();
+            behind = Some(behind.map_or(reached, |b| b.min(reached)));
+        }
+        if let Some(reached) = behind {
+            self.lagging = true;
+            self.clock = self.clock.min(reached);
+        }
+    }
+
+    /// Protocol steps both lanes have taken so far.
+    pub fn steps(&self) -> u64 {
+        self.run
+            .as_ref()
+            .map_or(0, |r| r.fabric.steps() + r.baseline.steps())
     }
 
     /// The current transfer, if one was started.
@@ -192,7 +210,7 @@ mod tests {
         let mut now = t0;
         for _ in 0..(120 * 60) {
             now += Duration::from_micros(16_667);
-            demo.tick(now);
+            demo.tick(now, usize::MAX);
         }
         let run = demo.run().unwrap();
         assert_eq!(run.fabric.status(), Status::Complete { verified: true });
@@ -205,7 +223,7 @@ mod tests {
         let t0 = Instant::now();
         let mut demo = Demo::new(t0);
         demo.start();
-        demo.tick(t0 + Duration::from_secs(3600));
+        demo.tick(t0 + Duration::from_secs(3600), usize::MAX);
         let run = demo.run().unwrap();
         assert_eq!(run.fabric.samples().len(), 1, "100 ms: one sample");
         assert!(run.fabric.elapsed() <= MAX_FRAME);
@@ -220,7 +238,7 @@ mod tests {
             ..Settings::default()
         });
         demo.start();
-        demo.tick(t0 + Duration::from_millis(50));
+        demo.tick(t0 + Duration::from_millis(50), usize::MAX);
         demo.set(Settings {
             loss: 1.0,
             ..Settings::default()
@@ -230,16 +248,55 @@ mod tests {
         // In-flight packets land within a round trip; after that nothing gets through.
         for _ in 0..20 {
             now += Duration::from_millis(100);
-            demo.tick(now);
+            demo.tick(now, usize::MAX);
         }
         let mid = demo.run().unwrap().fabric.delivered();
         for _ in 0..20 {
             now += Duration::from_millis(100);
-            demo.tick(now);
+            demo.tick(now, usize::MAX);
         }
         assert_eq!(demo.run().unwrap().fabric.delivered(), mid);
         assert!(mid >= before);
         let (a_to_b, _) = demo.run().unwrap().fabric.link_stats();
         assert!(a_to_b.lost > 0);
+    }
+
+    #[test]
+    fn a_step_budget_slows_the_clock_instead_of_piling_up_lag() {
+        let t0 = Instant::now();
+        let mut demo = Demo::new(t0);
+        demo.set(Settings {
+            loss: 0.0,
+            bandwidth_mbit: 100.0,
+            ..Settings::default()
+        });
+        demo.start();
+        let mut now = t0;
+        for _ in 0..100 {
+            now += Duration::from_millis(100);
+            demo.tick(now, 20);
+            assert!(demo.lagging());
+            assert!(demo.steps() > 0);
+        }
+        // 10 s of page time, but at 20 steps a frame the simulation is far behind, and the
+        // clock waited for it rather than running ahead.
+        assert!(
+            demo.clock - t0 < Duration::from_secs(2),
+            "{:?}",
+            demo.clock - t0
+        );
+        let run = demo.run().unwrap();
+        assert!(demo.clock <= run.fabric.reached().max(run.baseline.reached()));
+        assert!(run.fabric.steps() <= 100 * 21);
+        // With the budget lifted it catches up and finishes.
+        for _ in 0..300 {
+            now += Duration::from_millis(100);
+            demo.tick(now, usize::MAX);
+        }
+        assert!(!demo.lagging());
+        assert_eq!(
+            demo.run().unwrap().fabric.status(),
+            Status::Complete { verified: true }
+        );
     }
 }

@@ -409,6 +409,11 @@ impl<E: Streams> Lane<E> {
         &self.samples
     }
 
+    /// The time the lane has run up to.
+    pub fn reached(&self) -> Instant {
+        self.reached
+    }
+
     /// Protocol steps run so far.
     pub fn steps(&self) -> u64 {
         self.steps

@@ -24,7 +24,14 @@ pub const SAMPLE_FIELDS: usize = 6;
 #[derive(Debug)]
 pub struct WebDemo {
     demo: Demo,
+    /// Protocol steps per lane per tick, adapted so a tick takes about [`TICK_WORK`].
+    budget: usize,
 }
+
+/// How long one tick may step the protocols: most of a 60 Hz frame, the rest for drawing.
+const TICK_WORK: Duration = Duration::from_millis(10);
+/// Bounds of the step budget.
+const BUDGET: (usize, usize) = (100, 1_000_000);
 
 /// One lane's counters at the last tick.
 #[wasm_bindgen]
@@ -69,6 +76,7 @@ impl WebDemo {
     pub fn new() -> Self {
         Self {
             demo: Demo::new(Instant::now()),
+            budget: 2_000,
         }
     }
 
@@ -104,9 +112,13 @@ impl WebDemo {
         self.demo.start();
     }
 
-    /// Advances both lanes to the page's clock.
+    /// Advances both lanes to the page's clock, within this frame's share of work.
     pub fn tick(&mut self) {
-        self.demo.tick(Instant::now());
+        let start = Instant::now();
+        let before = self.demo.steps();
+        self.demo.tick(start, self.budget);
+        let steps = self.demo.steps() - before;
+        self.budget = next_budget(self.budget, steps, Instant::now() - start);
     }
 
     /// Whether a lane is still moving bytes.
@@ -228,6 +240,21 @@ fn view<E: Streams>(lane: &mut Lane<E>, total: f64) -> LaneView {
     }
 }
 
+/// The step budget for the next tick, from how long `steps` took in this one.
+fn next_budget(budget: usize, steps: u64, took: Duration) -> usize {
+    if steps == 0 {
+        return budget;
+    }
+    let target = if took.is_zero() {
+        // Below the clock's resolution (browsers coarsen performance.now()).
+        budget.saturating_mul(2)
+    } else {
+        (steps as f64 * TICK_WORK.as_secs_f64() / took.as_secs_f64()) as usize
+    };
+    // Half-way there each frame: one slow frame (a GC pause) does not halve the work.
+    ((budget + target) / 2).clamp(BUDGET.0, BUDGET.1)
+}
+
 fn flatten(samples: &[Sample]) -> Vec<f64> {
     samples
         .iter()
@@ -257,6 +284,7 @@ mod tests {
         let t0 = Instant::now();
         let mut web = WebDemo {
             demo: Demo::new(t0),
+            budget: usize::MAX,
         };
         assert_eq!(web.digests(FABRIC), "[]");
         assert!(web.lane(FABRIC).is_none());
@@ -265,7 +293,7 @@ mod tests {
         let mut now = t0;
         for _ in 0..200 {
             now += Duration::from_millis(16);
-            web.demo.tick(now);
+            web.demo.tick(now, usize::MAX);
         }
         let digests = web.digests(FABRIC);
         assert!(digests.starts_with(r#"[{"sent":""#), "{digests}");
@@ -277,5 +305,20 @@ mod tests {
         assert_eq!(view.total, 2.0 * 16.0 * 1024.0);
         assert_eq!(web.samples(FABRIC, 0).len() % SAMPLE_FIELDS, 0);
         assert_eq!(web.progress(BASELINE), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn the_budget_follows_the_time_steps_take() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_budget(1000, 1000, ms(10)), 1000);
+        assert_eq!(next_budget(1000, 1000, ms(40)), (1000 + 250) / 2);
+        assert_eq!(next_budget(1000, 500, ms(1)), (1000 + 5000) / 2);
+        assert_eq!(next_budget(1000, 1000, Duration::ZERO), 1500);
+        assert_eq!(
+            next_budget(1000, 0, ms(5)),
+            1000,
+            "idle ticks teach nothing"
+        );
+        assert_eq!(next_budget(100, 1, ms(1000)), BUDGET.0);
     }
 }
