@@ -13,7 +13,7 @@
 //! [`demo`] and [`lane`] are plain Rust (tested natively in virtual time); [`web`] is the thin
 //! `wasm-bindgen` surface the page calls.
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod baseline;
