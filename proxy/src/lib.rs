@@ -24,6 +24,8 @@ pub mod http;
 pub mod relay;
 pub mod server;
 pub mod socks;
+#[cfg(target_os = "linux")]
+pub mod tun_mode;
 
 use std::future::Future;
 use std::net::SocketAddr;
