@@ -21,6 +21,8 @@ use crate::udp::{FlowTable, Lookup, UdpFlowId};
 
 /// Packets read per wake-up before the stack runs (bounds latency and the lock hold time).
 const BATCH: usize = 64;
+/// Size of a read buffer: the virtio header and a 64 KiB packet.
+const READ_BUF: usize = VNET_HDR_LEN + 65535;
 /// Datagrams queued per UDP flow before newer ones are dropped.
 const UDP_QUEUE: usize = 256;
 
@@ -165,10 +167,11 @@ async fn drive(
     udp_idle: Duration,
 ) -> io::Result<()> {
     let offset = if device.offload() { VNET_HDR_LEN } else { 0 };
-    let mut inbox: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
+    let mut inbox: Vec<(Vec<u8>, usize)> = Vec::with_capacity(BATCH);
     let mut outbox: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
     let mut events = Vec::new();
     let mut spare: Vec<Vec<u8>> = Vec::new();
+    let mut written: Vec<Vec<u8>> = Vec::new();
     let mut udp = FlowTable::new(udp_idle);
     let mut udp_tx: HashMap<UdpFlowId, mpsc::Sender<(SocketAddr, Vec<u8>)>> = HashMap::new();
     loop {
@@ -176,12 +179,12 @@ async fn drive(
         let mut drained = false;
         while inbox.len() < BATCH {
             let mut buf = spare.pop().unwrap_or_default();
-            buf.resize(VNET_HDR_LEN + 65535, 0);
+            // Zeroed once per buffer: buffers keep their length through the stack and back.
+            if buf.len() < READ_BUF {
+                buf.resize(READ_BUF, 0);
+            }
             match device.try_recv(&mut buf) {
-                Ok(n) => {
-                    buf.truncate(n);
-                    inbox.push(buf);
-                }
+                Ok(n) => inbox.push((buf, n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     spare.push(buf);
                     drained = true;
@@ -194,8 +197,8 @@ async fn drive(
         let deadline = {
             let mut stack = shared.lock();
             let now = shared.now();
-            for buf in inbox.drain(..) {
-                stack.handle_input(now, buf, offset);
+            for (buf, n) in inbox.drain(..) {
+                stack.handle_input(now, buf, offset, n);
             }
             stack.poll(now);
             while let Some(buf) = stack.poll_transmit() {
@@ -203,6 +206,11 @@ async fn drive(
             }
             while let Some(ev) = stack.poll_event() {
                 events.push(ev);
+            }
+            // Written buffers go back to the stack for its next packets; reads get buffers the
+            // stack consumed, which still have their full length.
+            for buf in written.drain(..) {
+                stack.recycle(buf);
             }
             while spare.len() < BATCH {
                 spare.push(stack.buffer());
@@ -227,7 +235,7 @@ async fn drive(
                 // The kernel refuses a malformed packet with EINVAL; never stop for one.
                 warn!(%e, len = buf.len(), "tun write failed");
             }
-            spare.push(buf);
+            written.push(buf);
         }
         // 4. Hand the events to the application.
         for ev in events.drain(..) {

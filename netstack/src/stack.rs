@@ -177,11 +177,18 @@ impl Stack {
         &self.config
     }
 
-    /// Takes one packet read from the device: `buf[offset..]` is the IP packet (with offload,
-    /// `offset` is [`VNET_HDR_LEN`] and the header before it is ignored: checksums from the
-    /// kernel are not verified, partial or not).
-    pub fn handle_input(&mut self, _now: Instant, mut buf: Vec<u8>, offset: usize) -> Input {
-        let Some(packet) = buf.get_mut(offset..) else {
+    /// Takes one packet read from the device: `buf[offset..len]` is the IP packet (with
+    /// offload, `offset` is [`VNET_HDR_LEN`] and the header before it is ignored: checksums from
+    /// the kernel are not verified, partial or not). Bytes past `len` are ignored, so a read
+    /// buffer can keep its full length (no zeroing per packet).
+    pub fn handle_input(
+        &mut self,
+        _now: Instant,
+        mut buf: Vec<u8>,
+        offset: usize,
+        len: usize,
+    ) -> Input {
+        let Some(packet) = buf.get_mut(offset..len) else {
             return Input::Dropped;
         };
         let Some(info) = offload::l4_info(packet) else {
@@ -210,7 +217,7 @@ impl Stack {
                     }
                     if self.pending.len() >= self.config.max_pending {
                         debug!(%key.dst, "too many pending connections, refusing");
-                        self.dev.rx.push_back((buf, offset));
+                        self.dev.rx.push_back((buf, offset, len));
                         return Input::Queued;
                     }
                     if self.config.offload {
@@ -221,7 +228,7 @@ impl Stack {
                     self.events.push_back(Event::TcpSyn(key));
                     return Input::Held;
                 }
-                self.dev.rx.push_back((buf, offset));
+                self.dev.rx.push_back((buf, offset, len));
                 Input::Queued
             }
             17 if info.l4_len >= 8 => {
@@ -239,7 +246,7 @@ impl Stack {
             // ICMP (echo to any address is answered by nobody: the stack only has its own
             // addresses) and everything else goes to smoltcp, which drops what it cannot use.
             _ => {
-                self.dev.rx.push_back((buf, offset));
+                self.dev.rx.push_back((buf, offset, len));
                 Input::Queued
             }
         }
@@ -267,7 +274,8 @@ impl Stack {
         };
         // Listening cannot fail with a non-zero port; a zero port gets a RST below.
         if socket.listen(endpoint).is_err() {
-            self.dev.rx.push_back((syn, 0));
+            let n = syn.len();
+            self.dev.rx.push_back((syn, 0, n));
             return Err(AcceptError::NotPending);
         }
         let handle = self.sockets.add(socket);
@@ -279,7 +287,8 @@ impl Stack {
                 detached: false,
             },
         );
-        self.dev.rx.push_back((syn, 0));
+        let n = syn.len();
+        self.dev.rx.push_back((syn, 0, n));
         trace!(src = %key.src, dst = %key.dst, "accepted");
         Ok(FlowId(handle))
     }
@@ -288,7 +297,8 @@ impl Stack {
     pub fn reject(&mut self, key: FlowKey) {
         if let Some(syn) = self.pending.remove(&key) {
             // No socket matches, so smoltcp answers the SYN with a RST.
-            self.dev.rx.push_back((syn, 0));
+            let n = syn.len();
+            self.dev.rx.push_back((syn, 0, n));
         }
     }
 
@@ -480,7 +490,7 @@ pub(crate) fn build_udp(
 /// [`Stack::poll_transmit`], in memory.
 #[derive(Debug)]
 struct QueueDevice {
-    rx: VecDeque<(Vec<u8>, usize)>,
+    rx: VecDeque<(Vec<u8>, usize, usize)>,
     tx: VecDeque<Vec<u8>>,
     pool: Vec<Vec<u8>>,
     /// Buffers smoltcp consumed (kept apart from `pool` so the rx and tx tokens borrow
@@ -503,13 +513,10 @@ impl QueueDevice {
     }
 
     fn buffer(&mut self) -> Vec<u8> {
-        let mut buf = self
-            .spent
+        self.spent
             .pop()
             .or_else(|| self.pool.pop())
-            .unwrap_or_else(|| Vec::with_capacity(VNET_HDR_LEN + MAX_PACKET));
-        buf.clear();
-        buf
+            .unwrap_or_else(|| Vec::with_capacity(VNET_HDR_LEN + MAX_PACKET))
     }
 
     fn recycle(&mut self, buf: Vec<u8>) {
@@ -524,11 +531,12 @@ impl phy::Device for QueueDevice {
     type TxToken<'a> = TxToken<'a>;
 
     fn receive(&mut self, _now: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let (buf, offset) = self.rx.pop_front()?;
+        let (buf, offset, len) = self.rx.pop_front()?;
         Some((
             RxToken {
                 buf,
                 offset,
+                len,
                 spent: &mut self.spent,
             },
             TxToken {
@@ -574,12 +582,13 @@ impl phy::Device for QueueDevice {
 struct RxToken<'a> {
     buf: Vec<u8>,
     offset: usize,
+    len: usize,
     spent: &'a mut Vec<Vec<u8>>,
 }
 
 impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        let r = f(&self.buf[self.offset..]);
+        let r = f(&self.buf[self.offset..self.len]);
         if self.spent.len() < POOL && self.buf.capacity() >= VNET_HDR_LEN + MAX_PACKET {
             self.spent.push(self.buf);
         }
@@ -602,8 +611,13 @@ impl phy::TxToken for TxToken<'_> {
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(VNET_HDR_LEN + MAX_PACKET));
         let start = if self.offload { VNET_HDR_LEN } else { 0 };
-        buf.clear();
-        buf.resize(start + len, 0);
+        // smoltcp writes every byte of the `len` it asked for: only grow with zeros, never
+        // clear a reused buffer first.
+        if buf.len() < start + len {
+            buf.resize(start + len, 0);
+        } else {
+            buf.truncate(start + len);
+        }
         let r = f(&mut buf[start..]);
         if self.offload {
             offload::prepare_tx(&mut buf, self.mtu);

@@ -21,6 +21,11 @@ fn syn_v4(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     p
 }
 
+fn input(s: &mut Stack, now: Instant, p: Vec<u8>) -> Input {
+    let n = p.len();
+    s.handle_input(now, p, 0, n)
+}
+
 fn config() -> StackConfig {
     StackConfig {
         offload: false,
@@ -38,10 +43,10 @@ fn syn_is_held_until_accepted_then_answered() {
     let mut s = Stack::new(config(), now);
     let src: SocketAddr = "10.0.0.2:40000".parse().unwrap();
     let dst: SocketAddr = "93.184.216.34:80".parse().unwrap();
-    assert_eq!(s.handle_input(now, syn_v4(src, dst), 0), Input::Held);
+    assert_eq!(input(&mut s, now, syn_v4(src, dst)), Input::Held);
     assert_eq!(s.poll_event(), Some(Event::TcpSyn(FlowKey { src, dst })));
     // A retransmitted SYN while dialing is dropped, not a second event.
-    assert_eq!(s.handle_input(now, syn_v4(src, dst), 0), Input::Dropped);
+    assert_eq!(input(&mut s, now, syn_v4(src, dst)), Input::Dropped);
     assert_eq!(s.poll_event(), None);
     s.poll(now);
     assert!(s.poll_transmit().is_none());
@@ -60,7 +65,7 @@ fn rejected_syn_gets_a_reset() {
     let mut s = Stack::new(config(), now);
     let src: SocketAddr = "10.0.0.2:40001".parse().unwrap();
     let dst: SocketAddr = "10.9.9.9:443".parse().unwrap();
-    s.handle_input(now, syn_v4(src, dst), 0);
+    input(&mut s, now, syn_v4(src, dst));
     s.reject(FlowKey { src, dst });
     s.poll(now);
     let rst = s.poll_transmit().expect("rst");
@@ -74,7 +79,7 @@ fn detached_flows_are_reaped() {
     let mut s = Stack::new(config(), now);
     let src: SocketAddr = "10.0.0.2:40002".parse().unwrap();
     let dst: SocketAddr = "10.9.9.9:443".parse().unwrap();
-    s.handle_input(now, syn_v4(src, dst), 0);
+    input(&mut s, now, syn_v4(src, dst));
     let id = s.accept(FlowKey { src, dst }).unwrap();
     s.poll(now);
     s.abort(id);
@@ -90,7 +95,7 @@ fn udp_datagrams_become_events_and_replies_are_well_formed() {
     let dst: SocketAddr = "10.0.0.1:53".parse().unwrap();
     let mut pkt = Vec::new();
     assert!(build_udp(&mut pkt, src, dst, b"query"));
-    assert_eq!(s.handle_input(now, pkt, 0), Input::Udp);
+    assert_eq!(input(&mut s, now, pkt), Input::Udp);
     let key = FlowKey { src, dst };
     assert_eq!(
         s.poll_event(),
@@ -116,6 +121,6 @@ fn udp_datagrams_become_events_and_replies_are_well_formed() {
     let dst6: SocketAddr = "[fd00::1]:53".parse().unwrap();
     let mut pkt = Vec::new();
     assert!(build_udp(&mut pkt, src6, dst6, b"q6"));
-    assert_eq!(s.handle_input(now, pkt, 0), Input::Udp);
+    assert_eq!(input(&mut s, now, pkt), Input::Udp);
     assert!(matches!(s.poll_event(), Some(Event::Udp { key, .. }) if key.src == src6));
 }
