@@ -20,7 +20,7 @@ use crate::tcp::TcpRequest;
 use crate::udp::{FlowTable, Lookup, UdpFlowId};
 
 /// Packets read per wake-up before the stack runs (bounds latency and the lock hold time).
-const BATCH: usize = 64;
+const BATCH: usize = 32;
 /// Size of a read buffer: the virtio header and a 64 KiB packet.
 const READ_BUF: usize = VNET_HDR_LEN + 65535;
 /// Datagrams queued per UDP flow before newer ones are dropped.

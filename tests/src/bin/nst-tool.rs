@@ -5,6 +5,10 @@
 //!   `DNS_ANSWER`, and a UDP echo on port 7; prints `ready` and serves until killed.
 //! - `nst-tool dns SERVER:PORT NAME [tcp]`: one A query, prints the answer's address.
 //! - `nst-tool echo SERVER:PORT TEXT`: one UDP datagram, prints the echo.
+//! - `nst-tool sink ADDR`: accepts TCP connections and holds them open (no thread each);
+//!   prints `ready`.
+//! - `nst-tool hold SERVER:PORT N SECONDS`: opens N connections, prints `held N`, keeps them
+//!   open SECONDS, then exits.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -23,6 +27,8 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("dns") => dns(&args[1..]),
         Some("echo") => echo(&args[1..]),
+        Some("sink") => sink(&args[1..]),
+        Some("hold") => hold(&args[1..]),
         _ => Err("usage: nst-tool serve|dns|echo ...".into()),
     };
     match result {
@@ -167,4 +173,51 @@ fn echo(args: &[String]) -> Res {
         }
     }
     Err("no echo".into())
+}
+
+fn sink(args: &[String]) -> Res {
+    let addr: SocketAddr = args
+        .first()
+        .ok_or("addr")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let listener = TcpListener::bind(addr).map_err(|e| e.to_string())?;
+    println!("ready");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut held = Vec::new();
+    for conn in listener.incoming() {
+        match conn {
+            Ok(c) => held.push(c),
+            Err(e) => eprintln!("nst-tool: accept: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn hold(args: &[String]) -> Res {
+    let server: SocketAddr = args
+        .first()
+        .ok_or("server")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let n: usize = args
+        .get(1)
+        .ok_or("n")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let secs: u64 = args
+        .get(2)
+        .ok_or("seconds")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let c = TcpStream::connect_timeout(&server, Duration::from_secs(10))
+            .map_err(|e| format!("connection {i}: {e}"))?;
+        held.push(c);
+    }
+    println!("held {n}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    thread::sleep(Duration::from_secs(secs));
+    Ok(())
 }
