@@ -142,6 +142,9 @@ async fn run_tun(settings: RunSettings) -> Result<(), Failure> {
     if !settings.exits.is_empty() {
         return Err(anyhow::anyhow!("--tun with --exit is not built yet").into());
     }
+    if settings.tun_options.fake_ip {
+        return Err(anyhow::anyhow!("--fake-ip is not built yet").into());
+    }
     let direct =
         DirectDialer::new(settings.common.connect_timeout).with_mark(proxy::tun_mode::MARK);
     let dialer: Arc<dyn Dialer> = if settings.direct_policy {
