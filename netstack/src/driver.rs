@@ -172,6 +172,7 @@ async fn drive(
     let mut events = Vec::new();
     let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut written: Vec<Vec<u8>> = Vec::new();
+    let mut replied: Vec<SocketAddr> = Vec::new();
     let mut udp = FlowTable::new(udp_idle);
     let mut udp_tx: HashMap<UdpFlowId, mpsc::Sender<(SocketAddr, Vec<u8>)>> = HashMap::new();
     loop {
@@ -214,6 +215,11 @@ async fn drive(
             }
             while spare.len() < BATCH {
                 spare.push(stack.buffer());
+            }
+            // Replies keep a flow alive too (a stream the application only receives).
+            stack.take_udp_replied(&mut replied);
+            for src in replied.drain(..) {
+                udp.touch(now, src);
             }
             for (src, id) in udp.handle_timeout(now) {
                 trace!(%src, "udp flow expired");

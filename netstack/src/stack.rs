@@ -137,6 +137,9 @@ pub struct Stack {
     meta: HashMap<SocketHandle, FlowMeta>,
     closing: HashSet<SocketHandle>,
     events: VecDeque<Event>,
+    /// Application addresses UDP replies went to since the driver last asked (they keep the
+    /// UDP flows alive).
+    udp_replied: Vec<SocketAddr>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -172,6 +175,7 @@ impl Stack {
             meta: HashMap::new(),
             closing: HashSet::new(),
             events: VecDeque::new(),
+            udp_replied: Vec::new(),
         }
     }
 
@@ -383,6 +387,14 @@ impl Stack {
             offload::VnetHdr::default().emit(&mut buf);
         }
         self.dev.tx.push_back(buf);
+        if self.udp_replied.last() != Some(&key.src) {
+            self.udp_replied.push(key.src);
+        }
+    }
+
+    /// Moves the application addresses that got UDP replies since the last call into `out`.
+    pub fn take_udp_replied(&mut self, out: &mut Vec<SocketAddr>) {
+        out.append(&mut self.udp_replied);
     }
 
     /// The next buffer to write to the device (with the `virtio_net_hdr` in front when the

@@ -105,6 +105,9 @@ fn udp_datagrams_become_events_and_replies_are_well_formed() {
         })
     );
     s.send_udp(key, b"answer");
+    let mut replied = Vec::new();
+    s.take_udp_replied(&mut replied);
+    assert_eq!(replied, vec![src]);
     let reply = s.poll_transmit().unwrap();
     let info = offload::l4_info(&reply).unwrap();
     assert_eq!(info.protocol, 17);
