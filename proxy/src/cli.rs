@@ -154,6 +154,20 @@ pub struct RunArgs {
     /// Destination rules.
     #[command(flatten)]
     pub policy: PolicyArgs,
+    /// TUN mode: send only these networks through the TUN (repeatable; default: all).
+    /// DNS (port 53) is captured whatever the routes.
+    #[arg(long, value_name = "CIDR")]
+    pub tun_route: Vec<Cidr>,
+    /// TUN mode: keep these networks out of the TUN (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    pub tun_exclude: Vec<Cidr>,
+    /// TUN mode: answer DNS queries with fake addresses (198.18.0.0/15, fc00::/18) and send
+    /// the names, not addresses, to the exit, which resolves them itself.
+    #[arg(long)]
+    pub fake_ip: bool,
+    /// TUN mode: the device's name [default: the kernel's choice].
+    #[arg(long, value_name = "NAME")]
+    pub tun_name: Option<String>,
 }
 
 /// `proxy exit`.

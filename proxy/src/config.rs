@@ -235,6 +235,21 @@ pub struct RunSettings {
     pub direct_policy: bool,
     /// The rest.
     pub common: CommonSettings,
+    /// TUN mode's routing and DNS options.
+    pub tun_options: TunOptions,
+}
+
+/// TUN mode's options (flags only for now).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TunOptions {
+    /// Route only these networks through the TUN (empty: everything).
+    pub route: Vec<Cidr>,
+    /// Keep these networks out of the TUN.
+    pub exclude: Vec<Cidr>,
+    /// Fake-IP DNS.
+    pub fake_ip: bool,
+    /// Device name.
+    pub name: Option<String>,
 }
 
 /// The exit role's settings.
@@ -296,6 +311,12 @@ impl RunSettings {
             tun: args.tun || file.tun.unwrap_or(false),
             direct_policy: args.direct_policy || file.direct_policy.unwrap_or(false),
             common: common(&args.common, &args.limits, &args.policy, &file)?,
+            tun_options: TunOptions {
+                route: args.tun_route.clone(),
+                exclude: args.tun_exclude.clone(),
+                fake_ip: args.fake_ip,
+                name: args.tun_name.clone(),
+            },
         })
     }
 }

@@ -204,6 +204,8 @@ pub trait UdpFlow: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct DirectDialer {
     connect_timeout: Duration,
+    /// `SO_MARK` for every socket (Linux), so policy routing keeps them out of a TUN.
+    mark: Option<u32>,
 }
 
 /// How long to wait for one address before racing the next one as well (RFC 8305 suggests
@@ -213,14 +215,24 @@ const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 impl DirectDialer {
     /// A dialer whose connects give up after `connect_timeout` (resolution included).
     pub fn new(connect_timeout: Duration) -> Self {
-        Self { connect_timeout }
+        Self {
+            connect_timeout,
+            mark: None,
+        }
+    }
+
+    /// Marks every socket this dialer opens with `mark` (`SO_MARK`, Linux, needs
+    /// `CAP_NET_ADMIN`): TUN mode routes marked packets around its device.
+    pub fn with_mark(mut self, mark: u32) -> Self {
+        self.mark = Some(mark);
+        self
     }
 
     /// Connects to `target`, resolving names on this host.
     pub async fn connect_tcp(&self, target: &Target) -> Result<TcpStream, DialError> {
         let work = async {
             let addrs = resolve(target).await?;
-            connect_any(&addrs).await
+            connect_any(&addrs, self.mark).await
         };
         let stream = tokio::time::timeout(self.connect_timeout, work)
             .await
@@ -242,7 +254,7 @@ impl Dialer for DirectDialer {
 
     fn udp_associate(&self) -> BoxFuture<'_, Result<Box<dyn UdpFlow>, DialError>> {
         Box::pin(async move {
-            let flow = DirectUdpFlow::bind().map_err(DialError::Other)?;
+            let flow = DirectUdpFlow::bind_marked(self.mark).map_err(DialError::Other)?;
             Ok(Box::new(flow) as Box<dyn UdpFlow>)
         })
     }
@@ -286,10 +298,10 @@ fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
 /// Happy-eyeballs-ish: try the addresses in order, starting the next one when the previous
 /// fails or has not answered within [`ATTEMPT_DELAY`]; the first connection wins and the
 /// others are dropped (aborted with the `JoinSet`).
-async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, DialError> {
+async fn connect_any(addrs: &[SocketAddr], mark: Option<u32>) -> Result<TcpStream, DialError> {
     if let [addr] = addrs {
         // The common case (IP literal, single record) needs no task.
-        return TcpStream::connect(addr).await.map_err(DialError::from_io);
+        return connect_one(*addr, mark).await.map_err(DialError::from_io);
     }
     let mut attempts = JoinSet::new();
     let mut next = addrs.iter();
@@ -297,7 +309,7 @@ async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, DialError> {
     loop {
         if let Some(&addr) = next.next() {
             trace!(%addr, "connect attempt");
-            attempts.spawn(async move { TcpStream::connect(addr).await });
+            attempts.spawn(async move { connect_one(addr, mark).await });
         } else if attempts.is_empty() {
             return Err(last_err);
         }
@@ -312,6 +324,36 @@ async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, DialError> {
             else => return Err(last_err),
         }
     }
+}
+
+/// Connects one TCP socket, marked first when `mark` is set.
+async fn connect_one(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    set_mark(&socket, mark)?;
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpSocket::from_std_stream(socket.into())
+        .connect(addr)
+        .await
+}
+
+#[cfg(target_os = "linux")]
+fn set_mark(socket: &socket2::Socket, mark: u32) -> io::Result<()> {
+    socket.set_mark(mark)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_mark(_socket: &socket2::Socket, _mark: u32) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "socket marks exist on Linux only",
+    ))
 }
 
 /// Of two failures, keep the one that says more: a refusal proves the host is there.
@@ -335,15 +377,26 @@ pub struct DirectUdpFlow {
 impl DirectUdpFlow {
     /// Binds an unspecified address on an ephemeral port.
     pub fn bind() -> io::Result<Self> {
-        match bind_dual_stack() {
+        Self::bind_marked(None)
+    }
+
+    /// Like [`bind`](Self::bind), with `SO_MARK` set when `mark` is.
+    pub fn bind_marked(mark: Option<u32>) -> io::Result<Self> {
+        match bind_dual_stack(mark) {
             Ok(socket) => Ok(Self {
                 socket,
                 dual_stack: true,
             }),
             Err(err) => {
                 debug!(%err, "no dual-stack UDP socket, falling back to IPv4");
-                let std = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
-                std.set_nonblocking(true)?;
+                use socket2::{Domain, Protocol, Socket, Type};
+                let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+                if let Some(mark) = mark {
+                    set_mark(&socket, mark)?;
+                }
+                socket.bind(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)).into())?;
+                socket.set_nonblocking(true)?;
+                let std: std::net::UdpSocket = socket.into();
                 Ok(Self {
                     socket: UdpSocket::from_std(std)?,
                     dual_stack: false,
@@ -363,9 +416,12 @@ impl DirectUdpFlow {
     }
 }
 
-fn bind_dual_stack() -> io::Result<UdpSocket> {
+fn bind_dual_stack(mark: Option<u32>) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    if let Some(mark) = mark {
+        set_mark(&socket, mark)?;
+    }
     socket.set_only_v6(false)?;
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0).into())?;
@@ -498,9 +554,9 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let stream = connect_any(&[dead, good]).await.unwrap();
+        let stream = connect_any(&[dead, good], None).await.unwrap();
         assert_eq!(stream.peer_addr().unwrap(), good);
-        let err = connect_any(&[dead, dead]).await.unwrap_err();
+        let err = connect_any(&[dead, dead], None).await.unwrap_err();
         assert!(matches!(err, DialError::Refused), "{err:?}");
     }
 

@@ -25,6 +25,8 @@ pub mod relay;
 pub mod server;
 pub mod socks;
 pub mod status;
+#[cfg(target_os = "linux")]
+pub mod tun_mode;
 
 use std::future::Future;
 use std::net::SocketAddr;

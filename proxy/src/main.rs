@@ -103,7 +103,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         None => {
             let settings = RunSettings::resolve(&cli.run).map_err(Failure::Settings)?;
             if settings.tun {
-                return Err(anyhow::anyhow!("TUN mode is not built yet").into());
+                return run_tun(settings).await;
             }
             // Keep the fabric alive as long as the listeners.
             let mut client_fabric = None;
@@ -154,6 +154,33 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// `proxy --tun`: the TUN device in front of the same dialers as the listeners.
+#[cfg(target_os = "linux")]
+async fn run_tun(settings: RunSettings) -> Result<(), Failure> {
+    if !settings.exits.is_empty() {
+        return Err(anyhow::anyhow!("--tun with --exit is not built yet").into());
+    }
+    if settings.tun_options.fake_ip {
+        return Err(anyhow::anyhow!("--fake-ip is not built yet").into());
+    }
+    let direct =
+        DirectDialer::new(settings.common.connect_timeout).with_mark(proxy::tun_mode::MARK);
+    let dialer: Arc<dyn Dialer> = if settings.direct_policy {
+        Arc::new(PolicyDialer::new(direct, settings.common.policy.clone()))
+    } else {
+        Arc::new(direct)
+    };
+    proxy::tun_mode::run(&settings, dialer, shutdown_signal())
+        .await
+        .context("tun mode")?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn run_tun(_settings: RunSettings) -> Result<(), Failure> {
+    Err(anyhow::anyhow!("TUN mode is only available on Linux").into())
 }
 
 /// Keeps trying to reach `exit` until it answers, then hands its session to the dialer (the

@@ -1,0 +1,368 @@
+//! `proxy --tun`: capture the host's traffic with a TUN device and send every flow through the
+//! same [`Dialer`] as the SOCKS5 and HTTP listeners.
+//!
+//! ```text
+//!  apps ─► kernel ── policy routing: unmarked ─► table TABLE ─► tun ─► netstack
+//!                                                                              │
+//!   TCP flow ─► Dialer::connect(original destination) ─► accept + relay ◄──────┤
+//!   UDP flow ─► Dialer::udp_associate ─► datagrams both ways ◄─────────────────┘
+//!  proxy's own sockets carry MARK (SO_MARK) and follow the main table: no loop.
+//! ```
+//!
+//! Routing (Linux, through `ip`): a table of our own holds the TUN routes (everything, or only
+//! `--tun-route` networks, minus `--tun-exclude` as `throw` routes); a first rule sends this
+//! process's marked sockets to `main`, a last one everything else to that table; DNS (UDP and TCP port 53) has its own rule and
+//! table so it reaches the TUN whatever the routes say. [`Routing`] undoes all of it on drop,
+//! which runs on Ctrl-C and SIGTERM as on errors.
+
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use netstack::{Incoming, NetStack, StackConfig, TcpRequest, TunConfig, TunDevice, UdpFlow};
+use tracing::{debug, info, warn};
+
+use crate::config::{RunSettings, TunOptions};
+use crate::dialer::{Dialer, Target};
+
+/// The `SO_MARK` of this process's own sockets, and the firewall mark the routing rule skips.
+pub const MARK: u32 = 0x7478;
+/// The routing table holding the TUN routes.
+pub const TABLE: u32 = 0x7478;
+/// The routing table DNS goes to (always the TUN).
+pub const DNS_TABLE: u32 = 0x7479;
+/// Priority of the rule sending unmarked traffic to [`TABLE`] (before `main` at 32766).
+pub const PRIORITY: u32 = 0x7478;
+/// Priority of the DNS rules (just before [`PRIORITY`]).
+pub const DNS_PRIORITY: u32 = PRIORITY - 1;
+/// Priority of the rule sending this process's marked sockets to `main` (before the others).
+/// (`not fwmark M …` would not do for DNS: `not` inverts the whole selector, not the mark.)
+pub const MARK_PRIORITY: u32 = PRIORITY - 2;
+/// The kernel side's addresses on the TUN (the netstack itself answers for every address).
+pub const TUN_V4: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 19, 0, 1), 30);
+/// The kernel side's IPv6 address on the TUN.
+pub const TUN_V6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x7478, 0, 0, 0, 0, 0, 1), 126);
+/// How long a UDP flow lives without a datagram either way.
+pub const UDP_IDLE: Duration = Duration::from_secs(60);
+
+/// TUN mode could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TunError {
+    /// The device could not be created (not root, no `/dev/net/tun`).
+    #[error("cannot create the tun device: {0}")]
+    Device(io::Error),
+    /// A routing command failed.
+    #[error("routing setup failed: `{command}`: {message}")]
+    Routing {
+        /// The command.
+        command: String,
+        /// What it said.
+        message: String,
+    },
+    /// TUN mode exists on Linux only for now.
+    #[error("tun mode is only available on Linux")]
+    Unsupported,
+}
+
+/// Creates the device and the routes, then serves flows until `shutdown` completes; the routes
+/// and the device are gone when this returns.
+pub async fn run(
+    settings: &RunSettings,
+    dialer: Arc<dyn Dialer>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TunError> {
+    if !cfg!(target_os = "linux") {
+        return Err(TunError::Unsupported);
+    }
+    let opts = &settings.tun_options;
+    let mut tun = TunConfig {
+        name: opts.name.clone(),
+        ipv4: Some(TUN_V4),
+        ipv6: Some(TUN_V6),
+        ..TunConfig::default()
+    };
+    let device = match TunDevice::create(&tun) {
+        Ok(d) => d,
+        Err(err) => {
+            // A host with IPv6 disabled refuses the IPv6 address: go on with IPv4 only.
+            debug!(%err, "tun with IPv6 failed, trying IPv4 only");
+            tun.ipv6 = None;
+            TunDevice::create(&tun).map_err(TunError::Device)?
+        }
+    };
+    let name = device.name().to_owned();
+    let routing = Routing::install(&name, opts, tun.ipv6.is_some())?;
+    info!(device = %name, offload = device.offload(), "tun mode up");
+    let mut stack = NetStack::spawn(device, StackConfig::default(), UDP_IDLE);
+    let idle = settings.common.idle_timeout;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            incoming = stack.accept() => match incoming {
+                Some(Incoming::Tcp(req)) => {
+                    tokio::spawn(serve_tcp(req, dialer.clone(), idle));
+                }
+                Some(Incoming::Udp(flow)) => {
+                    tokio::spawn(serve_udp(flow, dialer.clone()));
+                }
+                Some(_) => {}
+                None => {
+                    warn!("the tun driver stopped");
+                    break;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    info!("tun mode shutting down");
+    drop(stack);
+    drop(routing);
+    Ok(())
+}
+
+async fn serve_tcp(req: TcpRequest, dialer: Arc<dyn Dialer>, idle: Option<Duration>) {
+    let dst = req.dst();
+    let mut upstream = match dialer.connect(Target::Ip(dst)).await {
+        Ok(s) => s,
+        Err(err) => {
+            debug!(%dst, %err, "tun dial failed");
+            req.reject();
+            return;
+        }
+    };
+    let mut stream = match req.accept() {
+        Ok(s) => s,
+        Err(err) => {
+            debug!(%dst, %err, "tun accept failed");
+            return;
+        }
+    };
+    match crate::relay::relay(&mut stream, &mut upstream, idle).await {
+        Ok(t) => debug!(%dst, up = t.up, down = t.down, "tun flow done"),
+        Err(err) => debug!(%dst, %err, "tun flow ended"),
+    }
+}
+
+async fn serve_udp(mut flow: UdpFlow, dialer: Arc<dyn Dialer>) {
+    let src = flow.src();
+    let upstream = match dialer.udp_associate().await {
+        Ok(u) => u,
+        Err(err) => {
+            debug!(%src, %err, "udp associate failed");
+            return;
+        }
+    };
+    let reply = flow.reply();
+    let mut buf = vec![0u8; 65535];
+    loop {
+        tokio::select! {
+            dgram = flow.recv() => {
+                // None: the flow expired (idle) or the stack stopped.
+                let Some((dst, payload)) = dgram else { return };
+                if let Err(err) = upstream.send_to(&payload, &Target::Ip(dst)).await {
+                    debug!(%src, %dst, %err, "udp send failed");
+                }
+            }
+            got = upstream.recv_from(&mut buf) => match got {
+                Ok((n, from)) => reply.send(from, &buf[..n]),
+                Err(err) => {
+                    debug!(%src, %err, "udp receive failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The routes and rules TUN mode added; dropping removes them.
+#[derive(Debug)]
+pub struct Routing {
+    undo: Vec<Vec<String>>,
+}
+
+impl Routing {
+    /// Adds the tables and rules for device `dev`.
+    pub fn install(dev: &str, opts: &TunOptions, ipv6: bool) -> Result<Self, TunError> {
+        let mut families = vec!["-4"];
+        if ipv6 {
+            families.push("-6");
+        }
+        // Leftovers of a run that was killed hard would shadow ours: clear them first.
+        for fam in &families {
+            remove_ours(fam);
+        }
+        let mut routing = Self { undo: Vec::new() };
+        let table = TABLE.to_string();
+        let dns_table = DNS_TABLE.to_string();
+        let mark = MARK.to_string();
+        for fam in &families {
+            let v6 = *fam == "-6";
+            routing
+                .undo
+                .push(args(&["ip", fam, "route", "flush", "table", &table]));
+            routing
+                .undo
+                .push(args(&["ip", fam, "route", "flush", "table", &dns_table]));
+            routing.undo.push(args(&[
+                "ip",
+                fam,
+                "rule",
+                "del",
+                "priority",
+                &PRIORITY.to_string(),
+            ]));
+            routing.undo.push(args(&[
+                "ip",
+                fam,
+                "rule",
+                "del",
+                "priority",
+                &MARK_PRIORITY.to_string(),
+            ]));
+            for _ in 0..2 {
+                routing.undo.push(args(&[
+                    "ip",
+                    fam,
+                    "rule",
+                    "del",
+                    "priority",
+                    &DNS_PRIORITY.to_string(),
+                ]));
+            }
+            let routes: Vec<String> = if opts.route.is_empty() {
+                vec!["default".into()]
+            } else {
+                opts.route
+                    .iter()
+                    .filter(|c| c.to_string().contains(':') == v6)
+                    .map(ToString::to_string)
+                    .collect()
+            };
+            for route in &routes {
+                ip(&[
+                    "ip", fam, "route", "add", route, "dev", dev, "table", &table,
+                ])?;
+            }
+            for cidr in opts
+                .exclude
+                .iter()
+                .filter(|c| c.to_string().contains(':') == v6)
+            {
+                ip(&[
+                    "ip",
+                    fam,
+                    "route",
+                    "add",
+                    "throw",
+                    &cidr.to_string(),
+                    "table",
+                    &table,
+                ])?;
+            }
+            ip(&[
+                "ip", fam, "route", "add", "default", "dev", dev, "table", &dns_table,
+            ])?;
+            // This process's own sockets: the main table, never the TUN.
+            ip(&[
+                "ip",
+                fam,
+                "rule",
+                "add",
+                "fwmark",
+                &mark,
+                "table",
+                "main",
+                "priority",
+                &MARK_PRIORITY.to_string(),
+            ])?;
+            for proto in ["udp", "tcp"] {
+                ip(&[
+                    "ip",
+                    fam,
+                    "rule",
+                    "add",
+                    "ipproto",
+                    proto,
+                    "dport",
+                    "53",
+                    "table",
+                    &dns_table,
+                    "priority",
+                    &DNS_PRIORITY.to_string(),
+                ])?;
+            }
+            ip(&[
+                "ip",
+                fam,
+                "rule",
+                "add",
+                "table",
+                &table,
+                "priority",
+                &PRIORITY.to_string(),
+            ])?;
+        }
+        Ok(routing)
+    }
+}
+
+impl Drop for Routing {
+    fn drop(&mut self) {
+        for cmd in self.undo.drain(..) {
+            // Removing what is already gone fails harmlessly.
+            let _ = exec(&cmd);
+        }
+        debug!("tun routes removed");
+    }
+}
+
+/// Deletes rules at our priorities and flushes our tables, ignoring failures.
+fn remove_ours(fam: &str) {
+    for prio in [PRIORITY, DNS_PRIORITY, DNS_PRIORITY, MARK_PRIORITY] {
+        let _ = exec(&args(&[
+            "ip",
+            fam,
+            "rule",
+            "del",
+            "priority",
+            &prio.to_string(),
+        ]));
+    }
+    for table in [TABLE, DNS_TABLE] {
+        let _ = exec(&args(&[
+            "ip",
+            fam,
+            "route",
+            "flush",
+            "table",
+            &table.to_string(),
+        ]));
+    }
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn ip(a: &[&str]) -> Result<(), TunError> {
+    exec(&args(a)).map_err(|message| TunError::Routing {
+        command: a.join(" "),
+        message,
+    })
+}
+
+fn exec(cmd: &[String]) -> Result<(), String> {
+    let out = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}

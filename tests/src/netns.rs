@@ -1,0 +1,175 @@
+//! Linux network namespaces for the TUN tests: a client namespace and a server namespace joined
+//! by a veth pair, with IPv4 and IPv6, removed on drop (deleting a namespace deletes its
+//! devices, routes and rules with it).
+
+use std::io;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::servers::run_with_timeout;
+
+/// Why a namespace test cannot run here, or `None` when it can (root, `ip`, `/dev/net/tun`).
+pub fn unavailable() -> Option<String> {
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("no /dev/net/tun".into());
+    }
+    match Command::new("ip").args(["netns", "list"]).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            return Some(format!(
+                "`ip netns` failed (not root?): {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        Err(e) => return Some(format!("no `ip` command: {e}")),
+    }
+    static PROBE: AtomicU32 = AtomicU32::new(0);
+    let probe = format!(
+        "nst-probe-{}-{}",
+        std::process::id(),
+        PROBE.fetch_add(1, Ordering::Relaxed)
+    );
+    let ok = Command::new("ip")
+        .args(["netns", "add", &probe])
+        .status()
+        .is_ok_and(|s| s.success());
+    let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+    if !ok {
+        return Some("cannot create a network namespace (not root?)".into());
+    }
+    None
+}
+
+/// Runs a command, failing with its stderr when it exits non-zero.
+pub fn sh(args: &[&str]) -> io::Result<Output> {
+    let out = run_with_timeout(
+        Command::new(args[0]).args(&args[1..]),
+        Duration::from_secs(30),
+    )?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(out)
+}
+
+/// Two namespaces: `client` (10.N.0.1, fdN::1) and `server` (10.N.0.2, fdN::2) on one veth
+/// link; the client's default routes point at the server.
+#[derive(Debug)]
+pub struct Topology {
+    /// The client namespace's name.
+    pub client: String,
+    /// The server namespace's name.
+    pub server: String,
+    /// The client end of the veth pair.
+    pub client_if: String,
+    /// The server's IPv4 address.
+    pub server_v4: String,
+    /// The server's IPv6 address.
+    pub server_v6: String,
+}
+
+impl Topology {
+    /// Creates the namespaces (names start with `nst-`, unique per process and call).
+    pub fn new() -> io::Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}{}", std::process::id() % 100_000, n);
+        // A subnet per topology so parallel tests never share addresses.
+        let net = 200 + (std::process::id() + n) % 50;
+        let me = Self {
+            client: format!("nst-c-{id}"),
+            server: format!("nst-s-{id}"),
+            client_if: format!("nst{id}c"),
+            server_v4: format!("10.{net}.0.2"),
+            server_v6: format!("fd{net:02x}::2"),
+        };
+        let server_if = format!("nst{id}s");
+        sh(&["ip", "netns", "add", &me.client])?;
+        sh(&["ip", "netns", "add", &me.server])?;
+        let c = me.client.as_str();
+        let s = me.server.as_str();
+        let ci = me.client_if.as_str();
+        let si = server_if.as_str();
+        let c4 = format!("10.{net}.0.1/24");
+        let s4 = format!("{}/24", me.server_v4);
+        let c6 = format!("fd{net:02x}::1/64");
+        let s6 = format!("{}/64", me.server_v6);
+        for cmd in [
+            vec![
+                "ip", "link", "add", ci, "netns", c, "type", "veth", "peer", "name", si, "netns", s,
+            ],
+            vec!["ip", "-n", c, "addr", "add", &c4, "dev", ci],
+            vec!["ip", "-n", s, "addr", "add", &s4, "dev", si],
+            vec!["ip", "-n", c, "addr", "add", &c6, "dev", ci, "nodad"],
+            vec!["ip", "-n", s, "addr", "add", &s6, "dev", si, "nodad"],
+            vec!["ip", "-n", c, "link", "set", ci, "up"],
+            vec!["ip", "-n", s, "link", "set", si, "up"],
+            vec!["ip", "-n", c, "link", "set", "lo", "up"],
+            vec!["ip", "-n", s, "link", "set", "lo", "up"],
+            vec![
+                "ip",
+                "-n",
+                c,
+                "route",
+                "add",
+                "default",
+                "via",
+                &me.server_v4,
+            ],
+            vec![
+                "ip",
+                "-n",
+                c,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &me.server_v6,
+            ],
+        ] {
+            sh(&cmd)?;
+        }
+        Ok(me)
+    }
+
+    /// Runs `args` inside the client namespace.
+    pub fn in_client(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.client]).args(args);
+        cmd
+    }
+
+    /// Runs `args` inside the server namespace.
+    pub fn in_server(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.server]).args(args);
+        cmd
+    }
+
+    /// `ip -n client <args>` output as text.
+    pub fn client_ip(&self, args: &[&str]) -> io::Result<String> {
+        let mut full = vec!["ip", "-n", &self.client];
+        full.extend_from_slice(args);
+        Ok(String::from_utf8_lossy(&sh(&full)?.stdout).into_owned())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Processes still inside keep a namespace's devices alive; they are the tests' children
+        // and are killed by their own guards first.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.client])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.server])
+            .status();
+    }
+}

@@ -1,0 +1,340 @@
+//! `proxy --tun` in network namespaces: a client namespace whose default routes (IPv4 and
+//! IPv6) are captured by the TUN of `proxy --tun`, and a server namespace with HTTP, DNS and
+//! UDP echo servers (`nst-tool serve`). Real clients (curl, `nst-tool dns|echo`) run in the
+//! client namespace; nft counters prove DNS leaves only through the proxy; after SIGINT no
+//! device, route or rule is left.
+//!
+//! Needs root (network namespaces, TUN); skips with a message where namespaces are impossible.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tests::netns::{Topology, unavailable};
+use tests::servers::{big_byte, proxy_bin, run_with_timeout};
+
+const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
+const MARK: &str = "0x00007478";
+
+/// A child process killed on drop, its stderr collected.
+struct Proc {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, ready: &str) -> Self {
+        let mut child = cmd
+            .env("RUST_LOG", "proxy=debug,netstack=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let tx2 = tx.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+                let _ = tx2.send(line);
+            }
+        });
+        let me = Self { child, stderr };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(ready) => return me,
+                Ok(_) => {}
+                Err(_) => panic!("{ready:?} never came; stderr:\n{}", me.stderr()),
+            }
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// SIGINT, then the exit status within `limit`.
+    fn interrupt(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_ok(mut cmd: Command) -> String {
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn skip() -> bool {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIPPED: TUN tests need network namespaces: {why}");
+        return true;
+    }
+    false
+}
+
+/// Starts the servers in the server namespace.
+fn servers(topo: &Topology) -> Proc {
+    let http4 = format!("{}:80", topo.server_v4);
+    let http6 = format!("[{}]:80", topo.server_v6);
+    Proc::spawn(
+        topo.in_server(&[TOOL, "serve", &http4, &http6, "--", "192.0.2.77"]),
+        "ready",
+    )
+}
+
+fn start_proxy(topo: &Topology, extra: &[&str]) -> Proc {
+    let bin = proxy_bin().to_string_lossy().into_owned();
+    let mut args = vec![bin.as_str(), "--tun", "--socks", "off", "--http", "off"];
+    args.extend_from_slice(extra);
+    Proc::spawn(topo.in_client(&args), "tun mode up")
+}
+
+/// Counters of DNS packets leaving the client namespace by its real link: marked (sent by the
+/// proxy itself) and unmarked (a leak).
+fn install_dns_counters(topo: &Topology) {
+    let rules = format!(
+        "table inet nstleak {{
+            counter leak {{ }}
+            counter proxied {{ }}
+            chain out {{
+                type filter hook postrouting priority 0; policy accept;
+                oifname \"{i}\" meta l4proto {{ tcp, udp }} th dport 53 meta mark != {MARK} counter name \"leak\"
+                oifname \"{i}\" meta l4proto {{ tcp, udp }} th dport 53 meta mark {MARK} counter name \"proxied\"
+            }}
+        }}",
+        i = topo.client_if
+    );
+    let path = std::env::temp_dir().join(format!("{}.nft", topo.client));
+    std::fs::write(&path, rules).expect("write nft rules");
+    run_ok(topo.in_client(&["nft", "-f", &path.to_string_lossy()]));
+    let _ = std::fs::remove_file(path);
+}
+
+fn counter(topo: &Topology, name: &str) -> u64 {
+    let out = run_ok(topo.in_client(&["nft", "list", "counter", "inet", "nstleak", name]));
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {out}"))
+}
+
+fn curl(topo: &Topology, url: &str) -> Vec<u8> {
+    let mut cmd = topo.in_client(&["curl", "--silent", "--show-error", "--max-time", "30", url]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("curl");
+    assert!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn check_big(body: &[u8], n: u64) {
+    assert_eq!(body.len() as u64, n, "length");
+    if let Some(i) = (0..n).find(|&i| body[i as usize] != big_byte(i)) {
+        panic!("byte {i} differs");
+    }
+}
+
+/// Routes and rules this process's TUN mode leaves behind in the client namespace.
+fn leftovers(topo: &Topology) -> Vec<String> {
+    let mut left = Vec::new();
+    for fam in ["-4", "-6"] {
+        let rules = topo.client_ip(&[fam, "rule"]).unwrap_or_default();
+        left.extend(
+            rules
+                .lines()
+                .filter(|l| l.contains("2981") || l.contains("0x7478"))
+                .map(|l| format!("rule {fam}: {l}")),
+        );
+        for table in ["29816", "29817"] {
+            let routes = topo
+                .client_ip(&[fam, "route", "show", "table", table])
+                .unwrap_or_default();
+            left.extend(routes.lines().map(|l| format!("route {fam} {table}: {l}")));
+        }
+    }
+    let links = topo.client_ip(&["link"]).unwrap_or_default();
+    left.extend(
+        links
+            .lines()
+            .filter(|l| l.contains(": tun"))
+            .map(|l| format!("link: {l}")),
+    );
+    left
+}
+
+#[test]
+fn tun_direct_http_dns_udp_ipv4_ipv6_and_cleanup() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new().expect("namespaces");
+    let _servers = servers(&topo);
+    install_dns_counters(&topo);
+
+    // Control: without the proxy, a query leaves unmarked and the leak counter sees it.
+    let dns4 = format!("{}:53", topo.server_v4);
+    let dns6 = format!("[{}]:53", topo.server_v6);
+    let got = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "control.test"]));
+    assert_eq!(got.trim(), "192.0.2.77");
+    assert!(counter(&topo, "leak") >= 1, "the leak counter counts leaks");
+    run_ok(topo.in_client(&["nft", "reset", "counters", "table", "inet", "nstleak"]));
+
+    let mut proxy = start_proxy(&topo, &[]);
+    let links = topo.client_ip(&["-s", "link", "show"]).unwrap();
+    assert!(links.contains(": tun"), "no tun device:\n{links}");
+
+    // HTTP over IPv4 and IPv6, small and large, content checked.
+    let page = curl(&topo, &format!("http://{}/index.html", topo.server_v4));
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    let n = 8 * 1024 * 1024 + 3;
+    check_big(
+        &curl(&topo, &format!("http://{}/big/{n}", topo.server_v4)),
+        n,
+    );
+    check_big(
+        &curl(&topo, &format!("http://[{}]/big/{n}", topo.server_v6)),
+        n,
+    );
+    let log = proxy.stderr();
+    assert!(
+        log.contains(&format!("dst={}:80", topo.server_v4))
+            && log.contains(&format!("dst=[{}]:80", topo.server_v6)),
+        "the flows did not go through the tun:\n{log}"
+    );
+
+    // DNS to the server's address, UDP and TCP, IPv4 and IPv6: answered, and only the proxy's
+    // own (marked) packets left by the real link.
+    for (server, proto) in [
+        (&dns4, "udp"),
+        (&dns4, "tcp"),
+        (&dns6, "udp"),
+        (&dns6, "tcp"),
+    ] {
+        let got = run_ok(topo.in_client(&[TOOL, "dns", server, "leak.test", proto]));
+        assert_eq!(got.trim(), "192.0.2.77", "{server} {proto}");
+    }
+    assert_eq!(counter(&topo, "leak"), 0, "DNS leaked around the tun");
+    assert!(
+        counter(&topo, "proxied") >= 4,
+        "DNS did not go out through the proxy"
+    );
+
+    // UDP round trips, IPv4 and IPv6; replies come from the address the client sent to.
+    let echo4 = format!("{}:7", topo.server_v4);
+    let echo6 = format!("[{}]:7", topo.server_v6);
+    let got = run_ok(topo.in_client(&[TOOL, "echo", &echo4, "hello-v4"]));
+    assert_eq!(got.trim(), format!("hello-v4 from {echo4}"));
+    let got = run_ok(topo.in_client(&[TOOL, "echo", &echo6, "hello-v6"]));
+    assert_eq!(got.trim(), format!("hello-v6 from {echo6}"));
+
+    // Ctrl-C: a clean exit, and nothing left behind.
+    assert!(leftovers(&topo).len() >= 4, "routing was not installed");
+    let status = proxy
+        .interrupt(Duration::from_secs(15))
+        .expect("proxy exits");
+    assert!(status.success(), "exit status {status:?}");
+    let left = leftovers(&topo);
+    assert!(left.is_empty(), "left behind after SIGINT: {left:#?}");
+}
+
+#[test]
+fn tun_route_only_and_exclude() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new().expect("namespaces");
+    let _servers = servers(&topo);
+    let mut proxy = start_proxy(&topo, &["--tun-exclude", &format!("{}/32", topo.server_v4)]);
+    // Excluded: goes straight out, the proxy never sees the flow.
+    let page = curl(&topo, &format!("http://{}/index.html", topo.server_v4));
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    let log = proxy.stderr();
+    assert!(
+        !log.contains(&format!("dst={}:80", topo.server_v4)),
+        "excluded network went through the tun:\n{log}"
+    );
+    // IPv6 is not excluded: through the tun.
+    let page = curl(&topo, &format!("http://[{}]/index.html", topo.server_v6));
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    assert!(
+        proxy
+            .stderr()
+            .contains(&format!("dst=[{}]:80", topo.server_v6))
+    );
+    assert!(
+        proxy
+            .interrupt(Duration::from_secs(15))
+            .is_some_and(|s| s.success())
+    );
+    assert!(leftovers(&topo).is_empty());
+
+    // Route only the IPv6 server network: IPv4 traffic goes straight out, DNS is still captured.
+    install_dns_counters(&topo);
+    let v6net = format!("{}/64", topo.server_v6.trim_end_matches('2'));
+    let mut proxy = start_proxy(&topo, &["--tun-route", &v6net]);
+    let page = curl(&topo, &format!("http://{}/index.html", topo.server_v4));
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    assert!(
+        !proxy
+            .stderr()
+            .contains(&format!("dst={}:80", topo.server_v4))
+    );
+    let page = curl(&topo, &format!("http://[{}]/index.html", topo.server_v6));
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    assert!(
+        proxy
+            .stderr()
+            .contains(&format!("dst=[{}]:80", topo.server_v6))
+    );
+    let dns4 = format!("{}:53", topo.server_v4);
+    let got = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "routed.test"]));
+    assert_eq!(got.trim(), "192.0.2.77");
+    assert_eq!(counter(&topo, "leak"), 0, "DNS escaped a route-only tun");
+    assert!(
+        proxy
+            .interrupt(Duration::from_secs(15))
+            .is_some_and(|s| s.success())
+    );
+    assert!(leftovers(&topo).is_empty());
+}
