@@ -78,10 +78,14 @@ impl From<anyhow::Error> for Failure {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    // The long-running roles listen for signals before they announce anything on stdout: a
+    // Ctrl-C right after "listening" must find its handler, and must not be lost.
+    let signals = || Signals::install().context("installing signal handlers");
     match cli.command {
         Some(Command::Exit(args)) => {
+            let signals = signals()?;
             let settings = ExitSettings::resolve(&args).map_err(Failure::Settings)?;
-            run_exit(settings).await
+            run_exit(settings, signals).await
         }
         Some(Command::Status(args)) => {
             let addr = status_addr(&args).map_err(Failure::Settings)?;
@@ -101,9 +105,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         None => {
+            let signals = signals()?;
             let settings = RunSettings::resolve(&cli.run).map_err(Failure::Settings)?;
             if settings.tun {
-                return run_tun(settings).await;
+                return run_tun(settings, signals).await;
             }
             // Keep the fabric alive as long as the listeners.
             let mut client_fabric = None;
@@ -150,7 +155,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(addr) = proxy.http_addr() {
                 println!("http listening on {addr} (PAC file: http://{addr}/proxy.pac)");
             }
-            proxy.run(shutdown_signal(), GRACE).await;
+            proxy.run(shutdown_signal(signals), GRACE).await;
             Ok(())
         }
     }
@@ -158,7 +163,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 /// `proxy --tun`: the TUN device in front of the same dialers as the listeners.
 #[cfg(target_os = "linux")]
-async fn run_tun(settings: RunSettings) -> Result<(), Failure> {
+async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure> {
     if !settings.exits.is_empty() {
         return Err(anyhow::anyhow!("--tun with --exit is not built yet").into());
     }
@@ -172,14 +177,14 @@ async fn run_tun(settings: RunSettings) -> Result<(), Failure> {
     } else {
         Arc::new(direct)
     };
-    proxy::tun_mode::run(&settings, dialer, shutdown_signal())
+    proxy::tun_mode::run(&settings, dialer, shutdown_signal(signals))
         .await
         .context("tun mode")?;
     Ok(())
 }
 
 #[cfg(not(target_os = "linux"))]
-async fn run_tun(_settings: RunSettings) -> Result<(), Failure> {
+async fn run_tun(_settings: RunSettings, _signals: Signals) -> Result<(), Failure> {
     Err(anyhow::anyhow!("TUN mode is only available on Linux").into())
 }
 
@@ -204,7 +209,7 @@ async fn connect_exit(fabric: Arc<Fabric>, dialer: FabricDialer, exit: ToxId) {
 }
 
 /// The exit role: serves allowed clients until Ctrl-C.
-async fn run_exit(settings: ExitSettings) -> Result<(), Failure> {
+async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failure> {
     let mut tox = tox_config(&settings.common)?;
     tox.allow.allow_any = settings.allow_any;
     for peer in &settings.allow {
@@ -236,7 +241,7 @@ async fn run_exit(settings: ExitSettings) -> Result<(), Failure> {
     tokio::select! {
         () = proxy::exit::serve(fabric.clone(), dialer.clone(), options) => {}
         () = proxy::exit::serve_udp(fabric.clone(), dialer, UdpOptions::default()) => {}
-        () = shutdown_signal() => {}
+        () = shutdown_signal(signals) => {}
     }
     stop_metrics.cancel();
     fabric.shutdown().await;
@@ -295,30 +300,47 @@ fn data_dir(configured: Option<std::path::PathBuf>) -> Result<std::path::PathBuf
 }
 
 /// Completes on the first Ctrl-C or SIGTERM; a second one ends the process at once.
-async fn shutdown_signal() {
-    wait_signal().await;
-    tokio::spawn(async {
-        wait_signal().await;
+async fn shutdown_signal(mut signals: Signals) {
+    signals.recv().await;
+    tokio::spawn(async move {
+        signals.recv().await;
         eprintln!("proxy: second signal, exiting now");
         std::process::exit(130);
     });
 }
 
-async fn wait_signal() {
+/// SIGINT and SIGTERM listeners, installed once at start: tokio only reports signals that
+/// arrive after a listener exists.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut term) = signal(SignalKind::terminate()) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                int: signal(SignalKind::interrupt())?,
+                term: signal(SignalKind::terminate())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn init_logging(verbose: u8) {
