@@ -318,6 +318,15 @@ pub fn dns_parse_a(response: &[u8]) -> Option<(u16, std::net::Ipv4Addr)> {
     Some((id, std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3])))
 }
 
+/// Panics unless `body` is the `n`-byte body of `/big/<n>` (see [`big_byte`]), naming the first
+/// byte that differs.
+pub fn check_big(body: &[u8], n: u64) {
+    assert_eq!(body.len() as u64, n, "length");
+    if let Some(i) = (0..n).find(|&i| body[i as usize] != big_byte(i)) {
+        panic!("byte {i} differs");
+    }
+}
+
 /// A SOCKS5 UDP association (RFC 1928 §7) held open by its control connection.
 #[derive(Debug)]
 pub struct SocksUdp {

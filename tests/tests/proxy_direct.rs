@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tests::servers::{
-    DnsServer, HttpServer, PAGE_RENDERED_TEXT, ProxyProcess, SocksUdp, big_byte, chromium_dump_dom,
-    http_get, proxy_bin, run_with_timeout,
+    DnsServer, HttpServer, PAGE_RENDERED_TEXT, ProxyProcess, SocksUdp, check_big,
+    chromium_dump_dom, http_get, proxy_bin, run_with_timeout,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -31,13 +31,6 @@ fn curl_ok(args: &[&str]) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
-}
-
-fn check_big(body: &[u8], n: u64) {
-    assert_eq!(body.len() as u64, n, "length");
-    if let Some(i) = (0..n).find(|&i| body[i as usize] != big_byte(i)) {
-        panic!("byte {i} differs");
-    }
 }
 
 #[test]

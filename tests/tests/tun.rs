@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tests::netns::{Topology, unavailable};
-use tests::servers::{big_byte, proxy_bin, run_with_timeout};
+use tests::servers::{check_big, proxy_bin, run_with_timeout};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
 const MARK: &str = "0x00007478";
@@ -166,13 +166,6 @@ fn curl(topo: &Topology, url: &str) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
-}
-
-fn check_big(body: &[u8], n: u64) {
-    assert_eq!(body.len() as u64, n, "length");
-    if let Some(i) = (0..n).find(|&i| body[i as usize] != big_byte(i)) {
-        panic!("byte {i} differs");
-    }
 }
 
 /// Routes and rules this process's TUN mode leaves behind in the client namespace.
