@@ -23,6 +23,12 @@ fn curl(args: &[&str]) -> std::process::Output {
     .expect("run curl (Debian package curl)")
 }
 
+/// Fetches `url` through the HTTP proxy `http`: the body, a newline, and the status code.
+fn through_http_proxy(http: &str, url: &str) -> String {
+    let out = curl(&["-x", http, "-w", "\n%{http_code}", url]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn curl_ok(args: &[&str]) -> Vec<u8> {
     let out = curl(args);
     assert!(
@@ -271,14 +277,7 @@ fn refusals_get_the_right_codes() {
     let (_s, reply) = socks_request(proxy.socks.unwrap(), 1, dead);
     assert_eq!(reply[1], 5);
     let http = format!("http://{}", proxy.http.unwrap());
-    let out = curl(&[
-        "-x",
-        &http,
-        "-w",
-        "\n%{http_code}",
-        &format!("http://{dead}/"),
-    ]);
-    let out = String::from_utf8_lossy(&out.stdout);
+    let out = through_http_proxy(&http, &format!("http://{dead}/"));
     assert!(out.ends_with("\n502"), "{out}");
     assert!(out.contains("connection refused"), "{out}");
     drop(proxy);
@@ -288,14 +287,7 @@ fn refusals_get_the_right_codes() {
     let (_s, reply) = socks_request(proxy.socks.unwrap(), 1, server.addr());
     assert_eq!(reply[1], 2);
     let http = format!("http://{}", proxy.http.unwrap());
-    let out = curl(&[
-        "-x",
-        &http,
-        "-w",
-        "\n%{http_code}",
-        &server.url("/index.html"),
-    ]);
-    let out = String::from_utf8_lossy(&out.stdout);
+    let out = through_http_proxy(&http, &server.url("/index.html"));
     assert!(out.ends_with("\n403"), "{out}");
     assert!(out.contains("127.0.0.1 is a loopback address"), "{out}");
     let out = curl(&["-p", "-x", &http, &server.url("/index.html")]);
@@ -306,14 +298,8 @@ fn refusals_get_the_right_codes() {
         String::from_utf8_lossy(&out.stderr)
     );
     // A name is checked by what it resolves to.
-    let out = curl(&[
-        "-x",
-        &http,
-        "-w",
-        "\n%{http_code}",
-        &format!("http://localhost:{}/", server.addr().port()),
-    ]);
-    assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n403"));
+    let url = format!("http://localhost:{}/", server.addr().port());
+    assert!(through_http_proxy(&http, &url).ends_with("\n403"));
     assert_eq!(server.requests(), 0, "nothing reached the server");
 
     // With private destinations allowed but one port denied.
@@ -628,14 +614,7 @@ fn dial_timeouts_get_504_and_ttl_expired() {
         "ttl expired, the usual socks5 answer for a timeout"
     );
     let http = format!("http://{}", proxy.http.unwrap());
-    let out = curl(&[
-        "-x",
-        &http,
-        "-w",
-        "\n%{http_code}",
-        &format!("http://{addr}/"),
-    ]);
-    let out = String::from_utf8_lossy(&out.stdout);
+    let out = through_http_proxy(&http, &format!("http://{addr}/"));
     assert!(out.ends_with("\n504"), "{out}");
     assert!(out.contains("timed out"), "{out}");
 }
