@@ -129,8 +129,6 @@ struct Shared {
     epoch: Instant,
     requests: Mutex<u32>,
     datagrams: mpsc::Sender<(PublicKey, Vec<u8>)>,
-    /// The largest datagram a session takes.
-    max_datagram: usize,
 }
 
 /// Everything known about one peer.
@@ -188,7 +186,6 @@ impl Fabric {
         let (tox, events) = ToxNode::spawn(config.tox.clone())?;
         let (incoming_tx, incoming_rx) = mpsc::channel(1024);
         let (datagrams_tx, datagrams_rx) = mpsc::channel(DATAGRAM_QUEUE);
-        let max_datagram = config.session.max_datagram();
         let shared = Arc::new(Shared {
             tox,
             config,
@@ -198,7 +195,6 @@ impl Fabric {
             epoch: Instant::now(),
             requests: Mutex::new(0),
             datagrams: datagrams_tx,
-            max_datagram,
         });
         tokio::spawn(route(Arc::downgrade(&shared), events));
         Ok(Self {
@@ -259,7 +255,7 @@ impl Fabric {
 
     /// The largest payload [`Fabric::send_datagram`] takes.
     pub fn max_datagram(&self) -> usize {
-        self.shared.max_datagram
+        self.shared.config.session.max_datagram()
     }
 
     /// Status of every peer with a session or a slot.
@@ -335,7 +331,7 @@ impl Peer {
 
     /// The largest payload [`Peer::send_datagram`] takes.
     pub fn max_datagram(&self) -> usize {
-        self.shared.max_datagram
+        self.shared.config.session.max_datagram()
     }
 }
 
@@ -361,10 +357,11 @@ const DATAGRAM_QUEUE: usize = 4096;
 
 impl Shared {
     fn send_datagram(&self, pk: PublicKey, payload: Vec<u8>) -> Result<(), DatagramError> {
-        if payload.len() > self.max_datagram {
+        let max = self.config.session.max_datagram();
+        if payload.len() > max {
             return Err(DatagramError::TooLarge {
                 len: payload.len(),
-                max: self.max_datagram,
+                max,
             });
         }
         let input = lock(&self.routes)

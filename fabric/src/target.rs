@@ -199,6 +199,14 @@ impl UdpHeader {
         out.extend_from_slice(&self.flow.0.to_be_bytes());
         self.addr.emit(out)
     }
+
+    /// A whole datagram: this header, then `payload`.
+    pub fn datagram(&self, payload: &[u8]) -> Result<Vec<u8>, TargetError> {
+        let mut datagram = Vec::with_capacity(Self::MAX_LEN + payload.len());
+        self.emit(&mut datagram)?;
+        datagram.extend_from_slice(payload);
+        Ok(datagram)
+    }
 }
 
 /// The exit's answer to a request.

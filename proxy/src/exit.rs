@@ -73,12 +73,9 @@ impl FabricDialer {
     }
 
     async fn connect_via(&self, peer: &Peer, target: &Target) -> Result<BoxedStream, DialError> {
-        let wire = match target {
-            Target::Ip(a) => WireTarget::Ip(*a),
-            Target::Domain(name, port) => WireTarget::Name(name.clone(), *port),
-        };
         let mut header = Vec::with_capacity(64);
-        wire.emit(&mut header)
+        to_wire(target)
+            .emit(&mut header)
             .map_err(|e| DialError::Other(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
         let mut stream = peer.open().map_err(DialError::Other)?;
         stream.write_all(&header).await.map_err(DialError::Other)?;
@@ -227,10 +224,7 @@ async fn serve_stream(
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let target = match target {
-        WireTarget::Ip(a) => Target::Ip(a),
-        WireTarget::Name(n, p) => Target::Domain(n, p),
-    };
+    let target = from_wire(target);
     let mut upstream = match dialer.connect(target.clone()).await {
         Ok(s) => s,
         Err(e) => {
@@ -246,6 +240,22 @@ async fn serve_stream(
     upstream.write_all(&buf[used..]).await?;
     crate::relay::relay(&mut stream, &mut upstream, options.idle_timeout).await?;
     Ok(())
+}
+
+/// A target as the exit-request header carries it (names unresolved).
+fn to_wire(target: &Target) -> WireTarget {
+    match target {
+        Target::Ip(a) => WireTarget::Ip(*a),
+        Target::Domain(name, port) => WireTarget::Name(name.clone(), *port),
+    }
+}
+
+/// A target from an exit-request header.
+fn from_wire(target: WireTarget) -> Target {
+    match target {
+        WireTarget::Ip(a) => Target::Ip(a),
+        WireTarget::Name(n, p) => Target::Domain(n, p),
+    }
 }
 
 fn reply_for(e: &DialError) -> Reply {

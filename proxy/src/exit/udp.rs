@@ -35,11 +35,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn wire_target(target: &Target) -> WireTarget {
-    match target {
-        Target::Ip(a) => WireTarget::Ip(*a),
-        Target::Domain(name, port) => WireTarget::Name(name.clone(), *port),
-    }
+/// The first exit with a live session.
+fn first_connected(exits: &[Arc<Peer>]) -> Result<Arc<Peer>, DialError> {
+    exits
+        .iter()
+        .find(|p| p.is_connected())
+        .cloned()
+        .ok_or_else(|| {
+            DialError::Other(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no session to any exit (still connecting over Tox, or reconnecting)",
+            ))
+        })
 }
 
 /// A datagram from an exit: its source and payload.
@@ -110,12 +117,7 @@ impl UdpFlows {
         self: &Arc<Self>,
         exits: Vec<Arc<Peer>>,
     ) -> Result<Box<dyn UdpFlow>, DialError> {
-        let Some(peer) = exits.iter().find(|p| p.is_connected()).cloned() else {
-            return Err(DialError::Other(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "no session to any exit yet (still connecting over Tox)",
-            )));
-        };
+        let peer = first_connected(&exits)?;
         let (flow, rx) = self.register();
         debug!(%flow, exit = %peer.public_key(), "udp flow through exit");
         Ok(Box::new(FabricUdpFlow {
@@ -149,31 +151,21 @@ impl FabricUdpFlow {
     fn send(&self, payload: &[u8], target: &Target) -> Result<(), DialError> {
         let header = UdpHeader {
             flow: self.flow,
-            addr: wire_target(target),
+            addr: super::to_wire(target),
         };
-        let mut datagram = Vec::with_capacity(UdpHeader::MAX_LEN + payload.len());
-        header
-            .emit(&mut datagram)
-            .map_err(|e| DialError::Other(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-        datagram.extend_from_slice(payload);
+        let datagram = || {
+            header
+                .datagram(payload)
+                .map_err(|e| DialError::Other(io::Error::new(io::ErrorKind::InvalidInput, e)))
+        };
         let peer = lock(&self.peer).clone();
-        match peer.send_datagram(datagram) {
+        match peer.send_datagram(datagram()?) {
             Ok(()) => Ok(()),
             Err(DatagramError::NoSession) => {
                 // Fail over: the exit's session is down, another may be up.
-                let Some(next) = self.exits.iter().find(|p| p.is_connected()).cloned() else {
-                    return Err(DialError::Other(io::Error::new(
-                        io::ErrorKind::NotConnected,
-                        "no session to any exit (reconnecting)",
-                    )));
-                };
+                let next = first_connected(&self.exits)?;
                 *lock(&self.peer) = next.clone();
-                let mut datagram = Vec::with_capacity(UdpHeader::MAX_LEN + payload.len());
-                header.emit(&mut datagram).map_err(|e| {
-                    DialError::Other(io::Error::new(io::ErrorKind::InvalidInput, e))
-                })?;
-                datagram.extend_from_slice(payload);
-                next.send_datagram(datagram).map_err(datagram_error)
+                next.send_datagram(datagram()?).map_err(datagram_error)
             }
             Err(e) => Err(datagram_error(e)),
         }
@@ -320,15 +312,11 @@ async fn relay_flow(
     idle: Duration,
 ) {
     let mut buf = vec![0u8; 65536];
-    let room = fabric.max_datagram();
     loop {
         tokio::select! {
             item = rx.recv() => {
                 let Some((addr, payload)) = item else { return };
-                let target = match addr {
-                    WireTarget::Ip(a) => Target::Ip(a),
-                    WireTarget::Name(n, p) => Target::Domain(n, p),
-                };
+                let target = super::from_wire(addr);
                 if let Err(error) = socket.send_to(&payload, &target).await {
                     debug!(%peer, %flow, %target, %error, "udp datagram not sent");
                 }
@@ -342,15 +330,8 @@ async fn relay_flow(
                     }
                 };
                 let header = UdpHeader { flow, addr: WireTarget::Ip(source) };
-                let mut datagram = Vec::with_capacity(UdpHeader::MAX_LEN + n);
-                if header.emit(&mut datagram).is_err() {
-                    continue;
-                }
-                datagram.extend_from_slice(&buf[..n]);
-                if datagram.len() > room {
-                    debug!(%peer, %flow, len = n, "udp reply too large for a session datagram");
-                    continue;
-                }
+                let Ok(datagram) = header.datagram(&buf[..n]) else { continue };
+                // One too large for a session datagram comes back as an error: dropped.
                 if let Err(error) = fabric.send_datagram(peer, datagram) {
                     debug!(%peer, %flow, %error, "udp reply not sent");
                 }
