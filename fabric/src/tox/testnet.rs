@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use crate::id::{BootstrapNode, PUBLIC_KEY_SIZE, PublicKey, ToxId};
 use crate::tox::ToxConfig;
 
+/// How long a daemon has to stop once its stdin closes.
+const DAEMON_STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long one daemon may take to come up before we try other ports.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts per daemon (a port we picked may be taken by someone else meanwhile).
@@ -76,12 +78,7 @@ impl ToxNet {
     /// A node configuration that joins only this network: no public bootstrap, no LAN
     /// discovery, IPv4 only, identity in `data_dir`.
     pub fn config(&self, data_dir: impl Into<PathBuf>) -> ToxConfig {
-        let mut c = ToxConfig::new(data_dir);
-        c.bootstrap = self.nodes();
-        c.use_public_bootstrap = false;
-        c.local_discovery = false;
-        c.ipv6_enabled = false;
-        c
+        private_config(data_dir, self.nodes())
     }
 
     /// A fresh directory under this network's scratch directory (removed with it).
@@ -199,7 +196,7 @@ impl ToxNet {
                 tcp: BootstrapNode::new(pk, "127.0.0.1", tcp_port),
             }),
             Err(e) => {
-                stop(&mut child);
+                stop(&mut child, DAEMON_STOP_GRACE);
                 Err(e)
             }
         }
@@ -242,7 +239,7 @@ impl Drop for ToxNet {
             drop(d.child.stdin.take());
         }
         for d in &mut self.daemons {
-            stop(&mut d.child);
+            stop(&mut d.child, DAEMON_STOP_GRACE);
         }
     }
 }
@@ -286,16 +283,7 @@ impl ChildPeer {
 
 impl Drop for ChildPeer {
     fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => return,
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop(&mut self.child, Duration::from_secs(10));
     }
 }
 
@@ -303,16 +291,22 @@ impl Drop for ChildPeer {
 /// (like [`ToxNet::config`]). `None` in any other process.
 pub fn child_config() -> Option<ToxConfig> {
     let dir = std::env::var_os(CHILD_DIR)?;
-    let mut c = ToxConfig::new(dir);
-    c.bootstrap = std::env::var(CHILD_BOOTSTRAP)
+    let nodes = std::env::var(CHILD_BOOTSTRAP)
         .unwrap_or_default()
         .split(',')
         .filter_map(|n| n.parse().ok())
         .collect();
+    Some(private_config(dir, nodes))
+}
+
+/// A node that joins only `nodes`: no public bootstrap, no LAN discovery, IPv4 only.
+fn private_config(data_dir: impl Into<PathBuf>, nodes: Vec<BootstrapNode>) -> ToxConfig {
+    let mut c = ToxConfig::new(data_dir);
+    c.bootstrap = nodes;
     c.use_public_bootstrap = false;
     c.local_discovery = false;
     c.ipv6_enabled = false;
-    Some(c)
+    c
 }
 
 /// In a child: completes when the parent closes the child's stdin (or dies).
@@ -328,11 +322,11 @@ pub fn stdin_closed() -> tokio::sync::oneshot::Receiver<()> {
     rx
 }
 
-/// Stops a supervised daemon: closing its stdin makes the shell kill it; if it is still there
-/// after a few seconds, kill the shell too.
-fn stop(child: &mut Child) {
+/// Stops a child that ends when its stdin closes (a supervised daemon, a [`ChildPeer`]); if it
+/// is still there after `grace`, kills it.
+fn stop(child: &mut Child, grace: Duration) {
     drop(child.stdin.take());
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         match child.try_wait() {
             Ok(Some(_)) | Err(_) => return,
