@@ -342,14 +342,8 @@ impl Repr {
         let mut repr = Self {
             class: packet.class(),
             method: packet.method(),
-            transaction_id,
-            xor_mapped: None,
-            mapped: None,
-            error: None,
-            software: None,
-            unknown_attributes: Vec::new(),
-            unknown_required: Vec::new(),
             fingerprint: false,
+            ..Self::binding_request(transaction_id)
         };
         let buf = packet.buffer.as_ref();
         // Attributes after MESSAGE-INTEGRITY other than FINGERPRINT are ignored (§14.5).
