@@ -5,6 +5,7 @@
 
 pub mod netns;
 pub mod servers;
+pub mod streams;
 pub mod toxnet;
 
 /// Logs of the code under test, shown for failing tests (`RUST_LOG` overrides the default).

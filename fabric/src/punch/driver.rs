@@ -193,6 +193,46 @@ impl UdpLink {
     pub async fn next_event(&mut self) -> Option<LinkEvent> {
         self.events.recv().await
     }
+
+    /// A cheap handle for sending session packets, for a driver that does not own the link.
+    /// The link task runs until the [`UdpLink`] and every sender are dropped.
+    pub fn sender(&self) -> UdpLinkSender {
+        UdpLinkSender(self.commands.clone())
+    }
+}
+
+/// Sends session packets on a [`UdpLink`] (see [`UdpLink::sender`]).
+#[derive(Debug, Clone)]
+pub struct UdpLinkSender(mpsc::Sender<Command>);
+
+/// Why a packet was not queued on a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkSendError {
+    /// The link task is behind; the packet was not queued.
+    #[error("link queue full")]
+    Full,
+    /// The link task has ended.
+    #[error("link closed")]
+    Closed,
+}
+
+impl UdpLinkSender {
+    /// Queues a session packet without waiting.
+    pub fn try_send(&self, packet: Vec<u8>) -> Result<(), LinkSendError> {
+        self.0.try_send(Command::Send(packet)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => LinkSendError::Full,
+            mpsc::error::TrySendError::Closed(_) => LinkSendError::Closed,
+        })
+    }
+
+    /// Queues a session packet, waiting while the link task is behind.
+    pub async fn send(&self, packet: Vec<u8>) -> Result<(), LinkSendError> {
+        self.0
+            .send(Command::Send(packet))
+            .await
+            .map_err(|_| LinkSendError::Closed)
+    }
 }
 
 async fn run(
