@@ -40,6 +40,9 @@ use crate::punch::tcp::{TcpPunchError, TlsIdentity, punch_tcp};
 use crate::punch::udp::UdpPunch;
 use crate::time::{Duration, Instant};
 
+/// The least time between two answers of an exit to one client.
+const MIN_ANSWER_GAP: Duration = Duration::from_secs(1);
+
 /// What the session driver sends its packets on.
 #[derive(Debug, Clone, Default)]
 pub(super) enum Carrier {
@@ -188,8 +191,9 @@ impl Agent {
 
     async fn run_exit(&mut self) {
         let mut next: Option<LinkOffer> = None;
+        let mut last_answer: Option<tokio::time::Instant> = None;
         loop {
-            let offer = match next.take() {
+            let mut offer = match next.take() {
                 Some(offer) => offer,
                 None => loop {
                     match self.signals.recv().await {
@@ -199,6 +203,23 @@ impl Agent {
                     }
                 },
             };
+            // Each answer binds sockets and starts punching: at most one a second, so a
+            // client (allowed, but buggy or hostile) cannot make us churn. Offers arriving
+            // meanwhile replace the one waiting.
+            if let Some(last) = last_answer {
+                let until = last + MIN_ANSWER_GAP;
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => break,
+                        s = self.signals.recv() => match s {
+                            Some(Signal::Offer(newer)) => offer = newer,
+                            Some(Signal::Candidates { .. }) => {}
+                            None => return,
+                        },
+                    }
+                }
+            }
+            last_answer = Some(tokio::time::Instant::now());
             let round = match self.answer(&offer).await {
                 Ok(Some(round)) => round,
                 Ok(None) => continue,
