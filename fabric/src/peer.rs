@@ -33,9 +33,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
+use tokio::time::timeout;
 use tracing::{Instrument as _, debug, info, warn};
 
-use self::paths::{Agent, Carrier, Role};
+use self::paths::{Agent, Carrier, LinkWatch, Role, Via};
 use crate::connection::{feed, mux_config};
 use crate::id::{PublicKey, ToxId};
 use crate::link::signal::Signal;
@@ -178,7 +179,8 @@ struct Running {
 
 #[derive(Debug)]
 enum Input {
-    Packet(Bytes),
+    /// A session packet, and the kind of path it came by.
+    Packet(Bytes, Via),
     PeerClose(CloseReason),
     /// A datagram to send.
     Datagram(Vec<u8>),
@@ -576,7 +578,7 @@ impl Shared {
     }
 
     /// A session packet (without any path's framing) from `pk`, from Tox or a punched link.
-    fn handle_session_packet(self: &Arc<Self>, pk: PublicKey, data: Bytes) {
+    fn handle_session_packet(self: &Arc<Self>, pk: PublicKey, data: Bytes, via: Via) {
         let now = Instant::now();
         let (input, answer_unknown) = self.with_slot(pk, |slot| {
             if let Some(r) = &slot.session {
@@ -596,7 +598,7 @@ impl Shared {
         });
         if let Some(input) = input {
             // A full queue drops the packet: it is lossy, KCP retransmits.
-            let _ = input.try_send(Input::Packet(data));
+            let _ = input.try_send(Input::Packet(data, via));
         } else if answer_unknown && let Some(conv) = session::conv_of(&data) {
             debug!(peer = %pk, %conv, "packets for an unknown session");
             self.send_control(
@@ -618,7 +620,7 @@ async fn route(shared: Weak<Shared>, mut events: mpsc::Receiver<ToxEvent>) {
         };
         match event {
             ToxEvent::Lossy { pk, data } if data.first() == Some(&SESSION_PACKET_ID) => {
-                shared.handle_session_packet(pk, data.slice(1..));
+                shared.handle_session_packet(pk, data.slice(1..), Via::Tox);
             }
             ToxEvent::Lossless { pk, data } if data.first() == Some(&SIGNAL_PACKET_ID) => {
                 match Signal::parse(&data[1..]) {
@@ -763,6 +765,10 @@ async fn supervise(shared: Weak<Shared>, pk: PublicKey, mut stop: watch::Receive
     }
 }
 
+/// The longest a session driver waits for room in a punched link's queue before sending
+/// the packet by Tox instead.
+const LINK_WAIT: Duration = Duration::from_millis(250);
+
 /// How often a busy session driver refreshes its [`PeerStatus`].
 const STATUS_EVERY: Duration = Duration::from_millis(20);
 
@@ -804,24 +810,50 @@ async fn drive(
     let mut buf = Vec::new();
     let mut dropped = 0u64;
     let mut last_status = Instant::now() - Duration::from_secs(1);
+    let mut path = carrier.borrow_and_update().clone();
+    let mut watch = LinkWatch::new(Instant::now());
     let reason = 'run: loop {
         let now = Instant::now();
         // Mux frames into the session, as much as its pacer and window admit.
         let blocked = feed(&mut session, &mut handle, now, &mut scratch);
-        let path = carrier.borrow_and_update().clone();
+        if carrier.has_changed().unwrap_or(false) {
+            path = carrier.borrow_and_update().clone();
+            watch.on_carrier(now, path.is_punched());
+        }
+        // A punched link that went silent while we wait for acknowledgements (or while the
+        // peer already turned to Tox) gets Tox beside it until it speaks again: a stall of
+        // about a second instead of the link's dead timeout.
+        let also_tox =
+            path.is_punched() && watch.suspect(now, || session.stats().waiting_segments > 0);
         while session.poll_transmit(now, &mut buf).is_some() {
+            if also_tox {
+                let mut packet = BytesMut::with_capacity(buf.len() + 1);
+                packet.put_u8(SESSION_PACKET_ID);
+                packet.extend_from_slice(&buf);
+                // A duplicate: dropped when the Tox queue is full.
+                let _ = tox.try_send_lossy(pk, packet.freeze());
+            }
             let sent = match &path {
                 Carrier::Tox => false,
                 // A forced punched path is not up: KCP sends it again later.
                 Carrier::Held => true,
+                // A full link queue: Tox already has a copy when the link is suspect;
+                // otherwise wait for the link, but not for ever (a stalled TCP connection
+                // must not stall the driver too).
                 Carrier::Udp(link) => match link.try_send(buf.clone()) {
                     Ok(()) => true,
-                    Err(LinkSendError::Full) => link.send(buf.clone()).await.is_ok(),
+                    Err(LinkSendError::Full) if also_tox => true,
+                    Err(LinkSendError::Full) => {
+                        matches!(timeout(LINK_WAIT, link.send(buf.clone())).await, Ok(Ok(())))
+                    }
                     Err(_) => false,
                 },
                 Carrier::Tcp(link) => match link.try_send(buf.clone()) {
                     Ok(()) => true,
-                    Err(LinkSendError::Full) => link.send(buf.clone()).await.is_ok(),
+                    Err(LinkSendError::Full) if also_tox => true,
+                    Err(LinkSendError::Full) => {
+                        matches!(timeout(LINK_WAIT, link.send(buf.clone())).await, Ok(Ok(())))
+                    }
                     Err(_) => false,
                 },
             };
@@ -862,15 +894,19 @@ async fn drive(
         }
         tokio::select! {
             msg = input.recv() => match msg {
-                Some(Input::Packet(p)) => {
+                Some(Input::Packet(p, via)) => {
                     let now = Instant::now();
+                    watch.on_input(now, via);
                     let _ = session.handle_input(now, &p);
                     // Take whatever else has arrived before answering: one flush of
                     // acknowledgements for the lot.
                     let mut more = 0;
                     while more < 256 {
                         match input.try_recv() {
-                            Ok(Input::Packet(p)) => { let _ = session.handle_input(now, &p); }
+                            Ok(Input::Packet(p, via)) => {
+                                watch.on_input(now, via);
+                                let _ = session.handle_input(now, &p);
+                            }
                             Ok(Input::PeerClose(reason)) => session.handle_peer_close(reason),
                             Ok(Input::Datagram(d)) => { session.send_datagram(&d); }
                             Err(_) => break,

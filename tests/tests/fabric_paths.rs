@@ -66,14 +66,20 @@ async fn traffic_during<F: Future<Output = Result<Duration>>>(
     until: F,
 ) -> Result<Duration> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The longest wait for one 512 KiB stream, logged (not asserted: timing is the bench's
+    // business) to show how long a move stalls the streams.
+    let longest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
     let workers = (0..4u64).map(|w| {
-        let (peer, stop) = (peer.clone(), stop.clone());
+        let (peer, stop, longest) = (peer.clone(), stop.clone(), longest.clone());
         async move {
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
                 send_and_verify(&peer, 512 << 10, seed * 1000 + w * 100 + n)
                     .await
                     .with_context(|| format!("worker {w}, stream {n}"))?;
+                let mut l = longest.lock().unwrap_or_else(|e| e.into_inner());
+                *l = (*l).max(started.elapsed());
                 n += 1;
             }
             Ok(())
@@ -88,6 +94,8 @@ async fn traffic_during<F: Future<Output = Result<Duration>>>(
     {
         r?;
     }
+    let longest = *longest.lock().unwrap_or_else(|e| e.into_inner());
+    tracing::info!(?longest, "longest stream during this phase");
     result
 }
 

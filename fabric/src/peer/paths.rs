@@ -57,6 +57,79 @@ pub(super) enum Carrier {
     Tcp(TcpLinkSender),
 }
 
+impl Carrier {
+    /// Whether this is a punched link.
+    pub(super) fn is_punched(&self) -> bool {
+        matches!(self, Self::Udp(_) | Self::Tcp(_))
+    }
+}
+
+/// The kind of path a session packet arrived by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Via {
+    /// A Tox lossy packet.
+    Tox,
+    /// A punched link.
+    Link,
+}
+
+/// How long a punched link may say nothing, while we wait for acknowledgements, before the
+/// session also sends on Tox. Longer than the keepalive interval would be too slow to matter;
+/// a healthy link under load carries acknowledgements every few milliseconds.
+const SUSPECT_AFTER: Duration = Duration::from_millis(1000);
+/// How long after a packet came by Tox (the peer suspects the link) we answer on Tox too.
+const ECHO_TOX_FOR: Duration = Duration::from_secs(2);
+
+/// The session driver's view of whether its punched link still carries the peer's packets.
+///
+/// The agent learns that a link is dead only after its dead timeout (8 s of silence), which
+/// would freeze every stream that long. The driver knows sooner: it is waiting for
+/// acknowledgements that do not come. It then sends on Tox as well (duplicates are harmless
+/// to KCP), and so does the peer once it sees packets arrive by Tox, until the link speaks
+/// again or the agent gives up on it.
+#[derive(Debug)]
+pub(super) struct LinkWatch {
+    last_link: Instant,
+    last_tox: Option<Instant>,
+}
+
+impl LinkWatch {
+    pub(super) fn new(now: Instant) -> Self {
+        Self {
+            last_link: now,
+            last_tox: None,
+        }
+    }
+
+    /// The carrier changed: a new punched link gets a fresh grace period.
+    pub(super) fn on_carrier(&mut self, now: Instant, punched: bool) {
+        if punched {
+            self.last_link = now;
+        }
+    }
+
+    /// A packet arrived.
+    pub(super) fn on_input(&mut self, now: Instant, via: Via) {
+        match via {
+            Via::Link => self.last_link = now,
+            Via::Tox => self.last_tox = Some(now),
+        }
+    }
+
+    /// Whether to send on Tox beside the punched link now. `waiting` says whether the
+    /// session has segments the peer has not acknowledged (asked only when the link is
+    /// silent).
+    pub(super) fn suspect(&self, now: Instant, waiting: impl FnOnce() -> bool) -> bool {
+        if now.saturating_duration_since(self.last_link) < SUSPECT_AFTER {
+            return false;
+        }
+        let peer_on_tox = self
+            .last_tox
+            .is_some_and(|t| now.saturating_duration_since(t) < ECHO_TOX_FOR);
+        peer_on_tox || waiting()
+    }
+}
+
 /// The carrier a session starts on under `choice`.
 pub(super) fn initial_carrier(choice: PathChoice) -> Carrier {
     if choice.allows_tox() {
@@ -578,7 +651,7 @@ impl Agent {
         let Some(shared) = self.shared.upgrade() else {
             return false;
         };
-        shared.handle_session_packet(self.pk, Bytes::from(data));
+        shared.handle_session_packet(self.pk, Bytes::from(data), Via::Link);
         true
     }
 
@@ -629,5 +702,33 @@ async fn join(
             Err(e) => Err(format!("tcp punch task: {e}")),
         },
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_link_is_suspected_only_while_acknowledgements_are_owed_or_the_peer_left() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut w = LinkWatch::new(t0);
+        // Fresh: never suspect, whatever is owed.
+        assert!(!w.suspect(ms(500), || true));
+        // Silent for over a second: suspect only while segments wait.
+        assert!(w.suspect(ms(1200), || true));
+        assert!(!w.suspect(ms(1200), || false));
+        // The link speaks: trusted again.
+        w.on_input(ms(1300), Via::Link);
+        assert!(!w.suspect(ms(1400), || true));
+        // The peer sends by Tox while our link is silent: answer on Tox too, even with
+        // nothing owed (our acknowledgements must reach it), for two seconds.
+        w.on_input(ms(2500), Via::Tox);
+        assert!(w.suspect(ms(2600), || false));
+        assert!(!w.suspect(ms(4600), || false));
+        // A new punched carrier starts with a grace period.
+        w.on_carrier(ms(5000), true);
+        assert!(!w.suspect(ms(5500), || true));
     }
 }
