@@ -542,14 +542,14 @@ impl Shared {
                 && (role == Role::Exit || self.config.path.choice != PathChoice::Tox)
             {
                 let (tx, rx) = mpsc::channel(16);
-                let agent = Agent::new(
-                    Arc::downgrade(self),
+                let agent = Agent {
+                    shared: Arc::downgrade(self),
                     pk,
-                    self.config.path.clone(),
-                    rx,
-                    slot.carrier.clone(),
-                    slot.status.clone(),
-                );
+                    config: self.config.path.clone(),
+                    signals: rx,
+                    carrier: slot.carrier.clone(),
+                    status: slot.status.clone(),
+                };
                 let span = tracing::info_span!("paths", peer = %pk);
                 tokio::spawn(agent.run(role, stop).instrument(span));
                 slot.paths = Some(tx);

@@ -151,12 +151,14 @@ pub(super) enum Role {
 /// One peer's agent.
 #[derive(Debug)]
 pub(super) struct Agent {
-    shared: Weak<Shared>,
-    pk: PublicKey,
-    config: PathConfig,
-    signals: mpsc::Receiver<Signal>,
-    carrier: watch::Sender<Carrier>,
-    status: Arc<Mutex<PeerStatus>>,
+    pub(super) shared: Weak<Shared>,
+    pub(super) pk: PublicKey,
+    pub(super) config: PathConfig,
+    /// Signals from the peer, routed here by the fabric.
+    pub(super) signals: mpsc::Receiver<Signal>,
+    /// What the session driver sends on.
+    pub(super) carrier: watch::Sender<Carrier>,
+    pub(super) status: Arc<Mutex<PeerStatus>>,
 }
 
 /// How a round of links ended.
@@ -189,24 +191,6 @@ impl Drop for Round {
 }
 
 impl Agent {
-    pub(super) fn new(
-        shared: Weak<Shared>,
-        pk: PublicKey,
-        config: PathConfig,
-        signals: mpsc::Receiver<Signal>,
-        carrier: watch::Sender<Carrier>,
-        status: Arc<Mutex<PeerStatus>>,
-    ) -> Self {
-        Self {
-            shared,
-            pk,
-            config,
-            signals,
-            carrier,
-            status,
-        }
-    }
-
     /// Runs the agent until the fabric is gone, the peer is dropped (`stop`) or, for an exit,
     /// the slot goes away.
     pub(super) async fn run(mut self, role: Role, stop: Option<watch::Receiver<bool>>) {
