@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{Notify, mpsc};
+use tracing::Instrument as _;
 
 use super::stun::{self, QueryError, Transaction, TransactionConfig, TransactionId};
 use super::udp::{Event, Input, SendError, UdpPunch};
@@ -239,7 +240,10 @@ impl UdpLink {
             wake: Notify::new(),
             send_buf: Mutex::new(Vec::with_capacity(2048)),
         });
-        tokio::spawn(run(shared.clone(), event_tx));
+        // The span goes on the future: a guard held across `.await` would leak into whatever
+        // else runs on the thread meanwhile.
+        let span = tracing::debug_span!("udp_link", local = ?shared.socket.local_addr().ok());
+        tokio::spawn(run(shared.clone(), event_tx).instrument(span));
         Self { shared, events }
     }
 
@@ -314,8 +318,6 @@ impl UdpLink {
 }
 
 async fn run(shared: Arc<Shared>, events: mpsc::Sender<LinkEvent>) {
-    let span = tracing::debug_span!("udp_link", local = ?shared.socket.local_addr().ok());
-    let _enter = span.enter();
     let socket = &shared.socket;
     let mut rx = vec![0u8; 65536];
     let mut tx = Vec::with_capacity(2048);
