@@ -18,6 +18,8 @@ pub mod connection;
 pub mod id;
 pub mod link;
 pub mod mux;
+#[cfg(feature = "tokio")]
+pub mod path;
 #[cfg(feature = "tox")]
 pub mod peer;
 pub mod punch;

@@ -14,6 +14,11 @@
 //! Beside the streams, each session carries unreliable datagrams
 //! ([`Fabric::send_datagram`], [`Fabric::recv_datagram`]): what UDP flows ride on.
 //!
+//! Paths: right after a session starts, the client's path agent ([`paths`]) offers its
+//! candidates over Tox (lossless id 171); both sides punch UDP and TCP links and the session's
+//! packets move onto a punched link while it lives, and back to Tox when it dies (see
+//! [`crate::path`]). The session takes its packets from any path, so streams never notice.
+//!
 //! Reconnection: a session survives its peer going offline for less than the idle timeout
 //! (KCP retransmits once packets flow again). When the exit comes back, the client asks to
 //! resume its conv; an exit that still has the session keeps it, an exit that restarted
@@ -30,9 +35,13 @@ use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, warn};
 
+use self::paths::{Agent, Carrier, Role};
 use crate::connection::{feed, mux_config};
 use crate::id::{PublicKey, ToxId};
+use crate::link::signal::Signal;
 use crate::mux::io::{Handle, Stream};
+use crate::path::{PathChoice, PathConfig, PathStatus};
+use crate::punch::driver::LinkSendError;
 use crate::session::control::{Acceptor, OpenOutcome, Opener};
 use crate::session::{self, CloseReason, Control, ConvId, Event, Session};
 use crate::time::{Duration, Instant};
@@ -42,6 +51,10 @@ use crate::tox::{Connection, FriendPolicy, ToxConfig, ToxError, ToxEvent, ToxHan
 pub const SESSION_PACKET_ID: u8 = 200;
 /// First byte of a lossless Tox packet carrying a control message.
 pub const CONTROL_PACKET_ID: u8 = 170;
+/// First byte of a lossless Tox packet carrying a punched-link signal.
+pub const SIGNAL_PACKET_ID: u8 = 171;
+
+mod paths;
 
 /// How a [`Fabric`] runs.
 #[derive(Debug, Clone)]
@@ -53,6 +66,8 @@ pub struct FabricConfig {
     pub session: session::Config,
     /// How long [`Fabric::connect`] waits for the exit to come online and answer.
     pub connect_timeout: Duration,
+    /// Punched paths: which to use and how to make them.
+    pub path: PathConfig,
 }
 
 impl FabricConfig {
@@ -62,6 +77,7 @@ impl FabricConfig {
             tox,
             session: session::Config::default(),
             connect_timeout: Duration::from_secs(60),
+            path: PathConfig::default(),
         }
     }
 }
@@ -103,6 +119,8 @@ pub struct PeerStatus {
     pub online: bool,
     /// How Tox reaches the peer: direct UDP, a TCP relay, or not at all.
     pub path: Connection,
+    /// Which path carries the session (Tox or a punched link), and why.
+    pub link: PathStatus,
     /// The session's counters.
     pub session: session::Stats,
     /// The streams' counters.
@@ -144,6 +162,10 @@ struct Slot {
     /// a second, not once a packet.
     last_unknown: Option<Instant>,
     status: Arc<Mutex<PeerStatus>>,
+    /// What the session sends on; the path agent changes it.
+    carrier: watch::Sender<Carrier>,
+    /// The path agent's signal inbox, once it runs.
+    paths: Option<mpsc::Sender<Signal>>,
 }
 
 #[derive(Debug)]
@@ -163,8 +185,10 @@ enum Input {
 }
 
 impl Slot {
-    fn new() -> Self {
+    fn new(choice: PathChoice) -> Self {
         Self {
+            carrier: watch::channel(paths::initial_carrier(choice)).0,
+            paths: None,
             online: watch::channel(false).0,
             session: None,
             opener: None,
@@ -226,6 +250,8 @@ impl Fabric {
         let conv = establish(&self.shared, pk, None).await?;
         info!(exit = %pk, %conv, "session to exit established");
         let (stop_tx, stop_rx) = watch::channel(false);
+        self.shared
+            .start_paths(pk, Role::Client, Some(stop_tx.subscribe()));
         tokio::spawn(supervise(Arc::downgrade(&self.shared), pk, stop_rx));
         Ok(Peer {
             shared: self.shared.clone(),
@@ -375,7 +401,8 @@ impl Shared {
 
     fn with_slot<R>(&self, pk: PublicKey, f: impl FnOnce(&mut Slot) -> R) -> R {
         let mut routes = lock(&self.routes);
-        f(routes.entry(pk).or_insert_with(Slot::new))
+        let choice = self.config.path.choice;
+        f(routes.entry(pk).or_insert_with(|| Slot::new(choice)))
     }
 
     fn slot_status(&self, pk: PublicKey) -> Arc<Mutex<PeerStatus>> {
@@ -409,7 +436,7 @@ impl Shared {
         let handle = Handle::new(mux_config());
         let (input_tx, input_rx) = mpsc::channel(4096);
         let (ended_tx, ended_rx) = watch::channel(false);
-        let status = self.with_slot(pk, |slot| {
+        let (status, carrier) = self.with_slot(pk, |slot| {
             // Dropping the old session's input ends its driver.
             slot.session = Some(Running {
                 conv,
@@ -417,7 +444,7 @@ impl Shared {
                 handle: handle.clone(),
                 ended: ended_rx,
             });
-            slot.status.clone()
+            (slot.status.clone(), slot.carrier.subscribe())
         });
         let session = Session::new(conv, self.config.session.clone(), Instant::now());
         let span = tracing::info_span!("session", peer = %pk, %conv);
@@ -427,9 +454,12 @@ impl Shared {
                 pk,
                 session,
                 handle.clone(),
-                input_rx,
-                ended_tx,
-                status,
+                Wiring {
+                    input: input_rx,
+                    carrier,
+                    ended: ended_tx,
+                    status,
+                },
             )
             .instrument(span),
         );
@@ -498,6 +528,54 @@ impl Shared {
         }
     }
 
+    /// Starts the path agent of `pk` unless it runs or `--path tox` says never to punch.
+    fn start_paths(
+        self: &Arc<Self>,
+        pk: PublicKey,
+        role: Role,
+        stop: Option<watch::Receiver<bool>>,
+    ) -> Option<mpsc::Sender<Signal>> {
+        self.with_slot(pk, |slot| {
+            if slot.paths.is_none()
+                && (role == Role::Exit || self.config.path.choice != PathChoice::Tox)
+            {
+                let (tx, rx) = mpsc::channel(16);
+                let agent = Agent::new(
+                    Arc::downgrade(self),
+                    pk,
+                    self.config.path.clone(),
+                    rx,
+                    slot.carrier.clone(),
+                    slot.status.clone(),
+                );
+                let span = tracing::info_span!("paths", peer = %pk);
+                tokio::spawn(agent.run(role, stop).instrument(span));
+                slot.paths = Some(tx);
+            }
+            slot.paths.clone()
+        })
+    }
+
+    /// A punched-link signal from `pk`: for its path agent, which an exit starts on the first
+    /// signal of a client that has a session (signals from anyone else are dropped).
+    fn handle_signal(self: &Arc<Self>, pk: PublicKey, signal: Signal) {
+        let (has_session, exit_side) =
+            self.with_slot(pk, |slot| (slot.session.is_some(), slot.acceptor.is_some()));
+        if !has_session {
+            debug!(peer = %pk, "link signal without a session dropped");
+            return;
+        }
+        let inbox = if exit_side {
+            self.start_paths(pk, Role::Exit, None)
+        } else {
+            self.with_slot(pk, |slot| slot.paths.clone())
+        };
+        if let Some(inbox) = inbox {
+            let _ = inbox.try_send(signal);
+        }
+    }
+
+    /// A session packet (without any path's framing) from `pk`, from Tox or a punched link.
     fn handle_session_packet(self: &Arc<Self>, pk: PublicKey, data: Bytes) {
         let now = Instant::now();
         let (input, answer_unknown) = self.with_slot(pk, |slot| {
@@ -519,7 +597,7 @@ impl Shared {
         if let Some(input) = input {
             // A full queue drops the packet: it is lossy, KCP retransmits.
             let _ = input.try_send(Input::Packet(data));
-        } else if answer_unknown && let Some(conv) = session::conv_of(&data[1..]) {
+        } else if answer_unknown && let Some(conv) = session::conv_of(&data) {
             debug!(peer = %pk, %conv, "packets for an unknown session");
             self.send_control(
                 pk,
@@ -540,7 +618,13 @@ async fn route(shared: Weak<Shared>, mut events: mpsc::Receiver<ToxEvent>) {
         };
         match event {
             ToxEvent::Lossy { pk, data } if data.first() == Some(&SESSION_PACKET_ID) => {
-                shared.handle_session_packet(pk, data);
+                shared.handle_session_packet(pk, data.slice(1..));
+            }
+            ToxEvent::Lossless { pk, data } if data.first() == Some(&SIGNAL_PACKET_ID) => {
+                match Signal::parse(&data[1..]) {
+                    Ok(signal) => shared.handle_signal(pk, signal),
+                    Err(error) => debug!(peer = %pk, %error, "bad link signal"),
+                }
             }
             ToxEvent::Lossless { pk, data } if data.first() == Some(&CONTROL_PACKET_ID) => {
                 match Control::parse(&data[1..]) {
@@ -682,16 +766,33 @@ async fn supervise(shared: Weak<Shared>, pk: PublicKey, mut stop: watch::Receive
 /// How often a busy session driver refreshes its [`PeerStatus`].
 const STATUS_EVERY: Duration = Duration::from_millis(20);
 
-/// Runs one session: packets from the router in, mux frames through, packets to Tox out.
+/// What connects a session driver to the rest of the fabric.
+struct Wiring {
+    /// Packets (from any path), peer closes and datagrams to send.
+    input: mpsc::Receiver<Input>,
+    /// The path to send on, set by the path agent.
+    carrier: watch::Receiver<Carrier>,
+    /// Set when the session has ended.
+    ended: watch::Sender<bool>,
+    /// Where the driver publishes its counters.
+    status: Arc<Mutex<PeerStatus>>,
+}
+
+/// Runs one session: packets from any path in, mux frames through, packets out on the path
+/// the agent chose.
 async fn drive(
     shared: Weak<Shared>,
     pk: PublicKey,
     mut session: Session,
     mut handle: Handle,
-    mut input: mpsc::Receiver<Input>,
-    ended: watch::Sender<bool>,
-    status: Arc<Mutex<PeerStatus>>,
+    wiring: Wiring,
 ) {
+    let Wiring {
+        mut input,
+        mut carrier,
+        ended,
+        status,
+    } = wiring;
     let Some((tox, datagrams)) = shared
         .upgrade()
         .map(|s| (s.tox.clone(), s.datagrams.clone()))
@@ -707,7 +808,27 @@ async fn drive(
         let now = Instant::now();
         // Mux frames into the session, as much as its pacer and window admit.
         let blocked = feed(&mut session, &mut handle, now, &mut scratch);
+        let path = carrier.borrow_and_update().clone();
         while session.poll_transmit(now, &mut buf).is_some() {
+            let sent = match &path {
+                Carrier::Tox => false,
+                // A forced punched path is not up: KCP sends it again later.
+                Carrier::Held => true,
+                Carrier::Udp(link) => match link.try_send(buf.clone()) {
+                    Ok(()) => true,
+                    Err(LinkSendError::Full) => link.send(buf.clone()).await.is_ok(),
+                    Err(_) => false,
+                },
+                Carrier::Tcp(link) => match link.try_send(buf.clone()) {
+                    Ok(()) => true,
+                    Err(LinkSendError::Full) => link.send(buf.clone()).await.is_ok(),
+                    Err(_) => false,
+                },
+            };
+            if sent {
+                continue;
+            }
+            // Tox, or a punched link that just closed (the agent moves us back to Tox).
             let mut packet = BytesMut::with_capacity(buf.len() + 1);
             packet.put_u8(SESSION_PACKET_ID);
             packet.extend_from_slice(&buf);
@@ -743,13 +864,13 @@ async fn drive(
             msg = input.recv() => match msg {
                 Some(Input::Packet(p)) => {
                     let now = Instant::now();
-                    let _ = session.handle_input(now, &p[1..]);
+                    let _ = session.handle_input(now, &p);
                     // Take whatever else has arrived before answering: one flush of
                     // acknowledgements for the lot.
                     let mut more = 0;
                     while more < 256 {
                         match input.try_recv() {
-                            Ok(Input::Packet(p)) => { let _ = session.handle_input(now, &p[1..]); }
+                            Ok(Input::Packet(p)) => { let _ = session.handle_input(now, &p); }
                             Ok(Input::PeerClose(reason)) => session.handle_peer_close(reason),
                             Ok(Input::Datagram(d)) => { session.send_datagram(&d); }
                             Err(_) => break,

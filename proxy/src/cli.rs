@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
+use fabric::path::PathChoice;
 
 use crate::exit_policy::{Cidr, PortRange};
 
@@ -78,6 +79,18 @@ pub struct CommonArgs {
     /// announce itself).
     #[arg(long)]
     pub tox_lan_discovery: bool,
+    /// Which paths sessions use: auto (punched UDP, else punched TCP, else Tox), tox (never
+    /// punch), udp or tcp (only that punched path) [default: auto].
+    #[arg(long, value_name = "auto|tox|udp|tcp")]
+    pub path: Option<PathChoice>,
+    /// STUN server that tells this node its public address for punching, HOST:PORT
+    /// (repeatable; replaces the built-in public ones).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub stun: Vec<String>,
+    /// Do not use the built-in public STUN servers (punching then offers only this host's
+    /// own addresses, enough when the peer can reach them).
+    #[arg(long)]
+    pub no_public_stun: bool,
 }
 
 /// Timeouts and limits of relayed connections.

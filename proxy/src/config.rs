@@ -17,6 +17,9 @@
 //! tox-lock-memory = false       # let c-toxcore mlock its buffers (slower)
 //! tox-udp = true                # false: reach Tox through TCP relays only
 //! tox-lan-discovery = false     # broadcast for Tox peers on the local network
+//! path = "auto"                 # auto, tox, udp or tcp: which paths sessions use
+//! stun = ["stun.example:3478"]  # STUN servers for punching (replace the public defaults)
+//! public-stun = true            # false: no built-in public STUN servers
 //! connect-timeout = 10          # seconds
 //! idle-timeout = 300            # seconds, 0 = never
 //! max-connections = 1024
@@ -39,6 +42,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fabric::path::{PUBLIC_STUN_SERVERS, PathChoice, PathChoiceError};
 use serde::Deserialize;
 
 use crate::cli::{CommonArgs, ExitArgs, LimitArgs, Listen, PolicyArgs, RunArgs, StatusArgs};
@@ -99,6 +103,10 @@ pub struct ConfigFile {
     tox_lock_memory: Option<bool>,
     tox_udp: Option<bool>,
     tox_lan_discovery: Option<bool>,
+    path: Option<String>,
+    #[serde(default)]
+    stun: Vec<String>,
+    public_stun: Option<bool>,
     connect_timeout: Option<u64>,
     idle_timeout: Option<u64>,
     max_connections: Option<usize>,
@@ -216,6 +224,11 @@ pub struct CommonSettings {
     pub tox_udp: bool,
     /// Tox LAN discovery broadcasts.
     pub tox_lan_discovery: bool,
+    /// Which paths sessions use.
+    pub path: PathChoice,
+    /// STUN servers (`host:port`) for punching: the configured ones, else the public
+    /// defaults unless turned off.
+    pub stun: Vec<String>,
 }
 
 /// The client role's settings, resolved from flags over file over defaults.
@@ -387,7 +400,31 @@ fn common(
         }
     };
     let fp = &file.policy;
+    let path = match (args.path, &file.path) {
+        (Some(path), _) => path,
+        (None, Some(text)) => text
+            .parse()
+            .map_err(|e: PathChoiceError| ConfigError::Invalid {
+                key: "path",
+                message: e.to_string(),
+            })?,
+        (None, None) => PathChoice::Auto,
+    };
+    let stun = if !args.stun.is_empty() {
+        args.stun.clone()
+    } else if !file.stun.is_empty() {
+        file.stun.clone()
+    } else if !args.no_public_stun && file.public_stun.unwrap_or(true) {
+        PUBLIC_STUN_SERVERS
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(CommonSettings {
+        path,
+        stun,
         data_dir: args.data_dir.clone().or(file.data_dir.clone()),
         bootstrap: if args.bootstrap.is_empty() {
             file.bootstrap.clone()

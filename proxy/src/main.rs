@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use fabric::id::{BootstrapNode, PeerRef, ToxId};
+use fabric::path::PathConfig;
 use fabric::peer::{Fabric, FabricConfig};
 use fabric::tox::{ToxConfig, ToxNode};
 use proxy::Proxy;
@@ -123,10 +124,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             .map_err(|e| Failure::Usage(format!("--exit {s:?}: {e}")))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                let tox = tox_config(&settings.common)?;
-                let fabric = Arc::new(
-                    Fabric::start(FabricConfig::new(tox)).context("starting the Tox node")?,
-                );
+                let config = fabric_config(&settings.common)?;
+                let fabric = Arc::new(Fabric::start(config).context("starting the Tox node")?);
                 println!("tox id: {}", fabric.id());
                 let dialer = FabricDialer::new(settings.common.connect_timeout);
                 tokio::spawn(dialer.deliver_datagrams(fabric.clone()));
@@ -221,7 +220,9 @@ async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failur
     if !tox.allow.allow_any && tox.allow.keys.is_empty() {
         tracing::warn!("no client is allowed: pass --allow <TOXID|KEY> or --allow-any");
     }
-    let fabric = Arc::new(Fabric::start(FabricConfig::new(tox)).context("starting the Tox node")?);
+    let mut config = FabricConfig::new(tox);
+    config.path = path_config(&settings.common);
+    let fabric = Arc::new(Fabric::start(config).context("starting the Tox node")?);
     // Scripts and tests read this line.
     println!("tox id: {}", fabric.id());
     let stop_metrics = CancellationToken::new();
@@ -265,6 +266,21 @@ async fn serve_metrics(
     println!("metrics listening on {addr} (/metrics, /status)");
     tokio::spawn(proxy::status::serve(listener, status, stop));
     Ok(())
+}
+
+/// The fabric's settings (Tox node and paths) from the common flags.
+fn fabric_config(common: &CommonSettings) -> Result<FabricConfig, Failure> {
+    let mut config = FabricConfig::new(tox_config(common)?);
+    config.path = path_config(common);
+    Ok(config)
+}
+
+/// Punched paths: which to use, and the STUN servers that find our public addresses.
+fn path_config(common: &CommonSettings) -> PathConfig {
+    let mut path = PathConfig::default();
+    path.choice = common.path;
+    path.stun_servers = common.stun.clone();
+    path
 }
 
 /// The Tox node's settings from the common flags.

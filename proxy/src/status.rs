@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use fabric::path::ActivePath;
 use fabric::peer::{Fabric, PeerStatus};
 use fabric::tox::Connection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -149,11 +150,15 @@ impl Status {
     }
 }
 
+/// The path the session's packets take: a punched link, or how Tox reaches the peer.
 fn path_name(status: &PeerStatus) -> &'static str {
-    match status.path {
-        Connection::Udp => "tox-udp",
-        Connection::Tcp => "tox-tcp-relay",
-        Connection::None => "offline",
+    match (status.link.active, status.path) {
+        (ActivePath::Udp, _) => "udp-punched",
+        (ActivePath::Tcp, _) => "tcp-punched",
+        (ActivePath::Held, _) => "held",
+        (_, Connection::Udp) => "tox-udp",
+        (_, Connection::Tcp) => "tox-tcp-relay",
+        (_, Connection::None) => "offline",
     }
 }
 
@@ -256,6 +261,13 @@ impl Snapshot {
                 st.dropped_packets,
                 s.datagrams_dropped,
             );
+            if !st.link.why.is_empty() {
+                let remote = st
+                    .link
+                    .remote
+                    .map_or_else(String::new, |r| format!(" to {r}"));
+                let _ = writeln!(out, "  punching: {}{remote}", st.link.why);
+            }
         }
         out
     }

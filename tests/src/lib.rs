@@ -6,6 +6,7 @@
 pub mod nat;
 pub mod netns;
 pub mod servers;
+pub mod streams;
 pub mod toxnet;
 
 /// Logs of the code under test, shown for failing tests (`RUST_LOG` overrides the default).

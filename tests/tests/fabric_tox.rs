@@ -5,61 +5,26 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use fabric::peer::{ConnectError, Fabric, FabricConfig, Peer};
-use rand::{RngCore, SeedableRng};
-use sha2::{Digest, Sha256};
+use fabric::path::PathChoice;
+use fabric::peer::{ConnectError, Fabric, FabricConfig};
 use tests::init_tracing;
+use tests::streams::{join_all, send_and_verify, serve_digests};
 use tests::toxnet::ToxNet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
+
+/// A fabric that stays on Tox (these tests are about the Tox path; `fabric_paths` punches).
+fn tox_only(tox: fabric::tox::ToxConfig) -> FabricConfig {
+    let mut config = FabricConfig::new(tox);
+    config.path.choice = PathChoice::Tox;
+    config
+}
 
 fn fabric(net: &ToxNet, name: &str, allow: &[&Fabric]) -> Result<Fabric> {
     let mut tox = net.config(net.scratch_dir(name)?);
     for peer in allow {
         tox.allow.keys.insert(peer.id().public_key());
     }
-    Ok(Fabric::start(FabricConfig::new(tox))?)
-}
-
-/// The exit's side of the test protocol: read the stream to its end, answer its SHA-256.
-fn serve_digests(exit: std::sync::Arc<Fabric>) {
-    tokio::spawn(async move {
-        while let Some(incoming) = exit.accept().await {
-            tokio::spawn(async move {
-                let mut stream = incoming.stream;
-                let mut hash = Sha256::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match stream.read(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(n) => hash.update(&buf[..n]),
-                        Err(_) => return,
-                    }
-                }
-                let _ = stream.write_all(&hash.finalize()).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-}
-
-/// Sends `len` pseudo-random bytes on a new stream and checks the digest the exit answers.
-async fn send_and_verify(peer: &Peer, len: usize, seed: u64) -> Result<()> {
-    let mut data = vec![0u8; len];
-    rand_chacha::ChaCha20Rng::seed_from_u64(seed).fill_bytes(&mut data);
-    let mut stream = peer.open().context("open")?;
-    stream.write_all(&data).await.context("write")?;
-    stream.shutdown().await.context("finish")?;
-    let mut digest = Vec::new();
-    stream
-        .read_to_end(&mut digest)
-        .await
-        .context("read digest")?;
-    ensure!(
-        digest.as_slice() == Sha256::digest(&data).as_slice(),
-        "stream {seed}: digest differs"
-    );
-    Ok(())
+    Ok(Fabric::start(tox_only(tox))?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +42,7 @@ async fn streams_over_tox_carry_tens_of_megabytes_intact() -> Result<()> {
         let peer = peer.clone();
         async move { send_and_verify(&peer, 4 << 20, i).await }
     });
-    let results = timeout(Duration::from_secs(240), futures_join_all(transfers))
+    let results = timeout(Duration::from_secs(240), join_all(transfers))
         .await
         .context("transfers took over 240 s")?;
     for r in results {
@@ -95,7 +60,7 @@ async fn an_exit_refuses_a_client_it_does_not_allow() -> Result<()> {
     let net = ToxNet::start(4).context("private tox network")?;
     let stranger = fabric(&net, "stranger", &[])?;
     let exit = fabric(&net, "exit", &[])?;
-    let mut config = FabricConfig::new(net.config(net.scratch_dir("stranger2")?));
+    let mut config = tox_only(net.config(net.scratch_dir("stranger2")?));
     config.connect_timeout = Duration::from_secs(20);
     drop(stranger);
     let stranger = Fabric::start(config)?;
@@ -115,7 +80,7 @@ async fn a_restarted_exit_is_found_again_and_new_streams_work() -> Result<()> {
     let start_exit = |dir: &std::path::Path| -> Result<std::sync::Arc<Fabric>> {
         let mut tox = net.config(dir);
         tox.allow.keys.insert(client.id().public_key());
-        let exit = std::sync::Arc::new(Fabric::start(FabricConfig::new(tox))?);
+        let exit = std::sync::Arc::new(Fabric::start(tox_only(tox))?);
         serve_digests(exit.clone());
         Ok(exit)
     };
@@ -154,19 +119,4 @@ async fn a_restarted_exit_is_found_again_and_new_streams_work() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Ok(())
-}
-
-/// `futures::future::join_all` without the dependency: runs the futures concurrently.
-async fn futures_join_all<F: Future<Output = Result<()>> + Send + 'static>(
-    futures: impl Iterator<Item = F>,
-) -> Vec<Result<()>> {
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(
-            h.await
-                .unwrap_or_else(|e| Err(anyhow::anyhow!("task failed: {e}"))),
-        );
-    }
-    out
 }

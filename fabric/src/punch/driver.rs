@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -200,6 +201,21 @@ struct Shared {
     wake: Notify,
     /// Scratch for sealing, reused by every [`UdpLink::try_send`].
     send_buf: Mutex<Vec<u8>>,
+    /// Set when the task has ended; senders then report [`LinkSendError::Closed`].
+    ended: AtomicBool,
+}
+
+impl Shared {
+    fn try_send(&self, packet: &[u8]) -> Result<(), TrySendError> {
+        let mut buf = lock(&self.send_buf);
+        buf.clear();
+        let dst = lock(&self.punch).seal_data(packet, &mut buf)?;
+        match self.socket.try_send_to(&buf, dst) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(TrySendError::Full),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -239,25 +255,26 @@ impl UdpLink {
             punch: Mutex::new(punch),
             wake: Notify::new(),
             send_buf: Mutex::new(Vec::with_capacity(2048)),
+            ended: AtomicBool::new(false),
         });
         // The span goes on the future: a guard held across `.await` would leak into whatever
         // else runs on the thread meanwhile.
         let span = tracing::debug_span!("udp_link", local = ?shared.socket.local_addr().ok());
-        tokio::spawn(run(shared.clone(), event_tx).instrument(span));
+        let task_shared = shared.clone();
+        tokio::spawn(
+            async move {
+                run(&task_shared, event_tx).await;
+                task_shared.ended.store(true, Ordering::Release);
+            }
+            .instrument(span),
+        );
         Self { shared, events }
     }
 
     /// Seals `packet` and writes it to the socket now, without waiting. The packet is dropped
     /// (like any datagram) when this returns an error.
     pub fn try_send(&self, packet: &[u8]) -> Result<(), TrySendError> {
-        let mut buf = lock(&self.shared.send_buf);
-        buf.clear();
-        let dst = lock(&self.shared.punch).seal_data(packet, &mut buf)?;
-        match self.shared.socket.try_send_to(&buf, dst) {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(TrySendError::Full),
-            Err(e) => Err(e.into()),
-        }
+        self.shared.try_send(packet)
     }
 
     /// Waits until the socket has room for a packet (after [`TrySendError::Full`]).
@@ -315,9 +332,67 @@ impl UdpLink {
     pub async fn next_events(&mut self, out: &mut Vec<LinkEvent>, limit: usize) -> usize {
         self.events.recv_many(out, limit).await
     }
+
+    /// A cheap handle for sending session packets, for a driver that does not own the link.
+    /// It seals and sends from the caller's task as [`UdpLink::try_send`] does. Once the link
+    /// task has ended (punching failed, the path died or the [`UdpLink`] was dropped) it
+    /// reports [`LinkSendError::Closed`].
+    pub fn sender(&self) -> UdpLinkSender {
+        UdpLinkSender(self.shared.clone())
+    }
 }
 
-async fn run(shared: Arc<Shared>, events: mpsc::Sender<LinkEvent>) {
+/// Sends session packets on a [`UdpLink`] (see [`UdpLink::sender`]).
+#[derive(Debug, Clone)]
+pub struct UdpLinkSender(Arc<Shared>);
+
+/// Why a packet was not sent on a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkSendError {
+    /// The link is behind (a full socket buffer or queue); the packet was not sent.
+    #[error("link queue full")]
+    Full,
+    /// The link has ended.
+    #[error("link closed")]
+    Closed,
+}
+
+impl UdpLinkSender {
+    /// Seals and sends a session packet now, without waiting. A socket error other than a
+    /// full buffer counts as sent: the packet is lost as a datagram can be.
+    pub fn try_send(&self, packet: impl AsRef<[u8]>) -> Result<(), LinkSendError> {
+        if self.0.ended.load(Ordering::Acquire) {
+            return Err(LinkSendError::Closed);
+        }
+        match self.0.try_send(packet.as_ref()) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full) => Err(LinkSendError::Full),
+            Err(TrySendError::Link(_)) => Err(LinkSendError::Closed),
+            Err(TrySendError::Io(e)) => {
+                tracing::trace!(error = %e, "link packet lost");
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends a session packet, waiting while the socket's buffer is full.
+    pub async fn send(&self, packet: impl AsRef<[u8]>) -> Result<(), LinkSendError> {
+        loop {
+            match self.try_send(packet.as_ref()) {
+                Err(LinkSendError::Full) => self
+                    .0
+                    .socket
+                    .writable()
+                    .await
+                    .map_err(|_| LinkSendError::Closed)?,
+                r => return r,
+            }
+        }
+    }
+}
+
+async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
     let socket = &shared.socket;
     let mut rx = vec![0u8; 65536];
     let mut tx = Vec::with_capacity(2048);

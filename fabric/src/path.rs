@@ -1,0 +1,370 @@
+//! The paths a peer's session travels on, and the choice between them.
+//!
+//! ```text
+//!                       ┌─ tox   Tox lossy packets (always there: any NAT, relays as last resort)
+//!  session packets ──►──┼─ udp   hole-punched UDP, sealed per packet (punch::udp, link)
+//!                       └─ tcp   hole-punched TCP, TLS 1.3 pinned over Tox (punch::tcp, path::tcp)
+//! ```
+//!
+//! A session starts on Tox. Right after, the client gathers its candidates ([`gather`]: the
+//! interface addresses of one UDP socket and one TCP port, and what STUN servers see of them)
+//! and offers them over Tox; the exit answers with its own; both punch. The session moves to a
+//! punched path the moment it is usable, and back to Tox when it dies. KCP does not care which
+//! path a packet took, so the conv and every stream survive each move.
+//!
+//! [`PathChoice`] (`--path`) restricts this: `tox` never punches, `udp` or `tcp` use only
+//! that kind of punched link (and hold the session's packets until it is up), `auto` prefers
+//! punched UDP, then punched TCP, then Tox.
+
+pub mod tcp;
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use tokio::net::UdpSocket;
+use tracing::debug;
+
+use crate::link::signal::{Candidate, CandidateKind, MAX_CANDIDATES, Protocol};
+use crate::punch::driver::{reusable_tcp_socket, stun_tcp, stun_udp};
+use crate::punch::stun::TransactionConfig;
+use crate::punch::tcp::TcpPunchConfig;
+use crate::punch::udp::PunchConfig;
+use crate::time::Duration;
+
+/// Which paths a session may use (`--path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PathChoice {
+    /// Punched UDP when it works, else punched TCP, else Tox.
+    #[default]
+    Auto,
+    /// Tox only; never punch.
+    Tox,
+    /// Punched UDP only.
+    Udp,
+    /// Punched TCP only.
+    Tcp,
+}
+
+impl PathChoice {
+    /// Whether this choice punches UDP links.
+    pub fn wants_udp(self) -> bool {
+        matches!(self, Self::Auto | Self::Udp)
+    }
+
+    /// Whether this choice punches TCP links.
+    pub fn wants_tcp(self) -> bool {
+        matches!(self, Self::Auto | Self::Tcp)
+    }
+
+    /// Whether the session may fall back to Tox while no punched path is up.
+    pub fn allows_tox(self) -> bool {
+        matches!(self, Self::Auto | Self::Tox)
+    }
+}
+
+impl fmt::Display for PathChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Tox => "tox",
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        })
+    }
+}
+
+/// A `--path` value that is not one of the choices.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown path {0:?}: expected auto, tox, udp or tcp")]
+pub struct PathChoiceError(String);
+
+impl FromStr for PathChoice {
+    type Err = PathChoiceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "tox" => Ok(Self::Tox),
+            "udp" => Ok(Self::Udp),
+            "tcp" => Ok(Self::Tcp),
+            other => Err(PathChoiceError(other.to_owned())),
+        }
+    }
+}
+
+/// How punched paths are made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PathConfig {
+    /// Which paths to use.
+    pub choice: PathChoice,
+    /// STUN servers (`host:port`) that tell us our public addresses. None: only interface
+    /// addresses are offered, which is enough when the exit has a public address.
+    pub stun_servers: Vec<String>,
+    /// Timings of one STUN query (kept short: gathering holds up the offer).
+    pub stun: TransactionConfig,
+    /// Timings of UDP punching and of the keepalives that hold the mapping and detect death.
+    pub punch: PunchConfig,
+    /// Timings of TCP punching.
+    pub tcp: TcpPunchConfig,
+    /// How long a client waits for the exit to answer an offer.
+    pub answer_timeout: Duration,
+    /// The first pause before punching again after a failure (doubles up to `retry_max`).
+    pub retry_min: Duration,
+    /// The longest pause between punching attempts.
+    pub retry_max: Duration,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        Self {
+            choice: PathChoice::Auto,
+            stun_servers: Vec::new(),
+            stun: TransactionConfig {
+                rto: Duration::from_millis(250),
+                max_sends: 4,
+                rm: 4,
+                reliable_timeout: Duration::from_secs(3),
+            },
+            punch: PunchConfig {
+                // Fast keepalives: they are also how a dead direct path is noticed, and the
+                // session stalls until it is.
+                keepalive_interval: Duration::from_secs(2),
+                dead_after: Duration::from_secs(8),
+                ..PunchConfig::default()
+            },
+            tcp: TcpPunchConfig::default(),
+            answer_timeout: Duration::from_secs(15),
+            retry_min: Duration::from_secs(5),
+            retry_max: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Public STUN servers used by `proxy` unless told otherwise (none in tests).
+pub const PUBLIC_STUN_SERVERS: &[&str] = &["stun.l.google.com:19302", "stun.cloudflare.com:3478"];
+
+/// Which path carries a session now, and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PathStatus {
+    /// The path in use.
+    pub active: ActivePath,
+    /// The remote address of the punched path in use.
+    pub remote: Option<SocketAddr>,
+    /// Why this path: the outcome of the latest punching attempt, in words.
+    pub why: String,
+}
+
+/// The path a session's packets are sent on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActivePath {
+    /// Tox lossy packets.
+    #[default]
+    Tox,
+    /// A hole-punched UDP link.
+    Udp,
+    /// A hole-punched TCP link.
+    Tcp,
+    /// None: a forced punched path is not up yet, packets wait.
+    Held,
+}
+
+impl fmt::Display for ActivePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tox => "tox",
+            Self::Udp => "udp-punched",
+            Self::Tcp => "tcp-punched",
+            Self::Held => "held",
+        })
+    }
+}
+
+/// What [`gather`] found: the sockets to punch from and our candidates on them.
+#[derive(Debug)]
+pub struct Gathered {
+    /// The UDP socket the candidates name (already used for STUN, nothing else).
+    pub udp: Option<Arc<UdpSocket>>,
+    /// The local address of the TCP port the candidates name. The port stays reserved while
+    /// this value lives.
+    pub tcp: Option<SocketAddr>,
+    /// Keeps the TCP port bound until punching binds it again (with port reuse).
+    _tcp_hold: Option<tokio::net::TcpSocket>,
+    /// Our candidates, host addresses first.
+    pub candidates: Vec<Candidate>,
+}
+
+/// Binds what punching needs and learns our candidates: the addresses of our interfaces, and
+/// what each STUN server sees (for UDP and TCP). A STUN server that does not answer is
+/// skipped: gathering never fails because of the network, only when no socket can be bound.
+pub async fn gather(config: &PathConfig, udp: bool, tcp: bool) -> io::Result<Gathered> {
+    let hosts = interface_addresses();
+    let servers = resolve(&config.stun_servers).await;
+    let mut candidates = Vec::new();
+    let udp_socket = if udp {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
+        let port = socket.local_addr()?.port();
+        candidates.extend(hosts.iter().map(|&ip| Candidate {
+            kind: CandidateKind::Host,
+            protocol: Protocol::Udp,
+            addr: SocketAddr::new(ip, port),
+        }));
+        for &server in &servers {
+            match stun_udp(&socket, server, config.stun).await {
+                Ok(addr) => push(&mut candidates, Protocol::Udp, addr),
+                Err(error) => debug!(%server, %error, "stun over udp failed"),
+            }
+        }
+        Some(Arc::new(socket))
+    } else {
+        None
+    };
+    let (tcp_local, tcp_hold) = if tcp {
+        let hold = reusable_tcp_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+        let local = hold.local_addr()?;
+        candidates.extend(hosts.iter().map(|&ip| Candidate {
+            kind: CandidateKind::Host,
+            protocol: Protocol::Tcp,
+            addr: SocketAddr::new(ip, local.port()),
+        }));
+        for &server in &servers {
+            match stun_tcp(local, server, config.stun).await {
+                Ok((_, addr)) => push(&mut candidates, Protocol::Tcp, addr),
+                Err(error) => debug!(%server, %error, "stun over tcp failed"),
+            }
+        }
+        (Some(local), Some(hold))
+    } else {
+        (None, None)
+    };
+    candidates.truncate(MAX_CANDIDATES);
+    Ok(Gathered {
+        udp: udp_socket,
+        tcp: tcp_local,
+        _tcp_hold: tcp_hold,
+        candidates,
+    })
+}
+
+/// Adds a server-reflexive candidate unless it is already there (a public host address, or
+/// a second STUN server seeing the same mapping).
+fn push(candidates: &mut Vec<Candidate>, protocol: Protocol, addr: SocketAddr) {
+    if !candidates
+        .iter()
+        .any(|c| c.protocol == protocol && c.addr == addr)
+    {
+        candidates.push(Candidate {
+            kind: CandidateKind::ServerReflexive,
+            protocol,
+            addr,
+        });
+    }
+}
+
+/// The IPv4 addresses of the interfaces that are up. Loopback only when there is nothing
+/// else (a namespace with only `lo`): offering 127.0.0.1 to a peer elsewhere would have it
+/// probe its own machine.
+fn interface_addresses() -> Vec<IpAddr> {
+    let mut outside = Vec::new();
+    let mut loopback = Vec::new();
+    let Ok(interfaces) = getifaddrs::getifaddrs() else {
+        return vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+    };
+    for interface in interfaces {
+        if !interface.flags.contains(getifaddrs::InterfaceFlags::UP) {
+            continue;
+        }
+        let Some(IpAddr::V4(ip)) = interface.address.ip_addr() else {
+            continue;
+        };
+        if ip.is_loopback() {
+            loopback.push(IpAddr::V4(ip));
+        } else if !ip.is_link_local() && !ip.is_unspecified() && !outside.contains(&IpAddr::V4(ip))
+        {
+            outside.push(IpAddr::V4(ip));
+        }
+    }
+    if outside.is_empty() {
+        loopback
+    } else {
+        outside
+    }
+}
+
+/// Resolves `host:port` names, skipping (and logging) those that do not resolve.
+async fn resolve(servers: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for server in servers {
+        match tokio::net::lookup_host(server.as_str()).await {
+            Ok(addrs) => {
+                if let Some(addr) = addrs.into_iter().find(SocketAddr::is_ipv4) {
+                    out.push(addr);
+                }
+            }
+            Err(error) => debug!(%server, %error, "stun server does not resolve"),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_choices_parse_and_print() {
+        for choice in [
+            PathChoice::Auto,
+            PathChoice::Tox,
+            PathChoice::Udp,
+            PathChoice::Tcp,
+        ] {
+            assert_eq!(choice.to_string().parse::<PathChoice>(), Ok(choice));
+        }
+        let err = "quic".parse::<PathChoice>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown path \"quic\": expected auto, tox, udp or tcp"
+        );
+        assert!(!PathChoice::Tox.wants_udp() && !PathChoice::Tox.wants_tcp());
+        assert!(!PathChoice::Udp.allows_tox() && !PathChoice::Tcp.wants_udp());
+    }
+
+    #[tokio::test]
+    async fn gathering_without_stun_offers_interface_addresses_of_both_sockets() {
+        let g = gather(&PathConfig::default(), true, true).await.unwrap();
+        let udp_port = g.udp.as_ref().unwrap().local_addr().unwrap().port();
+        let tcp_port = g.tcp.unwrap().port();
+        assert!(!g.candidates.is_empty());
+        for c in &g.candidates {
+            assert_eq!(c.kind, CandidateKind::Host);
+            let port = match c.protocol {
+                Protocol::Udp => udp_port,
+                Protocol::Tcp => tcp_port,
+            };
+            assert_eq!(c.addr.port(), port, "{c:?}");
+        }
+        assert!(g.candidates.iter().any(|c| c.protocol == Protocol::Udp));
+        assert!(g.candidates.iter().any(|c| c.protocol == Protocol::Tcp));
+    }
+
+    #[tokio::test]
+    async fn a_dead_stun_server_is_skipped_not_fatal() {
+        let config = PathConfig {
+            stun_servers: vec!["127.0.0.1:9".to_owned()],
+            stun: TransactionConfig {
+                rto: Duration::from_millis(20),
+                max_sends: 2,
+                rm: 2,
+                reliable_timeout: Duration::from_millis(200),
+            },
+            ..PathConfig::default()
+        };
+        let g = gather(&config, true, true).await.unwrap();
+        assert!(g.candidates.iter().all(|c| c.kind == CandidateKind::Host));
+    }
+}

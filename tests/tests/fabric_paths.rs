@@ -1,0 +1,223 @@
+//! A live session moving between paths: it starts on Tox (private network on 127.0.0.1), moves
+//! to a punched UDP link, falls back to punched TCP and then to Tox as nftables blackholes
+//! each link, and punches UDP again once it is allowed, while streams verified by SHA-256 keep
+//! flowing through every move. `--path` choices that force one path are honoured.
+//!
+//! Both peers run in this process, so their candidates are this machine's own addresses:
+//! punching works as between two hosts on one LAN. The NAT matrix (`nat_matrix`) covers the
+//! rest.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use fabric::path::{ActivePath, PathChoice};
+use fabric::peer::{Fabric, FabricConfig, Peer, PeerStatus};
+use tests::init_tracing;
+use tests::netns;
+use tests::streams::{join_all, send_and_verify, serve_digests};
+use tests::toxnet::ToxNet;
+use tokio::time::timeout;
+
+fn fabric(net: &ToxNet, name: &str, choice: PathChoice, allow: &[&Fabric]) -> Result<Fabric> {
+    let mut tox = net.config(net.scratch_dir(name)?);
+    for peer in allow {
+        tox.allow.keys.insert(peer.id().public_key());
+    }
+    let mut config = FabricConfig::new(tox);
+    config.path.choice = choice;
+    Ok(Fabric::start(config)?)
+}
+
+/// The exit's view of its only client.
+fn exit_view(exit: &Fabric) -> Option<PeerStatus> {
+    exit.peers()
+        .into_iter()
+        .map(|(_, st)| st)
+        .find(|st| st.conv.is_some())
+}
+
+/// Waits until both sides send on `want`, returning how long that took.
+async fn wait_for_path(
+    peer: &Peer,
+    exit: &Fabric,
+    want: ActivePath,
+    limit: Duration,
+) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let client = peer.status().link;
+        let exit_side = exit_view(exit).map(|s| s.link);
+        if client.active == want && exit_side.as_ref().is_some_and(|l| l.active == want) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            bail!("not on {want} after {limit:?}: client {client:?}, exit {exit_side:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Streams of `len` bytes, `parallel` at a time, until `until` resolves; all must verify.
+async fn traffic_during<F: Future<Output = Result<Duration>>>(
+    peer: &Arc<Peer>,
+    seed: u64,
+    until: F,
+) -> Result<Duration> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers = (0..4u64).map(|w| {
+        let (peer, stop) = (peer.clone(), stop.clone());
+        async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                send_and_verify(&peer, 512 << 10, seed * 1000 + w * 100 + n)
+                    .await
+                    .with_context(|| format!("worker {w}, stream {n}"))?;
+                n += 1;
+            }
+            Ok(())
+        }
+    });
+    let workers = tokio::spawn(join_all(workers.collect::<Vec<_>>().into_iter()));
+    let result = until.await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in timeout(Duration::from_secs(120), workers)
+        .await
+        .context("streams did not finish within 120 s of the move")??
+    {
+        r?;
+    }
+    result
+}
+
+/// An nftables table that drops one protocol to the given ports; removed on drop.
+struct Blackhole {
+    table: String,
+}
+
+impl Blackhole {
+    fn new(tag: &str, protocol: &str, ports: &[u16]) -> Result<Self> {
+        let table = format!("fabricpaths{}{tag}", std::process::id());
+        let ports = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let script = format!(
+            "table inet {table} {{\n chain input {{ type filter hook input priority -10; \
+             {protocol} dport {{ {ports} }} drop\n }}\n chain output {{ type filter hook output \
+             priority -10; {protocol} dport {{ {ports} }} drop\n }}\n}}\n"
+        );
+        let path = std::env::temp_dir().join(format!("{table}.nft"));
+        std::fs::write(&path, script)?;
+        let out = netns::sh(&["nft", "-f", &path.display().to_string()]);
+        let _ = std::fs::remove_file(&path);
+        out?;
+        Ok(Self { table })
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        let _ = netns::sh(&["nft", "delete", "table", "inet", &self.table]);
+    }
+}
+
+fn ports(peer: &Peer, exit: &Fabric) -> Result<Vec<u16>> {
+    let a = peer.status().link.remote;
+    let b = exit_view(exit).and_then(|s| s.link.remote);
+    match (a, b) {
+        (Some(a), Some(b)) => Ok(vec![SocketAddr::port(&a), b.port()]),
+        _ => bail!("no remote on the punched path: {a:?} {b:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_session_moves_between_punched_links_and_tox_without_losing_a_byte() -> Result<()> {
+    init_tracing();
+    if let Some(why) = netns::unavailable() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    let net = ToxNet::start(4).context("private tox network")?;
+    let client = fabric(&net, "client", PathChoice::Auto, &[])?;
+    let exit = Arc::new(fabric(&net, "exit", PathChoice::Auto, &[&client])?);
+    serve_digests(exit.clone());
+    let peer = Arc::new(client.connect(exit.id()).await.context("connect")?);
+    // Streams start while the session is still on Tox and keep going through the move.
+    let took = traffic_during(
+        &peer,
+        1,
+        wait_for_path(&peer, &exit, ActivePath::Udp, Duration::from_secs(30)),
+    )
+    .await
+    .context("tox → udp")?;
+    tracing::info!(?took, "session moved to punched udp");
+    let conv = peer.status().conv;
+
+    // Blackhole the UDP link: the session goes to the TCP link punched beside it.
+    let udp = Blackhole::new("u", "udp", &ports(&peer, &exit)?)?;
+    let took = traffic_during(
+        &peer,
+        2,
+        wait_for_path(&peer, &exit, ActivePath::Tcp, Duration::from_secs(30)),
+    )
+    .await
+    .context("udp → tcp")?;
+    tracing::info!(?took, "session fell back to punched tcp");
+
+    // Blackhole the TCP link too: back to Tox.
+    let tcp = Blackhole::new("t", "tcp", &ports(&peer, &exit)?)?;
+    let took = traffic_during(
+        &peer,
+        3,
+        wait_for_path(&peer, &exit, ActivePath::Tox, Duration::from_secs(30)),
+    )
+    .await
+    .context("tcp → tox")?;
+    tracing::info!(?took, "session fell back to tox");
+
+    // Lift the blackholes: the client punches again (new ports) and the session returns to UDP.
+    drop((udp, tcp));
+    let took = traffic_during(
+        &peer,
+        4,
+        wait_for_path(&peer, &exit, ActivePath::Udp, Duration::from_secs(60)),
+    )
+    .await
+    .context("tox → udp again")?;
+    tracing::info!(?took, "session back on punched udp");
+    ensure!(
+        peer.status().conv == conv,
+        "the conv survived every move: {:?} → {:?}",
+        conv,
+        peer.status().conv
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_paths_are_honoured() -> Result<()> {
+    init_tracing();
+    for (choice, want) in [
+        (PathChoice::Tcp, ActivePath::Tcp),
+        (PathChoice::Tox, ActivePath::Tox),
+    ] {
+        let net = ToxNet::start(4).context("private tox network")?;
+        let client = fabric(&net, &format!("client-{choice}"), choice, &[])?;
+        let exit = Arc::new(fabric(&net, &format!("exit-{choice}"), choice, &[&client])?);
+        serve_digests(exit.clone());
+        let peer = client.connect(exit.id()).await.context("connect")?;
+        wait_for_path(&peer, &exit, want, Duration::from_secs(30)).await?;
+        send_and_verify(&peer, 4 << 20, 7).await?;
+        let status = peer.status();
+        ensure!(status.link.active == want, "{choice}: {status:?}");
+        if choice == PathChoice::Tox {
+            ensure!(status.link.why.is_empty(), "--path tox never punches");
+        }
+        exit.shutdown().await;
+        client.shutdown().await;
+    }
+    Ok(())
+}
