@@ -685,4 +685,88 @@ mod tests {
             .unwrap();
         assert_eq!(back, Some(LinkEvent::Data(b"back".to_vec())));
     }
+
+    /// A pair of links punched to each other on loopback.
+    async fn pair() -> (UdpLink, UdpLink) {
+        let sa = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let sb = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+        let a = LinkSecret::from_random(rand::random());
+        let b = LinkSecret::from_random(rand::random());
+        let (pa, pb) = (a.public(), b.public());
+        let now = Instant::now();
+        let config = PunchConfig::default();
+        let mut la = UdpLink::spawn(sa, UdpPunch::new(now, a.derive(pb).unwrap(), &[ab], config));
+        let mut lb = UdpLink::spawn(sb, UdpPunch::new(now, b.derive(pa).unwrap(), &[aa], config));
+        let up = async {
+            assert!(matches!(
+                la.next_event().await,
+                Some(LinkEvent::Connected { .. })
+            ));
+            assert!(matches!(
+                lb.next_event().await,
+                Some(LinkEvent::Connected { .. })
+            ));
+        };
+        tokio::time::timeout(Duration::from_secs(5), up)
+            .await
+            .unwrap();
+        (la, lb)
+    }
+
+    #[tokio::test]
+    async fn try_send_before_connecting_says_not_connected() {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let keys = LinkSecret::from_random([7; 32])
+            .derive(LinkSecret::from_random([8; 32]).public())
+            .unwrap();
+        let dead: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let link = UdpLink::spawn(
+            socket,
+            UdpPunch::new(Instant::now(), keys, &[dead], PunchConfig::default()),
+        );
+        assert!(matches!(
+            link.try_send(b"early"),
+            Err(TrySendError::Link(SendError::NotConnected))
+        ));
+        assert_eq!(link.sender().try_send(b"early"), Err(LinkSendError::Closed));
+    }
+
+    #[tokio::test]
+    async fn senders_deliver_in_batches_and_close_with_the_link() {
+        let (la, mut lb) = pair().await;
+        let sender = la.sender();
+        for i in 0..1000u32 {
+            sender.send(i.to_be_bytes()).await.unwrap();
+        }
+        let mut got = Vec::new();
+        let receive = async {
+            let mut events = Vec::new();
+            while got.len() < 1000 {
+                events.clear();
+                assert!(lb.next_events(&mut events, 256).await > 0);
+                for e in events.drain(..) {
+                    match e {
+                        LinkEvent::Data(d) => got.push(d),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), receive)
+            .await
+            .unwrap();
+        let want: Vec<Vec<u8>> = (0..1000u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        assert_eq!(got, want);
+        // Dropping the link ends its task; the sender then reports the link closed.
+        drop(la);
+        let closed = async {
+            while sender.try_send(b"late") != Err(LinkSendError::Closed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .unwrap();
+    }
 }
