@@ -187,8 +187,9 @@ impl From<TrySendError> for io::Error {
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// How many events the link task may queue for a slow reader before it stops reading the
-/// socket (then the kernel's receive buffer fills and drops, as UDP does).
-const EVENT_QUEUE: usize = 4096;
+/// socket. Kept short: packets waiting here only add delay that the session's pacer reads as
+/// a queue forming; the socket's own buffer behind it ([`SOCKET_BUFFER`]) absorbs bursts.
+const EVENT_QUEUE: usize = 512;
 
 /// What the handle and the task share. The core sits behind one `std` mutex that is never
 /// held across an `.await` or a syscall: the task takes it to open a received packet or run a
