@@ -5,7 +5,8 @@
 //! - the seal and open rates of the sans-IO core (`link::Sealer` / `link::Opener`,
 //!   ChaCha20-Poly1305, one packet at a time) for 64-byte and 1,200-byte session packets;
 //! - the goodput of two `punch::driver::UdpLink`s punched to each other on 127.0.0.1: the
-//!   sender pushes 1,200-byte packets for 3 s as fast as the driver takes them; the receiver
+//!   sender pushes 1,200-byte packets for 3 s as fast as the socket takes them
+//!   (`UdpLink::try_send`, waiting on `writable` when the send buffer is full); the receiver
 //!   counts what arrives (UDP may drop on loopback when the receiver falls behind; the loss is
 //!   printed too).
 
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fabric::link::LinkSecret;
-use fabric::punch::driver::{LinkEvent, UdpLink};
+use fabric::punch::driver::{LinkEvent, TrySendError, UdpLink};
 use fabric::punch::udp::{PunchConfig, UdpPunch};
 use tokio::net::UdpSocket;
 
@@ -82,15 +83,21 @@ async fn loopback() {
         let mut bytes = 0usize;
         let mut first: Option<Instant> = None;
         let mut last = Instant::now();
+        let mut events = Vec::new();
         loop {
-            match tokio::time::timeout(Duration::from_millis(500), lb.next_event()).await {
-                Ok(Some(LinkEvent::Data(d))) => {
+            events.clear();
+            match tokio::time::timeout(Duration::from_millis(500), lb.next_events(&mut events, 256))
+                .await
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            for e in &events {
+                if let LinkEvent::Data(d) = e {
                     first.get_or_insert_with(Instant::now);
                     last = Instant::now();
                     bytes += d.len();
                 }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
             }
         }
         (bytes, first.map_or(Duration::ZERO, |f| last - f))
@@ -99,8 +106,11 @@ async fn loopback() {
     let start = Instant::now();
     let mut sent = 0usize;
     while start.elapsed() < duration {
-        la.send(payload.clone()).await.unwrap();
-        sent += SIZE;
+        match la.try_send(&payload) {
+            Ok(()) => sent += SIZE,
+            Err(TrySendError::Full) => la.writable().await.unwrap(),
+            Err(e) => panic!("{e}"),
+        }
     }
     let (received, span) = receiver.await.unwrap();
     let mbit = |b: usize, d: Duration| (b * 8) as f64 / d.as_secs_f64() / 1e6;

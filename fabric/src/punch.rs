@@ -29,10 +29,26 @@
 //!    [`driver::UdpLink::spawn`] on the socket), and/or [`tcp::punch_tcp`] with the peer's TCP
 //!    candidates, `keys.controlling()` and the peer's fingerprint.
 //! 4. [`udp::Event::Connected`] (or [`driver::LinkEvent::Connected`]) says the path is usable:
-//!    session packets go through [`udp::UdpPunch::seal_data`] (or [`driver::UdpLink::send`])
+//!    session packets go through [`udp::UdpPunch::seal_data`] (or [`driver::UdpLink::try_send`])
 //!    and come out of [`udp::UdpPunch::handle_input`] as [`udp::Input::Data`] (or
 //!    [`driver::LinkEvent::Data`]). [`udp::Event::Dead`] / `Failed` says to fall back to Tox;
-//!    [`udp::UdpPunch::rtt`] is the latest keepalive round trip for choosing a path.
+//!    [`udp::UdpPunch::rtt`] (or [`driver::UdpLink::rtt`]) is the latest keepalive round trip
+//!    for choosing a path.
+//!
+//! # Driving a session over a [`driver::UdpLink`] at full speed
+//!
+//! The session driver sends each packet with [`driver::UdpLink::try_send`]`(&[u8])`: it
+//! seals into a reused buffer and writes to the socket from the caller's task, with no
+//! channel and no `.await`. [`driver::TrySendError::Full`] means the socket's send buffer is
+//! full: await [`driver::UdpLink::writable`] and send the packet again (what the async
+//! [`driver::UdpLink::send`] does). `TrySendError::Link` means not connected (any more).
+//! Received packets come from the link's own task as [`driver::LinkEvent::Data`]; take them
+//! in bursts with [`driver::UdpLink::next_events`]`(&mut vec, limit)` (one wake-up for many
+//! packets), feed them all to the session, then flush its transmits once. Sockets get
+//! [`driver::SOCKET_BUFFER`]-sized kernel buffers (capped by `net.core.{r,w}mem_max`). The
+//! session's MTU on a link is the path MTU less IP/UDP headers (28), [`crate::link::OVERHEAD`]
+//! and one type byte: 1,446 on a 1,500-byte path (`punch-agent` uses 1,440).
+//! `tests/src/bin/punch-agent.rs` has a complete driver (`drive`) of a session with the mux.
 
 #[cfg(feature = "tokio")]
 pub mod driver;

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod nat;
 pub mod netns;
 pub mod servers;
 pub mod streams;

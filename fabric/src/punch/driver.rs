@@ -1,19 +1,22 @@
 //! Tokio drivers for the punching cores: STUN queries over UDP and TCP, and a task that runs a
 //! [`UdpPunch`] on a socket and then carries sealed session packets.
 //!
-//! The link task `select!`s over the socket, one `sleep_until(poll_timeout)` and a command
-//! channel, as every driver in `fabric` does. [`UdpLink`] is its handle.
+//! The link task `select!`s over the socket, one `sleep_until(poll_timeout)` and a wake-up
+//! from its handle, as every driver in `fabric` does. [`UdpLink`] is its handle; session
+//! packets are sealed and sent from the handle directly (no task hop per packet).
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
+use tracing::Instrument as _;
 
 use super::stun::{self, QueryError, Transaction, TransactionConfig, TransactionId};
-use super::udp::{Event, Input, UdpPunch};
+use super::udp::{Event, Input, SendError, UdpPunch};
 use crate::time::Instant;
 
 /// Why a STUN query failed.
@@ -34,7 +37,7 @@ pub enum StunError {
     Closed,
 }
 
-/// How many datagrams or commands one wake-up of the link task handles at most.
+/// How many datagrams one wake-up of the link task reads at most.
 const BATCH: usize = 64;
 
 fn random_id() -> TransactionId {
@@ -151,42 +154,172 @@ pub enum LinkEvent {
     Dead,
 }
 
+/// Why [`UdpLink::try_send`] did not send a packet.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrySendError {
+    /// The socket's send buffer is full: wait for [`UdpLink::writable`] and send again (or
+    /// drop the packet, as a router would; KCP retransmits).
+    #[error("udp link send buffer full")]
+    Full,
+    /// No pair is agreed (yet, or any more), or the key is spent.
+    #[error(transparent)]
+    Link(#[from] SendError),
+    /// The socket failed (for instance an ICMP error from the last packet).
+    #[error("udp link socket: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl From<TrySendError> for io::Error {
+    fn from(e: TrySendError) -> Self {
+        match e {
+            TrySendError::Full => io::ErrorKind::WouldBlock.into(),
+            TrySendError::Link(e) => Self::new(io::ErrorKind::NotConnected, e),
+            TrySendError::Io(e) => e,
+        }
+    }
+}
+
+/// Socket buffers a link asks for. A KCP window of 4,096 segments is 5.6 MB in flight; the
+/// default buffers (about 200 KiB) overflow within a millisecond at a gigabit, and every
+/// overflow is a loss KCP has to repair. The kernel caps the request at
+/// `net.core.{r,w}mem_max`.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// How many events the link task may queue for a slow reader before it stops reading the
+/// socket. Kept short: packets waiting here only add delay that the session's pacer reads as
+/// a queue forming; the socket's own buffer behind it ([`SOCKET_BUFFER`]) absorbs bursts.
+const EVENT_QUEUE: usize = 512;
+
+/// What the handle and the task share. The core sits behind one `std` mutex that is never
+/// held across an `.await` or a syscall: the task takes it to open a received packet or run a
+/// timer, a sender to seal one packet.
 #[derive(Debug)]
-enum Command {
-    Send(Vec<u8>),
-    AddRemote(SocketAddr),
+struct Shared {
+    socket: Arc<UdpSocket>,
+    punch: Mutex<UdpPunch>,
+    /// Wakes the task after a sender or [`UdpLink::add_remote`] gave the core work.
+    wake: Notify,
+    /// Scratch for sealing, reused by every [`UdpLink::try_send`].
+    send_buf: Mutex<Vec<u8>>,
+    /// Set when the task has ended; senders then report [`LinkSendError::Closed`].
+    ended: AtomicBool,
+}
+
+impl Shared {
+    fn try_send(&self, packet: &[u8]) -> Result<(), TrySendError> {
+        let mut buf = lock(&self.send_buf);
+        buf.clear();
+        let dst = lock(&self.punch).seal_data(packet, &mut buf)?;
+        match self.socket.try_send_to(&buf, dst) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(TrySendError::Full),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; carry on with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The handle of a punched UDP link task. Dropping it stops the task.
+///
+/// Sending does not go through the task: [`UdpLink::try_send`] seals the packet into a
+/// reused buffer and writes it to the socket from the caller's own task, without awaiting
+/// anything, and reports a full socket buffer as [`TrySendError::Full`]. Receiving does: the
+/// task reads the socket, opens packets and queues them as [`LinkEvent::Data`], which
+/// [`UdpLink::next_events`] takes in batches.
 #[derive(Debug)]
 pub struct UdpLink {
-    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
     events: mpsc::Receiver<LinkEvent>,
 }
 
 impl UdpLink {
     /// Spawns the task that punches with `punch` on `socket` and then carries packets.
+    /// Enlarges the socket's buffers to [`SOCKET_BUFFER`] (as far as the kernel allows).
     pub fn spawn(socket: Arc<UdpSocket>, punch: UdpPunch) -> Self {
-        let (commands, command_rx) = mpsc::channel(256);
-        let (event_tx, events) = mpsc::channel(256);
-        tokio::spawn(run(socket, punch, command_rx, event_tx));
-        Self { commands, events }
+        let sock = socket2::SockRef::from(&*socket);
+        for (what, r) in [
+            ("rcvbuf", sock.set_recv_buffer_size(SOCKET_BUFFER)),
+            ("sndbuf", sock.set_send_buffer_size(SOCKET_BUFFER)),
+        ] {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, what, "cannot enlarge udp link buffer");
+            }
+        }
+        let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let shared = Arc::new(Shared {
+            socket,
+            punch: Mutex::new(punch),
+            wake: Notify::new(),
+            send_buf: Mutex::new(Vec::with_capacity(2048)),
+            ended: AtomicBool::new(false),
+        });
+        // The span goes on the future: a guard held across `.await` would leak into whatever
+        // else runs on the thread meanwhile.
+        let span = tracing::debug_span!("udp_link", local = ?shared.socket.local_addr().ok());
+        let task_shared = shared.clone();
+        tokio::spawn(
+            async move {
+                run(&task_shared, event_tx).await;
+                task_shared.ended.store(true, Ordering::Release);
+            }
+            .instrument(span),
+        );
+        Self { shared, events }
     }
 
-    /// Queues a session packet for the peer (dropped, like any datagram, if not connected).
+    /// Seals `packet` and writes it to the socket now, without waiting. The packet is dropped
+    /// (like any datagram) when this returns an error.
+    pub fn try_send(&self, packet: &[u8]) -> Result<(), TrySendError> {
+        self.shared.try_send(packet)
+    }
+
+    /// Waits until the socket has room for a packet (after [`TrySendError::Full`]).
+    pub async fn writable(&self) -> io::Result<()> {
+        self.shared.socket.writable().await
+    }
+
+    /// Sends a session packet, waiting while the socket's buffer is full. Dropped, like any
+    /// datagram, if not connected.
     pub async fn send(&self, packet: Vec<u8>) -> Result<(), io::Error> {
-        self.commands
-            .send(Command::Send(packet))
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
+        loop {
+            match self.try_send(&packet) {
+                Err(TrySendError::Full) => self.writable().await?,
+                Err(TrySendError::Link(e)) => {
+                    tracing::trace!(error = %e, "link packet not sent");
+                    return Ok(());
+                }
+                Err(TrySendError::Io(e)) => {
+                    tracing::debug!(error = %e, "link send failed");
+                    return Ok(());
+                }
+                Ok(()) => return Ok(()),
+            }
+        }
     }
 
     /// Adds a remote candidate that arrived later over Tox.
     pub async fn add_remote(&self, addr: SocketAddr) -> Result<(), io::Error> {
-        self.commands
-            .send(Command::AddRemote(addr))
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
+        if self.events.is_closed() {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        lock(&self.shared.punch).add_remote(addr);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// The agreed remote address, once connected.
+    pub fn remote(&self) -> Option<SocketAddr> {
+        lock(&self.shared.punch).remote()
+    }
+
+    /// The latest round trip measured by a probe or keepalive.
+    pub fn rtt(&self) -> Option<crate::time::Duration> {
+        lock(&self.shared.punch).rtt()
     }
 
     /// The next event; `None` once the task has ended and every event was read.
@@ -194,154 +327,148 @@ impl UdpLink {
         self.events.recv().await
     }
 
+    /// Waits for at least one event and appends up to `limit` of those queued to `out`
+    /// (one wake-up for a burst of packets); returns how many, 0 once the task has ended and
+    /// every event was read.
+    pub async fn next_events(&mut self, out: &mut Vec<LinkEvent>, limit: usize) -> usize {
+        self.events.recv_many(out, limit).await
+    }
+
     /// A cheap handle for sending session packets, for a driver that does not own the link.
-    /// The link task runs until the [`UdpLink`] and every sender are dropped.
+    /// It seals and sends from the caller's task as [`UdpLink::try_send`] does. Once the link
+    /// task has ended (punching failed, the path died or the [`UdpLink`] was dropped) it
+    /// reports [`LinkSendError::Closed`].
     pub fn sender(&self) -> UdpLinkSender {
-        UdpLinkSender(self.commands.clone())
+        UdpLinkSender(self.shared.clone())
     }
 }
 
 /// Sends session packets on a [`UdpLink`] (see [`UdpLink::sender`]).
 #[derive(Debug, Clone)]
-pub struct UdpLinkSender(mpsc::Sender<Command>);
+pub struct UdpLinkSender(Arc<Shared>);
 
-/// Why a packet was not queued on a link.
+/// Why a packet was not sent on a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LinkSendError {
-    /// The link task is behind; the packet was not queued.
+    /// The link is behind (a full socket buffer or queue); the packet was not sent.
     #[error("link queue full")]
     Full,
-    /// The link task has ended.
+    /// The link has ended.
     #[error("link closed")]
     Closed,
 }
 
 impl UdpLinkSender {
-    /// Queues a session packet without waiting.
-    pub fn try_send(&self, packet: Vec<u8>) -> Result<(), LinkSendError> {
-        self.0.try_send(Command::Send(packet)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => LinkSendError::Full,
-            mpsc::error::TrySendError::Closed(_) => LinkSendError::Closed,
-        })
+    /// Seals and sends a session packet now, without waiting. A socket error other than a
+    /// full buffer counts as sent: the packet is lost as a datagram can be.
+    pub fn try_send(&self, packet: impl AsRef<[u8]>) -> Result<(), LinkSendError> {
+        if self.0.ended.load(Ordering::Acquire) {
+            return Err(LinkSendError::Closed);
+        }
+        match self.0.try_send(packet.as_ref()) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full) => Err(LinkSendError::Full),
+            Err(TrySendError::Link(_)) => Err(LinkSendError::Closed),
+            Err(TrySendError::Io(e)) => {
+                tracing::trace!(error = %e, "link packet lost");
+                Ok(())
+            }
+        }
     }
 
-    /// Queues a session packet, waiting while the link task is behind.
-    pub async fn send(&self, packet: Vec<u8>) -> Result<(), LinkSendError> {
-        self.0
-            .send(Command::Send(packet))
-            .await
-            .map_err(|_| LinkSendError::Closed)
+    /// Sends a session packet, waiting while the socket's buffer is full.
+    pub async fn send(&self, packet: impl AsRef<[u8]>) -> Result<(), LinkSendError> {
+        loop {
+            match self.try_send(packet.as_ref()) {
+                Err(LinkSendError::Full) => self
+                    .0
+                    .socket
+                    .writable()
+                    .await
+                    .map_err(|_| LinkSendError::Closed)?,
+                r => return r,
+            }
+        }
     }
 }
 
-async fn run(
-    socket: Arc<UdpSocket>,
-    mut punch: UdpPunch,
-    mut commands: mpsc::Receiver<Command>,
-    events: mpsc::Sender<LinkEvent>,
-) {
-    let span = tracing::debug_span!("udp_link", local = ?socket.local_addr().ok());
-    let _enter = span.enter();
+async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
+    let socket = &shared.socket;
     let mut rx = vec![0u8; 65536];
     let mut tx = Vec::with_capacity(2048);
+    let mut out = Vec::with_capacity(BATCH);
     loop {
-        // Flush what the core wants sent and said.
-        let now = Instant::now();
-        while let Some(t) = punch.poll_transmit(now, &mut tx) {
-            if let Err(e) = socket.send_to(&tx, t.dst).await {
-                tracing::debug!(error = %e, dst = %t.dst, "punch send failed");
+        // Flush what the core wants sent and said. Control packets that meet a full socket
+        // buffer are dropped: probes and keepalives are retried by the core.
+        let deadline = {
+            let now = Instant::now();
+            let mut punch = lock(&shared.punch);
+            if punch.poll_timeout().is_some_and(|t| t <= now) {
+                punch.handle_timeout(now);
             }
-        }
-        while let Some(event) = punch.poll_event() {
-            let (event, end) = match event {
-                Event::Connected { remote } => (LinkEvent::Connected { remote }, false),
-                Event::Failed => (LinkEvent::Failed, true),
-                Event::Dead => (LinkEvent::Dead, true),
-            };
-            if events.send(event).await.is_err() || end {
+            while let Some(t) = punch.poll_transmit(now, &mut tx) {
+                if let Err(e) = socket.try_send_to(&tx, t.dst) {
+                    tracing::debug!(error = %e, dst = %t.dst, "punch send failed");
+                }
+            }
+            while let Some(event) = punch.poll_event() {
+                out.push(match event {
+                    Event::Connected { remote } => LinkEvent::Connected { remote },
+                    Event::Failed => LinkEvent::Failed,
+                    Event::Dead => LinkEvent::Dead,
+                });
+            }
+            punch.poll_timeout()
+        };
+        let end = out
+            .iter()
+            .any(|e| matches!(e, LinkEvent::Failed | LinkEvent::Dead));
+        for event in out.drain(..) {
+            if events.send(event).await.is_err() {
                 return;
             }
         }
-        let deadline = punch.poll_timeout();
+        if end {
+            return;
+        }
         tokio::select! {
-            r = socket.recv_from(&mut rx) => {
-                // Then drain what else is queued without another trip through select.
-                let mut next = Some(r);
-                for i in 1..=BATCH {
-                    let Some(r) = next.take() else { break };
-                    match r {
-                        Ok((n, from)) => {
-                            if !on_datagram(&mut punch, from, &mut rx[..n], &events).await {
-                                return;
-                            }
-                        }
+            r = socket.readable() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "udp link socket failed");
+                    return;
+                }
+                // Drain what is queued, one lock per packet so senders are never held up
+                // for longer than one open.
+                for _ in 0..BATCH {
+                    let (n, from) = match socket.try_recv_from(&mut rx) {
+                        Ok(r) => r,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         // ICMP errors surface here on Linux; keepalives decide about the path.
-                        Err(e) => tracing::trace!(error = %e, "recv error"),
-                    }
-                    if i == BATCH {
-                        break;
-                    }
-                    next = match socket.try_recv_from(&mut rx) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-                        r => Some(r),
-                    };
-                }
-            }
-            command = commands.recv() => {
-                let mut next = command;
-                for i in 1..=BATCH {
-                    match next.take() {
-                        None => return,
-                        Some(Command::AddRemote(addr)) => punch.add_remote(addr),
-                        Some(Command::Send(packet)) => {
-                            tx.clear();
-                            match punch.seal_data(&packet, &mut tx) {
-                                Ok(dst) => {
-                                    if let Err(e) = socket.send_to(&tx, dst).await {
-                                        tracing::debug!(error = %e, "link send failed");
-                                    }
-                                }
-                                Err(e) => tracing::trace!(error = %e, "link packet not sent"),
-                            }
+                        Err(e) => {
+                            tracing::trace!(error = %e, "recv error");
+                            continue;
                         }
+                    };
+                    let packet = &mut rx[..n];
+                    if stun::is_stun(packet) {
+                        continue;
                     }
-                    if i == BATCH {
-                        break;
+                    match lock(&shared.punch).handle_input(Instant::now(), from, packet) {
+                        Ok(Input::Data(data)) => out.push(LinkEvent::Data(data.to_vec())),
+                        Ok(_) => {}
+                        Err(e) => tracing::trace!(error = %e, %from, "dropped link packet"),
                     }
-                    match commands.try_recv() {
-                        Ok(c) => next = Some(c),
-                        Err(mpsc::error::TryRecvError::Empty) => break,
-                        Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+                for event in out.drain(..) {
+                    if events.send(event).await.is_err() {
+                        return;
                     }
                 }
             }
+            () = shared.wake.notified() => {}
+            () = events.closed() => return,
             () = sleep_until(deadline) => {}
-        }
-        // Timers run after every wake-up, so a busy socket cannot starve keepalives.
-        let now = Instant::now();
-        if punch.poll_timeout().is_some_and(|t| t <= now) {
-            punch.handle_timeout(now);
-        }
-    }
-}
-
-/// Hands one datagram to the core; `false` once the event receiver is gone.
-async fn on_datagram(
-    punch: &mut UdpPunch,
-    from: SocketAddr,
-    packet: &mut [u8],
-    events: &mpsc::Sender<LinkEvent>,
-) -> bool {
-    if stun::is_stun(packet) {
-        return true;
-    }
-    match punch.handle_input(Instant::now(), from, packet) {
-        Ok(Input::Data(data)) => events.send(LinkEvent::Data(data.to_vec())).await.is_ok(),
-        Ok(_) => true,
-        Err(e) => {
-            tracing::trace!(error = %e, %from, "dropped link packet");
-            true
         }
     }
 }
@@ -558,5 +685,89 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(back, Some(LinkEvent::Data(b"back".to_vec())));
+    }
+
+    /// A pair of links punched to each other on loopback.
+    async fn pair() -> (UdpLink, UdpLink) {
+        let sa = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let sb = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+        let a = LinkSecret::from_random(rand::random());
+        let b = LinkSecret::from_random(rand::random());
+        let (pa, pb) = (a.public(), b.public());
+        let now = Instant::now();
+        let config = PunchConfig::default();
+        let mut la = UdpLink::spawn(sa, UdpPunch::new(now, a.derive(pb).unwrap(), &[ab], config));
+        let mut lb = UdpLink::spawn(sb, UdpPunch::new(now, b.derive(pa).unwrap(), &[aa], config));
+        let up = async {
+            assert!(matches!(
+                la.next_event().await,
+                Some(LinkEvent::Connected { .. })
+            ));
+            assert!(matches!(
+                lb.next_event().await,
+                Some(LinkEvent::Connected { .. })
+            ));
+        };
+        tokio::time::timeout(Duration::from_secs(5), up)
+            .await
+            .unwrap();
+        (la, lb)
+    }
+
+    #[tokio::test]
+    async fn try_send_before_connecting_says_not_connected() {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let keys = LinkSecret::from_random([7; 32])
+            .derive(LinkSecret::from_random([8; 32]).public())
+            .unwrap();
+        let dead: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let link = UdpLink::spawn(
+            socket,
+            UdpPunch::new(Instant::now(), keys, &[dead], PunchConfig::default()),
+        );
+        assert!(matches!(
+            link.try_send(b"early"),
+            Err(TrySendError::Link(SendError::NotConnected))
+        ));
+        assert_eq!(link.sender().try_send(b"early"), Err(LinkSendError::Closed));
+    }
+
+    #[tokio::test]
+    async fn senders_deliver_in_batches_and_close_with_the_link() {
+        let (la, mut lb) = pair().await;
+        let sender = la.sender();
+        for i in 0..1000u32 {
+            sender.send(i.to_be_bytes()).await.unwrap();
+        }
+        let mut got = Vec::new();
+        let receive = async {
+            let mut events = Vec::new();
+            while got.len() < 1000 {
+                events.clear();
+                assert!(lb.next_events(&mut events, 256).await > 0);
+                for e in events.drain(..) {
+                    match e {
+                        LinkEvent::Data(d) => got.push(d),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), receive)
+            .await
+            .unwrap();
+        let want: Vec<Vec<u8>> = (0..1000u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        assert_eq!(got, want);
+        // Dropping the link ends its task; the sender then reports the link closed.
+        drop(la);
+        let closed = async {
+            while sender.try_send(b"late") != Err(LinkSendError::Closed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .unwrap();
     }
 }
