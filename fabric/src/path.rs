@@ -155,6 +155,9 @@ pub struct PathStatus {
     pub active: ActivePath,
     /// The remote address of the punched path in use.
     pub remote: Option<SocketAddr>,
+    /// The punched UDP link's latest keepalive round trip (the session's own RTT figures
+    /// cover whichever path it is on).
+    pub rtt: Option<Duration>,
     /// Why this path: the outcome of the latest punching attempt, in words.
     pub why: String,
 }

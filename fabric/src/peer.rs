@@ -33,7 +33,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
-use tokio::time::timeout;
 use tracing::{Instrument as _, debug, info, warn};
 
 use self::paths::{Agent, Carrier, LinkWatch, Role, Via};
@@ -42,7 +41,6 @@ use crate::id::{PublicKey, ToxId};
 use crate::link::signal::Signal;
 use crate::mux::io::{Handle, Stream};
 use crate::path::{PathChoice, PathConfig, PathStatus};
-use crate::punch::driver::LinkSendError;
 use crate::session::control::{Acceptor, OpenOutcome, Opener};
 use crate::session::{self, CloseReason, Control, ConvId, Event, Session};
 use crate::time::{Duration, Instant};
@@ -765,10 +763,6 @@ async fn supervise(shared: Weak<Shared>, pk: PublicKey, mut stop: watch::Receive
     }
 }
 
-/// The longest a session driver waits for room in a punched link's queue before sending
-/// the packet by Tox instead.
-const LINK_WAIT: Duration = Duration::from_millis(250);
-
 /// How often a busy session driver refreshes its [`PeerStatus`].
 const STATUS_EVERY: Duration = Duration::from_millis(20);
 
@@ -833,31 +827,7 @@ async fn drive(
                 // A duplicate: dropped when the Tox queue is full.
                 let _ = tox.try_send_lossy(pk, packet.freeze());
             }
-            let sent = match &path {
-                Carrier::Tox => false,
-                // A forced punched path is not up: KCP sends it again later.
-                Carrier::Held => true,
-                // A full link queue: Tox already has a copy when the link is suspect;
-                // otherwise wait for the link, but not for ever (a stalled TCP connection
-                // must not stall the driver too).
-                Carrier::Udp(link) => match link.try_send(buf.clone()) {
-                    Ok(()) => true,
-                    Err(LinkSendError::Full) if also_tox => true,
-                    Err(LinkSendError::Full) => {
-                        matches!(timeout(LINK_WAIT, link.send(buf.clone())).await, Ok(Ok(())))
-                    }
-                    Err(_) => false,
-                },
-                Carrier::Tcp(link) => match link.try_send(buf.clone()) {
-                    Ok(()) => true,
-                    Err(LinkSendError::Full) if also_tox => true,
-                    Err(LinkSendError::Full) => {
-                        matches!(timeout(LINK_WAIT, link.send(buf.clone())).await, Ok(Ok(())))
-                    }
-                    Err(_) => false,
-                },
-            };
-            if sent {
+            if path.send(&buf, also_tox).await {
                 continue;
             }
             // Tox, or a punched link that just closed (the agent moves us back to Tox).

@@ -266,7 +266,11 @@ impl Snapshot {
                     .link
                     .remote
                     .map_or_else(String::new, |r| format!(" to {r}"));
-                let _ = writeln!(out, "  punching: {}{remote}", st.link.why);
+                let rtt = st
+                    .link
+                    .rtt
+                    .map_or_else(String::new, |r| format!(" (link rtt {})", millis(Some(r))));
+                let _ = writeln!(out, "  punching: {}{remote}{rtt}", st.link.why);
             }
         }
         out

@@ -35,7 +35,7 @@ use crate::link::LinkSecret;
 use crate::link::signal::{LinkOffer, Protocol, Signal};
 use crate::path::tcp::{TcpLink, TcpLinkSender};
 use crate::path::{ActivePath, Gathered, PathChoice, PathConfig, PathStatus, gather};
-use crate::punch::driver::{LinkEvent, UdpLink, UdpLinkSender};
+use crate::punch::driver::{LinkEvent, LinkSendError, UdpLink, UdpLinkSender};
 use crate::punch::tcp::{TcpPunchError, TlsIdentity, punch_tcp};
 use crate::punch::udp::UdpPunch;
 use crate::time::{Duration, Instant};
@@ -62,7 +62,46 @@ impl Carrier {
     pub(super) fn is_punched(&self) -> bool {
         matches!(self, Self::Udp(_) | Self::Tcp(_))
     }
+
+    /// Sends a session packet on a punched link; `false` means "send it by Tox" (the carrier
+    /// is Tox, or the link has closed and the agent is about to say so). When the link's
+    /// queue is full: Tox already has a copy if the link is suspect (`also_tox`); otherwise
+    /// wait for the link, but not for ever (a stalled TCP connection must not stall the
+    /// driver too).
+    pub(super) async fn send(&self, packet: &[u8], also_tox: bool) -> bool {
+        let (first, retry) = match self {
+            Self::Tox => return false,
+            // A forced punched path is not up: KCP sends it again later.
+            Self::Held => return true,
+            Self::Udp(link) => (link.try_send(packet), Either::Udp(link)),
+            Self::Tcp(link) => (link.try_send(packet.to_vec()), Either::Tcp(link)),
+        };
+        match first {
+            Ok(()) => true,
+            Err(LinkSendError::Full) if also_tox => true,
+            Err(LinkSendError::Full) => {
+                let wait = async {
+                    match retry {
+                        Either::Udp(link) => link.send(packet).await,
+                        Either::Tcp(link) => link.send(packet.to_vec()).await,
+                    }
+                };
+                matches!(tokio::time::timeout(LINK_WAIT, wait).await, Ok(Ok(())))
+            }
+            Err(_) => false,
+        }
+    }
 }
+
+/// The link a full queue is retried on.
+enum Either<'a> {
+    Udp(&'a UdpLinkSender),
+    Tcp(&'a TcpLinkSender),
+}
+
+/// The longest a session driver waits for room on a punched link before sending the packet
+/// by Tox instead.
+const LINK_WAIT: Duration = Duration::from_millis(250);
 
 /// The kind of path a session packet arrived by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -485,6 +524,7 @@ impl Agent {
     /// Carries packets and events of one round's links until they are all gone.
     async fn run_round(&mut self, mut round: Round) -> RoundEnd {
         let mut why = String::from("punching");
+        let mut batch = Vec::with_capacity(256);
         self.fall_back("punching".into());
         loop {
             if round.udp.is_none() && round.tcp.is_none() && round.tcp_punch.is_none() {
@@ -494,31 +534,19 @@ impl Agent {
                 };
             }
             tokio::select! {
-                e = next(&mut round.udp) => match e {
-                    Some(LinkEvent::Data(data)) => {
-                        if !self.deliver(data) {
+                n = next_batch(&mut round.udp, &mut batch) => {
+                    // Zero events: the link task has ended.
+                    let ended = (n == 0).then_some(None);
+                    let events = batch.drain(..).map(Some).chain(ended);
+                    for event in events {
+                        if !self.on_udp_event(&mut round, &mut why, event) {
                             return RoundEnd::Stopped;
                         }
                     }
-                    Some(LinkEvent::Connected { remote }) => {
-                        info!(peer = %self.pk, %remote, "punched udp path up");
-                        round.udp_up = Some(remote);
-                        round.connected = true;
-                        self.choose(&round, &why);
+                    if let (Some(link), Some(_)) = (&round.udp, round.udp_up) {
+                        lock(&self.status).link.rtt = link.rtt();
                     }
-                    Some(LinkEvent::Failed) | None if round.udp_up.is_none() => {
-                        round.udp = None;
-                        why = "udp punching found no pair".into();
-                        self.choose(&round, &why);
-                    }
-                    Some(LinkEvent::Failed | LinkEvent::Dead) | None => {
-                        info!(peer = %self.pk, "punched udp path died");
-                        round.udp = None;
-                        round.udp_up = None;
-                        why = "the udp link died".into();
-                        self.choose(&round, &why);
-                    }
-                },
+                }
                 r = join(&mut round.tcp_punch) => {
                     round.tcp_punch = None;
                     match r {
@@ -576,6 +604,31 @@ impl Agent {
         }
     }
 
+    /// Handles one event of the round's UDP link (`None`: its task ended); `false` once the
+    /// fabric is gone.
+    fn on_udp_event(&self, round: &mut Round, why: &mut String, event: Option<LinkEvent>) -> bool {
+        match event {
+            Some(LinkEvent::Data(data)) => return self.deliver(data),
+            Some(LinkEvent::Connected { remote }) => {
+                info!(peer = %self.pk, %remote, "punched udp path up");
+                round.udp_up = Some(remote);
+                round.connected = true;
+            }
+            Some(LinkEvent::Failed) | None if round.udp_up.is_none() => {
+                round.udp = None;
+                *why = "udp punching found no pair".into();
+            }
+            Some(LinkEvent::Failed | LinkEvent::Dead) | None => {
+                info!(peer = %self.pk, "punched udp path died");
+                round.udp = None;
+                round.udp_up = None;
+                *why = "the udp link died".into();
+            }
+        }
+        self.choose(round, why);
+        true
+    }
+
     /// Points the session at the best path this round has up.
     /// `why` is the latest thing that went wrong (or "punching"); the status says why the
     /// chosen path is the one in use.
@@ -622,9 +675,11 @@ impl Agent {
     }
 
     fn set_status(&self, active: ActivePath, remote: Option<SocketAddr>, why: String) {
+        let rtt = None;
         lock(&self.status).link = PathStatus {
             active,
             remote,
+            rtt,
             why,
         };
     }
@@ -662,9 +717,10 @@ impl Agent {
     }
 }
 
-async fn next(link: &mut Option<UdpLink>) -> Option<LinkEvent> {
+/// Events of the round's UDP link, a burst at a time (pending while there is no link).
+async fn next_batch(link: &mut Option<UdpLink>, out: &mut Vec<LinkEvent>) -> usize {
     match link {
-        Some(l) => l.next_event().await,
+        Some(l) => l.next_events(out, 256).await,
         None => std::future::pending().await,
     }
 }
