@@ -127,8 +127,10 @@ pub struct Stats {
     pub datagrams_dropped: u64,
     /// Acknowledgements of data segments received.
     pub acks_received: u64,
-    /// Segments waiting in KCP (queued or in flight, unacknowledged).
+    /// Segments waiting in KCP (queued or in flight, unacknowledged), all lanes together.
     pub waiting_segments: usize,
+    /// KCP lanes open (see [`Config::lanes`]).
+    pub lanes: usize,
     /// The pacer's estimate of the path's delivery rate, bytes per second.
     pub delivery_rate: f64,
     /// The rate data packets currently leave at, bytes per second.
@@ -232,6 +234,7 @@ impl Session {
             retransmits: q.retransmits,
             segments_sent: q.segments_sent,
             waiting_segments: self.lanes.wait_snd(),
+            lanes: self.lanes.open_lanes(),
             delivery_rate: self.pacer.bandwidth(),
             pacing_rate: self.pacer.pacing_rate(),
             ..self.stats

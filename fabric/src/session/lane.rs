@@ -100,6 +100,11 @@ impl Lanes {
         self.lanes.iter().map(|l| l.kcp.wait_snd()).sum()
     }
 
+    /// How many lanes are open.
+    pub(super) fn open_lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
     /// Segments queued or unacknowledged on `lane`.
     pub(super) fn lane_wait_snd(&self, lane: usize) -> usize {
         self.lanes.get(lane).map_or(0, |l| l.kcp.wait_snd())

@@ -256,3 +256,97 @@ impl OutQueue {
         self.queued_bytes = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// One KCP data segment of `len` payload bytes, numbered `sn`.
+    fn segment(sn: u32, len: usize) -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend_from_slice(&7u32.to_le_bytes());
+        s.extend_from_slice(&[packet::CMD_PUSH, 0, 0, 1]);
+        s.extend_from_slice(&[0; 4]);
+        s.extend_from_slice(&sn.to_le_bytes());
+        s.extend_from_slice(&[0; 4]);
+        s.extend_from_slice(&(len as u32).to_le_bytes());
+        s.extend(std::iter::repeat_n(0xAB, len));
+        s
+    }
+
+    /// Takes every data packet out, as `(kind byte, lane byte)`, with `in_flight` segments
+    /// on each lane.
+    fn drain(q: &Arc<Mutex<OutQueue>>, in_flight: &[usize]) -> Vec<(u8, u8)> {
+        let mut q = q.lock().unwrap();
+        let mut buf = Vec::new();
+        let mut sent = Vec::new();
+        while q.next_copy(&mut buf) || q.next_data(|l| in_flight[l], &mut buf) {
+            sent.push((buf[0], if buf[0] == b'L' { buf[1] } else { 0 }));
+        }
+        assert_eq!(q.queued_bytes(), 0);
+        sent
+    }
+
+    #[test]
+    fn a_thin_lane_jumps_the_backlog_three_times() {
+        let q = Arc::new(Mutex::new(OutQueue::default()));
+        let mut bulk = Outbox::new(q.clone(), 0);
+        let mut thin = Outbox::new(q.clone(), 2);
+        for sn in 0..5 {
+            bulk.write_all(&segment(sn, 1000)).unwrap();
+        }
+        thin.write_all(&segment(0, 1)).unwrap();
+        let sent = drain(&q, &[500, 0, 1]);
+        // The request of lane 2 goes first, three times, then the bulk lane's backlog.
+        let expected: Vec<(u8, u8)> = [(b'L', 2); 3].into_iter().chain([(b'K', 0); 5]).collect();
+        assert_eq!(sent, expected);
+    }
+
+    #[test]
+    fn busy_lanes_take_turns_and_are_sent_once() {
+        let q = Arc::new(Mutex::new(OutQueue::default()));
+        let mut a = Outbox::new(q.clone(), 0);
+        let mut b = Outbox::new(q.clone(), 1);
+        for sn in 0..3 {
+            a.write_all(&segment(sn, 100)).unwrap();
+            b.write_all(&segment(sn, 100)).unwrap();
+        }
+        let sent = drain(&q, &[100, 100]);
+        assert_eq!(
+            sent,
+            [
+                (b'K', 0),
+                (b'L', 1),
+                (b'K', 0),
+                (b'L', 1),
+                (b'K', 0),
+                (b'L', 1)
+            ]
+        );
+        // Sent the first time, each counted once.
+        assert_eq!(q.lock().unwrap().segments_sent, 6);
+        // The same segment written again is a retransmission.
+        a.write_all(&segment(1, 100)).unwrap();
+        assert_eq!(q.lock().unwrap().retransmits, 1);
+    }
+
+    #[test]
+    fn acknowledgements_part_from_data_and_go_out_twice() {
+        let q = Arc::new(Mutex::new(OutQueue::default()));
+        let mut lane = Outbox::new(q.clone(), 3);
+        let mut ack = segment(9, 0);
+        ack[4] = packet::CMD_ACK;
+        lane.write_all(&[ack.clone(), segment(1, 10)].concat())
+            .unwrap();
+        let mut q = q.lock().unwrap();
+        let mut buf = Vec::new();
+        for _ in 0..2 {
+            assert!(q.next_ack(&mut buf));
+            assert_eq!(buf, [&[b'L', 3][..], &ack].concat());
+        }
+        assert!(!q.next_ack(&mut buf));
+        assert!(q.has_data());
+    }
+}
