@@ -6,9 +6,9 @@
 //! bytes the receiver read from second 2 to second 22 (after startup); latency is the time
 //! from writing a request to reading its answer. The "alone" columns run the same requests
 //! on an otherwise idle session: the latency of a lone interactive flow. Beside a bulk
-//! transfer, a request waits behind every segment lost before it (one ordered KCP stream);
-//! alone, only its own losses count. The path's buffer holds one
-//! bandwidth-delay product (at least 64 KB). Virtual time: the figures do not depend on the
+//! transfer the two streams travel on different KCP lanes of the session, so the request does
+//! not wait for the upload's lost segments; it still shares the pacer and the path's queue
+//! with it. The path's buffer holds one bandwidth-delay product (at least 64 KB). Virtual time: the figures do not depend on the
 //! machine, only the wall-clock column does.
 //!
 //! `cargo bench -p fabric --features test-util --bench session_sim`

@@ -9,11 +9,14 @@
 //! The mux hands the session only what the session's pacer and window admit
 //! ([`Session::send_capacity`]), so bytes wait in the mux, where its round-robin scheduler can
 //! put a short request ahead of a bulk transfer, instead of in KCP's first-in-first-out queue.
+//! Each stream's frames go to the session as a flow of their own ([`Session::send_flow`]), so
+//! that a request does not wait, at the receiver, behind a transfer's lost segments.
 //!
 //! Call order is the session's (see [`crate::session`]): inputs and timeouts, then the
 //! application's reads and writes on [`Connection::mux`], then [`Connection::poll_transmit`]
 //! until `None`, [`Connection::poll_event`], and sleep until [`Connection::poll_timeout`].
 
+use crate::mux::frame::{Cmd, HEADER_LEN, Header};
 use crate::mux::{self, Mux};
 use crate::session::{self, CloseReason, ConvId, Event, InputError, Session};
 use crate::time::Instant;
@@ -145,16 +148,52 @@ pub(crate) fn feed(
     scratch: &mut Vec<u8>,
 ) -> bool {
     while frames.has_transmit() {
-        let capacity = session.send_capacity(now);
+        // A record is at most `MAX_RECORD`, and a stream's run of frames must fit in one.
+        let capacity = session.send_capacity(now).min(session::MAX_RECORD);
         if capacity == 0 {
             return true;
         }
         scratch.clear();
-        if frames.poll_transmit(capacity, scratch) == 0 || session.send(scratch).is_err() {
+        if frames.poll_transmit(capacity, scratch) == 0 || send_frames(session, scratch).is_err() {
             break;
         }
     }
     false
+}
+
+/// The flow of frames that belong to no stream (VRM).
+const CONTROL_FLOW: u32 = 0;
+
+/// Hands whole frames to `session`, each run of one stream's frames as one call on that
+/// stream's flow: the peer reads them back whole and each stream in order.
+fn send_frames(session: &mut Session, mut frames: &[u8]) -> Result<(), InputError> {
+    while !frames.is_empty() {
+        let Some((flow, mut run)) = frame_at(frames) else {
+            // The mux emits whole frames only; should it not, the rest stays in one piece.
+            return session.send_flow(CONTROL_FLOW, frames);
+        };
+        while let Some((next, len)) = frame_at(&frames[run..])
+            && next == flow
+        {
+            run += len;
+        }
+        session.send_flow(flow, &frames[..run])?;
+        frames = &frames[run..];
+    }
+    Ok(())
+}
+
+/// The flow of the whole frame at the start of `b` and its length, header included.
+fn frame_at(b: &[u8]) -> Option<(u32, usize)> {
+    let header = Header::parse(b).ok()?;
+    let (flow, payload) = match header.cmd {
+        Cmd::Psh => (u32::from(header.id), header.length as usize),
+        Cmd::Syn | Cmd::Fin | Cmd::Cfm => (u32::from(header.id), 0),
+        // A VRM frame's id is a challenge, not a stream.
+        Cmd::VrmRequest | Cmd::VrmReply => (CONTROL_FLOW, 0),
+    };
+    let len = HEADER_LEN.checked_add(payload)?;
+    (len <= b.len()).then_some((flow, len))
 }
 
 impl Endpoint for Connection {

@@ -21,11 +21,12 @@
 
 mod config;
 pub mod control;
+mod lane;
+mod outbox;
 mod pacer;
 mod packet;
 
 use std::collections::VecDeque;
-use std::io;
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
@@ -33,10 +34,13 @@ use tracing::{debug, trace};
 
 pub use self::config::{Config, KcpMode};
 pub use self::control::{CloseReason, Control};
+use self::lane::Lanes;
+pub use self::lane::MAX_RECORD;
+use self::outbox::OutQueue;
 use self::pacer::Pacer;
 #[cfg(feature = "tox")]
 pub(crate) use self::packet::conv_of;
-use self::packet::{DATAGRAM_OVERHEAD, KCP_HEADER, Packet};
+use self::packet::{DATAGRAM_OVERHEAD, Packet};
 use crate::time::{Duration, Instant};
 
 /// A KCP conversation id, assigned by the exit.
@@ -71,6 +75,12 @@ pub enum InputError {
     /// A KCP segment longer than the segment size, or a non-data segment with a payload.
     #[error("KCP segment of impossible length {0}")]
     BadLength(usize),
+    /// A lane number out of range.
+    #[error("no lane {0}")]
+    BadLane(u8),
+    /// A lane's bytes broke the record framing; this one does end the session.
+    #[error("lane record of impossible length")]
+    BadRecord,
     /// The session has ended.
     #[error("session closed")]
     Closed,
@@ -117,25 +127,25 @@ pub struct Stats {
     pub datagrams_dropped: u64,
     /// Acknowledgements of data segments received.
     pub acks_received: u64,
-    /// Segments waiting in KCP (queued or in flight, unacknowledged).
+    /// Segments waiting in KCP (queued or in flight, unacknowledged), all lanes together.
     pub waiting_segments: usize,
+    /// KCP lanes open (see [`Config::lanes`]).
+    pub lanes: usize,
     /// The pacer's estimate of the path's delivery rate, bytes per second.
     pub delivery_rate: f64,
     /// The rate data packets currently leave at, bytes per second.
     pub pacing_rate: f64,
 }
 
-/// How many times a thin flow's data packet is sent.
-const THIN_COPIES: u8 = 3;
-
-/// Segments in flight at or under which a direction counts as a thin flow.
-const THIN_SEGMENTS: usize = 4;
-
-/// FNV-1a over a packet: tells the copies of one acknowledgement packet apart from another.
-fn fingerprint(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &x| {
-        (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3)
-    }) | 1
+/// FNV-1a over a lane's packet: tells the copies of one acknowledgement packet apart from
+/// another.
+fn fingerprint(lane: u8, b: &[u8]) -> u64 {
+    std::iter::once(&lane)
+        .chain(b)
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &x| {
+            (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+        | 1
 }
 
 /// One KCP session. See the module docs for the order of calls.
@@ -143,7 +153,7 @@ fn fingerprint(b: &[u8]) -> u64 {
 pub struct Session {
     conv: ConvId,
     config: Config,
-    kcp: kcp::Kcp<Outbox>,
+    lanes: Lanes,
     outbox: Arc<Mutex<OutQueue>>,
     /// KCP's millisecond clock counts from here.
     epoch: Instant,
@@ -156,7 +166,6 @@ pub struct Session {
     /// A ping that became due and has not gone out yet.
     ping_pending: Option<u64>,
     pongs: VecDeque<u64>,
-    needs_flush: bool,
     pacer: Pacer,
     /// The pacer held a packet back at the last `poll_transmit`: wake when it may leave.
     pacing_blocked: bool,
@@ -170,123 +179,16 @@ pub struct Session {
     stats: Stats,
 }
 
-/// KCP writes its packets here; the session hands them out through `poll_transmit`.
-///
-/// The `kcp` crate owns its output writer and offers no way to reach it again, so the queue is
-/// shared with the session. The lock is never contended: both sides are the same `Session`.
-#[derive(Debug, Default)]
-struct OutQueue {
-    packets: VecDeque<Vec<u8>>,
-    /// Packets without data segments (acknowledgements, window probes): they skip the pacer,
-    /// because delaying acknowledgements bunches them up, which inflates the sender's rate
-    /// estimate and RTT.
-    acks: VecDeque<Vec<u8>>,
-    /// Bytes in `packets`.
-    queued_bytes: usize,
-    /// The front of `acks` has gone out once and is due again.
-    ack_copy_due: bool,
-    /// How many copies of the thin flow's packet at the front of `packets` have gone out
-    /// (0: the front packet is not a thin flow's).
-    thin_copies_sent: u8,
-    /// Spent packet buffers, reused so the steady state allocates nothing.
-    free: Vec<Vec<u8>>,
-    /// Highest data sequence number sent so far, to tell retransmissions apart.
-    highest_sn: Option<u32>,
-    retransmits: u64,
-    segments_sent: u64,
-}
-
-#[derive(Debug)]
-struct Outbox(Arc<Mutex<OutQueue>>);
-
-impl io::Write for Outbox {
-    fn write(&mut self, segments: &[u8]) -> io::Result<usize> {
-        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        q.count_segments(segments);
-        // KCP packs its acknowledgements into the same packet as data. Data is paced, at the
-        // rate of *this* direction, which may be slow; acknowledgements held back with it
-        // would bunch up and inflate the peer's RTT. So the two part ways here: segments are
-        // independent in KCP's input, in any grouping.
-        let mut acks = q.free.pop().unwrap_or_default();
-        let mut data = q.free.pop().unwrap_or_default();
-        acks.clear();
-        data.clear();
-        acks.push(packet::Kind::Kcp as u8);
-        data.push(packet::Kind::Kcp as u8);
-        for (h, segment) in packet::segments(segments) {
-            let out = if h.cmd == packet::CMD_ACK {
-                &mut acks
-            } else {
-                &mut data
-            };
-            out.extend_from_slice(segment);
-        }
-        if acks.len() > 1 {
-            q.acks.push_back(acks);
-        } else {
-            q.recycle(acks);
-        }
-        if data.len() > 1 {
-            q.queued_bytes += data.len();
-            q.packets.push_back(data);
-        } else {
-            q.recycle(data);
-        }
-        Ok(segments.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl OutQueue {
-    /// Counts first transmissions and retransmissions of data segments in a packet KCP wrote.
-    fn count_segments(&mut self, segments: &[u8]) {
-        for (h, _) in packet::segments(segments) {
-            if h.cmd != packet::CMD_PUSH {
-                continue;
-            }
-            match self.highest_sn {
-                Some(high) if (h.sn.wrapping_sub(high) as i32) <= 0 => self.retransmits += 1,
-                _ => {
-                    self.highest_sn = Some(h.sn);
-                    self.segments_sent += 1;
-                }
-            }
-        }
-    }
-
-    fn recycle(&mut self, spent: Vec<u8>) {
-        if self.free.len() < 64 {
-            self.free.push(spent);
-        }
-    }
-}
-
 impl Session {
     /// A session on `conv`, starting at `now`.
     pub fn new(conv: ConvId, config: Config, now: Instant) -> Self {
         let outbox = Arc::new(Mutex::new(OutQueue::default()));
-        let mut kcp = kcp::Kcp::new_stream(conv.0, Outbox(outbox.clone()));
-        let (nodelay, interval, resend, no_cwnd) = config.mode.params();
-        // The kind byte of a session packet comes out of the path's MTU.
-        let kcp_mtu = config.mtu.saturating_sub(1).max(KCP_HEADER + 64);
-        if kcp.set_mtu(kcp_mtu).is_err() {
-            debug!(conv = %conv, kcp_mtu, "KCP refused the MTU, keeping its default");
-        }
-        kcp.set_nodelay(nodelay, interval as i32, resend as i32, no_cwnd);
-        kcp.set_wndsize(config.send_window.max(32), config.recv_window.max(128));
-        if let Some(rto) = config.min_rto {
-            kcp.set_rx_minrto(rto.as_millis().clamp(1, 60_000) as u32);
-        }
-        // Dead peers are found by the idle timeout, in time rather than in retransmissions.
-        kcp.set_maximum_resend_times(u32::MAX);
-        let pacer = Pacer::new(now, kcp.mss());
+        let lanes = Lanes::new(conv.0, config.clone(), outbox.clone(), 0);
+        let pacer = Pacer::new(now, lanes.mss());
         let mut session = Self {
             conv,
             config,
-            kcp,
+            lanes,
             outbox,
             epoch: now,
             now,
@@ -297,7 +199,6 @@ impl Session {
             ping_outstanding: None,
             ping_pending: None,
             pongs: VecDeque::new(),
-            needs_flush: false,
             pacer,
             pacing_blocked: false,
             recent_acks: [0; 4],
@@ -332,7 +233,8 @@ impl Session {
         Stats {
             retransmits: q.retransmits,
             segments_sent: q.segments_sent,
-            waiting_segments: self.kcp.wait_snd(),
+            waiting_segments: self.lanes.wait_snd(),
+            lanes: self.lanes.open_lanes(),
             delivery_rate: self.pacer.bandwidth(),
             pacing_rate: self.pacer.pacing_rate(),
             ..self.stats
@@ -369,11 +271,12 @@ impl Session {
 
     fn input(&mut self, data: &[u8]) -> Result<(), InputError> {
         match Packet::parse(data, self.conv)? {
-            Packet::Kcp(segments) => {
+            Packet::Kcp { lane, segments } => {
                 let now_ms = self.now_ms();
-                let has_data = packet::check_segments(segments, self.conv, now_ms, self.kcp.mss())?;
+                let has_data =
+                    packet::check_segments(segments, self.conv, now_ms, self.lanes.mss())?;
                 if !has_data {
-                    let print = fingerprint(segments);
+                    let print = fingerprint(lane, segments);
                     if self.recent_acks.contains(&print) {
                         // The second copy of an acknowledgement packet: already applied.
                         return Ok(());
@@ -382,10 +285,13 @@ impl Session {
                     self.recent_acks[0] = print;
                 }
                 self.ack_samples(segments, now_ms);
-                self.kcp
-                    .input(segments)
-                    .map_err(|e| InputError::Kcp(e.to_string()))?;
-                self.needs_flush = true;
+                if let Err(error) = self.lanes.input(lane, segments, now_ms) {
+                    if error == InputError::BadRecord {
+                        debug!(conv = %self.conv, lane, "lane framing broken");
+                        self.finish(CloseReason::ProtocolError, false);
+                    }
+                    return Err(error);
+                }
             }
             Packet::Datagram(payload) => {
                 if self.datagrams_in.len() >= self.config.datagram_recv_queue {
@@ -447,7 +353,7 @@ impl Session {
             let (nodelay, ..) = self.config.mode.params();
             let mode_floor = if nodelay { 30 } else { 100 };
             let floor = (min_rtt.as_millis() as u32 * 5 / 2).clamp(mode_floor, 60_000);
-            self.kcp.set_rx_minrto(floor);
+            self.lanes.set_min_rto(floor);
         }
         self.stats.min_rtt = Some(min_rtt);
         self.stats.srtt = Some(match self.stats.srtt {
@@ -499,21 +405,23 @@ impl Session {
         // outbox; flush first so that the backlog below counts them.
         self.flush_pending();
         let window = usize::from(self.config.send_window).min(self.pacer.cwnd_segments());
-        let room = window.saturating_sub(self.kcp.wait_snd()) * self.kcp.mss();
+        let mss = self.lanes.mss();
+        let room = window.saturating_sub(self.lanes.wait_snd()) * mss;
         // New data waits for the paced queue to run low, so that it never sits behind a
         // long backlog: a few milliseconds' worth keeps the path busy between wake-ups.
         let backlog = self
             .outbox
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .queued_bytes;
+            .queued_bytes();
         let target = (self.pacer.pacing_rate() * 0.004) as usize;
-        let target = target.max(8 * self.kcp.mss());
+        let target = target.max(8 * mss);
         // Whole segments: what `send` is given is flushed as it is, so a capacity that ends
         // mid-segment would leave a part-filled segment behind every call (the window counts
         // segments, not bytes). Rounding up overshoots the backlog target by under a segment.
-        let mss = self.kcp.mss();
-        let capacity = room.min(target.saturating_sub(backlog)).div_ceil(mss) * mss;
+        // The record header (see `lane`) takes a few bytes of the last segment.
+        let capacity = (room.min(target.saturating_sub(backlog)).div_ceil(mss) * mss)
+            .saturating_sub(lane::RECORD_OVERHEAD);
         if capacity == 0 {
             self.pacer.on_limited();
         }
@@ -525,46 +433,31 @@ impl Session {
         (self.pacer.bandwidth(), self.pacer.pacing_rate())
     }
 
-    /// Queues reliable bytes. Takes all of `data`; callers pace themselves with
-    /// [`Session::send_capacity`].
-    pub fn send(&mut self, mut data: &[u8]) -> Result<(), InputError> {
+    /// Queues reliable bytes, all of one flow: the peer receives them in order. Takes all of
+    /// `data`; callers pace themselves with [`Session::send_capacity`].
+    pub fn send(&mut self, data: &[u8]) -> Result<(), InputError> {
+        self.send_flow(0, data)
+    }
+
+    /// Queues reliable bytes of `flow`, a caller's name for bytes that must stay in order
+    /// (the mux uses its stream ids). Different flows may travel on different lanes, so that
+    /// one's losses do not delay the other.
+    ///
+    /// The peer's [`Session::recv`] returns the bytes of each call contiguous (cut only every
+    /// [`MAX_RECORD`] bytes), the calls of one flow in order, and calls of different flows
+    /// interleaved only at call boundaries: a caller that sends whole frames per call reads
+    /// whole frames.
+    pub fn send_flow(&mut self, flow: u32, data: &[u8]) -> Result<(), InputError> {
         if self.closed.is_some() {
             return Err(InputError::Closed);
         }
-        // KCP refuses a single call of 128 segments or more.
-        let chunk = self.kcp.mss() * 64;
-        while !data.is_empty() {
-            let n = data.len().min(chunk);
-            self.kcp
-                .send(&data[..n])
-                .map_err(|e| InputError::Kcp(e.to_string()))?;
-            data = &data[n..];
-        }
-        self.needs_flush = true;
-        Ok(())
+        let now_ms = self.now_ms();
+        self.lanes.send(flow, data, now_ms)
     }
 
     /// Appends the reliable bytes that have arrived, in order, to `out`. Returns how many.
     pub fn recv(&mut self, out: &mut Vec<u8>) -> usize {
-        let start = out.len();
-        let mss = self.kcp.mss();
-        loop {
-            let len = out.len();
-            out.resize(len + mss, 0);
-            match self.kcp.recv(&mut out[len..]) {
-                Ok(n) => out.truncate(len + n),
-                Err(_) => {
-                    out.truncate(len);
-                    break;
-                }
-            }
-        }
-        let n = out.len() - start;
-        if n > 0 {
-            // Reading may reopen a window KCP had advertised as full: tell the peer.
-            self.needs_flush = true;
-        }
-        n
+        self.lanes.recv(out)
     }
 
     /// Queues an unreliable datagram. It may be lost, duplicated or reordered; it is dropped
@@ -604,24 +497,13 @@ impl Session {
         } else if let Some(token) = self.ping_pending.take() {
             Packet::Ping(token).emit(self.conv, buf);
         } else {
-            let in_flight = self.kcp.wait_snd();
+            let lanes = &self.lanes;
             let mut q = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(p) = q.acks.pop_front() {
-                // Every acknowledgement-only packet goes out twice. KCP acknowledges each
-                // segment on its own, with no ranges: one lost acknowledgement while any
-                // earlier segment is missing makes the sender retransmit a segment that had
-                // arrived. On a lossy path that was a third of all retransmissions; the
-                // second copy costs about 2 % more bytes on the return path.
-                if q.ack_copy_due {
-                    q.ack_copy_due = false;
-                    let spent = std::mem::replace(buf, p);
-                    q.recycle(spent);
-                } else {
-                    q.ack_copy_due = true;
-                    buf.extend_from_slice(&p);
-                    q.acks.push_front(p);
-                }
-            } else if self.datagrams_out.is_empty() && q.packets.is_empty() {
+            // Acknowledgements and the copies of a thin flow's packet skip the pacer (see
+            // `OutQueue::next_ack` and `OutQueue::next_copy`).
+            if q.next_ack(buf) || q.next_copy(buf) {
+                // Sent as it is.
+            } else if self.datagrams_out.is_empty() && !q.has_data() {
                 return None;
             } else {
                 if !self.pacer.may_send(now) {
@@ -633,28 +515,8 @@ impl Session {
                 // their queue is short.
                 if let Some(d) = self.datagrams_out.pop_front() {
                     *buf = d;
-                } else if let Some(p) = q.packets.pop_front() {
-                    q.queued_bytes -= p.len();
-                    // A thin flow (a request, a response, a keystroke) has no later segments
-                    // whose acknowledgements would trigger a fast retransmission: a lost
-                    // segment waits for the RTO, several round trips. While this direction
-                    // carries only a few segments, each data packet goes out three times
-                    // instead; KCP drops the copies that arrive later. (Two copies still
-                    // left one exchange in 200 waiting for the RTO at 5 % loss.)
-                    let starts_thin = q.thin_copies_sent == 0
-                        && q.packets.is_empty()
-                        && in_flight <= THIN_SEGMENTS;
-                    if starts_thin || (1..THIN_COPIES - 1).contains(&q.thin_copies_sent) {
-                        q.thin_copies_sent += 1;
-                        buf.clear();
-                        buf.extend_from_slice(&p);
-                        q.queued_bytes += p.len();
-                        q.packets.push_front(p);
-                    } else {
-                        q.thin_copies_sent = 0;
-                        let spent = std::mem::replace(buf, p);
-                        q.recycle(spent);
-                    }
+                } else {
+                    q.next_data(|lane| lanes.lane_wait_snd(lane), buf);
                 }
                 self.pacer.on_sent(buf.len());
             }
@@ -672,7 +534,7 @@ impl Session {
         }
         let now_ms = self.now_ms();
         // At least a millisecond ahead: KCP's clock has no finer grain.
-        let kcp_wait = self.kcp.check(now_ms).max(1);
+        let kcp_wait = self.lanes.check(now_ms).max(1);
         let kcp_at = self.now + Duration::from_millis(u64::from(kcp_wait));
         let idle_at = self.last_rx + self.config.idle_timeout;
         let keepalive = self.config.keepalive;
@@ -709,38 +571,23 @@ impl Session {
         self.closed = Some(reason);
         self.events.push_back(Event::Closed { reason, by_peer });
         self.datagrams_out.clear();
-        let mut q = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
-        q.packets.clear();
-        q.acks.clear();
-        q.queued_bytes = 0;
+        self.lanes.clear();
+        self.outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Lets KCP send what `send`, `recv` or input asked for.
     fn flush_pending(&mut self) {
-        if self.needs_flush {
-            self.needs_flush = false;
-            if let Err(error) = self.kcp.flush() {
-                debug!(conv = %self.conv, %error, "KCP flush failed");
-            }
-        }
+        self.lanes.flush_pending();
     }
 
     /// Moves KCP's clock to `now` and lets it do what is due.
     fn tick(&mut self, now: Instant) {
         self.now = self.now.max(now);
         let now_ms = self.now_ms();
-        if let Err(error) = self.kcp.update(now_ms) {
-            debug!(conv = %self.conv, %error, "KCP update failed");
-        }
-        // `check` (this crate returns a delay, not ikcp's absolute time) says "now" as soon as
-        // a retransmission is due, but `update` only flushes on its interval ticks: a driver
-        // trusting `check` would spin until the tick. Flushing here sends the retransmission
-        // on time and moves `check` forward.
-        if self.kcp.check(now_ms) == 0
-            && let Err(error) = self.kcp.flush()
-        {
-            debug!(conv = %self.conv, %error, "KCP flush failed");
-        }
+        self.lanes.update(now_ms);
     }
 
     /// KCP's clock: milliseconds since the session began, wrapping as KCP expects.

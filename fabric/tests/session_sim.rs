@@ -1,7 +1,9 @@
 //! The KCP session on simulated lossy paths: every byte arrives, in order, verified by
 //! SHA-256; datagrams, keepalive, idle timeout, path changes and hostile packets.
 
-use fabric::session::{CloseReason, Config, Event, Session};
+use std::collections::HashMap;
+
+use fabric::session::{CloseReason, Config, ConvId, Event, InputError, Session};
 use fabric::testing::{LinkConfig, Pair, SimNet};
 use fabric::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
@@ -233,7 +235,7 @@ fn hostile_packets_never_harm_a_running_session() {
 #[test]
 fn closed_session_refuses_everything() {
     let t0 = Instant::now();
-    let mut s = Session::new(fabric::session::ConvId(1), Config::default(), t0);
+    let mut s = Session::new(ConvId(1), Config::default(), t0);
     s.close(CloseReason::Normal);
     assert_eq!(
         s.poll_event(),
@@ -247,4 +249,124 @@ fn closed_session_refuses_everything() {
     assert_eq!(s.send_capacity(t0), 0);
     assert_eq!(s.poll_transmit(t0, &mut Vec::new()), None);
     assert_eq!(s.poll_timeout(), None);
+}
+
+/// A record of the lane test: `flow u8 | order u32 | seq u32 | len u32 | payload`, the
+/// payload a pattern of all three, so a record cut or spliced anywhere is noticed.
+fn lane_record(flow: u8, order: u32, seq: u32, len: usize) -> Vec<u8> {
+    let mut r = vec![flow];
+    r.extend_from_slice(&order.to_be_bytes());
+    r.extend_from_slice(&seq.to_be_bytes());
+    r.extend_from_slice(&(len as u32).to_be_bytes());
+    r.extend((0..len).map(|i| (u32::from(flow) * 31 + seq + i as u32) as u8));
+    r
+}
+
+#[test]
+fn flows_stay_whole_and_in_order_while_lanes_let_them_overtake() {
+    let t0 = Instant::now();
+    let mut pair = Pair::new(SimNet::symmetric(link(40, 0.05), 21), Config::default(), t0);
+    // Flow 1 uploads without pause; flows 2..=6 send small records now and then, going idle
+    // in between, so they change lanes while the bulk flow's lane stays busy.
+    let sending = t0 + Duration::from_secs(8);
+    let mut order = 0u32;
+    let mut sent_seq: HashMap<u8, u32> = HashMap::new();
+    let mut got_seq: HashMap<u8, u32> = HashMap::new();
+    let mut next_small = t0;
+    let (mut stream, mut at) = (Vec::new(), 0usize);
+    let (mut max_order, mut overtakes, mut records) = (0u32, 0u32, 0u32);
+    let done = pair.run_until(t0 + Duration::from_secs(60), |a, b, now| {
+        if now < sending {
+            if a.send_capacity(now) > 0 {
+                let seq = sent_seq.entry(1).or_default();
+                a.send_flow(1, &lane_record(1, order, *seq, 6000)).unwrap();
+                *seq += 1;
+                order += 1;
+            }
+            if now >= next_small {
+                next_small = now + Duration::from_millis(70);
+                let flow = 2 + (order % 5) as u8;
+                let seq = sent_seq.entry(flow).or_default();
+                let len = 1 + (order as usize * 37) % 300;
+                a.send_flow(u32::from(flow), &lane_record(flow, order, *seq, len))
+                    .unwrap();
+                *seq += 1;
+                order += 1;
+            }
+        }
+        b.recv(&mut stream);
+        // Parse whole records from the front of what arrived.
+        while let Some(head) = stream.get(at..at + 13) {
+            let flow = head[0];
+            let field = |i: usize| u32::from_be_bytes(head[i..i + 4].try_into().unwrap());
+            let (rec_order, seq, len) = (field(1), field(5), field(9) as usize);
+            let Some(body) = stream.get(at + 13..at + 13 + len) else {
+                break;
+            };
+            let expected = lane_record(flow, rec_order, seq, len);
+            assert_eq!(&stream[at..at + 13 + len], &expected[..], "record spliced");
+            let want = got_seq.entry(flow).or_default();
+            assert_eq!(seq, *want, "flow {flow} out of order");
+            *want += 1;
+            assert_eq!(body.len(), len);
+            if rec_order < max_order {
+                overtakes += 1;
+            }
+            max_order = max_order.max(rec_order);
+            records += 1;
+            at += 13 + len;
+        }
+        now >= sending && records == order
+    });
+    assert!(done, "{records} of {order} records arrived");
+    assert_eq!(at, stream.len(), "bytes beyond the last record");
+    assert_eq!(got_seq, sent_seq);
+    // Lanes at work: records overtook earlier ones, which one ordered stream never allows.
+    assert!(pair.a.stats().lanes > 1, "one lane only");
+    assert!(overtakes > 0, "no record overtook an earlier one");
+}
+
+/// A KCP data segment for `conv`, numbered `sn`.
+fn kcp_push(conv: u32, sn: u32, payload: &[u8]) -> Vec<u8> {
+    let mut s = conv.to_le_bytes().to_vec();
+    s.extend_from_slice(&[81, 0, 0, 1]);
+    s.extend_from_slice(&0u32.to_le_bytes());
+    s.extend_from_slice(&sn.to_le_bytes());
+    s.extend_from_slice(&0u32.to_le_bytes());
+    s.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    s.extend_from_slice(payload);
+    s
+}
+
+#[test]
+fn lane_packets_are_checked() {
+    let t0 = Instant::now();
+    let conv = 0x0A0B_0C0D_u32;
+    let mut s = Session::new(ConvId(conv), Config::default(), t0);
+    // No lane 16 (nor 0 in the long form): refused, harmless.
+    for lane in [0u8, 16, 255] {
+        let mut p = vec![b'L', lane];
+        p.extend_from_slice(&kcp_push(conv, 0, &[1, 0xAA]));
+        assert_eq!(s.handle_input(t0, &p), Err(InputError::BadLane(lane)));
+    }
+    assert_eq!(s.poll_event(), None);
+    // A whole record on lane 3 comes out; lanes open as packets name them.
+    let mut p = vec![b'L', 3];
+    p.extend_from_slice(&kcp_push(conv, 0, &[2, b'h', b'i']));
+    assert_eq!(s.handle_input(t0, &p), Ok(()));
+    let mut out = Vec::new();
+    assert_eq!(s.recv(&mut out), 2);
+    assert_eq!(out, b"hi");
+    assert_eq!(s.stats().lanes, 4);
+    // A record length beyond the limit breaks the lane for good: the session ends.
+    let mut p = vec![b'L', 3];
+    p.extend_from_slice(&kcp_push(conv, 1, &[0xFF, 0xFF, 0xFF, 0x01]));
+    assert_eq!(s.handle_input(t0, &p), Err(InputError::BadRecord));
+    assert_eq!(
+        s.poll_event(),
+        Some(Event::Closed {
+            reason: CloseReason::ProtocolError,
+            by_peer: false
+        })
+    );
 }

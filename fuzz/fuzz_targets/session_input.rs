@@ -12,14 +12,18 @@ use libfuzzer_sys::fuzz_target;
 enum Op {
     /// A packet as it came off the wire.
     Raw(Vec<u8>),
-    /// A packet dressed as KCP for this session's conv, so it gets past the first checks.
+    /// A packet dressed as KCP for this session's conv, so it gets past the first checks;
+    /// lane 0 in the plain form, other lanes (in range or not) in the long form.
     Kcp {
+        lane: u8,
         cmd: u8,
         rest: Vec<u8>,
     },
     /// A datagram packet for this conv.
     Datagram(Vec<u8>),
     Send(Vec<u8>),
+    /// Bytes of one flow, which picks a lane.
+    SendFlow(u32, Vec<u8>),
     Recv,
     Advance(u16),
     Transmit,
@@ -38,8 +42,12 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Raw(p) => {
                 let _ = s.handle_input(now, &p);
             }
-            Op::Kcp { cmd, rest } => {
-                let mut p = vec![b'K'];
+            Op::Kcp { lane, cmd, rest } => {
+                let mut p = if lane == 0 {
+                    vec![b'K']
+                } else {
+                    vec![b'L', lane % 20]
+                };
                 p.extend_from_slice(&CONV.to_le_bytes());
                 p.push(81 + cmd % 5);
                 p.extend_from_slice(&rest);
@@ -54,6 +62,11 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Send(d) => {
                 if s.send_capacity(now) > 0 {
                     let _ = s.send(&d);
+                }
+            }
+            Op::SendFlow(flow, d) => {
+                if s.send_capacity(now) > 0 {
+                    let _ = s.send_flow(flow, &d);
                 }
             }
             Op::Recv => {
@@ -79,5 +92,6 @@ fuzz_target!(|ops: Vec<Op>| {
         if let Some(t) = s.poll_timeout() {
             assert!(t >= t0, "deadline before the session began");
         }
+        assert!(s.stats().lanes <= 16, "more lanes than the wire names");
     }
 });

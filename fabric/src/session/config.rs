@@ -90,6 +90,12 @@ pub struct Config {
     pub datagram_queue: usize,
     /// Received datagrams held for the application; more are dropped.
     pub datagram_recv_queue: usize,
+    /// KCP conversations (lanes) this end spreads its flows over, 1 to 16, so that one
+    /// flow's losses do not hold up another's bytes (see [`Session::send_flow`]). The peer
+    /// needs no matching setting: it answers on whatever lanes arrive.
+    ///
+    /// [`Session::send_flow`]: super::Session::send_flow
+    pub lanes: u8,
 }
 
 impl Default for Config {
@@ -104,6 +110,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(40),
             datagram_queue: 256,
             datagram_recv_queue: 1024,
+            lanes: 4,
         }
     }
 }

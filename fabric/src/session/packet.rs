@@ -1,11 +1,15 @@
 //! The wire format of session packets: what a path carries between two peers.
 //!
 //! ```text
-//! kcp       'K' | KCP segments (conv u32 LE first, as KCP writes them)
+//! kcp       'K' | KCP segments (conv u32 LE first, as KCP writes them)      lane 0
+//! lane      'L' | lane u8 | KCP segments                               lanes 1..16
 //! datagram  'D' | conv u32 BE | payload                  unreliable, for UDP flows
 //! ping      'P' | conv u32 BE | token u64 BE              keepalive and RTT probe
 //! pong      'Q' | conv u32 BE | token u64 BE              the echo of a ping
 //! ```
+//!
+//! A session runs several KCP conversations side by side, its lanes (see `super::lane`); all
+//! share the session's conv and differ in the lane number. Lane 0 keeps the plain `'K'` form.
 //!
 //! Paths treat packets as opaque bytes. A packet whose conv is not the session's is refused
 //! before any of its contents are looked at, so a stale packet from an earlier incarnation of
@@ -17,6 +21,7 @@ use super::{ConvId, InputError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     Kcp = b'K' as isize,
+    Lane = b'L' as isize,
     Datagram = b'D' as isize,
     Ping = b'P' as isize,
     Pong = b'Q' as isize,
@@ -26,12 +31,32 @@ pub(crate) enum Kind {
 /// big-endian in ours. `None` for a packet too short to say.
 pub(crate) fn conv_of(packet: &[u8]) -> Option<ConvId> {
     let (&kind, rest) = packet.split_first()?;
+    if kind == Kind::Lane as u8 {
+        let b: [u8; 4] = rest.get(1..5)?.try_into().ok()?;
+        return Some(ConvId(u32::from_le_bytes(b)));
+    }
     let b: [u8; 4] = rest.get(..4)?.try_into().ok()?;
     Some(ConvId(if kind == Kind::Kcp as u8 {
         u32::from_le_bytes(b)
     } else {
         u32::from_be_bytes(b)
     }))
+}
+
+/// Lanes a session may run; a packet naming a higher lane is refused.
+pub(crate) const MAX_LANES: usize = 16;
+
+/// Bytes a KCP packet spends before its segments, whatever its lane: every lane's KCP gets
+/// the same MTU, so all lanes cut segments alike.
+pub(crate) const KCP_PREFIX: usize = 2;
+
+/// Appends the start of a KCP packet of `lane` to `out`.
+pub(crate) fn kcp_prefix(lane: u8, out: &mut Vec<u8>) {
+    if lane == 0 {
+        out.push(Kind::Kcp as u8);
+    } else {
+        out.extend_from_slice(&[Kind::Lane as u8, lane]);
+    }
 }
 
 /// Bytes a datagram packet spends before its payload.
@@ -42,8 +67,11 @@ pub(crate) const KCP_HEADER: usize = 24;
 /// A parsed session packet, borrowing from the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Packet<'a> {
-    /// KCP segments, without the kind byte.
-    Kcp(&'a [u8]),
+    /// KCP segments of a lane, without the kind and lane bytes.
+    Kcp {
+        lane: u8,
+        segments: &'a [u8],
+    },
     Datagram(&'a [u8]),
     Ping(u64),
     Pong(u64),
@@ -58,7 +86,18 @@ impl<'a> Packet<'a> {
         }
         let (&kind, rest) = data.split_first().ok_or(InputError::Truncated)?;
         if kind == Kind::Kcp as u8 {
-            return Ok(Self::Kcp(rest));
+            return Ok(Self::Kcp {
+                lane: 0,
+                segments: rest,
+            });
+        }
+        if kind == Kind::Lane as u8 {
+            // `conv_of` saw the lane byte and a conv after it.
+            let (&lane, segments) = rest.split_first().ok_or(InputError::Truncated)?;
+            if lane == 0 || usize::from(lane) >= MAX_LANES {
+                return Err(InputError::BadLane(lane));
+            }
+            return Ok(Self::Kcp { lane, segments });
         }
         let body = &rest[4..];
         let token = || -> Result<u64, InputError> {
@@ -76,8 +115,8 @@ impl<'a> Packet<'a> {
     /// Appends the packet to `out`.
     pub(crate) fn emit(&self, conv: ConvId, out: &mut Vec<u8>) {
         match *self {
-            Self::Kcp(segments) => {
-                out.push(Kind::Kcp as u8);
+            Self::Kcp { lane, segments } => {
+                kcp_prefix(lane, out);
                 out.extend_from_slice(segments);
             }
             Self::Datagram(payload) => {
@@ -214,7 +253,14 @@ mod tests {
         let conv = ConvId(0xDEAD_BEEF);
         let kcp = segment(conv.0, CMD_PUSH, 5, b"hi");
         for p in [
-            Packet::Kcp(&kcp),
+            Packet::Kcp {
+                lane: 0,
+                segments: &kcp,
+            },
+            Packet::Kcp {
+                lane: 3,
+                segments: &kcp,
+            },
             Packet::Datagram(b"payload"),
             Packet::Datagram(b""),
             Packet::Ping(7),
@@ -243,6 +289,16 @@ mod tests {
             Packet::parse(b"P\0\0\0\x09\0", conv),
             Err(InputError::Truncated)
         );
+        assert_eq!(
+            Packet::parse(b"L\x01\x09\0\0", conv),
+            Err(InputError::Truncated)
+        );
+        for lane in [0, MAX_LANES as u8, 255] {
+            assert_eq!(
+                Packet::parse(&[b'L', lane, 9, 0, 0, 0], conv),
+                Err(InputError::BadLane(lane))
+            );
+        }
     }
 
     #[test]
