@@ -45,12 +45,10 @@ const HURRY_INTERVAL: Duration = Duration::from_millis(5);
 const HURRY_FOR: Duration = Duration::from_secs(20);
 /// How long it keeps hurrying once they are online: the session's Open and Accept follow.
 const HURRY_AFTER_ONLINE: Duration = Duration::from_secs(1);
-/// The bootstrap nodes' answers should be in before the first iteration (see
-/// [`first_iteration_delay`]); a round trip to public nodes is mostly well under this.
-const BOOTSTRAP_REPLY_WAIT: Duration = Duration::from_millis(250);
-/// The first iteration is due this long before the end of c-toxcore's second, so that it still
-/// falls in that second when the thread wakes late on a busy machine.
-const SECOND_END_MARGIN: Duration = Duration::from_millis(100);
+/// The first iteration is due this long before the end of c-toxcore's second (see
+/// [`first_iteration_delay`]), so that it still falls in that second when the thread wakes a
+/// little late on a busy machine.
+const SECOND_END_MARGIN: Duration = Duration::from_millis(50);
 /// Commands handled in one go before checking whether an iteration is due.
 const DRAIN_BUDGET: usize = 256;
 /// Received lossy payloads are copied into blocks of this size and handed out as `Bytes`
@@ -788,17 +786,14 @@ impl Node {
 /// that first iteration fell in. Iterating at once wastes that round: the bootstrap nodes
 /// have not answered yet, so there is no DHT to build onion paths from, and the node comes
 /// online a whole second later (measured on the private test network: onion ready after
-/// 8 of c-toxcore's seconds instead of 7). So the first iteration waits for the answers, but
-/// not past the end of the second it starts in, which would shift every later timer by a
-/// second; when too little of that second is left, it waits for the end of the next one.
+/// 8 of c-toxcore's seconds instead of 7). So the first iteration waits for the answers until
+/// just before that second ends. Waiting longer gains nothing: the round would work, but
+/// every later timer would start a second later too. Answers that take longer than what is
+/// left of the second cost nothing either: the round is wasted as it was without the wait.
 fn first_iteration_delay(into_second: Duration) -> Duration {
-    let second = Duration::from_secs(1);
-    let left = second.saturating_sub(into_second);
-    if left >= BOOTSTRAP_REPLY_WAIT + SECOND_END_MARGIN {
-        left - SECOND_END_MARGIN
-    } else {
-        left + second - SECOND_END_MARGIN
-    }
+    Duration::from_secs(1)
+        .saturating_sub(into_second)
+        .saturating_sub(SECOND_END_MARGIN)
 }
 
 /// The callbacks' state: turns c-toxcore events into [`ToxEvent`]s, in order.
@@ -951,19 +946,15 @@ mod tests {
     #[test]
     fn first_iteration_waits_for_answers_within_the_second() {
         let ms = Duration::from_millis;
-        // Early in a second: wait until just before its end.
-        assert_eq!(first_iteration_delay(ms(0)), ms(900));
-        assert_eq!(first_iteration_delay(ms(400)), ms(500));
-        // Just enough left for the answers.
-        assert_eq!(first_iteration_delay(ms(650)), ms(250));
-        // Too little left: the end of the next second.
-        assert_eq!(first_iteration_delay(ms(651)), ms(1249));
-        assert_eq!(first_iteration_delay(ms(999)), ms(901));
-        for t in 0..1000 {
-            let d = first_iteration_delay(ms(t));
-            assert!(d >= BOOTSTRAP_REPLY_WAIT, "{t} ms: {d:?}");
-            // The first iteration falls SECOND_END_MARGIN before a second ends.
-            assert_eq!((ms(t) + d + SECOND_END_MARGIN).subsec_millis(), 0, "{t} ms");
+        assert_eq!(first_iteration_delay(ms(0)), ms(950));
+        assert_eq!(first_iteration_delay(ms(400)), ms(550));
+        // Too little of the second left: at once (not into the next second).
+        assert_eq!(first_iteration_delay(ms(950)), ms(0));
+        assert_eq!(first_iteration_delay(ms(999)), ms(0));
+        for t in 0..950 {
+            // The first iteration falls SECOND_END_MARGIN before the second ends.
+            let due = ms(t) + first_iteration_delay(ms(t)) + SECOND_END_MARGIN;
+            assert_eq!(due, ms(1000), "{t} ms");
         }
     }
 
