@@ -67,6 +67,12 @@ async fn parent() {
     let mut connects = Vec::new();
     let mut last = None;
     for round in 0..rounds {
+        // c-toxcore's timers tick at whole seconds of the monotonic clock, and where in its
+        // second a pair starts moves its connect time by up to a second. Rounds that follow
+        // each other would start at the same point of the second (each begins right after the
+        // previous first byte, itself a fixed time after a tick), so spread the starts evenly
+        // over the second: the median is then that of a start at a random time.
+        tokio::time::sleep(Duration::from_millis((round * 1000 / rounds) as u64)).await;
         let mut child = net
             .spawn_child(&format!("exit{round}"))
             .expect("spawn exit");
