@@ -7,11 +7,12 @@
 //! start is 0; the exit was started just before it (its `id` line is awaited first). Most of
 //! the time is c-toxcore's onion layer coming up on both fresh nodes: its timers count whole
 //! seconds of the monotonic clock, it announces nothing during its first three, and it reports
-//! itself connected only after three more seconds of being announced (6.5–7.5 s here). Then
-//! the client's friend request reaches the exit within ~0.2 s, the client sends its DHT key
-//! through the onion at c-toxcore's next second, and the exit reaches it through a TCP relay
-//! (~0.25 s) before the DHT finds its address (a second later), so friends come online ~1.25 s
-//! after the onion; session and first byte take ~0.2 s more.
+//! itself connected only after three more seconds of being announced (6–7 s here, depending
+//! on where in its second the node started). Then the client's friend request reaches the
+//! exit within ~0.2 s, the client sends its DHT key through the onion at c-toxcore's next
+//! second, and the exit reaches it through a TCP relay (~0.25 s) before the DHT finds its
+//! address (a second later), so friends come online ~1.25 s after the onion; session and
+//! first byte take ~0.15 s more.
 //!
 //! `cargo bench -p fabric --features tox,test-util --bench fabric_tox`
 //! (`FABRIC_BENCH_MB` sets the megabytes per bulk run, default 64; `FABRIC_BENCH_CONNECTS`
