@@ -3,24 +3,42 @@
 //! eight streams, mux over KCP over Tox lossy packets. The exit runs in a child process, as
 //! real peers run on two machines. Private tox-bootstrapd network on 127.0.0.1 only.
 //!
-//! Most of the connect time is c-toxcore's onion layer coming up on both fresh nodes (about
-//! 7.5 s here whatever the number of bootstrap nodes, also on a non-LAN address in a network
-//! namespace), then finding the friend (about 2 s).
+//! Each connect prints its timeline, both processes' steps on one wall clock: the client's
+//! start is 0; the exit was started just before it (its `id` line is awaited first). Most of
+//! the time is c-toxcore's onion layer coming up on both fresh nodes: its timers count whole
+//! seconds of the monotonic clock, it announces nothing during its first three, and it reports
+//! itself connected only after three more seconds of being announced (6–7 s here, depending
+//! on where in its second the node started). Then the client's friend request reaches the
+//! exit within ~0.2 s, the client sends its DHT key through the onion at c-toxcore's next
+//! second, and the exit reaches it through a TCP relay (~0.25 s) before the DHT finds its
+//! address (a second later), so friends come online ~1.25 s after the onion; session and
+//! first byte take ~0.15 s more.
 //!
 //! `cargo bench -p fabric --features tox,test-util --bench fabric_tox`
 //! (`FABRIC_BENCH_MB` sets the megabytes per bulk run, default 64; `FABRIC_BENCH_CONNECTS`
-//! the number of fresh exits to time, default 3).
+//! the number of fresh exits to time, default 3; `RUST_LOG` turns on both processes' logs,
+//! with c-toxcore's under the target `toxcore`).
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fabric::peer::{Fabric, FabricConfig, Peer};
-use fabric::tox::ToxConfig;
 use fabric::tox::testnet::{self, ToxNet};
+use fabric::tox::{Connection, ToxConfig, ToxHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(90);
+/// How often the timeline watchers sample a node's status while it connects.
+const WATCH_EVERY: Duration = Duration::from_millis(10);
 
 fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        // Both processes log to stderr with wall-clock times, so their lines interleave in
+        // order; c-toxcore's own log arrives under the target `toxcore`.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -50,15 +68,22 @@ async fn parent() {
     let mut connects = Vec::new();
     let mut last = None;
     for round in 0..rounds {
-        let child = net
+        // c-toxcore's timers tick at whole seconds of the monotonic clock, and where in its
+        // second a pair starts moves its connect time by up to a second. Rounds that follow
+        // each other would start at the same point of the second (each begins right after the
+        // previous first byte, itself a fixed time after a tick), so spread the starts evenly
+        // over the second: the median is then that of a start at a random time.
+        tokio::time::sleep(Duration::from_millis((round * 1000 / rounds) as u64)).await;
+        let mut child = net
             .spawn_child(&format!("exit{round}"))
             .expect("spawn exit");
         let exit_id = child.id(WAIT).expect("exit reports its id");
+        let exit_lines = child.take_lines();
+        let config = net.config(net.scratch_dir(&format!("client{round}")).expect("dir"));
         let t0 = Instant::now();
-        let client = Fabric::start(FabricConfig::new(
-            net.config(net.scratch_dir(&format!("client{round}")).expect("dir")),
-        ))
-        .expect("client fabric");
+        let t0_wall = unix_micros();
+        let client = Fabric::start(FabricConfig::new(config)).expect("client fabric");
+        let watcher = tokio::spawn(watch(client.tox().clone()));
         let peer = std::sync::Arc::new(
             tokio::time::timeout(WAIT, client.connect(exit_id))
                 .await
@@ -72,6 +97,20 @@ async fn parent() {
             "connect {}: session after {session_at:.2?}, first byte back after {first_byte:.2?}",
             round + 1
         );
+        let mut steps: Vec<(i64, String)> = watcher
+            .await
+            .expect("watcher")
+            .into_iter()
+            .map(|(at, what)| (at - t0_wall, format!("client {what}")))
+            .collect();
+        steps.extend(exit_lines.try_iter().filter_map(|line| {
+            let (at, what) = line.strip_prefix("at ")?.split_once(' ')?;
+            Some((at.parse::<i64>().ok()? - t0_wall, format!("exit   {what}")))
+        }));
+        steps.sort();
+        for (at, what) in steps {
+            println!("  {:>7.2} s  {what}", at as f64 / 1e6);
+        }
         connects.push(first_byte);
         if let Some((old_client, old_peer, old_child)) = last.replace((client, peer, child)) {
             drop(old_peer);
@@ -87,6 +126,17 @@ async fn parent() {
         connects[connects.len() - 1]
     );
     let (client, peer, child) = last.expect("at least one round");
+    // The bulk runs measure a settled pair: on the direct UDP path, which c-toxcore finds a
+    // DHT round or two after the friend came online through a TCP relay.
+    let settling = Instant::now();
+    while peer.status().path != Connection::Udp && settling.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "path {:?} {:.2?} after the last first byte",
+        peer.status().path,
+        settling.elapsed()
+    );
     for streams in [1usize, 8] {
         let per_stream = mb * 1024 * 1024 / streams;
         let start = Instant::now();
@@ -136,12 +186,57 @@ async fn send_counted(peer: &Peer, len: usize, chunk: usize) -> usize {
     u64::from_be_bytes(count) as usize
 }
 
+/// Samples a node's status until its first friend is online (or [`WAIT`] passes) and returns
+/// when each step happened (wall clock in µs, comparable across the two processes): our own
+/// onion/DHT connection, the friend added (request sent or accepted), the friend online.
+async fn watch(tox: ToxHandle) -> Vec<(i64, String)> {
+    let mut steps = Vec::new();
+    let mut own = Connection::None;
+    let mut friends = 0;
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        let Ok(st) = tox.status().await else { break };
+        let at = unix_micros();
+        if steps.is_empty() {
+            steps.push((at, format!("node up, udp port {:?}", st.udp_port)));
+        }
+        if st.connection != own {
+            own = st.connection;
+            steps.push((at, format!("self connection {own:?}")));
+        }
+        if st.friends.len() != friends {
+            friends = st.friends.len();
+            steps.push((at, "friend added".to_owned()));
+        }
+        if let Some(f) = st.friends.iter().find(|f| f.connection.is_online()) {
+            steps.push((at, format!("friend online ({:?})", f.connection)));
+            break;
+        }
+        tokio::time::sleep(WATCH_EVERY).await;
+    }
+    steps
+}
+
+fn unix_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
 /// The exit: counts each stream's bytes and answers the count at its end; stops when stdin
 /// closes.
 async fn child_exit(mut tox: ToxConfig) {
     tox.allow.allow_any = true;
     let exit = std::sync::Arc::new(Fabric::start(FabricConfig::new(tox)).expect("exit fabric"));
+    let started = unix_micros();
     println!("id {}", exit.id());
+    println!("at {started} node started");
+    let tox = exit.tox().clone();
+    tokio::spawn(async move {
+        for (at, what) in watch(tox).await {
+            println!("at {at} {what}");
+        }
+    });
     let eof_rx = testnet::stdin_closed();
     let server = exit.clone();
     tokio::spawn(async move {

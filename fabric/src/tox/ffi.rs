@@ -759,6 +759,43 @@ unsafe extern "C" fn log_trampoline(
     }));
 }
 
+/// How far into its current second c-toxcore's clock is.
+///
+/// c-toxcore (0.2.x, `mono_time.c`) counts time in whole seconds of `CLOCK_MONOTONIC`, and
+/// most of its timers (onion announces, DHT rounds, friend lookups) run once per such second,
+/// all of them in the same iteration. `None` where the clock cannot be read here.
+pub(crate) fn toxcore_subsec() -> Option<std::time::Duration> {
+    #[cfg(target_os = "linux")]
+    {
+        // `struct timespec` on Linux: `time_t` and `long`, both `long` on the 64-bit targets
+        // and on 32-bit ones without 64-bit time (c-toxcore's clock then has the same width).
+        #[repr(C)]
+        struct Timespec {
+            tv_sec: std::ffi::c_long,
+            tv_nsec: std::ffi::c_long,
+        }
+        unsafe extern "C" {
+            fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
+        }
+        const CLOCK_MONOTONIC: i32 = 1;
+        let mut ts = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable `struct timespec`.
+        if unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) } != 0 {
+            return None;
+        }
+        let nanos = u64::try_from(ts.tv_nsec).ok()?.min(999_999_999);
+        // c-toxcore keeps milliseconds, then divides by 1000.
+        Some(std::time::Duration::from_millis(nanos / 1_000_000))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
 /// Makes `mlock`, `mlock2` and `munlock` fail at once on the calling thread (Linux on x86-64
 /// and AArch64; elsewhere it does nothing and says so).
 ///

@@ -12,7 +12,7 @@
 //! - When every handle is gone, or on [`ToxHandle::shutdown`], the thread saves and kills the
 //!   instance. The event channel then closes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,21 @@ const BUSY_LINGER: Duration = Duration::from_millis(200);
 /// An iteration that received at least this many packets found a backlog in the socket: the
 /// next one runs right away (after queued commands) instead of after [`BUSY_INTERVAL`].
 const BACKLOG_PACKETS: u32 = 16;
+/// While a connection is being set up, iterate at least this often. c-toxcore handles a
+/// packet only inside `tox_iterate`, and setting up a friend takes a dozen exchanges through
+/// onion paths and TCP relays (friend request, DHT key, relay routing, cookie, handshake, then
+/// our session's Open and Accept): at c-toxcore's own 50 ms interval each of our hops waited
+/// 25 ms on average. The timers that pace Tox itself count whole seconds and do not care.
+const HURRY_INTERVAL: Duration = Duration::from_millis(5);
+/// How long the node hurries after it starts, sends a friend request or accepts one, unless
+/// every friend it waits for comes online first.
+const HURRY_FOR: Duration = Duration::from_secs(20);
+/// How long it keeps hurrying once they are online: the session's Open and Accept follow.
+const HURRY_AFTER_ONLINE: Duration = Duration::from_secs(1);
+/// The first iteration is due this long before the end of c-toxcore's second (see
+/// [`first_iteration_delay`]), so that it still falls in that second when the thread wakes a
+/// little late on a busy machine.
+const SECOND_END_MARGIN: Duration = Duration::from_millis(50);
 /// Commands handled in one go before checking whether an iteration is due.
 const DRAIN_BUDGET: usize = 256;
 /// Received lossy payloads are copied into blocks of this size and handed out as `Bytes`
@@ -359,6 +374,10 @@ struct Node {
     friends: HashMap<PublicKey, u32>,
     /// Last time we bootstrapped (to retry while offline).
     bootstrapped_at: Instant,
+    /// Iterate every [`HURRY_INTERVAL`] until then.
+    hurry_until: Instant,
+    /// Friends we sent a request to or accepted one from, not yet online.
+    awaited: HashSet<PublicKey>,
     /// Savedata changed (friend list) and should be written.
     dirty: bool,
     lossy_sent: u64,
@@ -403,6 +422,8 @@ impl Node {
             save_path,
             friends: HashMap::new(),
             bootstrapped_at: Instant::now(),
+            hurry_until: Instant::now() + HURRY_FOR,
+            awaited: HashSet::new(),
             dirty: false,
             lossy_sent: 0,
             lossy_send_failed: 0,
@@ -439,7 +460,8 @@ impl Node {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        let mut next_iterate = Instant::now();
+        let mut next_iterate =
+            Instant::now() + ffi::toxcore_subsec().map_or(Duration::ZERO, first_iteration_delay);
         let shutdown_ack = loop {
             if Instant::now() >= next_iterate {
                 self.iterate().await;
@@ -485,6 +507,8 @@ impl Node {
         let receiving = matches!(self.inbox.last_packet, Some(t) if t.elapsed() < BUSY_LINGER);
         if receiving || !self.backlog.is_empty() {
             tox.min(BUSY_INTERVAL)
+        } else if Instant::now() < self.hurry_until {
+            tox.min(HURRY_INTERVAL)
         } else {
             tox
         }
@@ -497,6 +521,7 @@ impl Node {
             self.on_friend_request(pk, message_len);
         }
         self.retry_backlog();
+        self.check_awaited();
         self.inbox.flush().await;
         if !self.inbox.connection.is_online() && self.bootstrapped_at.elapsed() >= REBOOTSTRAP_AFTER
         {
@@ -504,6 +529,25 @@ impl Node {
             self.bootstrap();
         }
         self.save_if_dirty();
+    }
+
+    /// Starts hurrying until `pk` comes online.
+    fn await_friend(&mut self, pk: PublicKey) {
+        self.awaited.insert(pk);
+        self.hurry_until = self.hurry_until.max(Instant::now() + HURRY_FOR);
+    }
+
+    /// Stops hurrying soon once we are online and so is every friend we wait for.
+    fn check_awaited(&mut self) {
+        let (tox, friends) = (&self.tox, &self.friends);
+        self.awaited.retain(|pk| {
+            friends
+                .get(pk)
+                .is_some_and(|&n| !tox.friend_connection(n).is_online())
+        });
+        if self.awaited.is_empty() && self.inbox.connection.is_online() {
+            self.hurry_until = self.hurry_until.min(Instant::now() + HURRY_AFTER_ONLINE);
+        }
     }
 
     fn on_friend_request(&mut self, pk: PublicKey, message_len: usize) {
@@ -515,6 +559,7 @@ impl Node {
             Ok(n) => {
                 info!(peer = %pk.short(), message_len, "friend request accepted");
                 self.remember_friend(pk, n);
+                self.await_friend(pk);
                 self.dirty = true;
                 self.inbox.push(ToxEvent::FriendRequest { pk });
             }
@@ -642,11 +687,14 @@ impl Node {
     fn add_friend(&mut self, id: ToxId, message: &[u8]) -> Result<(), ToxError> {
         let pk = id.public_key();
         if self.friends.contains_key(&pk) {
+            // A saved friend: someone dials it again, so it is worth hurrying for too.
+            self.await_friend(pk);
             return Ok(());
         }
         let n = self.tox.friend_add(&id, message)?;
         info!(peer = %pk.short(), "friend added, request sent");
         self.remember_friend(pk, n);
+        self.await_friend(pk);
         self.dirty = true;
         self.save_if_dirty();
         Ok(())
@@ -728,6 +776,24 @@ impl Node {
             Err(e) => warn!(path = %self.save_path.display(), error = %e, "saving tox state"),
         }
     }
+}
+
+/// How long to wait after bootstrapping before the first `tox_iterate`, given how far
+/// c-toxcore's clock is into its current second (see [`ffi::toxcore_subsec`]).
+///
+/// c-toxcore's onion client sends its first announce round in its very first iteration only,
+/// then none for three of its seconds (`ONION_CONNECTION_SECONDS`), counted from the second
+/// that first iteration fell in. Iterating at once wastes that round: the bootstrap nodes
+/// have not answered yet, so there is no DHT to build onion paths from, and the node comes
+/// online a whole second later (measured on the private test network: onion ready after
+/// 8 of c-toxcore's seconds instead of 7). So the first iteration waits for the answers until
+/// just before that second ends. Waiting longer gains nothing: the round would work, but
+/// every later timer would start a second later too. Answers that take longer than what is
+/// left of the second cost nothing either: the round is wasted as it was without the wait.
+fn first_iteration_delay(into_second: Duration) -> Duration {
+    Duration::from_secs(1)
+        .saturating_sub(into_second)
+        .saturating_sub(SECOND_END_MARGIN)
 }
 
 /// The callbacks' state: turns c-toxcore events into [`ToxEvent`]s, in order.
@@ -875,6 +941,21 @@ mod tests {
         c.use_public_bootstrap = false;
         c.ipv6_enabled = false;
         c
+    }
+
+    #[test]
+    fn first_iteration_waits_for_answers_within_the_second() {
+        let ms = Duration::from_millis;
+        assert_eq!(first_iteration_delay(ms(0)), ms(950));
+        assert_eq!(first_iteration_delay(ms(400)), ms(550));
+        // Too little of the second left: at once (not into the next second).
+        assert_eq!(first_iteration_delay(ms(950)), ms(0));
+        assert_eq!(first_iteration_delay(ms(999)), ms(0));
+        for t in 0..950 {
+            // The first iteration falls SECOND_END_MARGIN before the second ends.
+            let due = ms(t) + first_iteration_delay(ms(t)) + SECOND_END_MARGIN;
+            assert_eq!(due, ms(1000), "{t} ms");
+        }
     }
 
     #[test]

@@ -76,7 +76,8 @@ impl ToxNet {
     }
 
     /// A node configuration that joins only this network: no public bootstrap, no LAN
-    /// discovery, IPv4 only, identity in `data_dir`.
+    /// discovery, IPv4 only, the daemons as bootstrap nodes and TCP relays, identity in
+    /// `data_dir`.
     pub fn config(&self, data_dir: impl Into<PathBuf>) -> ToxConfig {
         private_config(data_dir, self.nodes())
     }
@@ -299,9 +300,14 @@ pub fn child_config() -> Option<ToxConfig> {
     Some(private_config(dir, nodes))
 }
 
-/// A node that joins only `nodes`: no public bootstrap, no LAN discovery, IPv4 only.
+/// A node that joins only `nodes`: no public bootstrap, no LAN discovery, IPv4 only. The
+/// nodes are its TCP relays too, as `proxy --bootstrap` makes them (every daemon here serves
+/// both on one port): a friend that learns our DHT key through the onion reaches us through
+/// one of our relays at once, instead of waiting a second or two for the DHT to find our
+/// address.
 fn private_config(data_dir: impl Into<PathBuf>, nodes: Vec<BootstrapNode>) -> ToxConfig {
     let mut c = ToxConfig::new(data_dir);
+    c.tcp_relays = nodes.clone();
     c.bootstrap = nodes;
     c.use_public_bootstrap = false;
     c.local_discovery = false;
