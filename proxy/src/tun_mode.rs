@@ -504,3 +504,56 @@ fn exec(cmd: &[String]) -> Result<(), String> {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &str, qtype: u16) -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&1u16.to_be_bytes());
+        q
+    }
+
+    #[test]
+    fn fake_answers_map_back_to_names() {
+        let fake = FakeDns::new(true);
+        let answer = fake.answer(&query("web.test", TYPE_A)).expect("an answer");
+        assert_eq!(&answer[answer.len() - 4..], &[198, 18, 0, 16]);
+        let dst: SocketAddr = "198.18.0.16:443".parse().unwrap();
+        assert_eq!(
+            target(dst, Some(&fake)),
+            Some(Target::Domain("web.test".into(), 443))
+        );
+        let v6: SocketAddr = "[fc00::10]:80".parse().unwrap();
+        assert_eq!(
+            target(v6, Some(&fake)),
+            Some(Target::Domain("web.test".into(), 80))
+        );
+        // A fake address nobody was given, and real addresses.
+        let unknown: SocketAddr = "198.18.9.9:80".parse().unwrap();
+        assert_eq!(target(unknown, Some(&fake)), None);
+        let real: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        assert_eq!(target(real, Some(&fake)), Some(Target::Ip(real)));
+        assert_eq!(target(unknown, None), Some(Target::Ip(unknown)));
+    }
+
+    #[test]
+    fn only_address_queries_are_faked() {
+        let fake = FakeDns::new(false);
+        // MX and friends go to a real resolver.
+        assert!(fake.answer(&query("web.test", 15)).is_none());
+        assert!(fake.answer(b"not dns").is_none());
+        // Without IPv6 on the TUN, AAAA gets an empty answer (apps fall back to A).
+        let answer = fake
+            .answer(&query("web.test", TYPE_AAAA))
+            .expect("an answer");
+        assert_eq!(u16::from_be_bytes([answer[6], answer[7]]), 0);
+    }
+}
