@@ -17,14 +17,17 @@
 //!
 //! [`stack::Stack`] and [`udp::FlowTable`] never read the clock or do I/O; [`driver`] owns
 //! the device and the timers. [`offload`] is the `virtio_net_hdr` format and its checksums.
+//! [`fake_ip`] and [`dns`] are fake-IP mode's table of names and the DNS it answers with.
 
 #![forbid(unsafe_code)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 #[cfg(target_os = "linux")]
 pub mod device;
+pub mod dns;
 #[cfg(target_os = "linux")]
 pub mod driver;
+pub mod fake_ip;
 pub mod offload;
 pub mod stack;
 #[cfg(target_os = "linux")]

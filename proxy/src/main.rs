@@ -116,22 +116,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let dialer: Arc<dyn Dialer> = if settings.exits.is_empty() {
                 Proxy::direct_dialer(&settings)
             } else {
-                let exits = settings
-                    .exits
-                    .iter()
-                    .map(|s| {
-                        s.parse::<ToxId>()
-                            .map_err(|e| Failure::Usage(format!("--exit {s:?}: {e}")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let config = fabric_config(&settings.common)?;
-                let fabric = Arc::new(Fabric::start(config).context("starting the Tox node")?);
-                println!("tox id: {}", fabric.id());
-                let dialer = FabricDialer::new(settings.common.connect_timeout);
-                tokio::spawn(dialer.deliver_datagrams(fabric.clone()));
-                for exit in exits {
-                    tokio::spawn(connect_exit(fabric.clone(), dialer.clone(), exit));
-                }
+                let (fabric, dialer) = start_client_fabric(&settings)?;
                 client_fabric = Some(fabric);
                 Arc::new(dialer)
             };
@@ -160,14 +145,47 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// The Tox node of the client role, and a dialer reaching the `--exit` peers through it
+/// (connecting to them in the background).
+fn start_client_fabric(settings: &RunSettings) -> Result<(Arc<Fabric>, FabricDialer), Failure> {
+    let exits = settings
+        .exits
+        .iter()
+        .map(|s| {
+            s.parse::<ToxId>()
+                .map_err(|e| Failure::Usage(format!("--exit {s:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = fabric_config(&settings.common)?;
+    let fabric = Arc::new(Fabric::start(config).context("starting the Tox node")?);
+    println!("tox id: {}", fabric.id());
+    let dialer = FabricDialer::new(settings.common.connect_timeout);
+    tokio::spawn(dialer.deliver_datagrams(fabric.clone()));
+    for exit in exits {
+        tokio::spawn(connect_exit(fabric.clone(), dialer.clone(), exit));
+    }
+    Ok((fabric, dialer))
+}
+
 /// `proxy --tun`: the TUN device in front of the same dialers as the listeners.
 #[cfg(target_os = "linux")]
 async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure> {
+    // c-toxcore's sockets (with --exit) and the system resolver's (fake-IP mode resolves names
+    // here when direct) cannot be marked one by one: mark the whole process's, before any of
+    // them exists.
+    let _own = if !settings.exits.is_empty() || settings.tun_options.fake_ip {
+        Some(proxy::tun_mode::OwnSockets::install().context("tun mode")?)
+    } else {
+        None
+    };
     if !settings.exits.is_empty() {
-        return Err(anyhow::anyhow!("--tun with --exit is not built yet").into());
-    }
-    if settings.tun_options.fake_ip {
-        return Err(anyhow::anyhow!("--fake-ip is not built yet").into());
+        let (fabric, dialer) = start_client_fabric(&settings)?;
+        let served = proxy::tun_mode::run(&settings, Arc::new(dialer), shutdown_signal(signals))
+            .await
+            .context("tun mode");
+        fabric.shutdown().await;
+        served?;
+        return Ok(());
     }
     let direct =
         DirectDialer::new(settings.common.connect_timeout).with_mark(proxy::tun_mode::MARK);

@@ -9,24 +9,34 @@
 //!  proxy's own sockets carry MARK (SO_MARK) and follow the main table: no loop.
 //! ```
 //!
+//! With `--exit` the Tox node's sockets are created inside c-toxcore, out of reach of
+//! `SO_MARK`: [`OwnSockets`] marks the whole process's packets through its cgroup instead.
+//!
 //! Routing (Linux, through `ip`): a table of our own holds the TUN routes (everything, or only
 //! `--tun-route` networks, minus `--tun-exclude` as `throw` routes); a first rule sends this
 //! process's marked sockets to `main`, a last one everything else to that table; DNS (UDP and TCP port 53) has its own rule and
 //! table so it reaches the TUN whatever the routes say. [`Routing`] undoes all of it on drop,
 //! which runs on Ctrl-C and SIGTERM as on errors.
 
+mod own_sockets;
+
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use netstack::dns::{Query, TYPE_A, TYPE_AAAA};
+use netstack::fake_ip::{self, FakeIpTable, Instant as SmolInstant};
 use netstack::{Incoming, NetStack, StackConfig, TcpRequest, TunConfig, TunDevice, UdpFlow};
 use tracing::{debug, info, warn};
 
 use crate::config::{RunSettings, TunOptions};
 use crate::dialer::{Dialer, Target};
+
+pub use own_sockets::OwnSockets;
 
 /// The `SO_MARK` of this process's own sockets, and the firewall mark the routing rule skips.
 pub const MARK: u32 = 0x7478;
@@ -47,6 +57,13 @@ pub const TUN_V4: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 19, 0, 1), 30);
 pub const TUN_V6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x7478, 0, 0, 0, 0, 0, 1), 126);
 /// How long a UDP flow lives without a datagram either way.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
+/// Fake-IP mode: names held at most (a name costs a few hundred bytes).
+pub const FAKE_CAPACITY: u32 = 65_536;
+/// Fake-IP mode: a name unused (not looked up, none of its addresses dialed) this long is
+/// forgotten. Much longer than [`FAKE_TTL`], so caches that stretch TTLs still find it.
+pub const FAKE_IDLE: Duration = Duration::from_secs(3600);
+/// Fake-IP mode: the TTL of the answers, in seconds.
+pub const FAKE_TTL: u32 = 60;
 
 /// TUN mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +113,9 @@ pub async fn run(
     };
     let name = device.name().to_owned();
     let routing = Routing::install(&name, opts, tun.ipv6.is_some())?;
+    let fake = opts
+        .fake_ip
+        .then(|| Arc::new(FakeDns::new(tun.ipv6.is_some())));
     info!(device = %name, offload = device.offload(), "tun mode up");
     let mut stack = NetStack::spawn(device, StackConfig::default(), UDP_IDLE);
     let idle = settings.common.idle_timeout;
@@ -104,10 +124,10 @@ pub async fn run(
         tokio::select! {
             incoming = stack.accept() => match incoming {
                 Some(Incoming::Tcp(req)) => {
-                    tokio::spawn(serve_tcp(req, dialer.clone(), idle));
+                    tokio::spawn(serve_tcp(req, dialer.clone(), fake.clone(), idle));
                 }
                 Some(Incoming::Udp(flow)) => {
-                    tokio::spawn(serve_udp(flow, dialer.clone()));
+                    tokio::spawn(serve_udp(flow, dialer.clone(), fake.clone()));
                 }
                 Some(_) => {}
                 None => {
@@ -124,9 +144,19 @@ pub async fn run(
     Ok(())
 }
 
-async fn serve_tcp(req: TcpRequest, dialer: Arc<dyn Dialer>, idle: Option<Duration>) {
+async fn serve_tcp(
+    req: TcpRequest,
+    dialer: Arc<dyn Dialer>,
+    fake: Option<Arc<FakeDns>>,
+    idle: Option<Duration>,
+) {
     let dst = req.dst();
-    let mut upstream = match dialer.connect(Target::Ip(dst)).await {
+    let Some(target) = target(dst, fake.as_deref()) else {
+        debug!(%dst, "fake address with no name (forgotten), refusing");
+        req.reject();
+        return;
+    };
+    let mut upstream = match dialer.connect(target).await {
         Ok(s) => s,
         Err(err) => {
             debug!(%dst, %err, "tun dial failed");
@@ -147,34 +177,134 @@ async fn serve_tcp(req: TcpRequest, dialer: Arc<dyn Dialer>, idle: Option<Durati
     }
 }
 
-async fn serve_udp(mut flow: UdpFlow, dialer: Arc<dyn Dialer>) {
+/// Where to dial for a destination the application used: the name behind a fake address,
+/// or the address itself. `None` for a fake address whose name was forgotten.
+fn target(dst: SocketAddr, fake: Option<&FakeDns>) -> Option<Target> {
+    match fake {
+        Some(fake) if FakeIpTable::is_fake(dst.ip()) => fake
+            .name_of(dst.ip())
+            .map(|name| Target::Domain(name, dst.port())),
+        _ => Some(Target::Ip(dst)),
+    }
+}
+
+async fn serve_udp(mut flow: UdpFlow, dialer: Arc<dyn Dialer>, fake: Option<Arc<FakeDns>>) {
     let src = flow.src();
-    let upstream = match dialer.udp_associate().await {
-        Ok(u) => u,
-        Err(err) => {
-            debug!(%src, %err, "udp associate failed");
-            return;
-        }
-    };
     let reply = flow.reply();
+    // Opened with the first datagram that must leave (fake-IP DNS answers never do).
+    let mut upstream: Option<Box<dyn crate::dialer::UdpFlow>> = None;
+    // Fake destinations by port: replies come from the real address the name resolved to,
+    // and the application must see them come from the address it sent to.
+    let mut fake_peers: HashMap<u16, SocketAddr> = HashMap::new();
     let mut buf = vec![0u8; 65535];
     loop {
+        let received = async {
+            match &upstream {
+                Some(u) => u.recv_from(&mut buf).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             dgram = flow.recv() => {
                 // None: the flow expired (idle) or the stack stopped.
                 let Some((dst, payload)) = dgram else { return };
-                if let Err(err) = upstream.send_to(&payload, &Target::Ip(dst)).await {
+                if dst.port() == 53
+                    && let Some(answer) = fake.as_deref().and_then(|f| f.answer(&payload))
+                {
+                    reply.send(dst, &answer);
+                    continue;
+                }
+                let Some(target) = target(dst, fake.as_deref()) else {
+                    debug!(%src, %dst, "fake address with no name (forgotten), dropped");
+                    continue;
+                };
+                if matches!(target, Target::Domain(..)) {
+                    fake_peers.insert(dst.port(), dst);
+                }
+                if upstream.is_none() {
+                    match dialer.udp_associate().await {
+                        Ok(u) => upstream = Some(u),
+                        Err(err) => {
+                            debug!(%src, %err, "udp associate failed");
+                            return;
+                        }
+                    }
+                }
+                let Some(up) = &upstream else { return };
+                if let Err(err) = up.send_to(&payload, &target).await {
                     debug!(%src, %dst, %err, "udp send failed");
                 }
             }
-            got = upstream.recv_from(&mut buf) => match got {
-                Ok((n, from)) => reply.send(from, &buf[..n]),
+            got = received => match got {
+                Ok((n, from)) => {
+                    let from = match fake_peers.get(&from.port()) {
+                        Some(fake) if !FakeIpTable::is_fake(from.ip()) => *fake,
+                        _ => from,
+                    };
+                    reply.send(from, &buf[..n]);
+                }
                 Err(err) => {
                     debug!(%src, %err, "udp receive failed");
                     return;
                 }
             }
         }
+    }
+}
+
+/// Fake-IP mode: A and AAAA queries answered from the table, names found again by address.
+#[derive(Debug)]
+struct FakeDns {
+    table: Mutex<FakeIpTable>,
+    epoch: std::time::Instant,
+    /// Whether AAAA queries get an address (only when IPv6 reaches the TUN).
+    ipv6: bool,
+}
+
+impl FakeDns {
+    fn new(ipv6: bool) -> Self {
+        Self {
+            table: Mutex::new(FakeIpTable::new(FAKE_CAPACITY, FAKE_IDLE)),
+            epoch: std::time::Instant::now(),
+            ipv6,
+        }
+    }
+
+    fn now(&self) -> SmolInstant {
+        SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, FakeIpTable> {
+        // The table stays consistent whatever panicked while holding it.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The answer to an A or AAAA query; `None` for anything else (sent on to a real
+    /// resolver through the dialer).
+    fn answer(&self, msg: &[u8]) -> Option<Vec<u8>> {
+        let query = Query::parse(msg).ok()?;
+        if !(query.qtype == TYPE_A || query.qtype == TYPE_AAAA) || query.name.is_empty() {
+            return None;
+        }
+        let now = self.now();
+        let addrs = {
+            let mut table = self.table();
+            table.handle_timeout(now);
+            table.assign(now, &query.name)
+        };
+        let mut records = vec![IpAddr::V4(addrs.v4)];
+        if self.ipv6 {
+            records.push(IpAddr::V6(addrs.v6));
+        }
+        debug!(name = %query.name, v4 = %addrs.v4, "fake address");
+        Some(query.answer(msg, &records, FAKE_TTL))
+    }
+
+    fn name_of(&self, ip: IpAddr) -> Option<String> {
+        let now = self.now();
+        let mut table = self.table();
+        table.handle_timeout(now);
+        table.name_of(now, ip)
     }
 }
 
@@ -233,7 +363,7 @@ impl Routing {
                     &DNS_PRIORITY.to_string(),
                 ]));
             }
-            let routes: Vec<String> = if opts.route.is_empty() {
+            let mut routes: Vec<String> = if opts.route.is_empty() {
                 vec!["default".into()]
             } else {
                 opts.route
@@ -242,6 +372,14 @@ impl Routing {
                     .map(ToString::to_string)
                     .collect()
             };
+            if opts.fake_ip && !opts.route.is_empty() {
+                // Fake addresses mean nothing anywhere else.
+                routes.push(if v6 {
+                    format!("{}/{}", fake_ip::V6_NET.0, fake_ip::V6_NET.1)
+                } else {
+                    format!("{}/{}", fake_ip::V4_NET.0, fake_ip::V4_NET.1)
+                });
+            }
             for route in &routes {
                 ip(&[
                     "ip", fam, "route", "add", route, "dev", dev, "table", &table,
@@ -364,5 +502,58 @@ fn exec(cmd: &[String]) -> Result<(), String> {
         Ok(())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &str, qtype: u16) -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&1u16.to_be_bytes());
+        q
+    }
+
+    #[test]
+    fn fake_answers_map_back_to_names() {
+        let fake = FakeDns::new(true);
+        let answer = fake.answer(&query("web.test", TYPE_A)).expect("an answer");
+        assert_eq!(&answer[answer.len() - 4..], &[198, 18, 0, 16]);
+        let dst: SocketAddr = "198.18.0.16:443".parse().unwrap();
+        assert_eq!(
+            target(dst, Some(&fake)),
+            Some(Target::Domain("web.test".into(), 443))
+        );
+        let v6: SocketAddr = "[fc00::10]:80".parse().unwrap();
+        assert_eq!(
+            target(v6, Some(&fake)),
+            Some(Target::Domain("web.test".into(), 80))
+        );
+        // A fake address nobody was given, and real addresses.
+        let unknown: SocketAddr = "198.18.9.9:80".parse().unwrap();
+        assert_eq!(target(unknown, Some(&fake)), None);
+        let real: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        assert_eq!(target(real, Some(&fake)), Some(Target::Ip(real)));
+        assert_eq!(target(unknown, None), Some(Target::Ip(unknown)));
+    }
+
+    #[test]
+    fn only_address_queries_are_faked() {
+        let fake = FakeDns::new(false);
+        // MX and friends go to a real resolver.
+        assert!(fake.answer(&query("web.test", 15)).is_none());
+        assert!(fake.answer(b"not dns").is_none());
+        // Without IPv6 on the TUN, AAAA gets an empty answer (apps fall back to A).
+        let answer = fake
+            .answer(&query("web.test", TYPE_AAAA))
+            .expect("an answer");
+        assert_eq!(u16::from_be_bytes([answer[6], answer[7]]), 0);
     }
 }

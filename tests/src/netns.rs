@@ -27,7 +27,7 @@ pub fn unavailable() -> Option<String> {
     }
     static PROBE: AtomicU32 = AtomicU32::new(0);
     let probe = format!(
-        "nst-probe-{}-{}",
+        "tun5-probe-{}-{}",
         std::process::id(),
         PROBE.fetch_add(1, Ordering::Relaxed)
     );
@@ -75,7 +75,7 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Creates the namespaces (names start with `nst-`, unique per process and call).
+    /// Creates the namespaces (names start with `tun5-`, unique per process and call).
     pub fn new() -> io::Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -83,8 +83,8 @@ impl Topology {
         // A subnet per topology so parallel tests never share addresses.
         let net = 200 + (std::process::id() + n) % 50;
         let me = Self {
-            client: format!("nst-c-{id}"),
-            server: format!("nst-s-{id}"),
+            client: format!("tun5-c-{id}"),
+            server: format!("tun5-s-{id}"),
             client_if: format!("nst{id}c"),
             server_v4: format!("10.{net}.0.2"),
             server_v6: format!("fd{net:02x}::2"),

@@ -22,6 +22,8 @@ const MARK: &str = "0x00007478";
 struct Proc {
     child: Child,
     stderr: Arc<Mutex<String>>,
+    /// The line that said the process was ready.
+    ready: String,
 }
 
 impl Proc {
@@ -53,12 +55,19 @@ impl Proc {
                 let _ = tx2.send(line);
             }
         });
-        let me = Self { child, stderr };
+        let mut me = Self {
+            child,
+            stderr,
+            ready: String::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.contains(ready) => return me,
+                Ok(line) if line.contains(ready) => {
+                    me.ready = line;
+                    return me;
+                }
                 Ok(_) => {}
                 Err(_) => panic!("{ready:?} never came; stderr:\n{}", me.stderr()),
             }
@@ -330,4 +339,322 @@ fn tun_route_only_and_exclude() {
             .is_some_and(|s| s.success())
     );
     assert!(leftovers(&topo).is_empty());
+}
+
+/// A scratch directory for one proxy's identity, removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("tun5-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+
+    fn path(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Counters in the client namespace for the Tox traffic to the private network's ports: by
+/// the real link (`tox_out`) or anywhere else, i.e. into the TUN (`tox_looped`).
+fn install_tox_counters(topo: &Topology, ports: &[u16]) {
+    let ports = ports
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rules = format!(
+        "table inet nsttox {{
+            counter tox_out {{ }}
+            counter tox_looped {{ }}
+            chain out {{
+                type filter hook postrouting priority 0; policy accept;
+                oifname \"{i}\" meta l4proto {{ tcp, udp }} th dport {{ {ports} }} counter name \"tox_out\"
+                oifname != \"{i}\" oifname != \"lo\" meta l4proto {{ tcp, udp }} th dport {{ {ports} }} counter name \"tox_looped\"
+            }}
+        }}",
+        i = topo.client_if
+    );
+    let path = std::env::temp_dir().join(format!("{}.tox.nft", topo.client));
+    std::fs::write(&path, rules).expect("write nft rules");
+    run_ok(topo.in_client(&["nft", "-f", &path.to_string_lossy()]));
+    let _ = std::fs::remove_file(path);
+}
+
+fn table_counter(topo: &Topology, table: &str, name: &str) -> u64 {
+    let out = run_ok(topo.in_client(&["nft", "list", "counter", "inet", table, name]));
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {out}"))
+}
+
+/// Retries curl until it succeeds (the session to the exit takes seconds to come up).
+fn curl_until_ok(topo: &Topology, url: &str, limit: Duration) -> Vec<u8> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut cmd =
+            topo.in_client(&["curl", "--silent", "--show-error", "--max-time", "20", url]);
+        let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("curl");
+        if out.status.success() {
+            return out.stdout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "curl {url} kept failing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The cgroups named after `pid` in the cgroup v2 hierarchy, seen from a private mount.
+fn cgroups_of(pid: u32) -> String {
+    let script = format!(
+        "mount -t cgroup2 cgroup2 /sys/fs/cgroup && find /sys/fs/cgroup -maxdepth 3 -name 'proxy-tun-{pid}'"
+    );
+    run_ok({
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+        cmd
+    })
+}
+
+#[test]
+fn tun_through_an_exit_over_tox() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new().expect("namespaces");
+    let _servers = servers(&topo);
+    // The private Tox network and the exit live in the server namespace; the client reaches
+    // them over the veth link, which is what a looping Tox socket would miss.
+    let toxnet = Proc::spawn(topo.in_server(&[TOOL, "toxnet", "4"]), "ready");
+    let nodes: Vec<String> = toxnet
+        .ready
+        .split_whitespace()
+        .skip(1)
+        .map(String::from)
+        .collect();
+    assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
+    let ports: Vec<u16> = nodes
+        .iter()
+        .map(|n| {
+            n.rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("port")
+        })
+        .collect();
+    let bin = proxy_bin().to_string_lossy().into_owned();
+    let exit_dir = Scratch::new("exit");
+    let exit_data = exit_dir.path();
+    let mut exit_args = vec![
+        bin.as_str(),
+        "exit",
+        "--allow-any",
+        "--allow-private",
+        "--no-public-bootstrap",
+        "--data-dir",
+        &exit_data,
+    ];
+    for n in &nodes {
+        exit_args.extend(["--bootstrap", n.as_str()]);
+    }
+    let exit = Proc::spawn(topo.in_server(&exit_args), "tox id:");
+    let exit_id = exit
+        .ready
+        .trim()
+        .trim_start_matches("tox id:")
+        .trim()
+        .to_owned();
+
+    install_dns_counters(&topo);
+    install_tox_counters(&topo, &ports);
+    let client_dir = Scratch::new("client");
+    let client_data = client_dir.path();
+    let client_nodes: Vec<String> = nodes
+        .iter()
+        .map(|n| n.replace("127.0.0.1", &topo.server_v4))
+        .collect();
+    let mut extra = vec![
+        "--exit",
+        exit_id.as_str(),
+        "--no-public-bootstrap",
+        "--data-dir",
+        &client_data,
+    ];
+    for n in &client_nodes {
+        extra.extend(["--bootstrap", n.as_str()]);
+    }
+    let mut proxy = start_proxy(&topo, &extra);
+    let pid = proxy.child.id();
+    assert!(
+        cgroups_of(pid).contains(&format!("proxy-tun-{pid}")),
+        "the proxy has no cgroup of its own"
+    );
+
+    // HTTP through the TUN and the exit, small and large, content checked.
+    let page = curl_until_ok(
+        &topo,
+        &format!("http://{}/index.html", topo.server_v4),
+        Duration::from_secs(90),
+    );
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    // Bulk speed over Tox is the fabric benches' business; this checks the content.
+    let n = 512 * 1024 + 5;
+    let started = Instant::now();
+    check_big(
+        &curl(&topo, &format!("http://{}/big/{n}", topo.server_v4)),
+        n,
+    );
+    eprintln!("{n} bytes through the exit in {:?}", started.elapsed());
+
+    // DNS, UDP and TCP: answered through the exit, so no port-53 packet leaves the client
+    // namespace at all, marked or not.
+    let dns4 = format!("{}:53", topo.server_v4);
+    for proto in ["udp", "tcp"] {
+        let got = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "exit.test", proto]));
+        assert_eq!(got.trim(), "192.0.2.77", "{proto}");
+    }
+    assert_eq!(counter(&topo, "leak"), 0, "DNS leaked around the tun");
+    assert_eq!(
+        counter(&topo, "proxied"),
+        0,
+        "DNS left the client namespace instead of going through the exit"
+    );
+    // UDP round trip through the exit.
+    let echo4 = format!("{}:7", topo.server_v4);
+    let got = run_ok(topo.in_client(&[TOOL, "echo", &echo4, "hello-exit"]));
+    assert_eq!(got.trim(), format!("hello-exit from {echo4}"));
+
+    // c-toxcore's own sockets went out by the real link, never into the TUN.
+    assert!(
+        table_counter(&topo, "nsttox", "tox_out") > 0,
+        "no Tox traffic seen"
+    );
+    assert_eq!(
+        table_counter(&topo, "nsttox", "tox_looped"),
+        0,
+        "Tox traffic looped into the tun"
+    );
+
+    // Ctrl-C: a clean exit; no route, rule, device, nftables table or cgroup left.
+    let status = proxy
+        .interrupt(Duration::from_secs(20))
+        .expect("proxy exits");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        proxy.stderr()
+    );
+    let left = leftovers(&topo);
+    assert!(left.is_empty(), "left behind after SIGINT: {left:#?}");
+    let tables = run_ok(topo.in_client(&["nft", "list", "tables"]));
+    assert!(!tables.contains("proxy_tun"), "nft table left: {tables}");
+    assert!(cgroups_of(pid).trim().is_empty(), "cgroup left behind");
+    drop(exit);
+}
+
+/// `/etc/netns/NS/resolv.conf`, which `ip netns exec NS` shows as `/etc/resolv.conf`;
+/// removed on drop.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn new(ns: &str, nameserver: &str) -> Self {
+        let dir = std::path::Path::new("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir).expect("/etc/netns/NS");
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\n"),
+        )
+        .expect("resolv.conf");
+        Self(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn tun_fake_ip_dials_names() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new().expect("namespaces");
+    // The server's DNS answers every name with the server's own address.
+    let http4 = format!("{}:80", topo.server_v4);
+    let _servers = Proc::spawn(
+        topo.in_server(&[TOOL, "serve", &http4, "--", &topo.server_v4]),
+        "ready",
+    );
+    let _resolv = NetnsResolvConf::new(&topo.client, &topo.server_v4);
+    install_dns_counters(&topo);
+    let mut proxy = start_proxy(&topo, &["--fake-ip"]);
+
+    // A lookup in the client namespace gets a fake address, the same one every time.
+    let dns4 = format!("{}:53", topo.server_v4);
+    let first = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "web.test"]));
+    let fake: std::net::Ipv4Addr = first.trim().parse().expect("an IPv4 answer");
+    assert_eq!(fake.octets()[..2], [198, 18], "not a fake address: {fake}");
+    let again = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "WEB.test"]));
+    assert_eq!(again.trim(), first.trim(), "names are case-insensitive");
+    let other = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "other.test"]));
+    assert_ne!(other.trim(), first.trim());
+    assert_eq!(
+        counter(&topo, "leak") + counter(&topo, "proxied"),
+        0,
+        "fake answers need no resolver"
+    );
+
+    // curl by name: the system resolver gets the fake address, the proxy dials the name
+    // (resolving it itself, through its marked sockets) and the content arrives.
+    let page = curl(&topo, "http://web.test/index.html");
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    let n = 1024 * 1024 + 7;
+    check_big(&curl(&topo, &format!("http://web.test/big/{n}")), n);
+    let log = proxy.stderr();
+    // curl may take the A or the AAAA answer.
+    let fake6 = "[fc00::10]:80";
+    assert!(
+        (log.contains(&format!("dst={fake}:80")) || log.contains(&format!("dst={fake6}")))
+            && log.contains("fake address"),
+        "the flow did not go to a fake address:\n{log}"
+    );
+    assert_eq!(counter(&topo, "leak"), 0, "the proxy's own lookup leaked");
+    assert!(
+        counter(&topo, "proxied") >= 1,
+        "the proxy did not resolve the name itself"
+    );
+
+    // A fake address nobody was given: refused, not dialed.
+    let mut cmd = topo.in_client(&[
+        "curl",
+        "--silent",
+        "--max-time",
+        "10",
+        "http://198.19.200.200/",
+    ]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("curl");
+    assert!(!out.status.success(), "an unknown fake address was dialed");
+
+    let status = proxy
+        .interrupt(Duration::from_secs(15))
+        .expect("proxy exits");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(leftovers(&topo).is_empty());
+    let pid = proxy.child.id();
+    assert!(cgroups_of(pid).trim().is_empty(), "cgroup left behind");
 }

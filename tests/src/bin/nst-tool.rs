@@ -9,6 +9,8 @@
 //!   prints `ready`.
 //! - `nst-tool hold SERVER:PORT N SECONDS`: opens N connections, prints `held N`, keeps them
 //!   open SECONDS, then exits.
+//! - `nst-tool toxnet N`: a private Tox network of N daemons inside this namespace; prints
+//!   `ready PK@127.0.0.1:PORT...` and runs until killed (the daemons stop with it).
 
 #![forbid(unsafe_code)]
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -20,6 +22,7 @@ use std::thread;
 use std::time::Duration;
 
 use tests::servers::{HttpServer, dns_answer, dns_parse_a, dns_query};
+use tests::toxnet::ToxNet;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,7 +32,8 @@ fn main() -> ExitCode {
         Some("echo") => echo(&args[1..]),
         Some("sink") => sink(&args[1..]),
         Some("hold") => hold(&args[1..]),
-        _ => Err("usage: nst-tool serve|dns|echo ...".into()),
+        Some("toxnet") => toxnet(&args[1..]),
+        _ => Err("usage: nst-tool serve|dns|echo|sink|hold|toxnet ...".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -220,4 +224,21 @@ fn hold(args: &[String]) -> Res {
     std::io::stdout().flush().map_err(|e| e.to_string())?;
     thread::sleep(Duration::from_secs(secs));
     Ok(())
+}
+
+fn toxnet(args: &[String]) -> Res {
+    let n: usize = args
+        .first()
+        .ok_or("missing N")?
+        .parse()
+        .map_err(|e| format!("N: {e}"))?;
+    // Dropped (daemons stopped) only if this process is asked to end nicely; when it is
+    // killed, the daemons see their stdin close and stop by themselves.
+    let net = ToxNet::start(n).map_err(|e| format!("tox network: {e}"))?;
+    let nodes: Vec<String> = net.nodes().iter().map(ToString::to_string).collect();
+    println!("ready {}", nodes.join(" "));
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    loop {
+        thread::sleep(Duration::from_secs(3600));
+    }
 }
