@@ -464,6 +464,8 @@ fn tun_through_an_exit_over_tox() {
         "--allow-any",
         "--allow-private",
         "--no-public-bootstrap",
+        // Tests never reach the public STUN servers.
+        "--no-public-stun",
         "--data-dir",
         &exit_data,
     ];
@@ -490,6 +492,7 @@ fn tun_through_an_exit_over_tox() {
         "--exit",
         exit_id.as_str(),
         "--no-public-bootstrap",
+        "--no-public-stun",
         "--data-dir",
         &client_data,
     ];
