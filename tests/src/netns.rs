@@ -2,11 +2,13 @@
 //! by a veth pair, with IPv4 and IPv6, removed on drop (deleting a namespace deletes its
 //! devices, routes and rules with it).
 
-use std::io;
+use std::io::{self, BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::servers::run_with_timeout;
 
@@ -171,5 +173,93 @@ impl Drop for Topology {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.server])
             .status();
+    }
+}
+
+/// A child process killed on drop, its stderr collected (for tests that run processes inside
+/// namespaces).
+#[derive(Debug)]
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    stderr: Arc<Mutex<String>>,
+    /// The line that said the process was ready.
+    pub ready: String,
+}
+
+impl Proc {
+    /// Spawns `cmd` and waits (at most 60 s) for a line of its output containing `ready`.
+    pub fn spawn(mut cmd: Command, ready: &str) -> Self {
+        let mut child = cmd
+            .env("RUST_LOG", "proxy=debug,netstack=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let tx2 = tx.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+                let _ = tx2.send(line);
+            }
+        });
+        let mut me = Self {
+            child,
+            stderr,
+            ready: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(ready) => {
+                    me.ready = line;
+                    return me;
+                }
+                Ok(_) => {}
+                Err(_) => panic!("{ready:?} never came; stderr:\n{}", me.stderr()),
+            }
+        }
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// SIGINT, then the exit status within `limit`.
+    pub fn interrupt(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -6,100 +6,15 @@
 //!
 //! Needs root (network namespaces, TUN); skips with a message where namespaces are impossible.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tests::netns::{Topology, unavailable};
+use tests::netns::{Proc, Topology, unavailable};
 use tests::servers::{check_big, proxy_bin, run_with_timeout};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
 const MARK: &str = "0x00007478";
-
-/// A child process killed on drop, its stderr collected.
-struct Proc {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    /// The line that said the process was ready.
-    ready: String,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, ready: &str) -> Self {
-        let mut child = cmd
-            .env("RUST_LOG", "proxy=debug,netstack=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let out = child.stdout.take().expect("stdout");
-        let err = child.stderr.take().expect("stderr");
-        let tx2 = tx.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let sink = stderr.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-                let _ = tx2.send(line);
-            }
-        });
-        let mut me = Self {
-            child,
-            stderr,
-            ready: String::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains(ready) => {
-                    me.ready = line;
-                    return me;
-                }
-                Ok(_) => {}
-                Err(_) => panic!("{ready:?} never came; stderr:\n{}", me.stderr()),
-            }
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    /// SIGINT, then the exit status within `limit`.
-    fn interrupt(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn run_ok(mut cmd: Command) -> String {
     let out = run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("run");

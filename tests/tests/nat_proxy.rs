@@ -1,0 +1,189 @@
+//! The NAT matrix with whole processes: `proxy exit` on side a and a client `proxy --exit` on
+//! side b of a [`NatTopology`], the private Tox network and a coturn STUN server in the public
+//! namespace. Each cell fetches 4 MiB from an HTTP server beside the exit through the client's
+//! SOCKS5 listener (checked byte for byte) and asserts the path `proxy status` reports: the
+//! session starts on Tox, both sides learn their candidates from STUN and exchange them over
+//! Tox, and the session moves to punched UDP, punched TCP, or stays on Tox.
+//!
+//! Needs root, nftables and coturn; skips with a message where namespaces are impossible.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::nat::{Nat, NatTopology, unavailable};
+use tests::netns::Proc;
+use tests::servers::{big_byte, proxy_bin, run_with_timeout};
+
+const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
+/// The public namespace's address (where the Tox daemons and the STUN server listen).
+const PUBLIC: &str = "198.51.100.1";
+/// The body fetched through the exit.
+const BYTES: usize = 4 << 20;
+
+/// A scratch directory for one process's identity, removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("nat6-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+
+    fn path(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `args` in side `i`'s namespace to completion (at most 60 s).
+fn run_in(topo: &NatTopology, i: usize, args: &[&str]) -> std::process::Output {
+    let mut cmd: Command = topo.in_peer(i, args);
+    run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("run in namespace")
+}
+
+fn cell(exit_side: Nat, client_side: Nat, want: &[&str]) {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let topo = NatTopology::new(exit_side, client_side).expect("namespaces");
+    let toxnet = Proc::spawn(topo.in_public(&[TOOL, "toxnet", "4"]), "ready");
+    let nodes: Vec<String> = toxnet
+        .ready
+        .split_whitespace()
+        .skip(1)
+        .map(|n| n.replace("127.0.0.1", PUBLIC))
+        .collect();
+    assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
+    let _origin = Proc::spawn(
+        topo.in_peer(0, &[TOOL, "serve", "127.0.0.1:80", "--", "192.0.2.77"]),
+        "ready",
+    );
+    let stun = topo.stun().to_string();
+    let bin = proxy_bin().to_string_lossy().into_owned();
+    let with_network = |mut args: Vec<String>| {
+        args.extend([
+            "--no-public-bootstrap".into(),
+            "--stun".into(),
+            stun.clone(),
+        ]);
+        for n in &nodes {
+            args.extend(["--bootstrap".into(), n.clone()]);
+        }
+        args
+    };
+
+    let exit_dir = Scratch::new("exit");
+    let exit_args = with_network(vec![
+        bin.clone(),
+        "exit".into(),
+        "--allow-any".into(),
+        // The origin is on the exit's loopback.
+        "--allow-private".into(),
+        "--data-dir".into(),
+        exit_dir.path(),
+    ]);
+    let exit_args: Vec<&str> = exit_args.iter().map(String::as_str).collect();
+    let exit = Proc::spawn(topo.in_peer(0, &exit_args), "tox id:");
+    let exit_id = exit
+        .ready
+        .trim()
+        .trim_start_matches("tox id:")
+        .trim()
+        .to_owned();
+
+    let client_dir = Scratch::new("client");
+    let client_args = with_network(vec![
+        bin.clone(),
+        "--exit".into(),
+        exit_id,
+        "--socks".into(),
+        "127.0.0.1:1080".into(),
+        "--http".into(),
+        "127.0.0.1:8080".into(),
+        "--data-dir".into(),
+        client_dir.path(),
+    ]);
+    let client_args: Vec<&str> = client_args.iter().map(String::as_str).collect();
+    let client = Proc::spawn(topo.in_peer(1, &client_args), "http listening on");
+
+    // The session comes up over Tox (both nodes fresh), then the path settles.
+    let url = format!("http://127.0.0.1/big/{BYTES}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let body = loop {
+        let out = run_in(
+            &topo,
+            1,
+            &[
+                "curl",
+                "--silent",
+                "--show-error",
+                "--max-time",
+                "40",
+                "--socks5-hostname",
+                "127.0.0.1:1080",
+                &url,
+            ],
+        );
+        if out.status.success() {
+            break out.stdout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no body through the exit within 120 s: {}\nclient:\n{}\nexit:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            client.stderr(),
+            exit.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(body.len(), BYTES);
+    assert!(
+        body.iter()
+            .enumerate()
+            .all(|(i, &b)| b == big_byte(i as u64)),
+        "the body differs"
+    );
+
+    let status = || {
+        let out = run_in(&topo, 1, &[&bin, "status", "--from", "127.0.0.1:8080"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let settled = Instant::now() + Duration::from_secs(40);
+    let mut text = status();
+    while !want.iter().any(|w| text.contains(&format!("path {w} "))) && Instant::now() < settled {
+        std::thread::sleep(Duration::from_millis(250));
+        text = status();
+    }
+    assert!(
+        want.iter().any(|w| text.contains(&format!("path {w} "))),
+        "want path {want:?}:\n{text}\nclient:\n{}",
+        client.stderr()
+    );
+}
+
+#[test]
+fn public_exit_and_client_behind_cone_nat_move_to_punched_udp() {
+    cell(Nat::Public, Nat::Cone, &["udp-punched"]);
+}
+
+#[test]
+fn exit_without_udp_and_client_behind_cone_nat_move_to_punched_tcp() {
+    cell(Nat::UdpBlocked, Nat::Cone, &["tcp-punched"]);
+}
+
+#[test]
+fn both_behind_symmetric_nat_stay_on_tox() {
+    cell(
+        Nat::Symmetric,
+        Nat::Symmetric,
+        &["tox-udp", "tox-tcp-relay"],
+    );
+}
