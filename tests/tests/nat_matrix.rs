@@ -16,9 +16,9 @@
 //!
 //! "none" is where a session stays on Tox; these tests run the punching primitives only (the
 //! `punch-agent nat` helper in both homes), so they check that both sides agree there is no
-//! direct path. Once `proxy` moves sessions onto punched links, the same topologies run whole
-//! `proxy exit` / `proxy` processes with the private Tox network in the public namespace
-//! ([`tests::nat::NatTopology::in_public`]) and assert `proxy status`'s path instead.
+//! direct path. `nat_proxy` runs whole `proxy exit` / `proxy` processes on the same
+//! topologies, with the private Tox network in the public namespace, and asserts the path
+//! `proxy status` reports (punched UDP, punched TCP, Tox) after a fetch through the exit.
 //!
 //! Needs root, nftables and coturn; skips with a message where namespaces are impossible.
 
