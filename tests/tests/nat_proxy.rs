@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::nat::{Nat, NatTopology, unavailable};
-use tests::netns::Proc;
+use tests::netns::{Proc, Scratch};
 use tests::servers::{big_byte, proxy_bin, run_with_timeout};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
@@ -19,28 +19,6 @@ const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
 const PUBLIC: &str = "198.51.100.1";
 /// The body fetched through the exit.
 const BYTES: usize = 4 << 20;
-
-/// A scratch directory for one process's identity, removed on drop.
-struct Scratch(std::path::PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("nat6-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Self(dir)
-    }
-
-    fn path(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs `args` in side `i`'s namespace to completion (at most 60 s).
 fn run_in(topo: &NatTopology, i: usize, args: &[&str]) -> std::process::Output {

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tests::netns::{Proc, Topology, unavailable};
+use tests::netns::{Proc, Scratch, Topology, unavailable};
 use tests::servers::{check_big, proxy_bin, run_with_timeout};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
@@ -254,28 +254,6 @@ fn tun_route_only_and_exclude() {
             .is_some_and(|s| s.success())
     );
     assert!(leftovers(&topo).is_empty());
-}
-
-/// A scratch directory for one proxy's identity, removed on drop.
-struct Scratch(std::path::PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("tun5-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Self(dir)
-    }
-
-    fn path(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Counters in the client namespace for the Tox traffic to the private network's ports: by
