@@ -10,6 +10,11 @@
 //!  table inet proxy_tun
 //!    chain marking (type route, hook output)  socket cgroupv2 level L "<our cgroup>"
 //!                                              meta mark set MARK    ─► re-routed: main table
+//!                                              ct mark set MARK
+//!                                              ct mark MARK ─► meta mark set MARK
+//!                                              (packets the kernel sends for a connection
+//!                                              with no full socket behind them: a closed
+//!                                              TCP connection's FIN/RST from TIME_WAIT)
 //!    chain masq    (type nat, hook postrouting)  marked, source = the TUN's own address
 //!                                              ─► masquerade
 //! ```
@@ -65,7 +70,8 @@ impl OwnSockets {
             "table inet {TABLE} {{
                 chain marking {{
                     type route hook output priority mangle; policy accept;
-                    socket cgroupv2 level {level} \"{path}\" meta mark set {MARK:#x} counter
+                    socket cgroupv2 level {level} \"{path}\" meta mark set {MARK:#x} ct mark set {MARK:#x} counter
+                    ct mark {MARK:#x} meta mark set {MARK:#x}
                 }}
                 chain masq {{
                     type nat hook postrouting priority srcnat; policy accept;
