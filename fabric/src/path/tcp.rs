@@ -82,23 +82,28 @@ impl Drop for TcpLink {
 
 impl TcpLinkSender {
     /// Queues a session packet without waiting.
-    pub fn try_send(&self, packet: Vec<u8>) -> Result<(), LinkSendError> {
+    pub fn try_send(&self, packet: impl AsRef<[u8]>) -> Result<(), LinkSendError> {
+        let packet = packet.as_ref();
         if packet.len() > MAX_FRAME || packet.is_empty() {
             // Not a session packet; the session never makes these.
             return Ok(());
         }
-        self.0.try_send(packet).map_err(|e| match e {
+        self.0.try_send(packet.to_vec()).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => LinkSendError::Full,
             mpsc::error::TrySendError::Closed(_) => LinkSendError::Closed,
         })
     }
 
     /// Queues a session packet, waiting while the writer is behind.
-    pub async fn send(&self, packet: Vec<u8>) -> Result<(), LinkSendError> {
+    pub async fn send(&self, packet: impl AsRef<[u8]>) -> Result<(), LinkSendError> {
+        let packet = packet.as_ref();
         if packet.len() > MAX_FRAME || packet.is_empty() {
             return Ok(());
         }
-        self.0.send(packet).await.map_err(|_| LinkSendError::Closed)
+        self.0
+            .send(packet.to_vec())
+            .await
+            .map_err(|_| LinkSendError::Closed)
     }
 }
 

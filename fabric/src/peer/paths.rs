@@ -69,34 +69,32 @@ impl Carrier {
     /// wait for the link, but not for ever (a stalled TCP connection must not stall the
     /// driver too).
     pub(super) async fn send(&self, packet: &[u8], also_tox: bool) -> bool {
-        let (first, retry) = match self {
-            Self::Tox => return false,
+        match self {
+            Self::Tox => false,
             // A forced punched path is not up: KCP sends it again later.
-            Self::Held => return true,
-            Self::Udp(link) => (link.try_send(packet), Either::Udp(link)),
-            Self::Tcp(link) => (link.try_send(packet.to_vec()), Either::Tcp(link)),
-        };
-        match first {
-            Ok(()) => true,
-            Err(LinkSendError::Full) if also_tox => true,
-            Err(LinkSendError::Full) => {
-                let wait = async {
-                    match retry {
-                        Either::Udp(link) => link.send(packet).await,
-                        Either::Tcp(link) => link.send(packet.to_vec()).await,
-                    }
-                };
-                matches!(tokio::time::timeout(LINK_WAIT, wait).await, Ok(Ok(())))
-            }
-            Err(_) => false,
+            Self::Held => true,
+            // The waiting sends are futures: nothing happens unless the queue was full.
+            Self::Udp(link) => settle(link.try_send(packet), also_tox, link.send(packet)).await,
+            Self::Tcp(link) => settle(link.try_send(packet), also_tox, link.send(packet)).await,
         }
     }
 }
 
-/// The link a full queue is retried on.
-enum Either<'a> {
-    Udp(&'a UdpLinkSender),
-    Tcp(&'a TcpLinkSender),
+/// What became of a packet offered to a link: `first` is the attempt without waiting, `wait`
+/// the send that waits for room (polled only when the queue was full and Tox has no copy).
+async fn settle(
+    first: Result<(), LinkSendError>,
+    also_tox: bool,
+    wait: impl Future<Output = Result<(), LinkSendError>>,
+) -> bool {
+    match first {
+        Ok(()) => true,
+        Err(LinkSendError::Full) if also_tox => true,
+        Err(LinkSendError::Full) => {
+            matches!(tokio::time::timeout(LINK_WAIT, wait).await, Ok(Ok(())))
+        }
+        Err(_) => false,
+    }
 }
 
 /// The longest a session driver waits for room on a punched link before sending the packet
@@ -675,11 +673,10 @@ impl Agent {
     }
 
     fn set_status(&self, active: ActivePath, remote: Option<SocketAddr>, why: String) {
-        let rtt = None;
         lock(&self.status).link = PathStatus {
             active,
             remote,
-            rtt,
+            rtt: None,
             why,
         };
     }
