@@ -236,6 +236,15 @@ impl Proc {
         }
     }
 
+    /// The ready line without `prefix` and surrounding blanks (`"tox id: ID"` → `ID`).
+    pub fn ready_value(&self, prefix: &str) -> String {
+        self.ready
+            .trim()
+            .trim_start_matches(prefix)
+            .trim()
+            .to_owned()
+    }
+
     /// What it wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()

@@ -70,12 +70,7 @@ fn cell(exit_side: Nat, client_side: Nat, want: &[&str]) {
     ]);
     let exit_args: Vec<&str> = exit_args.iter().map(String::as_str).collect();
     let exit = Proc::spawn(topo.in_peer(0, &exit_args), "tox id:");
-    let exit_id = exit
-        .ready
-        .trim()
-        .trim_start_matches("tox id:")
-        .trim()
-        .to_owned();
+    let exit_id = exit.ready_value("tox id:");
 
     let client_dir = Scratch::new("client");
     let client_args = with_network(vec![

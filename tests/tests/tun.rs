@@ -366,12 +366,7 @@ fn tun_through_an_exit_over_tox() {
         exit_args.extend(["--bootstrap", n.as_str()]);
     }
     let exit = Proc::spawn(topo.in_server(&exit_args), "tox id:");
-    let exit_id = exit
-        .ready
-        .trim()
-        .trim_start_matches("tox id:")
-        .trim()
-        .to_owned();
+    let exit_id = exit.ready_value("tox id:");
 
     install_dns_counters(&topo);
     install_tox_counters(&topo, &ports);
