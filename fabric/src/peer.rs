@@ -578,12 +578,17 @@ impl Shared {
     /// A session packet (without any path's framing) from `pk`, from Tox or a punched link.
     fn handle_session_packet(self: &Arc<Self>, pk: PublicKey, data: Bytes, via: Via) {
         let now = Instant::now();
+        let conv = session::conv_of(&data);
         let (input, answer_unknown) = self.with_slot(pk, |slot| {
-            if let Some(r) = &slot.session {
+            if let Some(r) = &slot.session
+                && conv == Some(r.conv)
+            {
                 return (Some(r.input.clone()), false);
             }
             // Only an exit (which holds an acceptor for this client, or allows it) tells a
-            // client its session is gone; a client ignores strays.
+            // client its session is gone; a client ignores strays. A packet of another conv
+            // than the running one is answered too: a client that took an answer the exit
+            // has since replaced learns in a round trip, not after the idle timeout.
             let due = slot
                 .last_unknown
                 .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
@@ -597,7 +602,7 @@ impl Shared {
         if let Some(input) = input {
             // A full queue drops the packet: it is lossy, KCP retransmits.
             let _ = input.try_send(Input::Packet(data, via));
-        } else if answer_unknown && let Some(conv) = session::conv_of(&data) {
+        } else if answer_unknown && let Some(conv) = conv {
             debug!(peer = %pk, %conv, "packets for an unknown session");
             self.send_control(
                 pk,

@@ -325,6 +325,10 @@ pub struct Acceptor {
     salt: u64,
     counter: u32,
     current: Option<ConvId>,
+    /// The request that was given `current`: the opener resends its request until an answer
+    /// arrives, so a repeat of it must get the same conv, not replace the session the first
+    /// answer (still on its way) started.
+    current_request: Option<u32>,
 }
 
 impl Acceptor {
@@ -339,11 +343,13 @@ impl Acceptor {
             salt,
             counter: 0,
             current: None,
+            current_request: None,
         }
     }
 
     /// Answers an `Open`. A request to resume the conv this client already holds keeps it,
-    /// so its streams survive the client's reconnect; anything else gets a fresh conv.
+    /// so its streams survive the client's reconnect, and a resent request gets the answer it
+    /// got the first time; anything else gets a fresh conv.
     /// Returns the answer and whether it is a new session.
     pub fn handle_open(
         &mut self,
@@ -351,21 +357,20 @@ impl Acceptor {
         request: u32,
         resume: Option<ConvId>,
     ) -> (Control, bool) {
-        if let (Some(want), Some(have)) = (resume, self.current)
-            && want == have
+        if let Some(have) = self.current
+            && (resume == Some(have) || self.current_request == Some(request))
         {
-            {
-                return (
-                    Control::Accept {
-                        request,
-                        conv: have,
-                    },
-                    false,
-                );
-            }
+            return (
+                Control::Accept {
+                    request,
+                    conv: have,
+                },
+                false,
+            );
         }
         let conv = self.fresh(now);
         self.current = Some(conv);
+        self.current_request = Some(request);
         (Control::Accept { request, conv }, true)
     }
 
@@ -373,6 +378,7 @@ impl Acceptor {
     pub fn forget(&mut self, conv: ConvId) {
         if self.current == Some(conv) {
             self.current = None;
+            self.current_request = None;
         }
     }
 
@@ -525,5 +531,29 @@ mod tests {
             panic!("forgotten conv is not resumed");
         };
         assert_ne!(c3, c2);
+    }
+
+    /// The opener resends until answered; when its first `Open` and a resend cross the
+    /// first answer, both must name one conv (CI saw a client and an exit on two convs,
+    /// each timing out after 40 s).
+    #[test]
+    fn acceptor_answers_a_resent_open_with_the_same_conv() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(1);
+        let mut a = Acceptor::new(t0, b"client key");
+        let (first, true) = a.handle_open(t0, 9, None) else {
+            panic!("fresh session expected");
+        };
+        assert_eq!(a.handle_open(later, 9, None), (first, false));
+        let (Control::Accept { conv: other, .. }, true) = a.handle_open(later, 10, None) else {
+            panic!("a new request is a new session");
+        };
+        let Control::Accept { conv: first, .. } = first else {
+            panic!("an accept expected");
+        };
+        assert_ne!(other, first);
+        a.forget(other);
+        let (_, fresh) = a.handle_open(later, 10, None);
+        assert!(fresh, "a request whose session ended starts a new one");
     }
 }
