@@ -365,6 +365,13 @@ fn tun_through_an_exit_over_tox() {
     for n in &nodes {
         exit_args.extend(["--bootstrap", n.as_str()]);
     }
+    // `ip netns exec` mounts /etc/netns/NS/hosts over /etc/hosts when the exit starts; the
+    // fake-IP part below needs the exit to resolve web.test.
+    let _hosts = NetnsEtcFile::new(
+        &topo.server,
+        "hosts",
+        &format!("127.0.0.1 localhost\n{} web.test\n", topo.server_v4),
+    );
     let exit = Proc::spawn(topo.in_server(&exit_args), "tox id:");
     let exit_id = exit.ready_value("tox id:");
 
@@ -453,27 +460,62 @@ fn tun_through_an_exit_over_tox() {
     let tables = run_ok(topo.in_client(&["nft", "list", "tables"]));
     assert!(!tables.contains("proxy_tun"), "nft table left: {tables}");
     assert!(cgroups_of(pid).trim().is_empty(), "cgroup left behind");
+
+    // Fake-IP through the exit: the client answers the lookup with a fake address and sends
+    // the name; the exit resolves it itself (its hosts file, made before it started, knows
+    // web.test; the client's world does not).
+    let _resolv = NetnsEtcFile::resolv_conf(&topo.client, &topo.server_v4);
+    let mut fake_args = extra.clone();
+    fake_args.push("--fake-ip");
+    let mut proxy = start_proxy(&topo, &fake_args);
+    let n = 256 * 1024 + 3;
+    let url = format!("http://web.test/big/{n}");
+    let page = std::panic::catch_unwind(|| curl_until_ok(&topo, &url, Duration::from_secs(90)))
+        .unwrap_or_else(|_| {
+            panic!(
+                "no fake-IP fetch through the exit\nproxy:\n{}\nexit:\n{}",
+                proxy.stderr(),
+                exit.stderr()
+            )
+        });
+    check_big(&page, n);
+    assert!(
+        proxy.stderr().contains("fake address"),
+        "the lookup was not answered with a fake address:\n{}",
+        proxy.stderr()
+    );
+    assert!(
+        exit.stderr().contains("web.test:80"),
+        "the exit was not given the name:\n{}",
+        exit.stderr()
+    );
+    assert_eq!(counter(&topo, "leak"), 0, "DNS leaked around the tun");
+    let status = proxy
+        .interrupt(Duration::from_secs(20))
+        .expect("proxy exits");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(leftovers(&topo).is_empty());
     drop(exit);
 }
 
-/// `/etc/netns/NS/resolv.conf`, which `ip netns exec NS` shows as `/etc/resolv.conf`;
-/// removed on drop.
-struct NetnsResolvConf(std::path::PathBuf);
+/// `/etc/netns/NS/FILE`, which `ip netns exec NS` shows as `/etc/FILE` (`resolv.conf`,
+/// `hosts`); the namespace's directory is removed on drop.
+struct NetnsEtcFile(std::path::PathBuf);
 
-impl NetnsResolvConf {
-    fn new(ns: &str, nameserver: &str) -> Self {
+impl NetnsEtcFile {
+    fn new(ns: &str, file: &str, contents: &str) -> Self {
         let dir = std::path::Path::new("/etc/netns").join(ns);
         std::fs::create_dir_all(&dir).expect("/etc/netns/NS");
-        std::fs::write(
-            dir.join("resolv.conf"),
-            format!("nameserver {nameserver}\n"),
-        )
-        .expect("resolv.conf");
+        std::fs::write(dir.join(file), contents).expect("/etc/netns/NS/FILE");
         Self(dir)
+    }
+
+    fn resolv_conf(ns: &str, nameserver: &str) -> Self {
+        Self::new(ns, "resolv.conf", &format!("nameserver {nameserver}\n"))
     }
 }
 
-impl Drop for NetnsResolvConf {
+impl Drop for NetnsEtcFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
@@ -491,7 +533,7 @@ fn tun_fake_ip_dials_names() {
         topo.in_server(&[TOOL, "serve", &http4, "--", &topo.server_v4]),
         "ready",
     );
-    let _resolv = NetnsResolvConf::new(&topo.client, &topo.server_v4);
+    let _resolv = NetnsEtcFile::resolv_conf(&topo.client, &topo.server_v4);
     install_dns_counters(&topo);
     let mut proxy = start_proxy(&topo, &["--fake-ip"]);
 
