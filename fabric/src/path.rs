@@ -148,7 +148,7 @@ impl Default for PathConfig {
 pub const PUBLIC_STUN_SERVERS: &[&str] = &["stun.l.google.com:19302", "stun.cloudflare.com:3478"];
 
 /// Which path carries a session now, and why.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct PathStatus {
     /// The path in use.
@@ -158,6 +158,9 @@ pub struct PathStatus {
     /// The punched UDP link's latest keepalive round trip (the session's own RTT figures
     /// cover whichever path it is on).
     pub rtt: Option<Duration>,
+    /// The share of the punched UDP link's latest keepalive round trips that went
+    /// unanswered (the path's own loss, whatever the session sends).
+    pub loss: Option<f64>,
     /// Why this path: the outcome of the latest punching attempt, in words.
     pub why: String,
 }

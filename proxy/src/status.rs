@@ -266,10 +266,13 @@ impl Snapshot {
                     .link
                     .remote
                     .map_or_else(String::new, |r| format!(" to {r}"));
-                let rtt = st
-                    .link
-                    .rtt
-                    .map_or_else(String::new, |r| format!(" (link rtt {})", millis(Some(r))));
+                let rtt = match (st.link.rtt, st.link.loss) {
+                    (Some(r), Some(l)) => {
+                        format!(" (link rtt {}, loss {:.0} %)", millis(Some(r)), l * 100.0)
+                    }
+                    (Some(r), None) => format!(" (link rtt {})", millis(Some(r))),
+                    _ => String::new(),
+                };
                 let _ = writeln!(out, "  punching: {}{remote}{rtt}", st.link.why);
             }
         }
@@ -356,6 +359,18 @@ impl Snapshot {
             "gauge",
             "Smoothed round-trip time of the session.",
             &per_peer(&|st| st.session.srtt.map_or(f64::NAN, |d| d.as_secs_f64())),
+        );
+        metric(
+            "peer_link_rtt_seconds",
+            "gauge",
+            "Latest keepalive round trip of the punched UDP link (NaN: none).",
+            &per_peer(&|st| st.link.rtt.map_or(f64::NAN, |d| d.as_secs_f64())),
+        );
+        metric(
+            "peer_link_loss_ratio",
+            "gauge",
+            "Share of the punched UDP link's latest keepalive round trips lost (NaN: none).",
+            &per_peer(&|st| st.link.loss.unwrap_or(f64::NAN)),
         );
         metric(
             "peer_delivery_rate_bytes",
@@ -554,6 +569,25 @@ mod tests {
         assert!(t.contains("streams 3"), "{t}");
         assert!(
             t.contains("retransmits 1 of 100 segments (1.00 % loss)"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn text_shows_the_punched_link_its_rtt_and_loss() {
+        let mut snap = snapshot();
+        let link = &mut snap.peers[0].1.link;
+        link.active = ActivePath::Udp;
+        link.remote = Some("203.0.113.7:4000".parse().unwrap());
+        link.rtt = Some(Duration::from_millis(12));
+        link.loss = Some(0.25);
+        link.why = "direct udp link up".into();
+        let t = snap.text();
+        assert!(t.contains("path udp-punched"), "{t}");
+        assert!(
+            t.contains(
+                "punching: direct udp link up to 203.0.113.7:4000 (link rtt 12.0 ms, loss 25 %)"
+            ),
             "{t}"
         );
     }

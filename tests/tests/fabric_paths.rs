@@ -1,6 +1,7 @@
 //! A live session moving between paths: it starts on Tox (private network on 127.0.0.1), moves
-//! to a punched UDP link, falls back to punched TCP and then to Tox as nftables blackholes
-//! each link, and punches UDP again once it is allowed, while streams verified by SHA-256 keep
+//! to a punched UDP link, to punched TCP while the UDP link loses most packets and back when it
+//! recovers, falls back to punched TCP and then to Tox as nftables blackholes each link, and
+//! punches UDP again once it is allowed, while streams verified by SHA-256 keep
 //! flowing through every move. `--path` choices that force one path are honoured.
 //!
 //! Both peers run in this process, so their candidates are this machine's own addresses:
@@ -27,6 +28,9 @@ fn fabric(net: &ToxNet, name: &str, choice: PathChoice, allow: &[&Fabric]) -> Re
     }
     let mut config = FabricConfig::new(tox);
     config.path.choice = choice;
+    // Keepalives every half second (2 s by default) so that a lossy link's measured loss
+    // builds up, and clears, within seconds.
+    config.path.punch.keepalive_interval = Duration::from_millis(500);
     Ok(Fabric::start(config)?)
 }
 
@@ -105,18 +109,40 @@ struct Blackhole {
 }
 
 impl Blackhole {
+    /// Drops every packet, sent or received.
     fn new(tag: &str, protocol: &str, ports: &[u16]) -> Result<Self> {
+        Self::install(tag, protocol, ports, &["input", "output"], "drop")
+    }
+
+    /// Drops `percent` % of the packets as they arrive (once per direction on loopback).
+    fn lossy(tag: &str, protocol: &str, ports: &[u16], percent: u8) -> Result<Self> {
+        let verdict = format!("numgen random mod 100 < {percent} drop");
+        Self::install(tag, protocol, ports, &["input"], &verdict)
+    }
+
+    fn install(
+        tag: &str,
+        protocol: &str,
+        ports: &[u16],
+        hooks: &[&str],
+        verdict: &str,
+    ) -> Result<Self> {
         let table = format!("fabricpaths{}{tag}", std::process::id());
         let ports = ports
             .iter()
             .map(u16::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        let script = format!(
-            "table inet {table} {{\n chain input {{ type filter hook input priority -10; \
-             {protocol} dport {{ {ports} }} drop\n }}\n chain output {{ type filter hook output \
-             priority -10; {protocol} dport {{ {ports} }} drop\n }}\n}}\n"
-        );
+        let chains: String = hooks
+            .iter()
+            .map(|hook| {
+                format!(
+                    " chain {hook} {{ type filter hook {hook} priority -10; \
+                     {protocol} dport {{ {ports} }} {verdict}\n }}\n"
+                )
+            })
+            .collect();
+        let script = format!("table inet {table} {{\n{chains}}}\n");
         let path = std::env::temp_dir().join(format!("{table}.nft"));
         std::fs::write(&path, script)?;
         let out = netns::sh(&["nft", "-f", &path.display().to_string()]);
@@ -163,6 +189,33 @@ async fn a_live_session_moves_between_punched_links_and_tox_without_losing_a_byt
     .context("tox → udp")?;
     tracing::info!(?took, "session moved to punched udp");
     let conv = peer.status().conv;
+
+    // A UDP link that loses most of its packets (60 % each way: UDP throttled) yields to the
+    // TCP link punched beside it, once its keepalives show it, and takes over again when the
+    // loss is gone.
+    let lossy = Blackhole::lossy("l", "udp", &ports(&peer, &exit)?, 60)?;
+    let took = traffic_during(
+        &peer,
+        5,
+        wait_for_path(&peer, &exit, ActivePath::Tcp, Duration::from_secs(30)),
+    )
+    .await
+    .context("lossy udp → tcp")?;
+    let loss = peer.status().link.loss;
+    tracing::info!(?took, ?loss, "session left the lossy udp link");
+    ensure!(
+        loss.is_some_and(|l| l >= 0.5),
+        "moved to tcp with udp loss {loss:?}"
+    );
+    drop(lossy);
+    let took = traffic_during(
+        &peer,
+        6,
+        wait_for_path(&peer, &exit, ActivePath::Udp, Duration::from_secs(30)),
+    )
+    .await
+    .context("udp recovered → udp")?;
+    tracing::info!(?took, "session back on the recovered udp link");
 
     // Blackhole the UDP link: the session goes to the TCP link punched beside it.
     let udp = Blackhole::new("u", "udp", &ports(&peer, &exit)?)?;

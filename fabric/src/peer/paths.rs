@@ -198,6 +198,14 @@ pub(super) struct Agent {
     pub(super) status: Arc<Mutex<PeerStatus>>,
 }
 
+/// Share of lost keepalive round trips at which a punched UDP link gives way to a punched
+/// TCP link, and at which it takes over again (apart, so a link near one figure does not
+/// flap).
+const UDP_LOSS_FOR_TCP: f64 = 0.5;
+const UDP_LOSS_BACK: f64 = 0.25;
+/// How often a round looks at its UDP link's figures when no packet brings them.
+const FIGURES_EVERY: Duration = Duration::from_millis(500);
+
 /// How a round of links ended.
 enum RoundEnd {
     /// Every link is gone; `connected` says whether one was ever up.
@@ -212,6 +220,9 @@ enum RoundEnd {
 struct Round {
     udp: Option<UdpLink>,
     udp_up: Option<SocketAddr>,
+    /// The UDP link lost at least [`UDP_LOSS_FOR_TCP`] of its keepalives (and not yet as
+    /// few as [`UDP_LOSS_BACK`] since).
+    udp_lossy: bool,
     tcp_punch: Option<JoinHandle<Result<TlsStream<tokio::net::TcpStream>, TcpPunchError>>>,
     tcp: Option<TcpLink>,
     tcp_up: Option<SocketAddr>,
@@ -511,6 +522,7 @@ impl Agent {
         Ok(Round {
             udp,
             udp_up: None,
+            udp_lossy: false,
             tcp_punch,
             tcp: None,
             tcp_up: None,
@@ -523,6 +535,8 @@ impl Agent {
     async fn run_round(&mut self, mut round: Round) -> RoundEnd {
         let mut why = String::from("punching");
         let mut batch = Vec::with_capacity(256);
+        let mut figures = tokio::time::interval(FIGURES_EVERY);
+        figures.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.fall_back("punching".into());
         loop {
             if round.udp.is_none() && round.tcp.is_none() && round.tcp_punch.is_none() {
@@ -541,10 +555,11 @@ impl Agent {
                             return RoundEnd::Stopped;
                         }
                     }
-                    if let (Some(link), Some(_)) = (&round.udp, round.udp_up) {
-                        lock(&self.status).link.rtt = link.rtt();
-                    }
+                    self.refresh_udp_figures(&mut round, &why);
                 }
+                // Keepalives move the figures while no data comes by UDP (the peer may
+                // have moved its sending to TCP already).
+                _ = figures.tick() => self.refresh_udp_figures(&mut round, &why),
                 r = join(&mut round.tcp_punch) => {
                     round.tcp_punch = None;
                     match r {
@@ -602,6 +617,30 @@ impl Agent {
         }
     }
 
+    /// Puts the UDP link's round trip and loss in the status and lets a link that became
+    /// lossy (or recovered) give way to (or take over from) the TCP link.
+    fn refresh_udp_figures(&self, round: &mut Round, why: &str) {
+        let (Some(link), Some(_)) = (&round.udp, round.udp_up) else {
+            return;
+        };
+        // The link's figures first: never hold the status while taking the link's lock.
+        let (rtt, loss) = (link.rtt(), link.loss());
+        {
+            let mut status = lock(&self.status);
+            status.link.rtt = rtt;
+            status.link.loss = loss;
+        }
+        let lossy = match loss {
+            Some(l) if l >= UDP_LOSS_FOR_TCP => true,
+            Some(l) if l <= UDP_LOSS_BACK => false,
+            _ => round.udp_lossy,
+        };
+        if lossy != round.udp_lossy {
+            round.udp_lossy = lossy;
+            self.choose(round, why);
+        }
+    }
+
     /// Handles one event of the round's UDP link (`None`: its task ended); `false` once the
     /// fabric is gone.
     fn on_udp_event(&self, round: &mut Round, why: &mut String, event: Option<LinkEvent>) -> bool {
@@ -632,8 +671,11 @@ impl Agent {
     /// chosen path is the one in use.
     fn choose(&self, round: &Round, why: &str) {
         let choice = self.config.choice;
+        // A UDP link that loses half its round trips (UDP throttled on the way) yields to a
+        // TCP link; KCP copes with random loss far below that.
+        let udp_yields = round.udp_lossy && round.tcp.is_some() && choice.wants_tcp();
         let (carrier, active, remote, why) = match (&round.udp, round.udp_up, &round.tcp) {
-            (Some(link), Some(remote), _) if choice.wants_udp() => (
+            (Some(link), Some(remote), _) if choice.wants_udp() && !udp_yields => (
                 Carrier::Udp(link.sender()),
                 ActivePath::Udp,
                 Some(remote),
@@ -641,6 +683,7 @@ impl Agent {
             ),
             (udp, _, Some(link)) if choice.wants_tcp() => {
                 let udp = match udp {
+                    Some(_) if udp_yields => "the udp link loses half its keepalives",
                     Some(_) => "udp still punching",
                     None if choice.wants_udp() => why,
                     None => "udp not wanted",
@@ -677,6 +720,7 @@ impl Agent {
             active,
             remote,
             rtt: None,
+            loss: None,
             why,
         };
     }

@@ -322,6 +322,11 @@ impl UdpLink {
         lock(&self.shared.punch).rtt()
     }
 
+    /// The share of the latest keepalive round trips lost (see [`UdpPunch::loss`]).
+    pub fn loss(&self) -> Option<f64> {
+        lock(&self.shared.punch).loss()
+    }
+
     /// The next event; `None` once the task has ended and every event was read.
     pub async fn next_event(&mut self) -> Option<LinkEvent> {
         self.events.recv().await
@@ -689,6 +694,22 @@ mod tests {
 
     /// A pair of links punched to each other on loopback.
     async fn pair() -> (UdpLink, UdpLink) {
+        pair_with(PunchConfig::default()).await
+    }
+
+    /// Keepalives measure the link's loss on both sides, whichever side nominated.
+    #[tokio::test]
+    async fn both_sides_measure_their_keepalive_loss() {
+        let config = PunchConfig {
+            keepalive_interval: Duration::from_millis(50),
+            ..PunchConfig::default()
+        };
+        let (la, lb) = pair_with(config).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!((la.loss(), lb.loss()), (Some(0.0), Some(0.0)));
+    }
+
+    async fn pair_with(config: PunchConfig) -> (UdpLink, UdpLink) {
         let sa = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let sb = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
@@ -696,7 +717,7 @@ mod tests {
         let b = LinkSecret::from_random(rand::random());
         let (pa, pb) = (a.public(), b.public());
         let now = Instant::now();
-        let config = PunchConfig::default();
+
         let mut la = UdpLink::spawn(sa, UdpPunch::new(now, a.derive(pb).unwrap(), &[ab], config));
         let mut lb = UdpLink::spawn(sb, UdpPunch::new(now, b.derive(pa).unwrap(), &[aa], config));
         let up = async {

@@ -175,7 +175,17 @@ pub struct UdpPunch {
     last_heard: Instant,
     keepalive_sent: Option<(u64, Instant)>,
     rtt: Option<Duration>,
+    /// Outcomes of the latest keepalives, newest in bit 0 (1: answered), and how many of
+    /// [`LOSS_WINDOW`] bits hold one: the path's own loss, whatever the session sends over it.
+    keepalive_outcomes: u32,
+    keepalive_samples: u32,
 }
+
+/// Keepalives answered or not before [`UdpPunch::loss`] says anything.
+const MIN_LOSS_SAMPLES: u32 = 4;
+/// Keepalives [`UdpPunch::loss`] looks back over: long enough for a figure, short enough that
+/// a path that recovered is seen to within a few dozen seconds.
+const LOSS_WINDOW: u32 = 16;
 
 impl UdpPunch {
     /// Starts punching towards `remotes` (the peer's UDP candidates) with the keys of the
@@ -199,6 +209,8 @@ impl UdpPunch {
             last_heard: now,
             keepalive_sent: None,
             rtt: None,
+            keepalive_outcomes: 0,
+            keepalive_samples: 0,
         };
         for &r in remotes {
             punch.add_remote(r);
@@ -224,6 +236,22 @@ impl UdpPunch {
     /// The latest round-trip time measured by a probe or keepalive.
     pub fn rtt(&self) -> Option<Duration> {
         self.rtt
+    }
+
+    /// The share of the latest keepalives (up to 16, one round trip each, lost either way)
+    /// that went unanswered; `None` until a few were sent on the agreed path.
+    pub fn loss(&self) -> Option<f64> {
+        let n = self.keepalive_samples;
+        if n < MIN_LOSS_SAMPLES {
+            return None;
+        }
+        let answered = (self.keepalive_outcomes & ((1 << n) - 1)).count_ones();
+        Some(f64::from(n - answered) / f64::from(n))
+    }
+
+    fn record_keepalive(&mut self, answered: bool) {
+        self.keepalive_outcomes = (self.keepalive_outcomes << 1) | u32::from(answered);
+        self.keepalive_samples = (self.keepalive_samples + 1).min(LOSS_WINDOW);
     }
 
     /// Adds a remote candidate learned later (trickled over Tox). Unspecified addresses,
@@ -296,6 +324,7 @@ impl UdpPunch {
                 {
                     self.rtt = Some(now.saturating_duration_since(sent));
                     self.keepalive_sent = None;
+                    self.record_keepalive(true);
                 }
             }
             _ => return Err(InputError::Malformed),
@@ -385,6 +414,10 @@ impl UdpPunch {
             if due(self.timers[Timer::Keepalive as usize]) {
                 self.timers[Timer::Keepalive as usize] = Some(now + self.config.keepalive_interval);
                 let token = self.take_id();
+                // The previous keepalive had a whole interval to be answered.
+                if self.keepalive_sent.is_some() {
+                    self.record_keepalive(false);
+                }
                 self.keepalive_sent = Some((token, now));
                 self.enqueue(remote, msg::KEEPALIVE, token);
             }
@@ -646,6 +679,27 @@ mod tests {
         let out = run(&mut p, &mut net, now, Duration::from_secs(600));
         assert_eq!(out, [None, None]);
         assert!(p[0].remote().is_some() && p[1].remote().is_some());
+    }
+
+    /// Keepalives measure the path's loss: a keepalive or its answer lost, one each way, so
+    /// 20 % loss on the wire loses 1 − 0.8² = 36 % of round trips.
+    #[test]
+    fn keepalives_measure_the_path_loss() {
+        let (mut p, mut net, start) = setup(0.0, 11);
+        run(&mut p, &mut net, start, Duration::from_secs(20));
+        assert_eq!(p[0].loss(), None, "nothing measured yet");
+        let now = start + Duration::from_secs(1);
+        run(&mut p, &mut net, now, Duration::from_secs(120));
+        assert_eq!(p[0].loss(), Some(0.0));
+        // The keepalives of a half hour at 20 % loss: the last 16 of them.
+        net.loss = 0.2;
+        let later = now + Duration::from_secs(120);
+        let out = run(&mut p, &mut net, later, Duration::from_secs(1800));
+        assert_eq!(out, [None, None], "a lossy path is not a dead one");
+        for side in &p {
+            let loss = side.loss().expect("measured");
+            assert!((0.1..=0.65).contains(&loss), "loss {loss}");
+        }
     }
 
     #[test]
