@@ -28,7 +28,9 @@ use tokio::net::UdpSocket;
 use tracing::debug;
 
 use crate::link::signal::{Candidate, CandidateKind, MAX_CANDIDATES, Protocol};
-use crate::punch::driver::{reusable_tcp_socket, stun_tcp, stun_udp};
+use crate::punch::driver::{
+    bind_punch_udp, punch_tcp_any, reusable_tcp_socket, stun_tcp, stun_udp,
+};
 use crate::punch::stun::TransactionConfig;
 use crate::punch::tcp::TcpPunchConfig;
 use crate::punch::udp::PunchConfig;
@@ -211,10 +213,20 @@ pub async fn gather(config: &PathConfig, udp: bool, tcp: bool) -> io::Result<Gat
     let hosts = interface_addresses();
     let servers = resolve(&config.stun_servers).await;
     let mut candidates = Vec::new();
+    // Host addresses a socket can use: IPv6 ones only on a socket of both families.
+    let usable = |local: SocketAddr| {
+        let v6 = local.is_ipv6();
+        hosts
+            .iter()
+            .copied()
+            .filter(move |ip| v6 || ip.is_ipv4())
+            .collect::<Vec<_>>()
+    };
     let udp_socket = if udp {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
-        let port = socket.local_addr()?.port();
-        candidates.extend(hosts.iter().map(|&ip| Candidate {
+        let socket = bind_punch_udp()?;
+        let local = socket.local_addr()?;
+        let port = local.port();
+        candidates.extend(usable(local).into_iter().map(|ip| Candidate {
             kind: CandidateKind::Host,
             protocol: Protocol::Udp,
             addr: SocketAddr::new(ip, port),
@@ -230,9 +242,9 @@ pub async fn gather(config: &PathConfig, udp: bool, tcp: bool) -> io::Result<Gat
         None
     };
     let (tcp_local, tcp_hold) = if tcp {
-        let hold = reusable_tcp_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+        let hold = reusable_tcp_socket(punch_tcp_any())?;
         let local = hold.local_addr()?;
-        candidates.extend(hosts.iter().map(|&ip| Candidate {
+        candidates.extend(usable(local).into_iter().map(|ip| Candidate {
             kind: CandidateKind::Host,
             protocol: Protocol::Tcp,
             addr: SocketAddr::new(ip, local.port()),
@@ -271,12 +283,14 @@ fn push(candidates: &mut Vec<Candidate>, protocol: Protocol, addr: SocketAddr) {
     }
 }
 
-/// The IPv4 addresses of the interfaces that are up. Loopback only when there is nothing
-/// else (a namespace with only `lo`): offering 127.0.0.1 to a peer elsewhere would have it
-/// probe its own machine.
+/// The addresses of the interfaces that are up: IPv4 first, then global IPv6. IPv4 loopback
+/// only when there is nothing else (a namespace with only `lo`): offering 127.0.0.1 to a
+/// peer elsewhere would have it probe its own machine. IPv6 loopback, link-local (which needs
+/// a scope) and v4-mapped addresses never.
 fn interface_addresses() -> Vec<IpAddr> {
     let mut outside = Vec::new();
     let mut loopback = Vec::new();
+    let mut v6 = Vec::new();
     let Ok(interfaces) = getifaddrs::getifaddrs() else {
         return vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
     };
@@ -284,21 +298,35 @@ fn interface_addresses() -> Vec<IpAddr> {
         if !interface.flags.contains(getifaddrs::InterfaceFlags::UP) {
             continue;
         }
-        let Some(IpAddr::V4(ip)) = interface.address.ip_addr() else {
-            continue;
+        let list = match interface.address.ip_addr() {
+            Some(IpAddr::V4(ip)) if ip.is_loopback() => &mut loopback,
+            Some(IpAddr::V4(ip)) if !ip.is_link_local() && !ip.is_unspecified() => &mut outside,
+            Some(IpAddr::V6(ip)) if usable_v6(ip) => &mut v6,
+            _ => continue,
         };
-        if ip.is_loopback() {
-            loopback.push(IpAddr::V4(ip));
-        } else if !ip.is_link_local() && !ip.is_unspecified() && !outside.contains(&IpAddr::V4(ip))
+        if let Some(ip) = interface.address.ip_addr()
+            && !list.contains(&ip)
         {
-            outside.push(IpAddr::V4(ip));
+            list.push(ip);
         }
     }
-    if outside.is_empty() {
+    let mut out = if outside.is_empty() {
         loopback
     } else {
         outside
-    }
+    };
+    out.extend(v6);
+    out
+}
+
+/// Whether an interface's IPv6 address can be offered to a peer elsewhere.
+fn usable_v6(ip: std::net::Ipv6Addr) -> bool {
+    let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
+    !ip.is_loopback()
+        && !ip.is_unspecified()
+        && !ip.is_multicast()
+        && !link_local
+        && ip.to_ipv4_mapped().is_none()
 }
 
 /// Resolves `host:port` names, skipping (and logging) those that do not resolve.
@@ -320,6 +348,22 @@ async fn resolve(servers: &[String]) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_global_ipv6_addresses_are_offered() {
+        for (ip, offered) in [
+            ("2001:db8::7", true),
+            ("fd00:1::2", true),
+            ("::1", false),
+            ("::", false),
+            ("fe80::1", false),
+            ("febf::1", false),
+            ("ff02::1", false),
+            ("::ffff:192.0.2.1", false),
+        ] {
+            assert_eq!(usable_v6(ip.parse().unwrap()), offered, "{ip}");
+        }
+    }
 
     #[test]
     fn path_choices_parse_and_print() {

@@ -35,7 +35,7 @@ use crate::link::LinkSecret;
 use crate::link::signal::{LinkOffer, Protocol, Signal};
 use crate::path::tcp::{TcpLink, TcpLinkSender};
 use crate::path::{ActivePath, Gathered, PathChoice, PathConfig, PathStatus, gather};
-use crate::punch::driver::{LinkEvent, LinkSendError, UdpLink, UdpLinkSender};
+use crate::punch::driver::{LinkEvent, LinkSendError, UdpLink, UdpLinkSender, canonical};
 use crate::punch::tcp::{TcpPunchError, TlsIdentity, punch_tcp};
 use crate::punch::udp::UdpPunch;
 use crate::time::{Duration, Instant};
@@ -481,15 +481,22 @@ impl Agent {
             .derive(peer.x25519_public)
             .map_err(|e| format!("link key exchange failed: {e}"))?;
         let controlling = keys.controlling();
-        let remotes = |protocol| -> Vec<SocketAddr> {
+        // IPv6 candidates only for sockets that have IPv6 (both families on `[::]`).
+        let udp_v6 = gathered
+            .udp
+            .as_ref()
+            .and_then(|s| s.local_addr().ok())
+            .is_some_and(|a| a.is_ipv6());
+        let tcp_v6 = gathered.tcp.is_some_and(|a| a.is_ipv6());
+        let remotes = |protocol, v6: bool| -> Vec<SocketAddr> {
             peer.candidates
                 .iter()
-                .filter(|c| c.protocol == protocol)
+                .filter(|c| c.protocol == protocol && (v6 || c.addr.is_ipv4()))
                 .map(|c| c.addr)
                 .collect()
         };
-        let udp_remotes = remotes(Protocol::Udp);
-        let tcp_remotes = remotes(Protocol::Tcp);
+        let udp_remotes = remotes(Protocol::Udp, udp_v6);
+        let tcp_remotes = remotes(Protocol::Tcp, tcp_v6);
         let udp = match gathered.udp.clone() {
             Some(socket) if !udp_remotes.is_empty() => {
                 let punch = UdpPunch::new(Instant::now(), keys, &udp_remotes, self.config.punch);
@@ -564,7 +571,7 @@ impl Agent {
                     round.tcp_punch = None;
                     match r {
                         Ok(stream) => {
-                            let remote = stream.get_ref().0.peer_addr().ok();
+                            let remote = stream.get_ref().0.peer_addr().ok().map(canonical);
                             info!(peer = %self.pk, ?remote, "punched tcp path up");
                             let punch = self.config.punch;
                             round.tcp = Some(TcpLink::spawn(

@@ -44,6 +44,58 @@ fn random_id() -> TransactionId {
     TransactionId(rand::random())
 }
 
+/// The destination to hand a socket whose local address is `local` for reaching `dst`: a
+/// socket of both families (bound to `[::]`) reaches IPv4 peers at their v4-mapped
+/// addresses. Everything above the sockets deals in plain addresses ([`canonical`]).
+pub(crate) fn wire_addr(local: SocketAddr, dst: SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(v4) if local.is_ipv6() => {
+            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+        }
+        other => other,
+    }
+}
+
+/// `addr` as the rest of the fabric names it: an IPv4 peer seen through a socket of both
+/// families arrives as `[::ffff:a.b.c.d]`, which is `a.b.c.d`.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// A UDP socket for punching: both families on one port (`[::]`, not v6-only) where the
+/// host has IPv6, else IPv4 only.
+pub fn bind_punch_udp() -> io::Result<UdpSocket> {
+    let dual = || -> io::Result<std::net::UdpSocket> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        socket.set_only_v6(false)?;
+        socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        Ok(socket.into())
+    };
+    let socket = match dual() {
+        Ok(socket) => socket,
+        Err(error) => {
+            tracing::debug!(%error, "no dual-stack udp socket, ipv4 only");
+            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?
+        }
+    };
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+/// The local address to gather TCP candidates on: `[::]:0` (both families) where the host
+/// can bind it, else `0.0.0.0:0`.
+pub fn punch_tcp_any() -> SocketAddr {
+    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    match reusable_tcp_socket(any6) {
+        Ok(_) => any6,
+        Err(_) => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+    }
+}
+
 /// Asks `server` over UDP which address it sees `socket` as (our server-reflexive candidate
 /// for that socket). Packets that are not the response are dropped, so run it before the
 /// socket carries anything else.
@@ -54,11 +106,12 @@ pub async fn stun_udp(
 ) -> Result<SocketAddr, StunError> {
     let mut tx = Transaction::new(Instant::now(), random_id(), false, config);
     let mut buf = vec![0u8; 1500];
+    let local = socket.local_addr()?;
     loop {
         let now = Instant::now();
         tx.handle_timeout(now);
         if let Some(request) = tx.poll_transmit(now) {
-            socket.send_to(request, server).await?;
+            socket.send_to(request, wire_addr(local, server)).await?;
         }
         if let Some(result) = tx.poll_result() {
             return Ok(result?);
@@ -69,7 +122,7 @@ pub async fn stun_udp(
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
                 let (n, from) = r?;
-                if from == server {
+                if canonical(from) == server {
                     tx.handle_input(Instant::now(), &buf[..n]);
                 }
             }
@@ -79,18 +132,24 @@ pub async fn stun_udp(
 }
 
 /// A TCP socket bound to `local` with `SO_REUSEADDR` and `SO_REUSEPORT`, so the same port can
-/// query STUN, listen and dial out at once (the basis of TCP simultaneous open).
+/// query STUN, listen and dial out at once (the basis of TCP simultaneous open). An IPv6
+/// `local` takes both families (dial IPv4 peers at [`wire_addr`]).
 pub fn reusable_tcp_socket(local: SocketAddr) -> io::Result<TcpSocket> {
-    let socket = if local.is_ipv4() {
-        TcpSocket::new_v4()?
+    let domain = if local.is_ipv4() {
+        socket2::Domain::IPV4
     } else {
-        TcpSocket::new_v6()?
+        socket2::Domain::IPV6
     };
-    socket.set_reuseaddr(true)?;
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if local.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
     #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
-    socket.set_reuseport(true)?;
-    socket.bind(local)?;
-    Ok(socket)
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&local.into())?;
+    Ok(TcpSocket::from_std_stream(socket.into()))
 }
 
 /// Asks `server` over TCP (RFC 8489 framing) which address it sees us as, from a socket bound
@@ -103,7 +162,9 @@ pub async fn stun_tcp(
     let mut tx = Transaction::new(Instant::now(), random_id(), true, config);
     let deadline = Instant::now() + config.reliable_timeout;
     let work = async {
-        let mut stream: TcpStream = reusable_tcp_socket(local)?.connect(server).await?;
+        let mut stream: TcpStream = reusable_tcp_socket(local)?
+            .connect(wire_addr(local, server))
+            .await?;
         let local = stream.local_addr()?;
         if let Some(request) = tx.poll_transmit(Instant::now()) {
             stream.write_all(request).await?;
@@ -197,6 +258,8 @@ const EVENT_QUEUE: usize = 512;
 #[derive(Debug)]
 struct Shared {
     socket: Arc<UdpSocket>,
+    /// The socket's local address: its family says how to address IPv4 peers.
+    local: SocketAddr,
     punch: Mutex<UdpPunch>,
     /// Wakes the task after a sender or [`UdpLink::add_remote`] gave the core work.
     wake: Notify,
@@ -211,7 +274,7 @@ impl Shared {
         let mut buf = lock(&self.send_buf);
         buf.clear();
         let dst = lock(&self.punch).seal_data(packet, &mut buf)?;
-        match self.socket.try_send_to(&buf, dst) {
+        match self.socket.try_send_to(&buf, wire_addr(self.local, dst)) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(TrySendError::Full),
             Err(e) => Err(e.into()),
@@ -251,8 +314,13 @@ impl UdpLink {
             }
         }
         let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
+        // An unbound socket has no address: treat it as IPv4 (sends fail as they would).
+        let local = socket
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)));
         let shared = Arc::new(Shared {
             socket,
+            local,
             punch: Mutex::new(punch),
             wake: Notify::new(),
             send_buf: Mutex::new(Vec::with_capacity(2048)),
@@ -413,7 +481,7 @@ async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
                 punch.handle_timeout(now);
             }
             while let Some(t) = punch.poll_transmit(now, &mut tx) {
-                if let Err(e) = socket.try_send_to(&tx, t.dst) {
+                if let Err(e) = socket.try_send_to(&tx, wire_addr(shared.local, t.dst)) {
                     tracing::debug!(error = %e, dst = %t.dst, "punch send failed");
                 }
             }
@@ -447,7 +515,7 @@ async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
                 // for longer than one open.
                 for _ in 0..BATCH {
                     let (n, from) = match socket.try_recv_from(&mut rx) {
-                        Ok(r) => r,
+                        Ok((n, from)) => (n, canonical(from)),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         // ICMP errors surface here on Linux; keepalives decide about the path.
                         Err(e) => {
@@ -690,6 +758,60 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(back, Some(LinkEvent::Data(b"back".to_vec())));
+    }
+
+    /// Sockets of both families punch over IPv6 and over IPv4 (v4-mapped on the wire) and
+    /// name the peer by its plain address either way.
+    #[tokio::test]
+    async fn dual_stack_links_punch_over_ipv6_and_ipv4() {
+        if std::net::UdpSocket::bind("[::1]:0").is_err() {
+            tracing::warn!("skipped: no IPv6 loopback");
+            return;
+        }
+        for ip in [
+            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            std::net::IpAddr::from([127, 0, 0, 1]),
+        ] {
+            let sa = Arc::new(bind_punch_udp().unwrap());
+            let sb = Arc::new(bind_punch_udp().unwrap());
+            assert!(sa.local_addr().unwrap().is_ipv6(), "both families on [::]");
+            let ca = SocketAddr::new(ip, sa.local_addr().unwrap().port());
+            let cb = SocketAddr::new(ip, sb.local_addr().unwrap().port());
+            let a = LinkSecret::from_random(rand::random());
+            let b = LinkSecret::from_random(rand::random());
+            let (pa, pb) = (a.public(), b.public());
+            let now = Instant::now();
+            let config = PunchConfig::default();
+            let mut la =
+                UdpLink::spawn(sa, UdpPunch::new(now, a.derive(pb).unwrap(), &[cb], config));
+            let mut lb =
+                UdpLink::spawn(sb, UdpPunch::new(now, b.derive(pa).unwrap(), &[ca], config));
+            let up = async { (la.next_event().await, lb.next_event().await) };
+            let (ea, eb) = tokio::time::timeout(Duration::from_secs(5), up)
+                .await
+                .unwrap();
+            assert_eq!(ea, Some(LinkEvent::Connected { remote: cb }), "{ip}");
+            assert_eq!(eb, Some(LinkEvent::Connected { remote: ca }), "{ip}");
+            la.send(b"hello".to_vec()).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(5), lb.next_event())
+                .await
+                .unwrap();
+            assert_eq!(got, Some(LinkEvent::Data(b"hello".to_vec())), "{ip}");
+        }
+    }
+
+    #[test]
+    fn addresses_cross_the_socket_boundary_in_plain_form() {
+        let v4: SocketAddr = "192.0.2.1:5".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:5".parse().unwrap();
+        let any4: SocketAddr = "0.0.0.0:1".parse().unwrap();
+        let any6: SocketAddr = "[::]:1".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:192.0.2.1]:5".parse().unwrap();
+        assert_eq!(wire_addr(any6, v4), mapped);
+        assert_eq!(wire_addr(any4, v4), v4);
+        assert_eq!(wire_addr(any6, v6), v6);
+        assert_eq!(canonical(mapped), v4);
+        assert_eq!(canonical(v6), v6);
     }
 
     /// A pair of links punched to each other on loopback.

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
-use super::driver::reusable_tcp_socket;
+use super::driver::{canonical, reusable_tcp_socket, wire_addr};
 use crate::time::Duration;
 
 /// The byte the controlling side sends, inside TLS, on the connection it chose.
@@ -329,7 +329,7 @@ pub async fn punch_tcp(
         .await
         .map_err(|_| TcpPunchError::Timeout)?;
     if let Ok(peer) = stream.get_ref().0.peer_addr() {
-        tracing::info!(%peer, "punched tcp path connected");
+        tracing::info!(peer = %canonical(peer), "punched tcp path connected");
     }
     Ok(stream)
 }
@@ -344,9 +344,12 @@ async fn dial(
     loop {
         let attempt = async {
             let socket = reusable_tcp_socket(local)?;
-            tokio::time::timeout(config.connect_timeout, socket.connect(remote))
-                .await
-                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+            tokio::time::timeout(
+                config.connect_timeout,
+                socket.connect(wire_addr(local, remote)),
+            )
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
         };
         match attempt.await {
             Ok(stream) => {
@@ -415,6 +418,47 @@ mod tests {
         let mut back = [0u8; 8];
         a.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"and back");
+    }
+
+    /// Ports bound on `[::]` take both families: one side dials the other's IPv4 address,
+    /// the other dials IPv6, and they agree on one link.
+    #[tokio::test]
+    async fn dual_stack_ports_punch_to_ipv4_and_ipv6_candidates() {
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            tracing::warn!("skipped: no IPv6 loopback");
+            return;
+        }
+        let free6 = || {
+            let l = std::net::TcpListener::bind("[::]:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let (ia, ib) = (
+            TlsIdentity::generate().unwrap(),
+            TlsIdentity::generate().unwrap(),
+        );
+        let (pa, pb) = (free6(), free6());
+        let b_v4 = SocketAddr::from(([127, 0, 0, 1], pb.port()));
+        let a_v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, pa.port()));
+        let config = TcpPunchConfig::default();
+        let (fa, fb) = (ia.fingerprint(), ib.fingerprint());
+        let a = tokio::spawn(async move { punch_tcp(pa, &[b_v4], true, &ia, fb, config).await });
+        let b = tokio::spawn(async move { punch_tcp(pb, &[a_v6], false, &ib, fa, config).await });
+        let (a, b) = tokio::time::timeout(Duration::from_secs(15), async {
+            (a.await.unwrap(), b.await.unwrap())
+        })
+        .await
+        .unwrap();
+        let (mut a, mut b) = (a.unwrap(), b.unwrap());
+        let (ta, tb) = (a.get_ref().0, b.get_ref().0);
+        assert_eq!(
+            canonical(ta.local_addr().unwrap()),
+            canonical(tb.peer_addr().unwrap())
+        );
+        a.write_all(b"both families").await.unwrap();
+        a.flush().await.unwrap();
+        let mut got = [0u8; 13];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"both families");
     }
 
     #[tokio::test]
