@@ -376,30 +376,35 @@ mod tests {
         l.local_addr().unwrap()
     }
 
-    #[tokio::test]
-    async fn both_sides_agree_on_one_pinned_tls_link() {
+    /// Punches from `pa` (controlling) to `ra` and from `pb` to `rb` with fresh identities,
+    /// each pinning the other's; both must succeed within 15 s.
+    async fn punch_pair(
+        pa: SocketAddr,
+        ra: Vec<SocketAddr>,
+        pb: SocketAddr,
+        rb: Vec<SocketAddr>,
+    ) -> (TlsStream<TcpStream>, TlsStream<TcpStream>) {
         let (ia, ib) = (
             TlsIdentity::generate().unwrap(),
             TlsIdentity::generate().unwrap(),
         );
-        let (pa, pb) = (free_port().await, free_port().await);
-        let unreachable: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let config = TcpPunchConfig::default();
         let (fa, fb) = (ia.fingerprint(), ib.fingerprint());
-        let a =
-            tokio::spawn(
-                async move { punch_tcp(pa, &[unreachable, pb], true, &ia, fb, config).await },
-            );
-        let b =
-            tokio::spawn(
-                async move { punch_tcp(pb, &[unreachable, pa], false, &ib, fa, config).await },
-            );
+        let a = tokio::spawn(async move { punch_tcp(pa, &ra, true, &ia, fb, config).await });
+        let b = tokio::spawn(async move { punch_tcp(pb, &rb, false, &ib, fa, config).await });
         let (a, b) = tokio::time::timeout(Duration::from_secs(15), async {
             (a.await.unwrap(), b.await.unwrap())
         })
         .await
         .unwrap();
-        let (mut a, mut b) = (a.unwrap(), b.unwrap());
+        (a.unwrap(), b.unwrap())
+    }
+
+    #[tokio::test]
+    async fn both_sides_agree_on_one_pinned_tls_link() {
+        let (pa, pb) = (free_port().await, free_port().await);
+        let unreachable: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let (mut a, mut b) = punch_pair(pa, vec![unreachable, pb], pb, vec![unreachable, pa]).await;
         // The same TCP connection on both ends.
         let (ta, tb) = (a.get_ref().0, b.get_ref().0);
         assert_eq!(ta.local_addr().unwrap(), tb.peer_addr().unwrap());
@@ -432,23 +437,10 @@ mod tests {
             let l = std::net::TcpListener::bind("[::]:0").unwrap();
             l.local_addr().unwrap()
         };
-        let (ia, ib) = (
-            TlsIdentity::generate().unwrap(),
-            TlsIdentity::generate().unwrap(),
-        );
         let (pa, pb) = (free6(), free6());
         let b_v4 = SocketAddr::from(([127, 0, 0, 1], pb.port()));
         let a_v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, pa.port()));
-        let config = TcpPunchConfig::default();
-        let (fa, fb) = (ia.fingerprint(), ib.fingerprint());
-        let a = tokio::spawn(async move { punch_tcp(pa, &[b_v4], true, &ia, fb, config).await });
-        let b = tokio::spawn(async move { punch_tcp(pb, &[a_v6], false, &ib, fa, config).await });
-        let (a, b) = tokio::time::timeout(Duration::from_secs(15), async {
-            (a.await.unwrap(), b.await.unwrap())
-        })
-        .await
-        .unwrap();
-        let (mut a, mut b) = (a.unwrap(), b.unwrap());
+        let (mut a, mut b) = punch_pair(pa, vec![b_v4], pb, vec![a_v6]).await;
         let (ta, tb) = (a.get_ref().0, b.get_ref().0);
         assert_eq!(
             canonical(ta.local_addr().unwrap()),
