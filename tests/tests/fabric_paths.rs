@@ -103,6 +103,19 @@ async fn traffic_during<F: Future<Output = Result<Duration>>>(
     result
 }
 
+/// Streams run (seeded by `seed`) until both sides send on `want`, at most `limit_secs`;
+/// how long the move took.
+async fn moved(
+    peer: &Arc<Peer>,
+    exit: &Fabric,
+    seed: u64,
+    want: ActivePath,
+    limit_secs: u64,
+) -> Result<Duration> {
+    let limit = Duration::from_secs(limit_secs);
+    traffic_during(peer, seed, wait_for_path(peer, exit, want, limit)).await
+}
+
 /// An nftables table that drops one protocol to the given ports; removed on drop.
 struct Blackhole {
     table: String,
@@ -180,13 +193,9 @@ async fn a_live_session_moves_between_punched_links_and_tox_without_losing_a_byt
     serve_digests(exit.clone());
     let peer = Arc::new(client.connect(exit.id()).await.context("connect")?);
     // Streams start while the session is still on Tox and keep going through the move.
-    let took = traffic_during(
-        &peer,
-        1,
-        wait_for_path(&peer, &exit, ActivePath::Udp, Duration::from_secs(30)),
-    )
-    .await
-    .context("tox → udp")?;
+    let took = moved(&peer, &exit, 1, ActivePath::Udp, 30)
+        .await
+        .context("tox → udp")?;
     tracing::info!(?took, "session moved to punched udp");
     let conv = peer.status().conv;
 
@@ -194,13 +203,9 @@ async fn a_live_session_moves_between_punched_links_and_tox_without_losing_a_byt
     // TCP link punched beside it, once its keepalives show it, and takes over again when the
     // loss is gone.
     let lossy = Blackhole::lossy("l", "udp", &ports(&peer, &exit)?, 60)?;
-    let took = traffic_during(
-        &peer,
-        5,
-        wait_for_path(&peer, &exit, ActivePath::Tcp, Duration::from_secs(30)),
-    )
-    .await
-    .context("lossy udp → tcp")?;
+    let took = moved(&peer, &exit, 5, ActivePath::Tcp, 30)
+        .await
+        .context("lossy udp → tcp")?;
     let loss = peer.status().link.loss;
     tracing::info!(?took, ?loss, "session left the lossy udp link");
     ensure!(
@@ -208,46 +213,30 @@ async fn a_live_session_moves_between_punched_links_and_tox_without_losing_a_byt
         "moved to tcp with udp loss {loss:?}"
     );
     drop(lossy);
-    let took = traffic_during(
-        &peer,
-        6,
-        wait_for_path(&peer, &exit, ActivePath::Udp, Duration::from_secs(30)),
-    )
-    .await
-    .context("udp recovered → udp")?;
+    let took = moved(&peer, &exit, 6, ActivePath::Udp, 30)
+        .await
+        .context("udp recovered → udp")?;
     tracing::info!(?took, "session back on the recovered udp link");
 
     // Blackhole the UDP link: the session goes to the TCP link punched beside it.
     let udp = Blackhole::new("u", "udp", &ports(&peer, &exit)?)?;
-    let took = traffic_during(
-        &peer,
-        2,
-        wait_for_path(&peer, &exit, ActivePath::Tcp, Duration::from_secs(30)),
-    )
-    .await
-    .context("udp → tcp")?;
+    let took = moved(&peer, &exit, 2, ActivePath::Tcp, 30)
+        .await
+        .context("udp → tcp")?;
     tracing::info!(?took, "session fell back to punched tcp");
 
     // Blackhole the TCP link too: back to Tox.
     let tcp = Blackhole::new("t", "tcp", &ports(&peer, &exit)?)?;
-    let took = traffic_during(
-        &peer,
-        3,
-        wait_for_path(&peer, &exit, ActivePath::Tox, Duration::from_secs(30)),
-    )
-    .await
-    .context("tcp → tox")?;
+    let took = moved(&peer, &exit, 3, ActivePath::Tox, 30)
+        .await
+        .context("tcp → tox")?;
     tracing::info!(?took, "session fell back to tox");
 
     // Lift the blackholes: the client punches again (new ports) and the session returns to UDP.
     drop((udp, tcp));
-    let took = traffic_during(
-        &peer,
-        4,
-        wait_for_path(&peer, &exit, ActivePath::Udp, Duration::from_secs(60)),
-    )
-    .await
-    .context("tox → udp again")?;
+    let took = moved(&peer, &exit, 4, ActivePath::Udp, 60)
+        .await
+        .context("tox → udp again")?;
     tracing::info!(?took, "session back on punched udp");
     ensure!(
         peer.status().conv == conv,
