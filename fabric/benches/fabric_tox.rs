@@ -16,11 +16,13 @@
 //!
 //! `cargo bench -p fabric --features tox,test-util --bench fabric_tox`
 //! (`FABRIC_BENCH_MB` sets the megabytes per bulk run, default 64; `FABRIC_BENCH_CONNECTS`
-//! the number of fresh exits to time, default 3; `RUST_LOG` turns on both processes' logs,
-//! with c-toxcore's under the target `toxcore`).
+//! the number of fresh exits to time, default 3; `FABRIC_BENCH_PATH` the path, default `tox`
+//! (`auto` measures the punched link the session moves to); `RUST_LOG` turns on both
+//! processes' logs, with c-toxcore's under the target `toxcore`).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use fabric::path::PathChoice;
 use fabric::peer::{Fabric, FabricConfig, Peer};
 use fabric::tox::testnet::{self, ToxNet};
 use fabric::tox::{Connection, ToxConfig, ToxHandle};
@@ -49,6 +51,22 @@ fn main() {
     } else {
         rt.block_on(parent());
     }
+}
+
+/// The path the sessions may take: `FABRIC_BENCH_PATH` (default `tox`: the figures are
+/// those of KCP over Tox; `auto` lets the session move to a punched link as the proxy does).
+fn bench_path() -> PathChoice {
+    std::env::var("FABRIC_BENCH_PATH")
+        .ok()
+        .map_or(PathChoice::Tox, |p| {
+            p.parse().expect("FABRIC_BENCH_PATH: auto|tox|udp|tcp")
+        })
+}
+
+fn fabric_config(tox: ToxConfig) -> FabricConfig {
+    let mut config = FabricConfig::new(tox);
+    config.path.choice = bench_path();
+    config
 }
 
 async fn parent() {
@@ -82,7 +100,7 @@ async fn parent() {
         let config = net.config(net.scratch_dir(&format!("client{round}")).expect("dir"));
         let t0 = Instant::now();
         let t0_wall = unix_micros();
-        let client = Fabric::start(FabricConfig::new(config)).expect("client fabric");
+        let client = Fabric::start(fabric_config(config)).expect("client fabric");
         let watcher = tokio::spawn(watch(client.tox().clone()));
         let peer = std::sync::Arc::new(
             tokio::time::timeout(WAIT, client.connect(exit_id))
@@ -153,7 +171,8 @@ async fn parent() {
         let total = (per_stream * streams) as f64;
         let status = peer.status();
         println!(
-            "bulk, {streams} stream(s): {:.1} MB in {:.2?} = {:.1} MB/s  (srtt {:?}, retransmits {} of {} segments, pacer {:.1} MB/s)",
+            "bulk over {}, {streams} stream(s): {:.1} MB in {:.2?} = {:.1} MB/s  (srtt {:?}, retransmits {} of {} segments, pacer {:.1} MB/s)",
+            status.link.active,
             total / 1e6,
             took,
             total / 1e6 / took.as_secs_f64(),
@@ -227,7 +246,7 @@ fn unix_micros() -> i64 {
 /// closes.
 async fn child_exit(mut tox: ToxConfig) {
     tox.allow.allow_any = true;
-    let exit = std::sync::Arc::new(Fabric::start(FabricConfig::new(tox)).expect("exit fabric"));
+    let exit = std::sync::Arc::new(Fabric::start(fabric_config(tox)).expect("exit fabric"));
     let started = unix_micros();
     println!("id {}", exit.id());
     println!("at {started} node started");
