@@ -147,6 +147,13 @@ fn public_exit_and_client_behind_cone_nat_move_to_punched_udp() {
     cell(Nat::Public, Nat::Cone, &["udp-punched"]);
 }
 
+/// The client's NAT maps each destination to a new port, so its STUN address is useless;
+/// the exit learns the mapping towards itself from the client's probes (peer-reflexive).
+#[test]
+fn public_exit_and_client_behind_symmetric_nat_move_to_punched_udp() {
+    cell(Nat::Public, Nat::Symmetric, &["udp-punched"]);
+}
+
 #[test]
 fn exit_without_udp_and_client_behind_cone_nat_move_to_punched_tcp() {
     cell(Nat::UdpBlocked, Nat::Cone, &["tcp-punched"]);
