@@ -823,12 +823,16 @@ mod tests {
     #[tokio::test]
     async fn both_sides_measure_their_keepalive_loss() {
         let config = PunchConfig {
-            keepalive_interval: Duration::from_millis(50),
+            keepalive_interval: Duration::from_millis(100),
             ..PunchConfig::default()
         };
         let (la, lb) = pair_with(config).await;
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        assert_eq!((la.loss(), lb.loss()), (Some(0.0), Some(0.0)));
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // Loopback loses nothing; an answer later than the next keepalive (a starved runtime
+        // on a loaded machine) counts as lost, so allow a few.
+        for loss in [la.loss(), lb.loss()] {
+            assert!(loss.is_some_and(|l| l <= 0.25), "{loss:?}");
+        }
     }
 
     async fn pair_with(config: PunchConfig) -> (UdpLink, UdpLink) {
