@@ -28,9 +28,7 @@ use tokio::net::UdpSocket;
 use tracing::debug;
 
 use crate::link::signal::{Candidate, CandidateKind, MAX_CANDIDATES, Protocol};
-use crate::punch::driver::{
-    bind_punch_udp, punch_tcp_any, reusable_tcp_socket, stun_tcp, stun_udp,
-};
+use crate::punch::driver::{bind_punch_tcp, bind_punch_udp, stun_tcp, stun_udp};
 use crate::punch::stun::TransactionConfig;
 use crate::punch::tcp::TcpPunchConfig;
 use crate::punch::udp::PunchConfig;
@@ -242,7 +240,7 @@ pub async fn gather(config: &PathConfig, udp: bool, tcp: bool) -> io::Result<Gat
         None
     };
     let (tcp_local, tcp_hold) = if tcp {
-        let hold = reusable_tcp_socket(punch_tcp_any())?;
+        let hold = bind_punch_tcp()?;
         let local = hold.local_addr()?;
         candidates.extend(usable(local).into_iter().map(|ip| Candidate {
             kind: CandidateKind::Host,
@@ -298,15 +296,16 @@ fn interface_addresses() -> Vec<IpAddr> {
         if !interface.flags.contains(getifaddrs::InterfaceFlags::UP) {
             continue;
         }
-        let list = match interface.address.ip_addr() {
-            Some(IpAddr::V4(ip)) if ip.is_loopback() => &mut loopback,
-            Some(IpAddr::V4(ip)) if !ip.is_link_local() && !ip.is_unspecified() => &mut outside,
-            Some(IpAddr::V6(ip)) if usable_v6(ip) => &mut v6,
+        let Some(ip) = interface.address.ip_addr() else {
+            continue;
+        };
+        let list = match ip {
+            IpAddr::V4(v4) if v4.is_loopback() => &mut loopback,
+            IpAddr::V4(v4) if !v4.is_link_local() && !v4.is_unspecified() => &mut outside,
+            IpAddr::V6(v6addr) if usable_v6(v6addr) => &mut v6,
             _ => continue,
         };
-        if let Some(ip) = interface.address.ip_addr()
-            && !list.contains(&ip)
-        {
+        if !list.contains(&ip) {
             list.push(ip);
         }
     }

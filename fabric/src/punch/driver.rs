@@ -86,14 +86,13 @@ pub fn bind_punch_udp() -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket)
 }
 
-/// The local address to gather TCP candidates on: `[::]:0` (both families) where the host
-/// can bind it, else `0.0.0.0:0`.
-pub fn punch_tcp_any() -> SocketAddr {
-    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
-    match reusable_tcp_socket(any6) {
-        Ok(_) => any6,
-        Err(_) => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
-    }
+/// A TCP socket for punching, bound with port reuse to a free port: both families on
+/// `[::]` where the host has IPv6, else IPv4 only.
+pub fn bind_punch_tcp() -> io::Result<TcpSocket> {
+    reusable_tcp_socket(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))).or_else(|error| {
+        tracing::debug!(%error, "no dual-stack tcp socket, ipv4 only");
+        reusable_tcp_socket(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)))
+    })
 }
 
 /// Asks `server` over UDP which address it sees `socket` as (our server-reflexive candidate
@@ -775,23 +774,7 @@ mod tests {
             let sa = Arc::new(bind_punch_udp().unwrap());
             let sb = Arc::new(bind_punch_udp().unwrap());
             assert!(sa.local_addr().unwrap().is_ipv6(), "both families on [::]");
-            let ca = SocketAddr::new(ip, sa.local_addr().unwrap().port());
-            let cb = SocketAddr::new(ip, sb.local_addr().unwrap().port());
-            let a = LinkSecret::from_random(rand::random());
-            let b = LinkSecret::from_random(rand::random());
-            let (pa, pb) = (a.public(), b.public());
-            let now = Instant::now();
-            let config = PunchConfig::default();
-            let mut la =
-                UdpLink::spawn(sa, UdpPunch::new(now, a.derive(pb).unwrap(), &[cb], config));
-            let mut lb =
-                UdpLink::spawn(sb, UdpPunch::new(now, b.derive(pa).unwrap(), &[ca], config));
-            let up = async { (la.next_event().await, lb.next_event().await) };
-            let (ea, eb) = tokio::time::timeout(Duration::from_secs(5), up)
-                .await
-                .unwrap();
-            assert_eq!(ea, Some(LinkEvent::Connected { remote: cb }), "{ip}");
-            assert_eq!(eb, Some(LinkEvent::Connected { remote: ca }), "{ip}");
+            let (la, mut lb) = pair_on(sa, sb, ip, PunchConfig::default()).await;
             la.send(b"hello".to_vec()).await.unwrap();
             let got = tokio::time::timeout(Duration::from_secs(5), lb.next_event())
                 .await
@@ -838,27 +821,31 @@ mod tests {
     async fn pair_with(config: PunchConfig) -> (UdpLink, UdpLink) {
         let sa = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let sb = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+        pair_on(sa, sb, [127, 0, 0, 1].into(), config).await
+    }
+
+    /// Links on `sa` and `sb`, each given the other's port at `ip` as its only candidate;
+    /// returns once both name the other there.
+    async fn pair_on(
+        sa: Arc<UdpSocket>,
+        sb: Arc<UdpSocket>,
+        ip: std::net::IpAddr,
+        config: PunchConfig,
+    ) -> (UdpLink, UdpLink) {
+        let ca = SocketAddr::new(ip, sa.local_addr().unwrap().port());
+        let cb = SocketAddr::new(ip, sb.local_addr().unwrap().port());
         let a = LinkSecret::from_random(rand::random());
         let b = LinkSecret::from_random(rand::random());
         let (pa, pb) = (a.public(), b.public());
         let now = Instant::now();
-
-        let mut la = UdpLink::spawn(sa, UdpPunch::new(now, a.derive(pb).unwrap(), &[ab], config));
-        let mut lb = UdpLink::spawn(sb, UdpPunch::new(now, b.derive(pa).unwrap(), &[aa], config));
-        let up = async {
-            assert!(matches!(
-                la.next_event().await,
-                Some(LinkEvent::Connected { .. })
-            ));
-            assert!(matches!(
-                lb.next_event().await,
-                Some(LinkEvent::Connected { .. })
-            ));
-        };
-        tokio::time::timeout(Duration::from_secs(5), up)
+        let mut la = UdpLink::spawn(sa, UdpPunch::new(now, a.derive(pb).unwrap(), &[cb], config));
+        let mut lb = UdpLink::spawn(sb, UdpPunch::new(now, b.derive(pa).unwrap(), &[ca], config));
+        let up = async { (la.next_event().await, lb.next_event().await) };
+        let (ea, eb) = tokio::time::timeout(Duration::from_secs(5), up)
             .await
             .unwrap();
+        assert_eq!(ea, Some(LinkEvent::Connected { remote: cb }), "{ip}");
+        assert_eq!(eb, Some(LinkEvent::Connected { remote: ca }), "{ip}");
         (la, lb)
     }
 
