@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::servers::run_with_timeout;
+use crate::servers::{capture_lines, run_with_timeout};
 
 /// Why a namespace test cannot run here, or `None` when it can (root, `ip`, `/dev/net/tun`).
 pub fn unavailable() -> Option<String> {
@@ -207,16 +207,7 @@ impl Proc {
                 let _ = tx.send(line);
             }
         });
-        let sink = stderr.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-                let _ = tx2.send(line);
-            }
-        });
+        capture_lines(err, stderr.clone(), Some(tx2));
         let mut me = Self {
             child,
             stderr,

@@ -422,6 +422,26 @@ pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     Ok((code, body.to_owned()))
 }
 
+/// Reads `from` on a thread of its own, appending each line (newline-terminated) to `sink`
+/// and, when given, sending it to `forward` too: a child's stderr kept for failure messages.
+pub fn capture_lines(
+    from: impl Read + Send + 'static,
+    sink: Arc<Mutex<String>>,
+    forward: Option<std::sync::mpsc::Sender<String>>,
+) {
+    thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            if let Ok(mut s) = sink.lock() {
+                s.push_str(&line);
+                s.push('\n');
+            }
+            if let Some(tx) = &forward {
+                let _ = tx.send(line);
+            }
+        }
+    });
+}
+
 /// The `proxy` binary, built on first use so a test never runs a stale one. `PROXY_BIN`
 /// overrides the path.
 pub fn proxy_bin() -> &'static Path {
@@ -490,15 +510,7 @@ impl ProxyProcess {
             .spawn()?;
         let stderr = Arc::new(Mutex::new(String::new()));
         if let Some(err) = child.stderr.take() {
-            let sink = stderr.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    if let Ok(mut s) = sink.lock() {
-                        s.push_str(&line);
-                        s.push('\n');
-                    }
-                }
-            });
+            capture_lines(err, stderr.clone(), None);
         }
         let stdout = child
             .stdout
