@@ -236,6 +236,16 @@ impl Proc {
             .to_owned()
     }
 
+    /// The words of the ready line after the first: the addresses `nst-tool toxnet` prints
+    /// after "ready".
+    pub fn ready_list(&self) -> Vec<String> {
+        self.ready
+            .split_whitespace()
+            .skip(1)
+            .map(String::from)
+            .collect()
+    }
+
     /// What it wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()

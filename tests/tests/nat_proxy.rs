@@ -34,9 +34,8 @@ fn cell(exit_side: Nat, client_side: Nat, want: &[&str]) {
     let topo = NatTopology::new(exit_side, client_side).expect("namespaces");
     let toxnet = Proc::spawn(topo.in_public(&[TOOL, "toxnet", "4"]), "ready");
     let nodes: Vec<String> = toxnet
-        .ready
-        .split_whitespace()
-        .skip(1)
+        .ready_list()
+        .iter()
         .map(|n| n.replace("127.0.0.1", PUBLIC))
         .collect();
     assert_eq!(nodes.len(), 4, "{}", toxnet.ready);

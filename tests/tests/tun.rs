@@ -332,12 +332,7 @@ fn tun_through_an_exit_over_tox() {
     // The private Tox network and the exit live in the server namespace; the client reaches
     // them over the veth link, which is what a looping Tox socket would miss.
     let toxnet = Proc::spawn(topo.in_server(&[TOOL, "toxnet", "4"]), "ready");
-    let nodes: Vec<String> = toxnet
-        .ready
-        .split_whitespace()
-        .skip(1)
-        .map(String::from)
-        .collect();
+    let nodes = toxnet.ready_list();
     assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
     let ports: Vec<u16> = nodes
         .iter()
