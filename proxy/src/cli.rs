@@ -65,9 +65,14 @@ pub struct CommonArgs {
     /// Do not use the built-in public Tox bootstrap nodes.
     #[arg(long)]
     pub no_public_bootstrap: bool,
-    /// Serve Prometheus metrics (`/metrics`) and status (`/status`) on this address.
+    /// Serve Prometheus metrics (`/metrics`) and status (`/status`) here: :PORT (this
+    /// machine only) or IP:PORT.
     #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
+    pub metrics: Option<Listen>,
+    /// Listeners given as :PORT or PORT take connections from the network too, not only
+    /// from this machine (clients from elsewhere are held to the destination rules).
+    #[arg(long)]
+    pub allow_lan: bool,
     /// Let c-toxcore lock its crypto buffers in RAM (mlock) around every packet: keeps Tox
     /// secrets out of swap, at about half the throughput.
     #[arg(long)]
@@ -131,17 +136,17 @@ pub struct PolicyArgs {
 /// The client role: local listeners, traffic out directly or through exit peers.
 #[derive(Debug, Args, Default, Clone)]
 pub struct RunArgs {
-    /// SOCKS5 listener address, or `off` [default: 127.0.0.1:1080].
+    /// SOCKS5 listener: :PORT (this machine only), IP:PORT, or `off` [default: :1080].
     #[arg(long, value_name = "ADDR|off")]
     pub socks: Option<Listen>,
-    /// HTTP proxy listener address, or `off` [default: 127.0.0.1:8080].
+    /// HTTP proxy listener: :PORT (this machine only), IP:PORT, or `off` [default: :8080].
     #[arg(long, value_name = "ADDR|off")]
     pub http: Option<Listen>,
-    /// Require this SOCKS5 user name (with --socks-pass).
+    /// Require this user name from SOCKS5 and HTTP proxy clients (with --socks-pass).
     #[arg(long, value_name = "USER")]
     pub socks_user: Option<String>,
-    /// Require this SOCKS5 password (with --socks-user); better given in the environment or
-    /// the config file than on a command line other users can see.
+    /// Require this password from SOCKS5 and HTTP proxy clients (with --socks-user); better
+    /// given in the environment or the config file than on a command line others can see.
     #[arg(
         long,
         value_name = "PASS",
@@ -226,19 +231,24 @@ pub struct StatusArgs {
     pub config: Option<PathBuf>,
 }
 
-/// A listener setting: an address, or `off`.
+/// A listener setting: `off`, a port on this machine only, or an address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listen {
     /// Do not run this listener.
     Off,
-    /// Listen here.
+    /// `:PORT` or `PORT`: this machine only (127.0.0.1 and [::1]), every interface with
+    /// `--allow-lan` (Clash's `mixed-port` with `allow-lan`).
+    Port(u16),
+    /// Listen on exactly this address.
     At(SocketAddr),
 }
 
 /// Error parsing a [`Listen`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-#[error("expected IP:PORT (e.g. 127.0.0.1:1080, [::1]:1080) or \"off\", got {0:?}")]
+#[error(
+    "expected :PORT or PORT (this machine only), IP:PORT (e.g. 0.0.0.0:1080, [::1]:1080) or \"off\", got {0:?}"
+)]
 pub struct ParseListenError(String);
 
 impl FromStr for Listen {
@@ -248,9 +258,12 @@ impl FromStr for Listen {
         if s.eq_ignore_ascii_case("off") {
             return Ok(Self::Off);
         }
-        s.parse()
-            .map(Self::At)
-            .map_err(|_| ParseListenError(s.to_owned()))
+        let bad = || ParseListenError(s.to_owned());
+        let port = s.strip_prefix(':').unwrap_or(s);
+        if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+            return port.parse().map(Self::Port).map_err(|_| bad());
+        }
+        s.parse().map(Self::At).map_err(|_| bad())
     }
 }
 
@@ -258,6 +271,7 @@ impl fmt::Display for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Off => f.write_str("off"),
+            Self::Port(port) => write!(f, ":{port}"),
             Self::At(addr) => addr.fmt(f),
         }
     }

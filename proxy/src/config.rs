@@ -4,25 +4,26 @@
 //! silently leave a setting at its default), and every error names the file and the key.
 //!
 //! ```toml
-//! socks = "127.0.0.1:1080"      # or "off"
-//! http = "127.0.0.1:8080"       # or "off"
-//! socks-user = "alice"
+//! socks = ":1080"              # this machine only; "0.0.0.0:1080", or "off"
+//! http = ":8080"                # this machine only; an address, or "off"
+//! allow-lan = false             # true: ":PORT" listeners take clients from the network
+//! socks-user = "alice"          # SOCKS5 and HTTP proxy clients must log in
 //! socks-pass = "secret"
 //! exit = ["<76 hex digits>"]
 //! tun = false
 //! data-dir = "/var/lib/proxy"
 //! bootstrap = ["<64 hex>@node.example:33445"]
 //! public-bootstrap = true
-//! metrics = "127.0.0.1:9100"    # serve /metrics and /status here
+//! metrics = ":9100"            # serve /metrics and /status here
 //! tox-lock-memory = false       # let c-toxcore mlock its buffers (slower)
 //! tox-udp = true                # false: reach Tox through TCP relays only
 //! tox-lan-discovery = false     # broadcast for Tox peers on the local network
 //! path = "auto"                 # auto, tox, udp or tcp: which paths sessions use
 //! stun = ["stun.example:3478"]  # STUN servers for punching (replace the public defaults)
 //! public-stun = true            # false: no built-in public STUN servers
-//! connect-timeout = 10          # seconds
-//! idle-timeout = 300            # seconds, 0 = never
-//! max-connections = 1024
+//! connect-timeout = 10          # seconds, 1 to 3600
+//! idle-timeout = 300            # seconds, 0 = never, at most 30 days
+//! max-connections = 1024        # 1 to 1,000,000
 //! direct-policy = false         # apply [policy] to direct dials too
 //!
 //! [policy]                      # destination rules (exit role, or direct-policy)
@@ -49,10 +50,75 @@ use crate::cli::{CommonArgs, ExitArgs, LimitArgs, Listen, PolicyArgs, RunArgs, S
 use crate::exit_policy::{Cidr, ExitPolicy, PortRange};
 use crate::socks::Credentials;
 
-/// Default SOCKS5 listener.
-pub const DEFAULT_SOCKS: &str = "127.0.0.1:1080";
-/// Default HTTP listener.
-pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
+/// Default SOCKS5 listener port (this machine only).
+pub const DEFAULT_SOCKS_PORT: u16 = 1080;
+/// Default HTTP listener port (this machine only).
+pub const DEFAULT_HTTP_PORT: u16 = 8080;
+/// Largest `connect-timeout`, in seconds: an hour is already far past any real dial.
+pub const MAX_CONNECT_TIMEOUT: u64 = 3600;
+/// Largest `idle-timeout`, in seconds (30 days; 0 means never).
+pub const MAX_IDLE_TIMEOUT: u64 = 30 * 24 * 3600;
+/// Largest `max-connections`: each connection needs several file descriptors, so more than
+/// this is a typo, not a setting.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
+/// Where a listener binds, resolved from a [`Listen`] and `allow-lan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// 127.0.0.1 and [::1] (where the host has IPv6) on this port.
+    Loopback(u16),
+    /// Every interface, IPv4 and IPv6, on this port (`:PORT` with `allow-lan`).
+    AllInterfaces(u16),
+    /// Exactly this address.
+    At(SocketAddr),
+}
+
+impl ListenAddr {
+    fn resolve(listen: Listen, allow_lan: bool) -> Option<Self> {
+        match listen {
+            Listen::Off => None,
+            Listen::Port(port) if allow_lan => Some(Self::AllInterfaces(port)),
+            Listen::Port(port) => Some(Self::Loopback(port)),
+            Listen::At(addr) => Some(Self::At(addr)),
+        }
+    }
+
+    /// Whether hosts other than this one can connect.
+    pub fn is_open_to_network(&self) -> bool {
+        match self {
+            Self::Loopback(_) => false,
+            Self::AllInterfaces(_) => true,
+            Self::At(addr) => !addr.ip().is_loopback(),
+        }
+    }
+
+    /// An address where a program on this host reaches the listener.
+    pub fn local(&self) -> SocketAddr {
+        match *self {
+            Self::Loopback(port) | Self::AllInterfaces(port) => {
+                SocketAddr::from(([127, 0, 0, 1], port))
+            }
+            Self::At(addr) if addr.ip().is_unspecified() => {
+                let ip = match addr {
+                    SocketAddr::V4(_) => std::net::IpAddr::from([127, 0, 0, 1]),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                };
+                SocketAddr::new(ip, addr.port())
+            }
+            Self::At(addr) => addr,
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Loopback(port) => write!(f, "127.0.0.1:{port} and [::1]:{port}"),
+            Self::AllInterfaces(port) => write!(f, "[::]:{port} (every interface)"),
+            Self::At(addr) => addr.fmt(f),
+        }
+    }
+}
 
 /// Why the settings are unusable.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +156,7 @@ pub enum ConfigError {
 pub struct ConfigFile {
     socks: Option<ListenValue>,
     http: Option<ListenValue>,
+    allow_lan: Option<bool>,
     socks_user: Option<String>,
     socks_pass: Option<String>,
     #[serde(default)]
@@ -99,7 +166,7 @@ pub struct ConfigFile {
     #[serde(default)]
     bootstrap: Vec<String>,
     public_bootstrap: Option<bool>,
-    metrics: Option<SocketAddr>,
+    metrics: Option<ListenValue>,
     tox_lock_memory: Option<bool>,
     tox_udp: Option<bool>,
     tox_lan_discovery: Option<bool>,
@@ -139,7 +206,7 @@ struct ExitSection {
     allow_any: Option<bool>,
 }
 
-/// `"127.0.0.1:1080"` or `"off"`.
+/// `":1080"`, `"1080"`, `"127.0.0.1:1080"` or `"off"`.
 #[derive(Debug, Clone, Copy)]
 struct ListenValue(Listen);
 
@@ -217,7 +284,9 @@ pub struct CommonSettings {
     /// Destination rules.
     pub policy: ExitPolicy,
     /// Where to serve `/metrics` and `/status`, if anywhere.
-    pub metrics: Option<SocketAddr>,
+    pub metrics: Option<ListenAddr>,
+    /// `:PORT` listeners take clients from the network too.
+    pub allow_lan: bool,
     /// Let c-toxcore `mlock` its buffers.
     pub tox_lock_memory: bool,
     /// Use UDP for Tox (else TCP relays only).
@@ -235,11 +304,11 @@ pub struct CommonSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunSettings {
     /// SOCKS5 listener (`None`: off).
-    pub socks: Option<SocketAddr>,
+    pub socks: Option<ListenAddr>,
     /// HTTP listener (`None`: off).
-    pub http: Option<SocketAddr>,
-    /// SOCKS5 credentials clients must present.
-    pub socks_auth: Option<Credentials>,
+    pub http: Option<ListenAddr>,
+    /// Credentials SOCKS5 and HTTP proxy clients must present.
+    pub auth: Option<Credentials>,
     /// Exit peers' Tox IDs, unchecked (the Tox binding validates them).
     pub exits: Vec<String>,
     /// TUN mode.
@@ -280,15 +349,13 @@ impl RunSettings {
     /// Resolves the client role's settings.
     pub fn resolve(args: &RunArgs) -> Result<Self, ConfigError> {
         let file = ConfigFile::load_opt(args.common.config.as_deref())?;
-        let listen = |flag: Option<Listen>, file: Option<ListenValue>, default: &str| match flag
-            .or(file.map(|v| v.0))
-        {
-            Some(Listen::Off) => None,
-            Some(Listen::At(addr)) => Some(addr),
-            None => default.parse().ok(),
+        let allow_lan = args.common.allow_lan || file.allow_lan.unwrap_or(false);
+        let listen = |flag: Option<Listen>, file: Option<ListenValue>, default: u16| {
+            let listen = flag.or(file.map(|v| v.0)).unwrap_or(Listen::Port(default));
+            ListenAddr::resolve(listen, allow_lan)
         };
-        let socks = listen(args.socks, file.socks, DEFAULT_SOCKS);
-        let http = listen(args.http, file.http, DEFAULT_HTTP);
+        let socks = listen(args.socks, file.socks, DEFAULT_SOCKS_PORT);
+        let http = listen(args.http, file.http, DEFAULT_HTTP_PORT);
         if socks.is_none() && http.is_none() && !(args.tun || file.tun == Some(true)) {
             return Err(ConfigError::Invalid {
                 key: "socks",
@@ -297,7 +364,7 @@ impl RunSettings {
         }
         let user = args.socks_user.clone().or(file.socks_user.clone());
         let pass = args.socks_pass.clone().or(file.socks_pass.clone());
-        let socks_auth = match (user, pass) {
+        let auth = match (user, pass) {
             (None, None) => None,
             (Some(user), Some(pass)) => {
                 if user.is_empty() || user.len() > 255 || pass.is_empty() || pass.len() > 255 {
@@ -319,7 +386,7 @@ impl RunSettings {
         Ok(Self {
             socks,
             http,
-            socks_auth,
+            auth,
             exits,
             tun: args.tun || file.tun.unwrap_or(false),
             direct_policy: args.direct_policy || file.direct_policy.unwrap_or(false),
@@ -368,21 +435,27 @@ fn common(
         .connect_timeout
         .or(file.connect_timeout)
         .unwrap_or(10);
-    if connect_timeout == 0 {
+    if !(1..=MAX_CONNECT_TIMEOUT).contains(&connect_timeout) {
         return Err(ConfigError::Invalid {
             key: "connect-timeout",
-            message: "must be at least 1 second".into(),
+            message: format!("must be 1 to {MAX_CONNECT_TIMEOUT} seconds, got {connect_timeout}"),
         });
     }
     let idle = limits.idle_timeout.or(file.idle_timeout).unwrap_or(300);
+    if idle > MAX_IDLE_TIMEOUT {
+        return Err(ConfigError::Invalid {
+            key: "idle-timeout",
+            message: format!("must be at most {MAX_IDLE_TIMEOUT} seconds (0: never), got {idle}"),
+        });
+    }
     let max_connections = limits
         .max_connections
         .or(file.max_connections)
         .unwrap_or(1024);
-    if max_connections == 0 {
+    if !(1..=MAX_CONNECTIONS).contains(&max_connections) {
         return Err(ConfigError::Invalid {
             key: "max-connections",
-            message: "must be at least 1".into(),
+            message: format!("must be 1 to {MAX_CONNECTIONS}, got {max_connections}"),
         });
     }
     let pick = |flag: &[PortRange], file: &[PortValue]| -> Vec<PortRange> {
@@ -400,6 +473,7 @@ fn common(
         }
     };
     let fp = &file.policy;
+    let allow_lan = args.allow_lan || file.allow_lan.unwrap_or(false);
     let path = match (args.path, &file.path) {
         (Some(path), _) => path,
         (None, Some(text)) => text
@@ -432,7 +506,11 @@ fn common(
             args.bootstrap.clone()
         },
         public_bootstrap: !args.no_public_bootstrap && file.public_bootstrap.unwrap_or(true),
-        metrics: args.metrics.or(file.metrics),
+        metrics: args
+            .metrics
+            .or(file.metrics.map(|v| v.0))
+            .and_then(|m| ListenAddr::resolve(m, allow_lan)),
+        allow_lan,
         tox_lock_memory: args.tox_lock_memory || file.tox_lock_memory.unwrap_or(false),
         tox_udp: !args.tox_no_udp && file.tox_udp.unwrap_or(true),
         tox_lan_discovery: args.tox_lan_discovery || file.tox_lan_discovery.unwrap_or(false),
@@ -467,16 +545,16 @@ pub fn status_addr(args: &StatusArgs) -> Result<SocketAddr, ConfigError> {
         return Ok(addr);
     }
     let file = ConfigFile::load_opt(args.config.as_deref())?;
-    if let Some(addr) = file.metrics {
+    let local = |listen| ListenAddr::resolve(listen, false).map(|l| l.local());
+    if let Some(addr) = file.metrics.and_then(|v| local(v.0)) {
         return Ok(addr);
     }
     match file.http.map(|v| v.0) {
-        Some(Listen::At(addr)) => Ok(addr),
-        Some(Listen::Off) => Err(ConfigError::Invalid {
+        Some(listen) => local(listen).ok_or_else(|| ConfigError::Invalid {
             key: "http",
             message: "the HTTP listener is off and no `metrics` address is set: pass --from".into(),
         }),
-        None => Ok(DEFAULT_HTTP.parse().expect("the default is an address")),
+        None => Ok(SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT))),
     }
 }
 
@@ -528,9 +606,10 @@ mod tests {
     #[test]
     fn defaults() {
         let s = RunSettings::resolve(&run_args(&[])).unwrap();
-        assert_eq!(s.socks, Some("127.0.0.1:1080".parse().unwrap()));
-        assert_eq!(s.http, Some("127.0.0.1:8080".parse().unwrap()));
-        assert_eq!(s.socks_auth, None);
+        assert_eq!(s.socks, Some(ListenAddr::Loopback(1080)));
+        assert_eq!(s.http, Some(ListenAddr::Loopback(8080)));
+        assert!(!s.socks.unwrap().is_open_to_network());
+        assert_eq!(s.auth, None);
         assert!(s.exits.is_empty() && !s.tun && !s.direct_policy);
         assert_eq!(s.common.connect_timeout, Duration::from_secs(10));
         assert_eq!(s.common.idle_timeout, Some(Duration::from_secs(300)));
@@ -559,9 +638,12 @@ mod tests {
         );
         let p = path.to_str().unwrap();
         let s = RunSettings::resolve(&run_args(&["--config", p])).unwrap();
-        assert_eq!(s.socks, Some("127.0.0.1:1999".parse().unwrap()));
+        assert_eq!(
+            s.socks,
+            Some(ListenAddr::At("127.0.0.1:1999".parse().unwrap()))
+        );
         assert_eq!(s.http, None);
-        assert_eq!(s.socks_auth.as_ref().unwrap().user, "alice");
+        assert_eq!(s.auth.as_ref().unwrap().user, "alice");
         assert_eq!(s.common.idle_timeout, None);
         assert!(!s.common.public_bootstrap && s.direct_policy);
         assert_eq!(s.common.policy.deny_ports.len(), 2);
@@ -581,8 +663,14 @@ mod tests {
             "22",
         ]))
         .unwrap();
-        assert_eq!(s.socks, Some("127.0.0.1:2000".parse().unwrap()));
-        assert_eq!(s.http, Some("127.0.0.1:2001".parse().unwrap()));
+        assert_eq!(
+            s.socks,
+            Some(ListenAddr::At("127.0.0.1:2000".parse().unwrap()))
+        );
+        assert_eq!(
+            s.http,
+            Some(ListenAddr::At("127.0.0.1:2001".parse().unwrap()))
+        );
         assert_eq!(s.common.idle_timeout, Some(Duration::from_secs(5)));
         assert_eq!(s.common.policy.deny_ports, vec!["22".parse().unwrap()]);
 
@@ -630,5 +718,68 @@ mod tests {
         assert!(err.to_string().contains("nothing to serve"), "{err}");
         let err = RunSettings::resolve(&run_args(&["--max-connections", "0"])).unwrap_err();
         assert!(err.to_string().contains("max-connections"), "{err}");
+    }
+
+    #[test]
+    fn numbers_have_upper_bounds() {
+        // Each of these used to reach a panic (tokio's semaphore, Duration or Instant
+        // overflow) instead of a clear error.
+        for (flag, value) in [
+            ("--max-connections", "2305843009213693952"),
+            ("--max-connections", "1000001"),
+            ("--connect-timeout", "18446744073709551615"),
+            ("--connect-timeout", "3601"),
+            ("--idle-timeout", "18446744073709551615"),
+        ] {
+            let err = RunSettings::resolve(&run_args(&[flag, value])).unwrap_err();
+            assert!(
+                err.to_string().contains(&flag[2..]),
+                "{flag} {value}: {err}"
+            );
+        }
+        let s = RunSettings::resolve(&run_args(&[
+            "--max-connections",
+            "1000000",
+            "--connect-timeout",
+            "3600",
+            "--idle-timeout",
+            "2592000",
+        ]))
+        .unwrap();
+        assert_eq!(s.common.max_connections, 1_000_000);
+    }
+
+    #[test]
+    fn port_alone_means_this_machine_and_allow_lan_opens_it() {
+        for spelling in [":1080", "1080"] {
+            let s =
+                RunSettings::resolve(&run_args(&["--socks", spelling, "--http", ":0"])).unwrap();
+            assert_eq!(s.socks, Some(ListenAddr::Loopback(1080)), "{spelling}");
+            assert_eq!(s.http, Some(ListenAddr::Loopback(0)));
+        }
+        let s = RunSettings::resolve(&run_args(&["--socks", ":1080", "--allow-lan"])).unwrap();
+        assert_eq!(s.socks, Some(ListenAddr::AllInterfaces(1080)));
+        assert!(s.socks.unwrap().is_open_to_network());
+        // The default listeners follow allow-lan too; explicit addresses do not.
+        assert_eq!(s.http, Some(ListenAddr::AllInterfaces(8080)));
+        let s = RunSettings::resolve(&run_args(&["--http", "127.0.0.1:9", "--allow-lan"])).unwrap();
+        assert_eq!(s.http, Some(ListenAddr::At("127.0.0.1:9".parse().unwrap())));
+        let s = RunSettings::resolve(&run_args(&["--socks", "0.0.0.0:1080"])).unwrap();
+        assert!(s.socks.unwrap().is_open_to_network());
+        assert_eq!(s.socks.unwrap().local(), "127.0.0.1:1080".parse().unwrap());
+
+        let (_dir, path) = write("socks = \":1999\"\nmetrics = \"9100\"\nallow-lan = true\n");
+        let s = RunSettings::resolve(&run_args(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(s.socks, Some(ListenAddr::AllInterfaces(1999)));
+        assert_eq!(s.common.metrics, Some(ListenAddr::AllInterfaces(9100)));
+        for bad in [":", ":65536", "1080x", ":-1"] {
+            assert!(run_args_err(&["--socks", bad]), "{bad}");
+        }
+    }
+
+    fn run_args_err(argv: &[&str]) -> bool {
+        let mut full = vec!["proxy"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full).is_err()
     }
 }

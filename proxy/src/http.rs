@@ -11,6 +11,11 @@
 //!
 //! Failures are answered with a status that says why (403 refused by policy, 504 timed out,
 //! 502 otherwise) and a one-line text body naming the target and the reason.
+//!
+//! With credentials set (`--socks-user`/`--socks-pass`, shared with SOCKS5), proxy requests
+//! need `Proxy-Authorization: Basic` and get `407` without it. Requests to the proxy itself
+//! (`/status`, `/metrics`, `/proxy.pac`) must name this host in `Host` (no DNS rebinding),
+//! and `/status` and `/metrics` show keys only to clients on loopback or with credentials.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,8 +35,11 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::dialer::{DialError, Target};
+use crate::guard::{is_local_client, is_own_host_header};
 use crate::relay::{relay, relay_tcp};
 use crate::server::{Shared, accept_loop};
+use crate::socks::Credentials;
+use crate::status::Audience;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -63,14 +71,14 @@ struct ConnState {
 }
 
 /// Runs one client connection.
-pub async fn handle(stream: TcpStream, _peer: SocketAddr, shared: Shared, pac: PacInfo) {
+pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared, pac: PacInfo) {
     let _ = stream.set_nodelay(true);
     let state = Arc::new(ConnState::default());
     let service = {
         let (shared, state) = (shared.clone(), state.clone());
         hyper::service::service_fn(move |req| {
             let (shared, state) = (shared.clone(), state.clone());
-            async move { Ok::<_, Infallible>(route(req, &shared, &state, pac).await) }
+            async move { Ok::<_, Infallible>(route(req, peer, &shared, &state, pac).await) }
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -100,21 +108,32 @@ pub async fn handle(stream: TcpStream, _peer: SocketAddr, shared: Shared, pac: P
 
 async fn route(
     req: Request<Incoming>,
+    peer: SocketAddr,
     shared: &Shared,
     state: &ConnState,
     pac: PacInfo,
 ) -> Response<Body> {
+    let authorized = match &shared.auth {
+        None => true,
+        Some(creds) => presents(req.headers(), header::PROXY_AUTHORIZATION, creds),
+    };
     if req.method() == Method::CONNECT {
-        return connect(req, shared, state).await;
+        if !authorized {
+            return auth_required(shared);
+        }
+        return connect(req, peer, shared, state).await;
     }
     let Some(authority) = req.uri().authority() else {
-        return local(&req, pac, shared);
+        return local(&req, peer, pac, shared);
     };
     let port = req.uri().port_u16().unwrap_or(80);
     let target = Target::from_host_port(authority.host(), port);
     if target == Target::Ip(pac.http) {
         // The proxy asked, through itself, for itself: answer instead of looping.
-        return local(&req, pac, shared);
+        return local(&req, peer, pac, shared);
+    }
+    if !authorized {
+        return auth_required(shared);
     }
     if req.uri().scheme_str() != Some("http") {
         return text(
@@ -122,10 +141,54 @@ async fn route(
             "proxy: only http:// URLs can be forwarded; tunnel https:// with CONNECT\n".into(),
         );
     }
-    forward(req, target, shared, state).await
+    forward(req, peer, target, shared, state).await
 }
 
-async fn connect(req: Request<Incoming>, shared: &Shared, state: &ConnState) -> Response<Body> {
+/// Whether `headers` carry `creds` as Basic credentials in the header `name`.
+fn presents(headers: &HeaderMap, name: HeaderName, creds: &Credentials) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| basic_credentials(v.as_bytes()))
+        .any(|(user, pass)| creds.matches(&user, &pass))
+}
+
+/// The user and password of a `Basic` credentials value (RFC 7617), if it is one.
+pub fn basic_credentials(value: &[u8]) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let value = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(token.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, pass) = decoded.split_once(':')?;
+    Some((user.to_owned(), pass.to_owned()))
+}
+
+/// `407`: this proxy wants credentials (and says which scheme).
+fn auth_required(shared: &Shared) -> Response<Body> {
+    shared.counters.auth_failed();
+    let mut resp = text(
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+        "proxy: credentials required\n".into(),
+    );
+    resp.headers_mut().insert(
+        header::PROXY_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"proxy\", charset=\"UTF-8\""),
+    );
+    resp
+}
+
+async fn connect(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Shared,
+    state: &ConnState,
+) -> Response<Body> {
     let target = match req.uri().authority() {
         Some(a) if a.port_u16().is_some() => {
             Target::from_host_port(a.host(), a.port_u16().unwrap_or(443))
@@ -138,7 +201,7 @@ async fn connect(req: Request<Incoming>, shared: &Shared, state: &ConnState) -> 
         }
     };
     debug!(%target, "connect");
-    let mut upstream = match shared.dialer.connect(target.clone()).await {
+    let mut upstream = match shared.dialer_for(peer).connect(target.clone()).await {
         Ok(s) => s,
         Err(err) => {
             shared.counters.dial_failed();
@@ -188,6 +251,7 @@ async fn tunnel(
 
 async fn forward(
     mut req: Request<Incoming>,
+    peer: SocketAddr,
     target: Target,
     shared: &Shared,
     state: &ConnState,
@@ -214,7 +278,7 @@ async fn forward(
         req.headers_mut().insert(header::HOST, value);
     }
 
-    let mut sender = match upstream_for(&target, shared, state).await {
+    let mut sender = match upstream_for(&target, peer, shared, state).await {
         Ok(s) => s,
         Err(resp) => return *resp,
     };
@@ -236,6 +300,7 @@ async fn forward(
 /// The kept upstream connection if it goes to `target` and is still usable, else a new one.
 async fn upstream_for(
     target: &Target,
+    peer: SocketAddr,
     shared: &Shared,
     state: &ConnState,
 ) -> Result<SendRequest<Incoming>, Box<Response<Body>>> {
@@ -246,7 +311,7 @@ async fn upstream_for(
     {
         return Ok(sender);
     }
-    let stream = match shared.dialer.connect(target.clone()).await {
+    let stream = match shared.dialer_for(peer).connect(target.clone()).await {
         Ok(s) => s,
         Err(err) => {
             shared.counters.dial_failed();
@@ -301,12 +366,41 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Requests addressed to the proxy itself.
-fn local(req: &Request<Incoming>, pac_info: PacInfo, shared: &Shared) -> Response<Body> {
+fn local(
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    pac_info: PacInfo,
+    shared: &Shared,
+) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or(""))
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    // Browsers always send Host; a page on another site, pointed at this host by DNS
+    // rebinding, sends its own name.
+    if host.is_some_and(|h| !is_own_host_header(h)) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "proxy: this host name is not this proxy's (ask for it by address or localhost)\n"
+                .into(),
+        );
+    }
     if req.method() == Method::GET
         && let Some(status) = &shared.status
         && let path @ ("/status" | "/metrics") = req.uri().path()
     {
-        let (code, kind, body) = crate::status::respond(path, status);
+        let trusted = is_local_client(peer.ip())
+            || shared.auth.as_ref().is_some_and(|creds| {
+                presents(req.headers(), header::AUTHORIZATION, creds)
+                    || presents(req.headers(), header::PROXY_AUTHORIZATION, creds)
+            });
+        let audience = if trusted {
+            Audience::Trusted
+        } else {
+            Audience::Anyone
+        };
+        let (code, kind, body) = crate::status::respond(path, status, audience);
         let mut resp = Response::new(full(body));
         *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
         resp.headers_mut()

@@ -23,6 +23,7 @@ use proxy::config::{CommonSettings, ExitSettings, RunSettings, id_data_dir, stat
 use proxy::dialer::{Dialer, DirectDialer};
 use proxy::exit::{ExitOptions, FabricDialer, UdpOptions};
 use proxy::exit_policy::PolicyDialer;
+use proxy::guard::Dialers;
 use proxy::status::{Counters, Role, Status};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -113,14 +114,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             // Keep the fabric alive as long as the listeners.
             let mut client_fabric = None;
-            let dialer: Arc<dyn Dialer> = if settings.exits.is_empty() {
-                Proxy::direct_dialer(&settings)
+            let dialers = if settings.exits.is_empty() {
+                Proxy::direct_dialers(&settings)
             } else {
                 let (fabric, dialer) = start_client_fabric(&settings)?;
                 client_fabric = Some(fabric);
-                Arc::new(dialer)
+                Dialers::through_exits(Arc::new(dialer), &settings.common.policy)
             };
-            let mut proxy = Proxy::bind(&settings, dialer)
+            let mut proxy = Proxy::bind(&settings, dialers)
                 .await
                 .context("starting listeners")?;
             let role = if client_fabric.is_some() {
@@ -132,12 +133,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let status = Arc::new(Status::new(role, client_fabric.clone(), counters));
             proxy.set_status(status.clone());
             serve_metrics(&settings.common, status, proxy.shared().shutdown.clone()).await?;
-            // Tests and scripts read these lines to learn the ports (useful with port 0).
-            if let Some(addr) = proxy.socks_addr() {
-                println!("socks5 listening on {addr}");
+            // Tests and scripts read these lines to learn the ports (useful with port 0): the
+            // first address is the one to use, any other follows "and".
+            if proxy.socks_addr().is_some() {
+                println!("socks5 listening on {}", and_list(&proxy.socks_addrs()));
             }
             if let Some(addr) = proxy.http_addr() {
-                println!("http listening on {addr} (PAC file: http://{addr}/proxy.pac)");
+                println!(
+                    "http listening on {} (PAC file: http://{addr}/proxy.pac)",
+                    and_list(&proxy.http_addrs())
+                );
             }
             proxy.run(shutdown_signal(signals), GRACE).await;
             Ok(())
@@ -273,17 +278,34 @@ async fn serve_metrics(
     status: Arc<Status>,
     stop: CancellationToken,
 ) -> Result<(), Failure> {
-    let Some(addr) = common.metrics else {
+    let Some(at) = common.metrics else {
         return Ok(());
     };
-    let listener = tokio::net::TcpListener::bind(addr)
+    let listeners = proxy::server::bind("metrics", at)
         .await
-        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
-    let addr = listener.local_addr().context("metrics listener address")?;
+        .context("starting the metrics listener")?;
+    let addrs: Vec<_> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
     // Tests and scripts read this line to learn the port (useful with port 0).
-    println!("metrics listening on {addr} (/metrics, /status)");
-    tokio::spawn(proxy::status::serve(listener, status, stop));
+    println!(
+        "metrics listening on {} (/metrics, /status)",
+        and_list(&addrs)
+    );
+    for listener in listeners {
+        tokio::spawn(proxy::status::serve(listener, status.clone(), stop.clone()));
+    }
     Ok(())
+}
+
+/// `a`, `a and b`: the addresses one listener bound, the one to use first.
+fn and_list(addrs: &[std::net::SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 /// The fabric's settings (Tox node and paths) from the common flags.

@@ -17,14 +17,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::BindError;
+use crate::config::ListenAddr;
 use crate::dialer::Dialer;
+use crate::guard::Dialers;
+use crate::socks::Credentials;
 use crate::status::{Counters, Status};
 
 /// Settings shared by the SOCKS5 and HTTP front-ends.
 #[derive(Debug, Clone)]
 pub struct Shared {
-    /// Where connections go.
-    pub dialer: Arc<dyn Dialer>,
+    /// Where connections go: one dialer for clients on this host, one for the others.
+    pub dialers: Dialers,
+    /// Credentials SOCKS5 and HTTP proxy clients must present, if any.
+    pub auth: Option<Arc<Credentials>>,
     /// End relays that moved nothing for this long (`None`: never).
     pub idle_timeout: Option<Duration>,
     /// How long a client may take to say where it wants to go.
@@ -43,13 +49,10 @@ pub struct Shared {
 
 impl Shared {
     /// Settings with a fresh limit of `max_connections`, a new shutdown token and tracker.
-    pub fn new(
-        dialer: Arc<dyn Dialer>,
-        idle_timeout: Option<Duration>,
-        max_connections: usize,
-    ) -> Self {
+    pub fn new(dialers: Dialers, idle_timeout: Option<Duration>, max_connections: usize) -> Self {
         Self {
-            dialer,
+            dialers,
+            auth: None,
             idle_timeout,
             handshake_timeout: Duration::from_secs(30),
             limit: Arc::new(Semaphore::new(max_connections)),
@@ -58,6 +61,11 @@ impl Shared {
             counters: Arc::default(),
             status: None,
         }
+    }
+
+    /// The dialer for a client connecting from `peer`.
+    pub fn dialer_for(&self, peer: SocketAddr) -> &Arc<dyn Dialer> {
+        self.dialers.for_client(peer)
     }
 
     /// Stops the listeners and waits up to `grace` for connections in flight; returns how
@@ -125,6 +133,72 @@ pub async fn accept_loop<F, Fut>(
             .instrument(span),
         );
     }
+}
+
+/// Binds a listener at `at`: one socket, or two for `:PORT` on loopback (127.0.0.1 and, where
+/// the host has IPv6, [::1] on the same port).
+pub async fn bind(what: &'static str, at: ListenAddr) -> Result<Vec<TcpListener>, BindError> {
+    let err = |addr, source| BindError { what, addr, source };
+    match at {
+        ListenAddr::At(addr) => Ok(vec![
+            TcpListener::bind(addr).await.map_err(|e| err(addr, e))?,
+        ]),
+        ListenAddr::AllInterfaces(port) => {
+            let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+            match bind_dual_stack(v6) {
+                Ok(listener) => Ok(vec![listener]),
+                Err(e) if no_ipv6(&e) => {
+                    let v4 = SocketAddr::from(([0, 0, 0, 0], port));
+                    Ok(vec![TcpListener::bind(v4).await.map_err(|e| err(v4, e))?])
+                }
+                Err(e) => Err(err(v6, e)),
+            }
+        }
+        ListenAddr::Loopback(port) => {
+            // Port 0: the kernel picks the IPv4 port, which may be taken on [::1]; pick
+            // again a few times.
+            let mut tries = if port == 0 { 8 } else { 1 };
+            loop {
+                let v4 = SocketAddr::from(([127, 0, 0, 1], port));
+                let first = TcpListener::bind(v4).await.map_err(|e| err(v4, e))?;
+                let chosen = first.local_addr().map_err(|e| err(v4, e))?.port();
+                let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, chosen));
+                match TcpListener::bind(v6).await {
+                    Ok(second) => return Ok(vec![first, second]),
+                    Err(e) if no_ipv6(&e) => {
+                        debug!(what, "no IPv6 loopback: listening on 127.0.0.1 only");
+                        return Ok(vec![first]);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries > 1 => {
+                        tries -= 1;
+                    }
+                    Err(e) => return Err(err(v6, e)),
+                }
+            }
+        }
+    }
+}
+
+/// A listener on `[::]` that takes IPv4 clients too, whatever `net.ipv6.bindv6only` says.
+fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Whether a bind failed because this host has no IPv6: no `::1` (EADDRNOTAVAIL), or no
+/// IPv6 at all (EAFNOSUPPORT, 97 on Linux; std has no kind of its own for it).
+fn no_ipv6(err: &std::io::Error) -> bool {
+    const EAFNOSUPPORT: i32 = 97;
+    err.kind() == std::io::ErrorKind::AddrNotAvailable || err.raw_os_error() == Some(EAFNOSUPPORT)
 }
 
 /// Raises this process's open-file limit to its hard limit: every relayed connection holds

@@ -10,7 +10,6 @@ pub mod udp;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use fast_socks5::server::{Socks5ServerProtocol, SocksServerError};
 use fast_socks5::util::target_addr::TargetAddr;
@@ -42,7 +41,8 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    fn matches(&self, user: &str, pass: &str) -> bool {
+    /// Whether `user` and `pass` are these credentials (in constant time).
+    pub fn matches(&self, user: &str, pass: &str) -> bool {
         // Compare without an early exit so response time does not reveal a matching prefix.
         let eq = |a: &[u8], b: &[u8]| {
             a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -74,15 +74,15 @@ pub enum SocksError {
     Relay(#[from] io::Error),
 }
 
-/// Serves SOCKS5 on `listener` until `shared.shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, shared: Shared, auth: Option<Credentials>) {
-    let auth = Arc::new(auth);
+/// Serves SOCKS5 on `listener` until `shared.shutdown` is cancelled, asking clients for
+/// `shared.auth` when set.
+pub async fn serve(listener: TcpListener, shared: Shared) {
     let shared2 = shared.clone();
     accept_loop(listener, shared, "socks5", move |stream, peer| {
         let shared = shared2.clone();
-        let auth = auth.clone();
         async move {
-            match handle(stream, peer, &shared, auth.as_ref().as_ref()).await {
+            let auth = shared.auth.clone();
+            match handle(stream, peer, &shared, auth.as_deref()).await {
                 Ok(()) => debug!("closed"),
                 Err(err) => debug!(%err, "closed"),
             }
@@ -105,7 +105,13 @@ pub async fn handle(
         let proto = match auth {
             None => Socks5ServerProtocol::accept_no_auth(stream).await?,
             Some(creds) => {
-                let check = |user: String, pass: String| creds.matches(&user, &pass);
+                let check = |user: String, pass: String| {
+                    let ok = creds.matches(&user, &pass);
+                    if !ok {
+                        shared.counters.auth_failed();
+                    }
+                    ok
+                };
                 Socks5ServerProtocol::accept_password_auth(stream, check)
                     .await?
                     .0
@@ -123,7 +129,7 @@ pub async fn handle(
     match cmd {
         Socks5Command::TCPConnect => {
             debug!(%target, "connect");
-            let mut upstream = match shared.dialer.connect(target.clone()).await {
+            let mut upstream = match shared.dialer_for(peer).connect(target.clone()).await {
                 Ok(stream) => stream,
                 Err(err) => {
                     shared.counters.dial_failed();
@@ -141,7 +147,7 @@ pub async fn handle(
             Ok(())
         }
         Socks5Command::UDPAssociate => {
-            let flow = match shared.dialer.udp_associate().await {
+            let flow = match shared.dialer_for(peer).udp_associate().await {
                 Ok(flow) => flow,
                 Err(err) => {
                     let _ = proto.reply_error(&reply_for(&err)).await;
@@ -246,11 +252,13 @@ async fn udp_relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
     use crate::dialer::DirectDialer;
     use crate::exit_policy::{ExitPolicy, PolicyDialer};
+    use crate::guard::Dialers;
 
     async fn start(
         dialer: Arc<dyn crate::dialer::Dialer>,
@@ -258,8 +266,14 @@ mod tests {
     ) -> (SocketAddr, Shared) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let shared = Shared::new(dialer, Some(Duration::from_secs(30)), 16);
-        tokio::spawn(serve(listener, shared.clone(), auth));
+        let dialers = Dialers::direct(
+            dialer,
+            DirectDialer::new(Duration::from_secs(5)),
+            &ExitPolicy::default(),
+        );
+        let mut shared = Shared::new(dialers, Some(Duration::from_secs(30)), 16);
+        shared.auth = auth.map(Arc::new);
+        tokio::spawn(serve(listener, shared.clone()));
         (addr, shared)
     }
 

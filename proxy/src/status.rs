@@ -35,9 +35,21 @@ pub struct Counters {
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
     dial_failures: AtomicU64,
+    loops_refused: AtomicU64,
+    auth_failures: AtomicU64,
 }
 
 impl Counters {
+    /// A request for one of the proxy's own listeners was refused.
+    pub fn loop_refused(&self) {
+        self.loops_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A client's credentials were missing or wrong.
+    pub fn auth_failed(&self) {
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A client connection was accepted.
     pub fn accepted(&self) {
         self.accepted.fetch_add(1, Ordering::Relaxed);
@@ -109,6 +121,10 @@ pub struct Snapshot {
     pub bytes_down: u64,
     /// Dials that failed.
     pub dial_failures: u64,
+    /// Requests for the proxy's own listeners, refused.
+    pub loops_refused: u64,
+    /// Requests refused for missing or wrong credentials.
+    pub auth_failures: u64,
     /// The peers (exits for a client, clients for an exit), by public key in hex.
     pub peers: Vec<(String, PeerStatus)>,
 }
@@ -145,6 +161,8 @@ impl Status {
             bytes_up: c.bytes_up.load(Ordering::Relaxed),
             bytes_down: c.bytes_down.load(Ordering::Relaxed),
             dial_failures: c.dial_failures.load(Ordering::Relaxed),
+            loops_refused: c.loops_refused.load(Ordering::Relaxed),
+            auth_failures: c.auth_failures.load(Ordering::Relaxed),
             peers,
         }
     }
@@ -222,6 +240,13 @@ impl Snapshot {
                 bytes(self.bytes_up),
                 bytes(self.bytes_down)
             );
+            if self.loops_refused + self.auth_failures > 0 {
+                let _ = writeln!(
+                    out,
+                    "  refused: {} requests for this proxy's own listeners, {} without valid credentials",
+                    self.loops_refused, self.auth_failures
+                );
+            }
         }
         let kind = if self.role == Role::Exit {
             "client"
@@ -316,6 +341,18 @@ impl Snapshot {
             "counter",
             "Dials that failed (refused, unreachable, denied by policy, timed out).",
             &plain(self.dial_failures),
+        );
+        metric(
+            "frontend_loops_refused_total",
+            "counter",
+            "Requests for the proxy's own listeners, refused.",
+            &plain(self.loops_refused),
+        );
+        metric(
+            "frontend_auth_failures_total",
+            "counter",
+            "Requests refused for missing or wrong credentials.",
+            &plain(self.auth_failures),
         );
         metric(
             "frontend_bytes_total",
@@ -432,11 +469,37 @@ impl Snapshot {
     }
 }
 
+/// Who asks for status: keys (this node's Tox ID, its peers' public keys) are shown only to
+/// clients on this host or with the proxy's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// On loopback, or authenticated: everything.
+    Trusted,
+    /// Anyone else: keys cut to a short fingerprint.
+    Anyone,
+}
+
+impl Snapshot {
+    /// This snapshot as `audience` may see it.
+    pub fn for_audience(mut self, audience: Audience) -> Self {
+        if audience == Audience::Anyone {
+            self.tox_id = None;
+            for (pk, _) in &mut self.peers {
+                // Enough to tell peers apart in a dashboard, not enough to reach them.
+                pk.truncate(8);
+                pk.push('…');
+            }
+        }
+        self
+    }
+}
+
 /// Serves `GET /metrics` and `GET /status` on `listener` until `shutdown` is cancelled.
 ///
 /// A deliberately tiny HTTP/1.1 responder (one request per connection): scrapers and
 /// `proxy status` need nothing more, and it keeps the metrics port free of the proxy's
-/// request handling.
+/// request handling. As on the HTTP listener, the `Host` header must name this host, and
+/// clients from elsewhere see no keys.
 pub async fn serve(listener: TcpListener, status: Arc<Status>, shutdown: CancellationToken) {
     loop {
         let (stream, peer) = tokio::select! {
@@ -451,8 +514,14 @@ pub async fn serve(listener: TcpListener, status: Arc<Status>, shutdown: Cancell
             },
         };
         let status = status.clone();
+        let audience = if crate::guard::is_local_client(peer.ip()) {
+            Audience::Trusted
+        } else {
+            Audience::Anyone
+        };
         tokio::spawn(async move {
-            let answer = tokio::time::timeout(Duration::from_secs(10), answer(stream, &status));
+            let answer = answer(stream, &status, audience);
+            let answer = tokio::time::timeout(Duration::from_secs(10), answer);
             if let Ok(Err(error)) = answer.await {
                 debug!(%peer, %error, "metrics request failed");
             }
@@ -460,15 +529,16 @@ pub async fn serve(listener: TcpListener, status: Arc<Status>, shutdown: Cancell
     }
 }
 
-/// The response to a request for `path`: status code, content type, body.
-pub fn respond(path: &str, status: &Status) -> (u16, &'static str, String) {
+/// The response to a request for `path` from `audience`: status code, content type, body.
+pub fn respond(path: &str, status: &Status, audience: Audience) -> (u16, &'static str, String) {
+    let snapshot = || status.snapshot().for_audience(audience);
     match path {
         "/metrics" => (
             200,
             "text/plain; version=0.0.4; charset=utf-8",
-            status.snapshot().prometheus(),
+            snapshot().prometheus(),
         ),
-        "/status" => (200, "text/plain; charset=utf-8", status.snapshot().text()),
+        "/status" => (200, "text/plain; charset=utf-8", snapshot().text()),
         _ => (
             404,
             "text/plain; charset=utf-8",
@@ -477,29 +547,111 @@ pub fn respond(path: &str, status: &Status) -> (u16, &'static str, String) {
     }
 }
 
-async fn answer(mut stream: TcpStream, status: &Status) -> io::Result<()> {
+/// The largest request head the responder reads.
+const MAX_HEAD: usize = 8192;
+
+/// A request head, as much of it as the responder needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead<'a> {
+    /// The method.
+    pub method: &'a str,
+    /// The request target.
+    pub path: &'a str,
+    /// The `Host` header, if there is one.
+    pub host: Option<&'a str>,
+}
+
+/// Why a request head cannot be answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeadError {
+    /// The head has not ended yet (read more).
+    #[error("request head incomplete")]
+    Incomplete,
+    /// Longer than [`MAX_HEAD`] bytes.
+    #[error("request head too long")]
+    TooLong,
+    /// Not an HTTP/1 request line, or not text.
+    #[error("malformed request head")]
+    Malformed,
+}
+
+/// Parses the head at the start of `buf` (sans-IO: the caller reads).
+pub fn parse_head(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Err(if buf.len() > MAX_HEAD {
+            HeadError::TooLong
+        } else {
+            HeadError::Incomplete
+        });
+    };
+    if end > MAX_HEAD {
+        return Err(HeadError::TooLong);
+    }
+    let head = std::str::from_utf8(&buf[..end]).map_err(|_| HeadError::Malformed)?;
+    let mut lines = head.split("\r\n");
+    let mut request = lines.next().unwrap_or_default().split(' ');
+    let (Some(method), Some(path), Some(version), None) = (
+        request.next(),
+        request.next(),
+        request.next(),
+        request.next(),
+    ) else {
+        return Err(HeadError::Malformed);
+    };
+    if method.is_empty() || path.is_empty() || !version.starts_with("HTTP/1.") {
+        return Err(HeadError::Malformed);
+    }
+    let mut host = None;
+    for line in lines {
+        let (name, value) = line.split_once(':').ok_or(HeadError::Malformed)?;
+        if name.eq_ignore_ascii_case("host") {
+            if host.is_some() {
+                // Two Host headers: which one the client meant is anyone's guess.
+                return Err(HeadError::Malformed);
+            }
+            host = Some(value.trim());
+        }
+    }
+    Ok(RequestHead { method, path, host })
+}
+
+async fn answer(mut stream: TcpStream, status: &Status, audience: Audience) -> io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    let parsed = loop {
+        match parse_head(&head) {
+            Err(HeadError::Incomplete) => {}
+            other => break other,
+        }
         let n = stream.read(&mut chunk).await?;
-        if n == 0 || head.len() > 8192 {
+        if n == 0 {
             return Ok(());
         }
         head.extend_from_slice(&chunk[..n]);
-    }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    let (code, kind, body) = match (parts.next(), parts.next()) {
-        (Some("GET"), Some(path)) => respond(path, status),
-        _ => (
-            405,
-            "text/plain; charset=utf-8",
-            "proxy: only GET here\n".into(),
+    };
+    let text = "text/plain; charset=utf-8";
+    let (code, kind, body) = match parsed {
+        Err(_) => (400, text, "proxy: bad request\n".into()),
+        Ok(RequestHead {
+            host: Some(host), ..
+        }) if !crate::guard::is_own_host_header(host) => (
+            403,
+            text,
+            "proxy: this host name is not this proxy's (ask for it by address or localhost)\n"
+                .into(),
         ),
+        Ok(RequestHead {
+            method: "GET",
+            path,
+            ..
+        }) => respond(path, status, audience),
+        Ok(_) => (405, text, "proxy: only GET here\n".into()),
     };
     let reason = match code {
         200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         _ => "Method Not Allowed",
     };
@@ -554,6 +706,8 @@ mod tests {
             bytes_up: 2048,
             bytes_down: 5 << 20,
             dial_failures: 1,
+            loops_refused: 0,
+            auth_failures: 0,
             peers: vec![("CD".repeat(32), st)],
         }
     }
@@ -613,6 +767,69 @@ mod tests {
                 assert!(value.parse::<f64>().is_ok(), "{line}");
             }
         }
+    }
+
+    #[test]
+    fn keys_only_for_trusted_clients() {
+        let pk = "CD".repeat(32);
+        let full = snapshot().for_audience(Audience::Trusted);
+        assert!(full.text().contains(&pk));
+        assert!(full.text().contains(&"AB".repeat(38)));
+        let cut = snapshot().for_audience(Audience::Anyone);
+        for out in [cut.text(), cut.prometheus()] {
+            assert!(!out.contains(&pk), "{out}");
+            assert!(!out.contains(&"AB".repeat(38)), "{out}");
+            assert!(out.contains("CDCDCDCD…"), "{out}");
+        }
+    }
+
+    #[test]
+    fn request_heads() {
+        let h = parse_head(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1:9\r\nx: y\r\n\r\n").unwrap();
+        assert_eq!(
+            h,
+            RequestHead {
+                method: "GET",
+                path: "/status",
+                host: Some("127.0.0.1:9")
+            }
+        );
+        let h = parse_head(b"GET / HTTP/1.0\r\n\r\nbody").unwrap();
+        assert_eq!(h.host, None);
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\n"),
+            Err(HeadError::Incomplete)
+        );
+        assert_eq!(parse_head(&[b'a'; 9000]), Err(HeadError::TooLong));
+        for bad in [
+            &b"GET /\r\n\r\n"[..],
+            b"GET / HTTP/1.1 x\r\n\r\n",
+            b"GET / SPDY\r\n\r\n",
+            b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+            b"GET \xff HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(parse_head(bad), Err(HeadError::Malformed), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_foreign_host_header_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let status = Arc::new(Status::new(Role::Direct, None, Arc::default()));
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, status, stop.clone()));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /status HTTP/1.1\r\nHost: evil.example:9\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        assert!(!out.contains("proxy direct"), "{out}");
+        stop.cancel();
+        server.await.unwrap();
     }
 
     #[tokio::test]
