@@ -76,10 +76,11 @@ fn cell(exit_side: Nat, client_side: Nat, want: &[&str]) {
         bin.clone(),
         "--exit".into(),
         exit_id,
+        // The design card's line: `proxy --socks :1080 --exit <toxid>`.
         "--socks".into(),
-        "127.0.0.1:1080".into(),
+        ":1080".into(),
         "--http".into(),
-        "127.0.0.1:8080".into(),
+        ":8080".into(),
         "--data-dir".into(),
         client_dir.path(),
     ]);
