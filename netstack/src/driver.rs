@@ -230,10 +230,7 @@ async fn drive(
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            deadline.map(|d| {
-                let micros = (d - now).total_micros();
-                tokio::time::Instant::now() + Duration::from_micros(micros)
-            })
+            deadline.map(|d| tokio::time::Instant::now() + wait_until(d, now))
         };
         // 3. Write what the stack produced.
         for buf in outbox.drain(..) {
@@ -306,5 +303,32 @@ async fn drive(
             () = shared.bell.notified() => {}
             () = sleep => {}
         }
+    }
+}
+
+/// How long to sleep until `deadline`: zero when it is due. smoltcp's `poll_at` says "poll
+/// now" with `Instant::from_millis(0)`, and its `Instant - Instant` is an absolute
+/// difference, so subtracting directly would sleep for the process's uptime instead.
+fn wait_until(deadline: Instant, now: Instant) -> Duration {
+    if deadline <= now {
+        return Duration::ZERO;
+    }
+    Duration::from_micros((deadline - now).total_micros())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_due_deadline_means_now() {
+        let now = Instant::from_secs(3600);
+        assert_eq!(wait_until(Instant::from_millis(0), now), Duration::ZERO);
+        assert_eq!(wait_until(Instant::from_secs(3599), now), Duration::ZERO);
+        assert_eq!(wait_until(now, now), Duration::ZERO);
+        assert_eq!(
+            wait_until(Instant::from_millis(3_600_250), now),
+            Duration::from_millis(250)
+        );
     }
 }
