@@ -14,9 +14,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(query) = Query::parse(data) else {
         return;
     };
-    let mut table = FakeIpTable::new(4, Duration::from_secs(10));
+    let mut table = FakeIpTable::new(4, Duration::from_secs(10), Duration::from_secs(5));
     let now = Instant::from_secs(i64::from(data.len() as u32));
-    let addrs = table.assign(now, &query.name);
+    let addrs = table
+        .assign(now, &query.name)
+        .expect("an empty table has room");
     assert_eq!(
         table.name_of(now, IpAddr::V4(addrs.v4)).as_deref(),
         Some(query.name.as_str())
@@ -29,4 +31,6 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(again.name, query.name);
     assert_eq!(again.qtype, query.qtype);
     assert_eq!(again.id, query.id);
+    let failure = query.server_failure(data);
+    assert_eq!(failure[3] & 0x0f, 2, "SERVFAIL");
 });

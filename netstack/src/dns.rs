@@ -104,6 +104,16 @@ impl Query {
         })
     }
 
+    /// A "server failure" answer to this query (parsed from `msg`): no record; resolvers
+    /// and applications try again later or elsewhere.
+    pub fn server_failure(&self, msg: &[u8]) -> Vec<u8> {
+        let mut out = self.answer(msg, &[], 0);
+        // RCODE 2 (SERVFAIL) in the low bits of the flags' second byte; not authoritative.
+        out[2] &= !0x04;
+        out[3] = (out[3] & 0xf0) | 2;
+        out
+    }
+
     /// The answer to this query (parsed from `msg`): one record per address of the asked
     /// type with `ttl` seconds, or no record at all (a "no data" answer) when none fits.
     pub fn answer(&self, msg: &[u8], addrs: &[IpAddr], ttl: u32) -> Vec<u8> {
@@ -171,6 +181,21 @@ mod tests {
         assert_eq!(q.name, "web.example.test");
         assert_eq!(q.qtype, TYPE_A);
         assert!(q.recursion_desired);
+    }
+
+    #[test]
+    fn server_failure_keeps_the_question_and_says_so() {
+        let msg = query("a.test", TYPE_A);
+        let q = Query::parse(&msg).unwrap();
+        let fail = q.server_failure(&msg);
+        assert_eq!(&fail[..2], &[0xab, 0xcd]);
+        assert_eq!(fail[2] & 0x80, 0x80, "a response");
+        assert_eq!(fail[2] & 0x04, 0, "not authoritative");
+        assert_eq!(fail[3] & 0x0f, 2, "rcode SERVFAIL");
+        assert_eq!(u16::from_be_bytes([fail[6], fail[7]]), 0, "no answer");
+        let mut back = fail.clone();
+        back[2] &= 0x7f;
+        assert_eq!(Query::parse(&back).unwrap().name, "a.test");
     }
 
     #[test]

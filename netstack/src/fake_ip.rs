@@ -3,12 +3,16 @@
 //! connection to such an address is dialed by *name*, so the exit resolves it and the client
 //! side never does.
 //!
-//! The table is bounded: at most `capacity` names. A name keeps its addresses while it is
-//! used (looked up again, or an address of it dialed); one idle for `idle` is forgotten and its
-//! slot reused, and when every slot is taken the least recently used name gives its slot up.
-//! Sans-IO: `now` is an argument.
+//! The table is bounded: at most `capacity` names, by default the whole range (131,055). A
+//! name keeps its addresses while it is used (looked up again, or an address of it dialed);
+//! one idle for `idle` is forgotten. An address goes to a new name only after a quarantine
+//! since its old name was last used (several DNS TTLs: programs that cached the old answer
+//! have let it go), never-used addresses first, then freed ones oldest first. When every
+//! address is taken by a name used within the quarantine, a new name gets none (the DNS
+//! answer is a server failure) rather than silently re-pointing another program's cached
+//! address to a name of someone else's choosing. Sans-IO: `now` is an argument.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
@@ -46,23 +50,27 @@ pub struct FakeIpTable {
     slots: Vec<Option<Slot>>,
     /// Slots by last use, oldest first.
     lru: BTreeSet<(Instant, u32)>,
-    /// Slots freed by expiry, reused before new ones.
-    free: Vec<u32>,
+    /// Slots freed by expiry, oldest first (all past their quarantine: `idle` is at least
+    /// the quarantine).
+    free: VecDeque<u32>,
     capacity: u32,
     idle: Duration,
+    quarantine: Duration,
 }
 
 impl FakeIpTable {
     /// A table of at most `capacity` names (clamped to `1..=`[`MAX_CAPACITY`]) that forgets
-    /// names idle for `idle`.
-    pub fn new(capacity: u32, idle: Duration) -> Self {
+    /// names idle for `idle`, and gives an address to a new name only `quarantine` after its
+    /// old name was last used (at most `idle`).
+    pub fn new(capacity: u32, idle: Duration, quarantine: Duration) -> Self {
         Self {
             by_name: HashMap::new(),
             slots: Vec::new(),
             lru: BTreeSet::new(),
-            free: Vec::new(),
+            free: VecDeque::new(),
             capacity: capacity.clamp(1, MAX_CAPACITY),
             idle,
+            quarantine: quarantine.min(idle),
         }
     }
 
@@ -79,24 +87,27 @@ impl FakeIpTable {
     }
 
     /// The addresses of `name` (lowercase, no final dot), assigning them if it has none; a
-    /// name that has them is marked used.
-    pub fn assign(&mut self, now: Instant, name: &str) -> FakeAddrs {
+    /// name that has them is marked used. `None` when every address is held by a name used
+    /// within the quarantine.
+    pub fn assign(&mut self, now: Instant, name: &str) -> Option<FakeAddrs> {
         if let Some(&slot) = self.by_name.get(name) {
             self.touch(now, slot);
-            return addrs(slot);
+            return Some(addrs(slot));
         }
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None if (self.slots.len() as u32) < self.capacity => {
-                self.slots.push(None);
-                self.slots.len() as u32 - 1
+        let slot = if (self.slots.len() as u32) < self.capacity {
+            self.slots.push(None);
+            self.slots.len() as u32 - 1
+        } else if let Some(slot) = self.free.pop_front() {
+            slot
+        } else {
+            // Full: the least recently used name gives its slot up, if its quarantine is over.
+            let &(last, oldest) = self.lru.first()?;
+            if now < last + self.quarantine.into() {
+                return None;
             }
-            None => {
-                // Full: the least recently used name gives its slot up.
-                let (_, oldest) = self.lru.pop_first().expect("a full table has slots");
-                self.forget(oldest);
-                oldest
-            }
+            self.lru.pop_first();
+            self.forget(oldest);
+            oldest
         };
         self.slots[slot as usize] = Some(Slot {
             name: name.to_owned(),
@@ -104,7 +115,7 @@ impl FakeIpTable {
         });
         self.lru.insert((now, slot));
         self.by_name.insert(name.to_owned(), slot);
-        addrs(slot)
+        Some(addrs(slot))
     }
 
     /// The name behind a fake address, marking it used; `None` for an address that is not
@@ -124,7 +135,7 @@ impl FakeIpTable {
             }
             self.lru.pop_first();
             self.forget(slot);
-            self.free.push(slot);
+            self.free.push_back(slot);
         }
     }
 
@@ -187,13 +198,21 @@ mod tests {
         Instant::from_secs(secs as i64)
     }
 
+    fn table(capacity: u32, idle: u64, quarantine: u64) -> FakeIpTable {
+        FakeIpTable::new(
+            capacity,
+            Duration::from_secs(idle),
+            Duration::from_secs(quarantine),
+        )
+    }
+
     #[test]
     fn same_name_same_addresses_both_ways() {
-        let mut t = FakeIpTable::new(100, Duration::from_secs(60));
-        let a = t.assign(at(0), "a.test");
-        let b = t.assign(at(0), "b.test");
+        let mut t = table(100, 60, 60);
+        let a = t.assign(at(0), "a.test").unwrap();
+        let b = t.assign(at(0), "b.test").unwrap();
         assert_ne!(a, b);
-        assert_eq!(t.assign(at(1), "a.test"), a);
+        assert_eq!(t.assign(at(1), "a.test"), Some(a));
         assert_eq!(a.v4, Ipv4Addr::new(198, 18, 0, 16));
         assert_eq!(a.v6, "fc00::10".parse::<Ipv6Addr>().unwrap());
         assert_eq!(t.name_of(at(1), a.v4.into()).as_deref(), Some("a.test"));
@@ -229,50 +248,104 @@ mod tests {
     }
 
     #[test]
-    fn idle_names_expire_and_their_slots_are_reused() {
-        let mut t = FakeIpTable::new(100, Duration::from_secs(60));
-        let a = t.assign(at(0), "a.test");
-        let b = t.assign(at(10), "b.test");
+    fn idle_names_expire_and_their_slots_are_reused_oldest_first() {
+        let mut t = table(2, 60, 60);
+        let a = t.assign(at(0), "a.test").unwrap();
+        let b = t.assign(at(10), "b.test").unwrap();
         assert_eq!(t.poll_timeout(), Some(at(60)));
         // Dialing a's address keeps it alive.
         assert!(t.name_of(at(50), a.v4.into()).is_some());
         t.handle_timeout(at(70));
         assert_eq!(t.len(), 1, "b expired, a did not");
         assert_eq!(t.name_of(at(70), b.v4.into()), None);
-        let c = t.assign(at(71), "c.test");
+        let c = t.assign(at(71), "c.test").unwrap();
         assert_eq!(c, b, "the freed slot is reused");
         assert_eq!(t.name_of(at(71), c.v4.into()).as_deref(), Some("c.test"));
         t.handle_timeout(at(200));
         assert!(t.is_empty());
         assert_eq!(t.poll_timeout(), None);
+        // Freed in the order a, c: reused in that order (a LIFO would hand out c's, the
+        // address a program saw most recently).
+        assert_eq!(t.assign(at(201), "d.test"), Some(a));
+        assert_eq!(t.assign(at(201), "e.test"), Some(c));
     }
 
     #[test]
-    fn a_full_table_evicts_the_least_recently_used() {
-        let mut t = FakeIpTable::new(3, Duration::from_secs(3600));
-        let a = t.assign(at(0), "a.test");
-        let b = t.assign(at(1), "b.test");
-        let _c = t.assign(at(2), "c.test");
+    fn never_used_addresses_go_first() {
+        let mut t = table(3, 60, 60);
+        let a = t.assign(at(0), "a.test").unwrap();
+        t.handle_timeout(at(100));
+        let b = t.assign(at(100), "b.test").unwrap();
+        assert_ne!(a, b, "a fresh address before a's old one");
+    }
+
+    #[test]
+    fn a_full_table_refuses_rather_than_repoint_a_recent_name() {
+        let mut t = table(3, 3600, 600);
+        let a = t.assign(at(0), "a.test").unwrap();
+        let b = t.assign(at(1), "b.test").unwrap();
+        let c = t.assign(at(2), "c.test").unwrap();
         t.assign(at(3), "a.test");
-        let d = t.assign(at(4), "d.test");
+        // Within the quarantine of b (the least recently used), a new name gets nothing, and
+        // every address keeps its name.
+        assert_eq!(t.assign(at(100), "attacker.test"), None);
+        for (addrs, name) in [(a, "a.test"), (b, "b.test"), (c, "c.test")] {
+            assert_eq!(t.name_of(at(100), addrs.v4.into()).as_deref(), Some(name));
+        }
+        // Those lookups used all three at 100; their quarantine ends at 700, then the least
+        // recently used (by slot order among equals) gives way, and only it.
+        assert_eq!(t.assign(at(699), "d.test"), None);
+        let d = t.assign(at(700), "d.test").unwrap();
+        assert_eq!(d, a);
         assert_eq!(t.len(), 3, "bounded");
-        assert_eq!(d, b, "b was the least recently used");
-        assert_eq!(t.name_of(at(5), b.v4.into()).as_deref(), Some("d.test"));
-        assert_eq!(t.name_of(at(5), a.v4.into()).as_deref(), Some("a.test"));
-        // Many more names than slots: never more than the capacity, every answer consistent.
+        assert_eq!(t.name_of(at(700), d.v4.into()).as_deref(), Some("d.test"));
+        assert_eq!(t.name_of(at(700), b.v4.into()).as_deref(), Some("b.test"));
+        assert_eq!(t.name_of(at(700), c.v4.into()).as_deref(), Some("c.test"));
+        // Many more names than slots, spread over time: never more than the capacity, every
+        // answer consistent, and no address changes name within 600 s of its last use.
+        let mut given: HashMap<Ipv4Addr, u64> = HashMap::new();
         for i in 0..1000 {
+            let now = 1000 + i * 300;
             let name = format!("n{i}.test");
-            let addrs = t.assign(at(10 + i), &name);
-            assert_eq!(t.name_of(at(10 + i), addrs.v6.into()), Some(name));
+            if let Some(addrs) = t.assign(at(now), &name) {
+                assert_eq!(t.name_of(at(now), addrs.v6.into()), Some(name));
+                if let Some(&before) = given.get(&addrs.v4) {
+                    assert!(
+                        now >= before + 600,
+                        "{} re-pointed after {} s",
+                        addrs.v4,
+                        now - before
+                    );
+                }
+                given.insert(addrs.v4, now);
+            }
             assert!(t.len() <= 3);
         }
     }
 
     #[test]
+    fn the_whole_range_is_used() {
+        let mut t = table(MAX_CAPACITY, 3600, 600);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..MAX_CAPACITY {
+            let addrs = t.assign(at(0), &format!("n{i}")).unwrap();
+            assert!(seen.insert(addrs.v4));
+        }
+        assert!(seen.contains(&Ipv4Addr::new(198, 19, 255, 254)));
+        assert!(seen.contains(&Ipv4Addr::new(198, 18, 0, 16)));
+        assert_eq!(t.assign(at(1), "one.more"), None);
+    }
+
+    #[test]
     fn capacity_is_clamped() {
-        let t = FakeIpTable::new(u32::MAX, Duration::from_secs(1));
+        let t = table(u32::MAX, 1, 1);
         assert_eq!(t.capacity, MAX_CAPACITY);
-        let t = FakeIpTable::new(0, Duration::from_secs(1));
+        let t = table(0, 1, 5);
         assert_eq!(t.capacity, 1);
+        assert_eq!(
+            t.quarantine,
+            Duration::from_secs(1),
+            "never longer than idle"
+        );
     }
 }

@@ -57,13 +57,17 @@ pub const TUN_V4: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 19, 0, 1), 30);
 pub const TUN_V6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x7478, 0, 0, 0, 0, 0, 1), 126);
 /// How long a UDP flow lives without a datagram either way.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
-/// Fake-IP mode: names held at most (a name costs a few hundred bytes).
-pub const FAKE_CAPACITY: u32 = 65_536;
+/// Fake-IP mode: names held at most: every address of 198.18.0.0/15 (a name costs a few
+/// hundred bytes).
+pub const FAKE_CAPACITY: u32 = fake_ip::MAX_CAPACITY;
 /// Fake-IP mode: a name unused (not looked up, none of its addresses dialed) this long is
 /// forgotten. Much longer than [`FAKE_TTL`], so caches that stretch TTLs still find it.
 pub const FAKE_IDLE: Duration = Duration::from_secs(3600);
 /// Fake-IP mode: the TTL of the answers, in seconds.
 pub const FAKE_TTL: u32 = 60;
+/// Fake-IP mode: an address goes to another name only this long after its name was last
+/// used: ten TTLs, so caches that keep answers past their TTL have let it go.
+pub const FAKE_QUARANTINE: Duration = Duration::from_secs(10 * FAKE_TTL as u64);
 
 /// TUN mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -264,7 +268,7 @@ struct FakeDns {
 impl FakeDns {
     fn new(ipv6: bool) -> Self {
         Self {
-            table: Mutex::new(FakeIpTable::new(FAKE_CAPACITY, FAKE_IDLE)),
+            table: Mutex::new(FakeIpTable::new(FAKE_CAPACITY, FAKE_IDLE, FAKE_QUARANTINE)),
             epoch: std::time::Instant::now(),
             ipv6,
         }
@@ -287,10 +291,14 @@ impl FakeDns {
             return None;
         }
         let now = self.now();
-        let addrs = {
+        let assigned = {
             let mut table = self.table();
             table.handle_timeout(now);
             table.assign(now, &query.name)
+        };
+        let Some(addrs) = assigned else {
+            warn!(name = %query.name, "fake-ip table full of names used in the last {} s: server failure", FAKE_QUARANTINE.as_secs());
+            return Some(query.server_failure(msg));
         };
         let mut records = vec![IpAddr::V4(addrs.v4)];
         if self.ipv6 {
