@@ -228,13 +228,37 @@ impl DirectDialer {
         self
     }
 
-    /// Connects to `target`, resolving names on this host.
+    /// How long one connect may take, resolution included.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// Connects to `target`, resolving names on this host; resolution and connecting share
+    /// one connect timeout.
     pub async fn connect_tcp(&self, target: &Target) -> Result<TcpStream, DialError> {
-        let work = async {
-            let addrs = resolve(target).await?;
-            connect_any(&addrs, self.mark).await
-        };
-        let stream = tokio::time::timeout(self.connect_timeout, work)
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let addrs = tokio::time::timeout_at(deadline, resolve(target))
+            .await
+            .map_err(|_| DialError::TimedOut)??;
+        self.connect_addrs_until(&addrs, deadline).await
+    }
+
+    /// Connects to the first of `addrs` that answers, racing them in the order given as
+    /// RFC 8305 says ([`resolve`] returns them in that order: families alternating), within
+    /// the connect timeout.
+    pub async fn connect_addrs(&self, addrs: &[SocketAddr]) -> Result<TcpStream, DialError> {
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        self.connect_addrs_until(addrs, deadline).await
+    }
+
+    /// [`connect_addrs`](Self::connect_addrs), giving up at `deadline`: for a caller that
+    /// spent part of the connect timeout already (resolving, checking).
+    pub async fn connect_addrs_until(
+        &self,
+        addrs: &[SocketAddr],
+        deadline: tokio::time::Instant,
+    ) -> Result<TcpStream, DialError> {
+        let stream = tokio::time::timeout_at(deadline, connect_any(addrs, self.mark))
             .await
             .map_err(|_| DialError::TimedOut)??;
         // Interactive traffic (TLS handshakes, SSH) must not wait for Nagle; bulk transfers
@@ -280,8 +304,13 @@ pub async fn resolve(target: &Target) -> Result<Vec<SocketAddr>, DialError> {
     Ok(interleave_families(resolved))
 }
 
+/// Reorders addresses so the families alternate, the resolver's first choice first: a
+/// broken family then costs one attempt delay, not one attempt per address of it.
 fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
-    let first_v6 = addrs[0].is_ipv6();
+    let Some(first) = addrs.first() else {
+        return addrs;
+    };
+    let first_v6 = first.is_ipv6();
     let (mut first, mut second): (Vec<_>, Vec<_>) =
         addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
     first.reverse();
@@ -295,9 +324,10 @@ fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     }
 }
 
-/// Happy-eyeballs-ish: try the addresses in order, starting the next one when the previous
-/// fails or has not answered within [`ATTEMPT_DELAY`]; the first connection wins and the
-/// others are dropped (aborted with the `JoinSet`).
+/// Happy Eyeballs (RFC 8305 §5): try the addresses in order, starting the next one when the
+/// previous fails or has not answered within [`ATTEMPT_DELAY`]; the first connection wins and
+/// the others are dropped (aborted with the `JoinSet`). No timeout of its own: callers bound
+/// it with their deadline.
 async fn connect_any(addrs: &[SocketAddr], mark: Option<u32>) -> Result<TcpStream, DialError> {
     if let [addr] = addrs {
         // The common case (IP literal, single record) needs no task.
@@ -468,6 +498,39 @@ impl UdpFlow for DirectUdpFlow {
     }
 }
 
+/// A listener whose accept queue is full, so that a connect to it hangs (Linux drops SYNs to
+/// a full queue), all on loopback; its address, and what must stay alive for it to hang.
+#[cfg(test)]
+pub(crate) fn stalled_listener() -> (SocketAddr, impl Sized) {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // Fill the queue until connects stop completing; two in a row that do not complete
+    // within a second, so a stall of a loaded machine is not taken for a full queue.
+    let mut fillers = Vec::new();
+    let mut unanswered = 0;
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(s) => {
+                fillers.push(s);
+                unanswered = 0;
+            }
+            Err(err) if err.kind() == io::ErrorKind::TimedOut => {
+                unanswered += 1;
+                if unanswered == 2 {
+                    return (addr, (listener, fillers));
+                }
+            }
+            Err(err) => panic!("filling the accept queue: {err}"),
+        }
+    }
+    panic!("the accept queue of a listen(0) socket never filled");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,6 +621,27 @@ mod tests {
         assert_eq!(stream.peer_addr().unwrap(), good);
         let err = connect_any(&[dead, dead], None).await.unwrap_err();
         assert!(matches!(err, DialError::Refused), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn connect_addrs_races_past_an_address_that_never_answers() {
+        let (stalled, _keep) = stalled_listener();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = listener.local_addr().unwrap();
+        // A connect timeout far beyond the hang guard: a dialer that waited for the stalled
+        // address before trying the next would never finish in time.
+        let dialer = DirectDialer::new(Duration::from_secs(3600));
+        let stream = tokio::time::timeout(
+            Duration::from_secs(60),
+            dialer.connect_addrs(&[stalled, good]),
+        )
+        .await
+        .expect("hang guard")
+        .unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), good);
+        assert!(stream.nodelay().unwrap());
+        let err = dialer.connect_addrs(&[]).await.unwrap_err();
+        assert!(matches!(err, DialError::HostUnreachable), "{err:?}");
     }
 
     #[tokio::test]

@@ -11,15 +11,16 @@
 //! relays bytes both ways. UDP flows travel as session datagrams (see [`udp`]).
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use fabric::id::PublicKey;
-use fabric::peer::{Fabric, Incoming, Peer};
+use fabric::peer::{DatagramError, Fabric, Incoming, Peer};
 use fabric::target::{Reply, Target as WireTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
@@ -29,23 +30,135 @@ mod udp;
 use self::udp::UdpFlows;
 pub use self::udp::{UdpOptions, serve_udp};
 
-/// Reaches targets through exit peers. With several exits, new flows go to the first one
-/// with a live session (failover in the order given).
+/// What the client waits for beyond the exit's own connect timeout before it counts the exit
+/// as not answering: the path's round trips (a Tox TCP relay can take seconds) and a stream
+/// open queued behind others.
+const PATH_MARGIN: Duration = Duration::from_secs(10);
+
+/// What the client side needs of an exit's session; [`Peer`] in the program, a stand-in in
+/// tests.
+pub(crate) trait ExitLink: Send + Sync + fmt::Debug {
+    /// The exit's key.
+    fn public_key(&self) -> PublicKey;
+    /// Whether its session is up now.
+    fn is_connected(&self) -> bool;
+    /// Opens a stream to the exit.
+    fn open(&self) -> io::Result<BoxedStream>;
+    /// Sends one session datagram to the exit.
+    fn send_datagram(&self, payload: Vec<u8>) -> Result<(), DatagramError>;
+}
+
+impl ExitLink for Peer {
+    fn public_key(&self) -> PublicKey {
+        Self::public_key(self)
+    }
+
+    fn is_connected(&self) -> bool {
+        Self::is_connected(self)
+    }
+
+    fn open(&self) -> io::Result<BoxedStream> {
+        Ok(Box::new(Self::open(self)?))
+    }
+
+    fn send_datagram(&self, payload: Vec<u8>) -> Result<(), DatagramError> {
+        Self::send_datagram(self, payload)
+    }
+}
+
+/// One configured exit: its key from the start, its session once it first came up (the
+/// session then reconnects by itself, so a slot is filled once).
+#[derive(Debug)]
+struct ExitSlot {
+    key: PublicKey,
+    link: OnceLock<Arc<dyn ExitLink>>,
+}
+
+/// The configured exits, in the order given, whether or not their sessions are up yet: the
+/// order is the failover order, not the order in which sessions happen to come up. Shared by
+/// the dialer and its UDP flows, so a flow can move to an exit that came up after it began.
+#[derive(Debug, Default)]
+pub(crate) struct Exits {
+    slots: Vec<ExitSlot>,
+}
+
+/// [`FabricDialer::add_exit`] was given a peer that is not one of the configured exits.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+#[error("{0} is not one of the configured exits")]
+pub struct UnknownExit(PublicKey);
+
+impl Exits {
+    fn new(keys: impl IntoIterator<Item = PublicKey>) -> Self {
+        let mut slots: Vec<ExitSlot> = Vec::new();
+        for key in keys {
+            // The same exit given twice keeps its first place.
+            if slots.iter().all(|s| s.key != key) {
+                slots.push(ExitSlot {
+                    key,
+                    link: OnceLock::new(),
+                });
+            }
+        }
+        Self { slots }
+    }
+
+    fn fill(&self, link: Arc<dyn ExitLink>) -> Result<(), UnknownExit> {
+        let key = link.public_key();
+        let slot = self
+            .slots
+            .iter()
+            .find(|s| s.key == key)
+            .ok_or(UnknownExit(key))?;
+        // Filled already: the session it holds reconnects by itself; keep it.
+        let _ = slot.link.set(link);
+        Ok(())
+    }
+
+    fn links(&self) -> impl Iterator<Item = &Arc<dyn ExitLink>> {
+        self.slots.iter().filter_map(|s| s.link.get())
+    }
+
+    /// Exits with a live session in the configured order, then those whose session is down
+    /// (it may be back by the time the stream is opened).
+    fn failover_order(&self) -> Vec<Arc<dyn ExitLink>> {
+        let (up, down): (Vec<_>, Vec<_>) = self.links().cloned().partition(|l| l.is_connected());
+        up.into_iter().chain(down).collect()
+    }
+
+    /// The first exit, in the configured order, with a live session.
+    pub(crate) fn first_connected(&self) -> Option<Arc<dyn ExitLink>> {
+        self.links().find(|l| l.is_connected()).cloned()
+    }
+}
+
+/// Reaches targets through exit peers. With several exits, new flows go to the first one in
+/// the order given that has a live session (failover in the order given).
 #[derive(Debug, Clone)]
 pub struct FabricDialer {
-    exits: Arc<Mutex<Vec<Arc<Peer>>>>,
+    exits: Arc<Exits>,
     /// How long to wait for the exit's answer (its own connect timeout plus the path).
     reply_timeout: Duration,
     udp: Arc<UdpFlows>,
 }
 
+/// How one exit's attempt ended, when it did not connect.
+#[derive(Debug)]
+enum ViaError {
+    /// The destination's own answer, which another exit would only repeat (after as long a
+    /// wait, for a timeout).
+    Final(DialError),
+    /// This exit failed (no answer, its stream broke, it is busy): the next one may do.
+    TryNext(DialError),
+}
+
 impl FabricDialer {
-    /// A dialer over no exits yet; add them with [`FabricDialer::add_exit`] as their sessions
-    /// come up.
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// A dialer over `exits` (their keys in failover order), none of them connected yet: hand
+    /// each session over with [`FabricDialer::add_exit`] when it comes up.
+    pub fn new(connect_timeout: Duration, exits: impl IntoIterator<Item = PublicKey>) -> Self {
         Self {
-            exits: Arc::default(),
-            reply_timeout: connect_timeout + Duration::from_secs(10),
+            exits: Arc::new(Exits::new(exits)),
+            reply_timeout: connect_timeout.saturating_add(PATH_MARGIN),
             udp: Arc::default(),
         }
     }
@@ -59,44 +172,57 @@ impl FabricDialer {
         self.udp.clone().run(fabric)
     }
 
-    /// Makes `peer` available for new flows, after those added before it.
-    pub fn add_exit(&self, peer: Peer) {
-        self.exits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::new(peer));
+    /// Makes the session to `peer`, one of the configured exits, available in that exit's
+    /// place of the failover order.
+    pub fn add_exit(&self, peer: Peer) -> Result<(), UnknownExit> {
+        self.exits.fill(Arc::new(peer))
     }
 
-    /// The exits in failover order.
-    pub fn exits(&self) -> Vec<Arc<Peer>> {
-        self.exits.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    async fn connect_via(&self, peer: &Peer, target: &Target) -> Result<BoxedStream, DialError> {
+    async fn connect_via(
+        &self,
+        link: &dyn ExitLink,
+        target: &Target,
+    ) -> Result<BoxedStream, ViaError> {
         let mut header = Vec::with_capacity(64);
-        to_wire(target)
-            .emit(&mut header)
-            .map_err(|e| DialError::Other(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-        let mut stream = peer.open().map_err(DialError::Other)?;
-        stream.write_all(&header).await.map_err(DialError::Other)?;
-        let mut code = [0u8; 1];
-        match tokio::time::timeout(self.reply_timeout, stream.read_exact(&mut code)).await {
-            Err(_) => return Err(DialError::TimedOut),
-            Ok(Err(e)) => return Err(DialError::Other(e)),
-            Ok(Ok(_)) => {}
-        }
-        match Reply::from_byte(code[0]) {
-            Reply::Connected => Ok(Box::new(stream)),
-            Reply::NotAllowed => Err(DialError::PolicyDenied(format!(
+        to_wire(target).emit(&mut header).map_err(|e| {
+            ViaError::Final(DialError::Other(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                e,
+            )))
+        })?;
+        let exchange = async {
+            let mut stream = link.open()?;
+            stream.write_all(&header).await?;
+            let mut code = [0u8; 1];
+            stream.read_exact(&mut code).await?;
+            Ok::<_, io::Error>((stream, code[0]))
+        };
+        // Only a missing answer is the exit's failure; the exit answers TimedOut itself when
+        // the destination does not answer within its connect timeout.
+        let (stream, code) = match tokio::time::timeout(self.reply_timeout, exchange).await {
+            Err(_) => {
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the exit did not answer within {:?}", self.reply_timeout),
+                );
+                return Err(ViaError::TryNext(DialError::Other(e)));
+            }
+            Ok(Err(e)) => return Err(ViaError::TryNext(DialError::Other(e))),
+            Ok(Ok(answer)) => answer,
+        };
+        match Reply::from_byte(code) {
+            Reply::Connected => Ok(stream),
+            Reply::NotAllowed => Err(ViaError::Final(DialError::PolicyDenied(format!(
                 "the exit does not allow {target}"
-            ))),
-            Reply::NetworkUnreachable => Err(DialError::NetworkUnreachable),
-            Reply::HostUnreachable => Err(DialError::HostUnreachable),
-            Reply::Refused => Err(DialError::Refused),
-            Reply::TimedOut => Err(DialError::TimedOut),
-            _ => Err(DialError::Other(io::Error::other(
-                "the exit could not connect",
-            ))),
+            )))),
+            // Routes are the exit's own (one may lack IPv6): another exit may have one.
+            Reply::NetworkUnreachable => Err(ViaError::TryNext(DialError::NetworkUnreachable)),
+            Reply::HostUnreachable => Err(ViaError::Final(DialError::HostUnreachable)),
+            Reply::Refused => Err(ViaError::Final(DialError::Refused)),
+            Reply::TimedOut => Err(ViaError::Final(DialError::TimedOut)),
+            _ => Err(ViaError::TryNext(DialError::Other(io::Error::other(
+                "the exit refused the stream (over its limits) or failed",
+            )))),
         }
     }
 }
@@ -104,22 +230,13 @@ impl FabricDialer {
 impl Dialer for FabricDialer {
     fn connect(&self, target: Target) -> BoxFuture<'_, Result<BoxedStream, DialError>> {
         Box::pin(async move {
-            let exits = self.exits();
             let mut last = None;
-            // Healthy exits first, in the order given; the others only if none is.
-            let (up, down): (Vec<_>, Vec<_>) = exits.iter().partition(|p| p.is_connected());
-            for peer in up.into_iter().chain(down) {
-                match self.connect_via(peer, &target).await {
+            for link in self.exits.failover_order() {
+                match self.connect_via(link.as_ref(), &target).await {
                     Ok(stream) => return Ok(stream),
-                    // The target's own answer holds for every exit.
-                    Err(
-                        e @ (DialError::Refused
-                        | DialError::PolicyDenied(_)
-                        | DialError::HostUnreachable
-                        | DialError::Resolve(_)),
-                    ) => return Err(e),
-                    Err(e) => {
-                        debug!(exit = %peer.public_key(), error = %e, "exit failed, trying the next");
+                    Err(ViaError::Final(e)) => return Err(e),
+                    Err(ViaError::TryNext(e)) => {
+                        debug!(exit = %link.public_key(), error = %e, "exit failed, trying the next");
                         last = Some(e);
                     }
                 }
@@ -134,7 +251,7 @@ impl Dialer for FabricDialer {
     }
 
     fn udp_associate(&self) -> BoxFuture<'_, Result<Box<dyn UdpFlow>, DialError>> {
-        Box::pin(async { self.udp.associate(self.exits()) })
+        Box::pin(async { self.udp.associate(self.exits.clone()) })
     }
 }
 
@@ -143,9 +260,12 @@ impl Dialer for FabricDialer {
 pub struct ExitOptions {
     /// Idle timeout of relayed connections.
     pub idle_timeout: Option<Duration>,
-    /// Streams one client may have open at once; more are refused at once. Each open stream
-    /// may hold up to one mux window of unread data, so this also bounds what one client can
-    /// make the exit buffer (256 × 4 MiB).
+    /// Streams open at once over all clients (`--max-connections`); more are refused at
+    /// once.
+    pub max_streams: usize,
+    /// Streams one client may have open at once (at most `max_streams`); more are refused at
+    /// once. Each open stream may hold up to one mux window of unread data, so this also
+    /// bounds what one client can make the exit buffer (256 × 4 MiB).
     pub streams_per_client: usize,
     /// How long a client has to send its request header.
     pub header_timeout: Duration,
@@ -155,8 +275,98 @@ impl Default for ExitOptions {
     fn default() -> Self {
         Self {
             idle_timeout: Some(Duration::from_secs(300)),
+            max_streams: 1024,
             streams_per_client: 256,
             header_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Which streams the exit takes: at most `total` at once over all clients, and at most
+/// `per_client` for any one client.
+#[derive(Debug)]
+struct StreamLimits {
+    total: Arc<Semaphore>,
+    per_client: usize,
+    clients: HashMap<PublicKey, Arc<Semaphore>>,
+}
+
+/// A stream the limits let in; dropping it gives its places back.
+#[derive(Debug)]
+struct Admitted {
+    _total: OwnedSemaphorePermit,
+    _client: OwnedSemaphorePermit,
+}
+
+/// Why a stream was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The exit has `max_streams` open.
+    ExitFull,
+    /// This client has `streams_per_client` open.
+    ClientFull,
+}
+
+impl StreamLimits {
+    fn new(options: &ExitOptions) -> Self {
+        // A semaphore cannot count beyond MAX_PERMITS (and would panic): more is unlimited
+        // in practice anyway.
+        let total = options.max_streams.min(Semaphore::MAX_PERMITS);
+        Self {
+            total: Arc::new(Semaphore::new(total)),
+            per_client: options.streams_per_client.min(total),
+            clients: HashMap::new(),
+        }
+    }
+
+    fn admit(&mut self, peer: PublicKey) -> Result<Admitted, Refusal> {
+        let per_client = self.per_client;
+        let client = self
+            .clients
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(per_client)))
+            .clone();
+        // The client's own limit first: a client at its limit must not take the exit's
+        // places from the others.
+        let client = client
+            .try_acquire_owned()
+            .map_err(|_| Refusal::ClientFull)?;
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::ExitFull)?;
+        Ok(Admitted {
+            _total: total,
+            _client: client,
+        })
+    }
+}
+
+/// Refused streams, logged at debug one by one and at warn at most once a minute: a client
+/// hammering a full exit must not flood the log.
+#[derive(Debug, Default)]
+struct Refusals {
+    count: u64,
+    last_warning: Option<Instant>,
+}
+
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+impl Refusals {
+    fn note(&mut self, peer: PublicKey, why: Refusal, now: Instant) {
+        self.count += 1;
+        let limit = match why {
+            Refusal::ExitFull => "the exit's stream limit (--max-connections)",
+            Refusal::ClientFull => "the client's stream limit",
+        };
+        debug!(%peer, refused = self.count, "stream refused: {limit} reached");
+        if self
+            .last_warning
+            .is_none_or(|at| now.duration_since(at) >= REFUSAL_WARNING_EVERY)
+        {
+            self.last_warning = Some(now);
+            warn!(refused = self.count, "refusing streams: {limit} reached");
         }
     }
 }
@@ -164,29 +374,29 @@ impl Default for ExitOptions {
 /// Serves streams opened by allowed clients until the fabric shuts down: reads each stream's
 /// request, dials it with `dialer` (which applies the exit policy), answers, relays.
 pub async fn serve(fabric: Arc<Fabric>, dialer: Arc<dyn Dialer>, options: ExitOptions) {
-    let mut limits: HashMap<PublicKey, Arc<Semaphore>> = HashMap::new();
+    let mut limits = StreamLimits::new(&options);
+    let mut refusals = Refusals::default();
     while let Some(incoming) = fabric.accept().await {
-        let limit = limits
-            .entry(incoming.peer)
-            .or_insert_with(|| Arc::new(Semaphore::new(options.streams_per_client)))
-            .clone();
         // Refused at once rather than queued: a queued stream still holds whatever its
-        // client sent, so a queue would let one client make the exit buffer without bound.
-        let Ok(slot) = limit.try_acquire_owned() else {
-            warn!(peer = %incoming.peer, "client over its stream limit, stream refused");
-            let mut stream = incoming.stream;
-            tokio::spawn(async move {
-                let _ = stream.write_all(&[Reply::GeneralFailure.to_byte()]).await;
-                let _ = stream.shutdown().await;
-            });
-            continue;
+        // client sent, so a queue would let clients make the exit buffer without bound.
+        let admitted = match limits.admit(incoming.peer) {
+            Ok(admitted) => admitted,
+            Err(why) => {
+                refusals.note(incoming.peer, why, Instant::now());
+                let mut stream = incoming.stream;
+                tokio::spawn(async move {
+                    let _ = stream.write_all(&[Reply::GeneralFailure.to_byte()]).await;
+                    let _ = stream.shutdown().await;
+                });
+                continue;
+            }
         };
         let dialer = dialer.clone();
         let options = options.clone();
         let span = debug_span!("stream", peer = %incoming.peer, id = incoming.stream.id().0);
         tokio::spawn(
             async move {
-                let _slot = slot;
+                let _admitted = admitted;
                 if let Err(error) = serve_stream(incoming, dialer.as_ref(), &options).await {
                     debug!(%error, "exit stream ended with an error");
                 }
@@ -266,5 +476,242 @@ fn reply_for(e: &DialError) -> Reply {
         DialError::TimedOut => Reply::TimedOut,
         DialError::PolicyDenied(_) => Reply::NotAllowed,
         DialError::Other(_) => Reply::GeneralFailure,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// An exit played in-process: it reads the request header and answers `reply` (or
+    /// never answers when `None`), counting the streams opened to it.
+    #[derive(Debug)]
+    struct FakeExit {
+        key: PublicKey,
+        up: AtomicBool,
+        reply: Option<Reply>,
+        opened: AtomicUsize,
+        datagrams: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl FakeExit {
+        fn new(n: u8, reply: Option<Reply>) -> Arc<Self> {
+            Arc::new(Self {
+                key: PublicKey([n; 32]),
+                up: AtomicBool::new(true),
+                reply,
+                opened: AtomicUsize::new(0),
+                datagrams: Mutex::default(),
+            })
+        }
+
+        fn opened(&self) -> usize {
+            self.opened.load(Ordering::SeqCst)
+        }
+    }
+
+    impl ExitLink for FakeExit {
+        fn public_key(&self) -> PublicKey {
+            self.key
+        }
+
+        fn is_connected(&self) -> bool {
+            self.up.load(Ordering::SeqCst)
+        }
+
+        fn open(&self) -> io::Result<BoxedStream> {
+            self.opened.fetch_add(1, Ordering::SeqCst);
+            let (client, mut exit) = tokio::io::duplex(4096);
+            let reply = self.reply;
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 256];
+                while !matches!(WireTarget::parse(&buf), Ok(Some(_))) {
+                    match exit.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if let Some(reply) = reply {
+                    let _ = exit.write_all(&[reply.to_byte()]).await;
+                }
+                // Hold the stream until the client drops it.
+                let _ = exit.read(&mut chunk).await;
+            });
+            Ok(Box::new(client))
+        }
+
+        fn send_datagram(&self, payload: Vec<u8>) -> Result<(), DatagramError> {
+            if !self.is_connected() {
+                return Err(DatagramError::NoSession);
+            }
+            self.datagrams.lock().unwrap().push(payload);
+            Ok(())
+        }
+    }
+
+    fn dialer(exits: &[&Arc<FakeExit>]) -> FabricDialer {
+        FabricDialer::new(Duration::from_secs(10), exits.iter().map(|e| e.key))
+    }
+
+    fn add(dialer: &FabricDialer, exit: &Arc<FakeExit>) {
+        dialer.exits.fill(exit.clone()).unwrap();
+    }
+
+    fn target() -> Target {
+        "example.test:443".parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_timeout_is_final_and_not_retried_on_the_next_exit() {
+        let first = FakeExit::new(1, Some(Reply::TimedOut));
+        let second = FakeExit::new(2, Some(Reply::Connected));
+        let dialer = dialer(&[&first, &second]);
+        add(&dialer, &first);
+        add(&dialer, &second);
+        let err = dialer.connect(target()).await.unwrap_err();
+        assert!(matches!(err, DialError::TimedOut), "{err:?}");
+        assert_eq!((first.opened(), second.opened()), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exit_that_does_not_answer_fails_over_after_the_reply_wait() {
+        let silent = FakeExit::new(1, None);
+        let second = FakeExit::new(2, Some(Reply::Connected));
+        let dialer = dialer(&[&silent, &second]);
+        add(&dialer, &silent);
+        add(&dialer, &second);
+        let started = tokio::time::Instant::now();
+        dialer.connect(target()).await.unwrap();
+        // The exit's connect timeout plus the path's margin, in virtual time.
+        let waited = started.elapsed();
+        let want = Duration::from_secs(10) + PATH_MARGIN;
+        assert!(
+            (want..want + Duration::from_millis(10)).contains(&waited),
+            "{waited:?}"
+        );
+        assert_eq!((silent.opened(), second.opened()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn busy_or_routeless_exits_fail_over_and_destination_answers_do_not() {
+        for (reply, fails_over) in [
+            (Reply::GeneralFailure, true),
+            (Reply::NetworkUnreachable, true),
+            (Reply::Refused, false),
+            (Reply::HostUnreachable, false),
+            (Reply::NotAllowed, false),
+            (Reply::TimedOut, false),
+        ] {
+            let first = FakeExit::new(1, Some(reply));
+            let second = FakeExit::new(2, Some(Reply::Connected));
+            let dialer = dialer(&[&first, &second]);
+            add(&dialer, &first);
+            add(&dialer, &second);
+            let got = dialer.connect(target()).await;
+            assert_eq!(got.is_ok(), fails_over, "{reply:?}");
+            assert_eq!(second.opened(), usize::from(fails_over), "{reply:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn failover_follows_the_configured_order_not_the_order_sessions_came_up() {
+        let primary = FakeExit::new(1, Some(Reply::Connected));
+        let backup = FakeExit::new(2, Some(Reply::Connected));
+        let dialer = dialer(&[&primary, &backup]);
+        // No session yet: a clear error, nothing opened.
+        let err = dialer.connect(target()).await.unwrap_err();
+        assert!(err.to_string().contains("no session"), "{err}");
+        // The backup comes up first and serves meanwhile.
+        add(&dialer, &backup);
+        dialer.connect(target()).await.unwrap();
+        assert_eq!((primary.opened(), backup.opened()), (0, 1));
+        // Once the primary is up it takes new streams.
+        add(&dialer, &primary);
+        dialer.connect(target()).await.unwrap();
+        assert_eq!((primary.opened(), backup.opened()), (1, 1));
+        // While its session is down, the backup takes them again.
+        primary.up.store(false, Ordering::SeqCst);
+        dialer.connect(target()).await.unwrap();
+        assert_eq!((primary.opened(), backup.opened()), (1, 2));
+
+        // A peer that was never configured is not taken.
+        let stranger = FakeExit::new(9, Some(Reply::Connected));
+        assert!(dialer.exits.fill(stranger).is_err());
+    }
+
+    #[tokio::test]
+    async fn udp_flows_can_move_to_an_exit_that_came_up_after_them() {
+        let primary = FakeExit::new(1, Some(Reply::Connected));
+        let backup = FakeExit::new(2, Some(Reply::Connected));
+        let dialer = dialer(&[&primary, &backup]);
+        add(&dialer, &backup);
+        let flow = dialer.udp_associate().await.unwrap();
+        let to: Target = "192.0.2.53:53".parse().unwrap();
+        flow.send_to(b"one", &to).await.unwrap();
+        assert_eq!(backup.datagrams.lock().unwrap().len(), 1);
+        // The primary comes up after the flow began; then the backup's session drops.
+        add(&dialer, &primary);
+        backup.up.store(false, Ordering::SeqCst);
+        flow.send_to(b"two", &to).await.unwrap();
+        assert_eq!(primary.datagrams.lock().unwrap().len(), 1);
+        primary.up.store(false, Ordering::SeqCst);
+        let err = flow.send_to(b"three", &to).await.unwrap_err();
+        assert!(err.to_string().contains("no session"), "{err}");
+    }
+
+    fn options(max_streams: usize, streams_per_client: usize) -> ExitOptions {
+        ExitOptions {
+            max_streams,
+            streams_per_client,
+            ..ExitOptions::default()
+        }
+    }
+
+    #[test]
+    fn the_exit_caps_streams_over_all_clients() {
+        let (a, b, c) = (PublicKey([1; 32]), PublicKey([2; 32]), PublicKey([3; 32]));
+        let mut limits = StreamLimits::new(&options(2, 256));
+        let first = limits.admit(a).unwrap();
+        let _second = limits.admit(b).unwrap();
+        assert_eq!(limits.admit(c).unwrap_err(), Refusal::ExitFull);
+        assert_eq!(limits.admit(a).unwrap_err(), Refusal::ExitFull);
+        drop(first);
+        let _third = limits.admit(c).unwrap();
+    }
+
+    #[test]
+    fn one_client_cannot_take_the_places_of_the_others() {
+        let (a, b) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        let mut limits = StreamLimits::new(&options(3, 2));
+        let _held: Vec<_> = (0..2).map(|_| limits.admit(a).unwrap()).collect();
+        assert_eq!(limits.admit(a).unwrap_err(), Refusal::ClientFull);
+        // The refused stream took no place from the exit's total.
+        let _b = limits.admit(b).unwrap();
+        assert_eq!(limits.admit(b).unwrap_err(), Refusal::ExitFull);
+        // The per-client limit never exceeds the total, and a huge total does not panic.
+        assert_eq!(StreamLimits::new(&options(3, 256)).per_client, 3);
+        let _huge = StreamLimits::new(&options(usize::MAX, 256));
+    }
+
+    #[test]
+    fn refusals_warn_at_most_once_a_minute() {
+        let mut refusals = Refusals::default();
+        let t0 = Instant::now();
+        refusals.note(PublicKey([1; 32]), Refusal::ExitFull, t0);
+        assert_eq!(refusals.last_warning, Some(t0));
+        refusals.note(
+            PublicKey([1; 32]),
+            Refusal::ExitFull,
+            t0 + Duration::from_secs(59),
+        );
+        assert_eq!(refusals.last_warning, Some(t0));
+        let later = t0 + REFUSAL_WARNING_EVERY;
+        refusals.note(PublicKey([1; 32]), Refusal::ClientFull, later);
+        assert_eq!(refusals.last_warning, Some(later));
+        assert_eq!(refusals.count, 3);
     }
 }

@@ -1,30 +1,47 @@
 //! Which destinations an exit dials for its peers.
 //!
 //! An exit dials on behalf of someone else, from inside the exit's own network: without a
-//! policy a peer could reach the exit's router admin page, its LAN printers or services bound
-//! to loopback. So by default every special-purpose address (loopback, private, link-local,
-//! CGNAT, multicast, unspecified, broadcast, documentation and reserved ranges, and their
-//! IPv4-mapped, NAT64 and 6to4 forms) is refused, for IP targets and for every address a
-//! name resolves to; names are resolved here and the checked address is what gets dialed,
-//! so a name cannot re-resolve to something else between the check and the dial.
+//! policy a peer could reach the exit's router admin page, its LAN printers, services bound
+//! to loopback, or services on the exit host itself. So by default every special-purpose
+//! address (loopback, private, link-local, CGNAT, multicast, unspecified, broadcast,
+//! documentation and reserved ranges) and every network of the host's own interfaces is
+//! refused, in any of the IPv6 forms that reach them (IPv4-mapped, NAT64, 6to4), for IP
+//! targets and for every address a name resolves to. Names are resolved here and the checked
+//! addresses are what gets dialed, so a name cannot re-resolve to something else between the
+//! check and the dial.
 //!
 //! Rules, in order:
 //! 1. `deny_ports` refuse; a non-empty `allow_ports` refuses every port not in it.
 //! 2. `deny_cidrs` refuse.
 //! 3. A non-empty `allow_cidrs` refuses every address not in it, and an address inside it is
-//!    allowed even if special (so `allow-cidr = ["192.168.1.0/24"]` opens exactly one LAN).
-//! 4. Special addresses are refused unless `allow_private`.
+//!    allowed even if special or the host's own (so `allow-cidr = ["192.168.1.0/24"]` opens
+//!    exactly one LAN): an allow list is the operator naming destinations on purpose.
+//! 4. Public addresses inside the networks of this host's interfaces are refused
+//!    ([`OwnAddrs`]): `203.0.113.5/24` on `eth0` refuses `203.0.113.0/24`. `allow_private`
+//!    does not open them: it is about the LAN behind the exit, and saying yes to it must not
+//!    also open the exit's own services to the Internet side.
+//! 5. Special addresses are refused unless `allow_private` (this includes the host's own
+//!    private and loopback addresses, which rule 4 leaves to this rule).
 
-use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow, resolve};
+use crate::dialer::{
+    BoxFuture, BoxedStream, DialError, Dialer, DirectDialer, Target, UdpFlow, resolve,
+};
+
+mod cidr;
+mod own_addrs;
+
+use self::cidr::embedded_v4;
+pub use self::cidr::{Cidr, ParseRuleError, PortRange};
+pub use self::own_addrs::{MAX_AGE, OwnAddrs, OwnAddrsError, OwnNetworks};
 
 /// What kind of address an IP is, as far as the policy cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +89,9 @@ impl AddrClass {
     }
 }
 
-/// Classifies an address; IPv6 forms that embed an IPv4 address (mapped, NAT64, 6to4) get
-/// the class of the embedded address, because that is where a packet would really go.
+/// Classifies an address; IPv6 forms that embed an IPv4 address (mapped, NAT64 well-known
+/// and local-use, 6to4) get the class of the embedded address, because that is where a
+/// packet would really go.
 pub fn classify(ip: IpAddr) -> AddrClass {
     match ip {
         IpAddr::V4(v4) => classify_v4(v4),
@@ -124,140 +142,6 @@ fn classify_v6(ip: Ipv6Addr) -> AddrClass {
     }
 }
 
-/// The IPv4 address an IPv6 address stands for, if it is IPv4-mapped (`::ffff:0:0/96`),
-/// NAT64 well-known (`64:ff9b::/96`) or 6to4 (`2002::/16`).
-fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
-    let s = ip.segments();
-    let o = ip.octets();
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        Some(v4)
-    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
-    } else if s[0] == 0x2002 {
-        Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]))
-    } else {
-        None
-    }
-}
-
-/// An IP network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`; a bare address is a /32
-/// or /128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-/// Error parsing a [`Cidr`] or a [`PortRange`].
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ParseRuleError {
-    /// Not `ADDR/PREFIX`.
-    #[error("invalid network {0:?} (expected e.g. 10.0.0.0/8 or fd00::/8)")]
-    Cidr(String),
-    /// Not `PORT` or `LOW-HIGH`.
-    #[error("invalid port range {0:?} (expected e.g. 25 or 8000-8999)")]
-    Ports(String),
-}
-
-impl Cidr {
-    /// Whether `ip` lies inside this network (IPv4-mapped IPv6 addresses count as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
-                u128::from(net.to_bits()) << 96,
-                u128::from(ip.to_bits()) << 96,
-                self.prefix,
-            ),
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                prefix_eq(net.to_bits(), ip.to_bits(), self.prefix)
-            }
-            _ => false,
-        }
-    }
-}
-
-fn prefix_eq(a: u128, b: u128, prefix: u8) -> bool {
-    if prefix == 0 {
-        return true;
-    }
-    let mask = u128::MAX << (128 - u32::from(prefix));
-    a & mask == b & mask
-}
-
-impl FromStr for Cidr {
-    type Err = ParseRuleError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseRuleError::Cidr(s.to_owned());
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| err())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p.parse::<u8>().map_err(|_| err())?,
-            None => max,
-        };
-        if prefix > max {
-            return Err(err());
-        }
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// A port or an inclusive range of ports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    low: u16,
-    high: u16,
-}
-
-impl PortRange {
-    /// Whether `port` is in the range.
-    pub fn contains(&self, port: u16) -> bool {
-        (self.low..=self.high).contains(&port)
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = ParseRuleError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseRuleError::Ports(s.to_owned());
-        let (low, high) = match s.split_once('-') {
-            Some((l, h)) => (l.trim(), h.trim()),
-            None => (s.trim(), s.trim()),
-        };
-        let low: u16 = low.parse().map_err(|_| err())?;
-        let high: u16 = high.parse().map_err(|_| err())?;
-        if low > high {
-            return Err(err());
-        }
-        Ok(Self { low, high })
-    }
-}
-
-macro_rules! deserialize_from_str {
-    ($ty:ty) => {
-        impl<'de> Deserialize<'de> for $ty {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
-            }
-        }
-    };
-}
-deserialize_from_str!(Cidr);
-deserialize_from_str!(PortRange);
-
 /// The destination rules of an exit (see the module docs for their order).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExitPolicy {
@@ -274,10 +158,11 @@ pub struct ExitPolicy {
 }
 
 impl ExitPolicy {
-    /// Checks one resolved destination; the error says why it is refused.
-    pub fn check(&self, addr: SocketAddr) -> Result<(), String> {
+    /// Checks one resolved destination against the rules, `own` being this host's networks;
+    /// the error says why it is refused.
+    pub fn check(&self, addr: SocketAddr, own: &OwnNetworks) -> Result<(), String> {
         self.check_port(addr.port())?;
-        self.check_ip(addr.ip())
+        self.check_ip(addr.ip(), own)
     }
 
     /// The port rules alone (rule 1).
@@ -291,8 +176,8 @@ impl ExitPolicy {
         Ok(())
     }
 
-    /// The address rules alone (rules 2 to 4).
-    pub fn check_ip(&self, ip: IpAddr) -> Result<(), String> {
+    /// The address rules alone (rules 2 to 5).
+    pub fn check_ip(&self, ip: IpAddr, own: &OwnNetworks) -> Result<(), String> {
         let ip = ip.to_canonical();
         if let Some(net) = self.deny_cidrs.iter().find(|n| n.contains(ip)) {
             return Err(format!("{ip} is in the denied network {net}"));
@@ -304,23 +189,48 @@ impl ExitPolicy {
             return Err(format!("{ip} is not in the allowed networks"));
         }
         match classify(ip) {
-            AddrClass::Public => Ok(()),
+            AddrClass::Public => match own.find(ip) {
+                Some(net) => Err(format!("{ip} is in this host's own network {net}")),
+                None => Ok(()),
+            },
             _ if self.allow_private => Ok(()),
             class => Err(format!("{ip} is {}", class.describe())),
         }
     }
+}
 
-    /// Resolves `target` (names on this host) and keeps the addresses the policy allows, in
-    /// dialing order; fails with the reason for the first address if none is allowed.
-    pub async fn allowed_addrs(&self, target: &Target) -> Result<Vec<SocketAddr>, DialError> {
-        // Refuse by port before any resolution: a denied port needs no DNS query.
-        self.check_port(target.port())
-            .map_err(DialError::PolicyDenied)?;
-        let addrs = resolve(target).await?;
+/// The rules and the host's own networks, shared by a dialer and its UDP flows.
+#[derive(Debug)]
+struct Guard {
+    policy: ExitPolicy,
+    own: OwnAddrs,
+}
+
+impl Guard {
+    fn own_now(&self) -> Result<Arc<OwnNetworks>, DialError> {
+        self.own
+            .current(Instant::now())
+            .map_err(|err| DialError::PolicyDenied(err.to_string()))
+    }
+
+    fn check(&self, addr: SocketAddr) -> Result<(), DialError> {
+        self.policy
+            .check(addr, &*self.own_now()?)
+            .map_err(DialError::PolicyDenied)
+    }
+
+    /// The addresses `target` resolved to that the policy allows, in dialing order; fails
+    /// with the reason for the first address if none is allowed.
+    fn allowed(
+        &self,
+        target: &Target,
+        resolved: Vec<SocketAddr>,
+    ) -> Result<Vec<SocketAddr>, DialError> {
+        let own = self.own_now()?;
         let mut first_denial = None;
-        let allowed: Vec<SocketAddr> = addrs
+        let allowed: Vec<SocketAddr> = resolved
             .into_iter()
-            .filter(|a| match self.check_ip(a.ip()) {
+            .filter(|a| match self.policy.check(*a, &own) {
                 Ok(()) => true,
                 Err(why) => {
                     first_denial.get_or_insert(why);
@@ -340,42 +250,65 @@ impl ExitPolicy {
     }
 }
 
-/// A [`Dialer`] that applies an [`ExitPolicy`] before handing resolved, allowed addresses to
-/// the dialer it wraps.
+/// A [`Dialer`] that applies an [`ExitPolicy`] and refuses this host's own networks, then
+/// races the allowed addresses with a [`DirectDialer`]. Resolution and connecting share the
+/// direct dialer's one connect timeout.
+///
+/// It wraps a `DirectDialer` rather than any dialer because it must hand over the very
+/// addresses it checked, which only a dialer of this host can take.
 #[derive(Debug, Clone)]
-pub struct PolicyDialer<D> {
-    inner: D,
-    policy: Arc<ExitPolicy>,
+pub struct PolicyDialer {
+    inner: DirectDialer,
+    guard: Arc<Guard>,
 }
 
-impl<D: Dialer> PolicyDialer<D> {
-    /// Wraps `inner`.
-    pub fn new(inner: D, policy: ExitPolicy) -> Self {
+impl PolicyDialer {
+    /// Wraps `inner`; the host's own networks are read from its interfaces.
+    pub fn new(inner: DirectDialer, policy: ExitPolicy) -> Self {
+        Self::with_own_addrs(inner, policy, OwnAddrs::system())
+    }
+
+    /// Wraps `inner`, taking the host's own networks from `own`.
+    pub fn with_own_addrs(inner: DirectDialer, policy: ExitPolicy, own: OwnAddrs) -> Self {
         Self {
             inner,
-            policy: Arc::new(policy),
+            guard: Arc::new(Guard { policy, own }),
         }
+    }
+
+    /// Connects to `target`, whose addresses `resolution` yields: the port is checked before
+    /// resolving, every resolved address before dialing, and one deadline covers both.
+    async fn connect_resolved(
+        &self,
+        target: &Target,
+        resolution: impl Future<Output = Result<Vec<SocketAddr>, DialError>>,
+    ) -> Result<TcpStream, DialError> {
+        // A denied port needs no DNS query.
+        self.guard
+            .policy
+            .check_port(target.port())
+            .map_err(DialError::PolicyDenied)?;
+        let deadline = tokio::time::Instant::now() + self.inner.connect_timeout();
+        let resolved = tokio::time::timeout_at(deadline, resolution)
+            .await
+            .map_err(|_| DialError::TimedOut)??;
+        let addrs = self.guard.allowed(target, resolved)?;
+        self.inner.connect_addrs_until(&addrs, deadline).await
     }
 }
 
-impl<D: Dialer> Dialer for PolicyDialer<D> {
+impl Dialer for PolicyDialer {
     fn connect(&self, target: Target) -> BoxFuture<'_, Result<BoxedStream, DialError>> {
         Box::pin(async move {
-            let addrs = self
-                .policy
-                .allowed_addrs(&target)
+            let stream = self
+                .connect_resolved(&target, resolve(&target))
                 .await
                 .inspect_err(|err| {
-                    debug!(%target, %err, "dial refused");
+                    if let DialError::PolicyDenied(_) = err {
+                        debug!(%target, %err, "dial refused");
+                    }
                 })?;
-            let mut last_err = DialError::HostUnreachable;
-            for addr in addrs {
-                match self.inner.connect(Target::Ip(addr)).await {
-                    Ok(stream) => return Ok(stream),
-                    Err(err) => last_err = err,
-                }
-            }
-            Err(last_err)
+            Ok(Box::new(stream) as BoxedStream)
         })
     }
 
@@ -384,7 +317,8 @@ impl<D: Dialer> Dialer for PolicyDialer<D> {
             let inner = self.inner.udp_associate().await?;
             Ok(Box::new(PolicyUdpFlow {
                 inner,
-                policy: self.policy.clone(),
+                guard: self.guard.clone(),
+                resolve_timeout: self.inner.connect_timeout(),
             }) as Box<dyn UdpFlow>)
         })
     }
@@ -394,7 +328,9 @@ impl<D: Dialer> Dialer for PolicyDialer<D> {
 #[derive(Debug)]
 struct PolicyUdpFlow {
     inner: Box<dyn UdpFlow>,
-    policy: Arc<ExitPolicy>,
+    guard: Arc<Guard>,
+    /// How long a name in a datagram's destination may take to resolve.
+    resolve_timeout: Duration,
 }
 
 impl UdpFlow for PolicyUdpFlow {
@@ -407,10 +343,19 @@ impl UdpFlow for PolicyUdpFlow {
             let addr = match target {
                 // The fast path for the usual case: no allocation beyond the box.
                 Target::Ip(addr) => {
-                    self.policy.check(*addr).map_err(DialError::PolicyDenied)?;
+                    self.guard.check(*addr)?;
                     *addr
                 }
-                Target::Domain(..) => self.policy.allowed_addrs(target).await?[0],
+                Target::Domain(..) => {
+                    self.guard
+                        .policy
+                        .check_port(target.port())
+                        .map_err(DialError::PolicyDenied)?;
+                    let resolved = tokio::time::timeout(self.resolve_timeout, resolve(target))
+                        .await
+                        .map_err(|_| DialError::TimedOut)??;
+                    self.guard.allowed(target, resolved)?[0]
+                }
             };
             self.inner.send_to(payload, &Target::Ip(addr)).await
         })
@@ -427,9 +372,12 @@ impl UdpFlow for PolicyUdpFlow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt as _;
 
     use crate::dialer::DirectDialer;
+
+    const SECS_5: Duration = Duration::from_secs(5);
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -437,6 +385,10 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    fn none() -> OwnNetworks {
+        OwnNetworks::default()
     }
 
     #[test]
@@ -504,8 +456,8 @@ mod tests {
     #[test]
     fn default_policy_refuses_special_and_allows_public() {
         let p = ExitPolicy::default();
-        assert!(p.check(sa("1.1.1.1:443")).is_ok());
-        assert!(p.check(sa("[2606:4700::1111]:443")).is_ok());
+        assert!(p.check(sa("1.1.1.1:443"), &none()).is_ok());
+        assert!(p.check(sa("[2606:4700::1111]:443"), &none()).is_ok());
         for bad in [
             "127.0.0.1:80",
             "[::1]:80",
@@ -523,12 +475,12 @@ mod tests {
             "[::ffff:127.0.0.1]:80",
             "[::ffff:192.168.1.1]:80",
         ] {
-            let why = p.check(sa(bad)).unwrap_err();
+            let why = p.check(sa(bad), &none()).unwrap_err();
             assert!(why.contains("address"), "{bad}: {why}");
         }
-        let why = p.check(sa("127.0.0.1:80")).unwrap_err();
+        let why = p.check(sa("127.0.0.1:80"), &none()).unwrap_err();
         assert_eq!(why, "127.0.0.1 is a loopback address");
-        let why = p.check(sa("[::ffff:127.0.0.1]:80")).unwrap_err();
+        let why = p.check(sa("[::ffff:127.0.0.1]:80"), &none()).unwrap_err();
         assert_eq!(why, "127.0.0.1 is a loopback address");
     }
 
@@ -538,8 +490,8 @@ mod tests {
             allow_private: true,
             ..ExitPolicy::default()
         };
-        assert!(p.check(sa("127.0.0.1:80")).is_ok());
-        assert!(p.check(sa("[fd00::1]:80")).is_ok());
+        assert!(p.check(sa("127.0.0.1:80"), &none()).is_ok());
+        assert!(p.check(sa("[fd00::1]:80"), &none()).is_ok());
     }
 
     #[test]
@@ -548,17 +500,20 @@ mod tests {
             deny_ports: vec!["25".parse().unwrap()],
             ..ExitPolicy::default()
         };
-        assert_eq!(p.check(sa("1.1.1.1:25")).unwrap_err(), "port 25 is denied");
-        assert!(p.check(sa("1.1.1.1:26")).is_ok());
+        assert_eq!(
+            p.check(sa("1.1.1.1:25"), &none()).unwrap_err(),
+            "port 25 is denied"
+        );
+        assert!(p.check(sa("1.1.1.1:26"), &none()).is_ok());
 
         let p = ExitPolicy {
             allow_ports: vec!["80".parse().unwrap(), "443-444".parse().unwrap()],
             ..ExitPolicy::default()
         };
-        assert!(p.check(sa("1.1.1.1:80")).is_ok());
-        assert!(p.check(sa("1.1.1.1:444")).is_ok());
+        assert!(p.check(sa("1.1.1.1:80"), &none()).is_ok());
+        assert!(p.check(sa("1.1.1.1:444"), &none()).is_ok());
         assert_eq!(
-            p.check(sa("1.1.1.1:22")).unwrap_err(),
+            p.check(sa("1.1.1.1:22"), &none()).unwrap_err(),
             "port 22 is not in the allowed ports"
         );
     }
@@ -570,53 +525,282 @@ mod tests {
             ..ExitPolicy::default()
         };
         assert_eq!(
-            p.check(sa("1.2.3.4:80")).unwrap_err(),
+            p.check(sa("1.2.3.4:80"), &none()).unwrap_err(),
             "1.2.3.4 is in the denied network 1.2.3.0/24"
         );
-        assert!(p.check(sa("1.2.4.4:80")).is_ok());
+        assert!(p.check(sa("1.2.4.4:80"), &none()).is_ok());
 
         // An allow list is a whitelist, and opens special addresses inside it.
         let p = ExitPolicy {
             allow_cidrs: vec!["192.168.1.0/24".parse().unwrap()],
             ..ExitPolicy::default()
         };
-        assert!(p.check(sa("192.168.1.20:80")).is_ok());
-        assert!(p.check(sa("[::ffff:192.168.1.20]:80")).is_ok());
-        assert!(p.check(sa("192.168.2.20:80")).is_err());
-        assert!(p.check(sa("1.1.1.1:80")).is_err());
+        assert!(p.check(sa("192.168.1.20:80"), &none()).is_ok());
+        assert!(p.check(sa("[::ffff:192.168.1.20]:80"), &none()).is_ok());
+        assert!(p.check(sa("192.168.2.20:80"), &none()).is_err());
+        assert!(p.check(sa("1.1.1.1:80"), &none()).is_err());
     }
 
     #[test]
-    fn cidr_and_port_parsing() {
-        let c: Cidr = "10.0.0.0/8".parse().unwrap();
-        assert!(c.contains(ip("10.255.1.1")));
-        assert!(!c.contains(ip("11.0.0.0")));
-        assert!(!c.contains(ip("::1")));
-        let c: Cidr = "2001:db8::/32".parse().unwrap();
-        assert!(c.contains(ip("2001:db8:1::1")));
-        assert!(!c.contains(ip("2001:db9::1")));
-        let c: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(c.contains(ip("8.8.8.8")));
-        let c: Cidr = "8.8.8.8".parse().unwrap();
-        assert!(c.contains(ip("8.8.8.8")) && !c.contains(ip("8.8.8.9")));
-        assert_eq!(c.to_string(), "8.8.8.8/32");
-        for bad in ["10.0.0.0/33", "::/129", "x/8", "10.0.0.0/", ""] {
-            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+    fn deny_and_allow_cidrs_match_nat64_and_6to4_forms() {
+        let p = ExitPolicy {
+            deny_cidrs: vec!["93.184.216.0/24".parse().unwrap()],
+            ..ExitPolicy::default()
+        };
+        for form in [
+            "[::ffff:93.184.216.34]:80",
+            "[64:ff9b::5db8:d822]:80",
+            "[64:ff9b:1::5db8:d822]:80",
+            "[2002:5db8:d822::1]:80",
+        ] {
+            assert!(
+                p.check(sa(form), &none()).is_err(),
+                "{form} passed deny-cidr"
+            );
         }
-        assert!("8000-9000".parse::<PortRange>().unwrap().contains(8500));
-        for bad in ["9000-8000", "x", "70000", "1-", ""] {
-            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        assert_eq!(
+            p.check(sa("[64:ff9b::5db8:d822]:80"), &none()).unwrap_err(),
+            "64:ff9b::5db8:d822 is in the denied network 93.184.216.0/24"
+        );
+        assert!(p.check(sa("[64:ff9b::5db9:d822]:80"), &none()).is_ok());
+
+        // An allow list admits the same forms, and nothing else.
+        let p = ExitPolicy {
+            allow_cidrs: vec!["93.184.216.0/24".parse().unwrap()],
+            ..ExitPolicy::default()
+        };
+        for form in [
+            "93.184.216.34:80",
+            "[64:ff9b::5db8:d822]:80",
+            "[64:ff9b:1::5db8:d822]:80",
+            "[2002:5db8:d822::1]:80",
+        ] {
+            assert!(p.check(sa(form), &none()).is_ok(), "{form} not allowed");
         }
+        assert!(p.check(sa("[64:ff9b::5db9:d822]:80"), &none()).is_err());
+    }
+
+    #[test]
+    fn special_ranges_decode_the_nat64_local_use_prefix() {
+        assert_eq!(classify(ip("64:ff9b:1::7f00:1")), AddrClass::Loopback);
+        assert_eq!(classify(ip("64:ff9b:1:2:3::a00:1")), AddrClass::Private);
+        assert_eq!(classify(ip("64:ff9b:1::808:808")), AddrClass::Public);
+        let why = ExitPolicy::default()
+            .check(sa("[64:ff9b:1::a9fe:a9fe]:80"), &none())
+            .unwrap_err();
+        assert_eq!(why, "64:ff9b:1::a9fe:a9fe is a link-local address");
+    }
+
+    /// The networks of an imaginary exit host: a public IPv4 /24, a public IPv6 /64, a LAN
+    /// and loopback.
+    fn exit_host() -> OwnNetworks {
+        OwnNetworks::new([
+            (ip("93.184.216.34"), 24),
+            (ip("2a01:4f8:1:2::5"), 64),
+            (ip("192.168.1.5"), 24),
+            (ip("127.0.0.1"), 8),
+            (ip("::1"), 128),
+        ])
+    }
+
+    #[test]
+    fn the_hosts_own_public_networks_are_refused() {
+        let own = exit_host();
+        let p = ExitPolicy::default();
+        for bad in [
+            "93.184.216.34:22",
+            // A neighbour in the connected prefix.
+            "93.184.216.1:80",
+            "[::ffff:93.184.216.34]:22",
+            "[64:ff9b::5db8:d822]:22",
+            "[2002:5db8:d822::1]:22",
+            "[2a01:4f8:1:2::5]:22",
+            "[2a01:4f8:1:2:abcd::1]:22",
+        ] {
+            let why = p.check(sa(bad), &own).unwrap_err();
+            assert!(why.contains("this host's own network"), "{bad}: {why}");
+        }
+        assert_eq!(
+            p.check(sa("93.184.216.1:80"), &own).unwrap_err(),
+            "93.184.216.1 is in this host's own network 93.184.216.34/24"
+        );
+        assert!(p.check(sa("93.184.217.1:80"), &own).is_ok());
+        assert!(p.check(sa("[2a01:4f8:1:3::1]:80"), &own).is_ok());
+
+        // allow-private opens the LAN and loopback, not the host's public networks.
+        let p = ExitPolicy {
+            allow_private: true,
+            ..ExitPolicy::default()
+        };
+        assert!(p.check(sa("192.168.1.7:80"), &own).is_ok());
+        assert!(p.check(sa("127.0.0.1:80"), &own).is_ok());
+        assert!(p.check(sa("93.184.216.34:22"), &own).is_err());
+        assert!(p.check(sa("[2a01:4f8:1:2::5]:22"), &own).is_err());
+
+        // Only an allow list that names them opens them.
+        let p = ExitPolicy {
+            allow_cidrs: vec!["93.184.216.34/32".parse().unwrap()],
+            ..ExitPolicy::default()
+        };
+        assert!(p.check(sa("93.184.216.34:22"), &own).is_ok());
+        assert!(p.check(sa("93.184.216.35:22"), &own).is_err());
+    }
+
+    #[tokio::test]
+    async fn policy_dialer_refuses_own_networks_for_streams_and_datagrams() {
+        // Refused before any packet is sent: nothing here leaves the machine.
+        let dialer = PolicyDialer::with_own_addrs(
+            DirectDialer::new(SECS_5),
+            ExitPolicy::default(),
+            OwnAddrs::fixed(exit_host()),
+        );
+        for target in ["93.184.216.34:22", "[2a01:4f8:1:2::5]:22"] {
+            let err = dialer.connect(target.parse().unwrap()).await.unwrap_err();
+            assert!(
+                matches!(&err, DialError::PolicyDenied(why) if why.contains("own network")),
+                "{target}: {err}"
+            );
+        }
+        let flow = dialer.udp_associate().await.unwrap();
+        let err = flow
+            .send_to(b"x", &"93.184.216.9:53".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DialError::PolicyDenied(why) if why.contains("own network")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_system_policy_dialer_refuses_this_hosts_public_addresses() {
+        // Whatever public addresses this machine has (none in many sandboxes), the system
+        // reading refuses each of them, before dialing.
+        let own = OwnNetworks::read().unwrap();
+        let dialer = PolicyDialer::new(DirectDialer::new(SECS_5), ExitPolicy::default());
+        let flow = dialer.udp_associate().await.unwrap();
+        for interface in getifaddrs::getifaddrs().unwrap() {
+            let Some(addr) = interface.address.ip_addr() else {
+                continue;
+            };
+            if classify(addr) != AddrClass::Public {
+                continue;
+            }
+            assert!(own.find(addr).is_some(), "{addr}");
+            let target = Target::Ip(SocketAddr::new(addr, 9));
+            let err = dialer.connect(target.clone()).await.unwrap_err();
+            assert!(matches!(err, DialError::PolicyDenied(_)), "{addr}: {err}");
+            let err = flow.send_to(b"x", &target).await.unwrap_err();
+            assert!(matches!(err, DialError::PolicyDenied(_)), "{addr}: {err}");
+        }
+    }
+
+    fn open_dialer(timeout: Duration) -> PolicyDialer {
+        PolicyDialer::with_own_addrs(
+            DirectDialer::new(timeout),
+            ExitPolicy {
+                allow_private: true,
+                ..ExitPolicy::default()
+            },
+            OwnAddrs::fixed(OwnNetworks::default()),
+        )
+    }
+
+    #[tokio::test]
+    async fn resolved_addresses_are_raced_not_dialed_one_by_one() {
+        let (stalled, _keep) = crate::dialer::stalled_listener();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = listener.local_addr().unwrap();
+        // A connect timeout far beyond the hang guard: waiting for the stalled address
+        // before trying the next one would never finish in time.
+        let dialer = open_dialer(Duration::from_secs(3600));
+        let target = Target::Domain("dual.test".into(), good.port());
+        let resolved = async { Ok(vec![stalled, good]) };
+        let stream = tokio::time::timeout(
+            Duration::from_secs(60),
+            dialer.connect_resolved(&target, resolved),
+        )
+        .await
+        .expect("hang guard: the second address was not raced")
+        .unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), good);
+    }
+
+    #[tokio::test]
+    async fn only_checked_addresses_are_dialed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The name resolves to a refused address first and to the listener second: only the
+        // second one is dialed, and the refusal of the first costs nothing.
+        let dialer = PolicyDialer::with_own_addrs(
+            DirectDialer::new(SECS_5),
+            ExitPolicy {
+                deny_cidrs: vec!["127.0.0.2/32".parse().unwrap()],
+                allow_private: true,
+                ..ExitPolicy::default()
+            },
+            OwnAddrs::fixed(OwnNetworks::default()),
+        );
+        let refused = SocketAddr::new(ip("127.0.0.2"), addr.port());
+        let target = Target::Domain("mixed.test".into(), addr.port());
+        let stream = dialer
+            .connect_resolved(&target, async { Ok(vec![refused, addr]) })
+            .await
+            .unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), addr);
+        let (mut accepted, from) = listener.accept().await.unwrap();
+        assert_eq!(from, stream.local_addr().unwrap());
+        accepted.shutdown().await.unwrap();
+        let err = dialer
+            .connect_resolved(&target, async { Ok(vec![refused]) })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DialError::PolicyDenied(why) if why == "mixed.test: 127.0.0.2 is in the denied network 127.0.0.2/32"),
+            "{err}"
+        );
+    }
+
+    /// Virtual time jumps to the deadline (to within the timer's millisecond).
+    fn assert_in_deadline(elapsed: Duration, deadline: Duration) {
+        assert!(
+            (deadline..deadline + Duration::from_millis(10)).contains(&elapsed),
+            "gave up after {elapsed:?}, the deadline was {deadline:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resolution_and_connecting_share_one_deadline() {
+        let (stalled, _keep) = crate::dialer::stalled_listener();
+        let timeout = Duration::from_secs(10);
+        let dialer = open_dialer(timeout);
+        let target = Target::Domain("slow.test".into(), stalled.port());
+        // Resolution takes 7 of the 10 s; the stalled connect gets the 3 s left, not 10 more.
+        let resolution = async {
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            Ok(vec![stalled])
+        };
+        let started = tokio::time::Instant::now();
+        let err = dialer
+            .connect_resolved(&target, resolution)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DialError::TimedOut), "{err:?}");
+        assert_in_deadline(started.elapsed(), timeout);
+
+        // A resolution slower than the whole timeout is cut at the deadline too.
+        let started = tokio::time::Instant::now();
+        let never = std::future::pending::<Result<Vec<SocketAddr>, DialError>>();
+        let err = dialer.connect_resolved(&target, never).await.unwrap_err();
+        assert!(matches!(err, DialError::TimedOut), "{err:?}");
+        assert_in_deadline(started.elapsed(), timeout);
     }
 
     #[tokio::test]
     async fn policy_dialer_refuses_loopback_targets_and_names() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let dialer = PolicyDialer::new(
-            DirectDialer::new(Duration::from_secs(5)),
-            ExitPolicy::default(),
-        );
+        let dialer = PolicyDialer::new(DirectDialer::new(SECS_5), ExitPolicy::default());
         let err = dialer.connect(Target::Ip(addr)).await.unwrap_err();
         assert!(
             matches!(&err, DialError::PolicyDenied(why) if why.contains("loopback")),
@@ -635,7 +819,7 @@ mod tests {
         assert!(matches!(err, DialError::PolicyDenied(_)), "{err}");
 
         let open = PolicyDialer::new(
-            DirectDialer::new(Duration::from_secs(5)),
+            DirectDialer::new(SECS_5),
             ExitPolicy {
                 allow_private: true,
                 ..ExitPolicy::default()

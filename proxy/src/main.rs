@@ -164,7 +164,12 @@ fn start_client_fabric(settings: &RunSettings) -> Result<(Arc<Fabric>, FabricDia
     let config = fabric_config(&settings.common)?;
     let fabric = Arc::new(Fabric::start(config).context("starting the Tox node")?);
     println!("tox id: {}", fabric.id());
-    let dialer = FabricDialer::new(settings.common.connect_timeout);
+    // The dialer knows every exit and its place from the start, so the failover order is the
+    // order given here, whichever session comes up first.
+    let dialer = FabricDialer::new(
+        settings.common.connect_timeout,
+        exits.iter().map(ToxId::public_key),
+    );
     tokio::spawn(dialer.deliver_datagrams(fabric.clone()));
     for exit in exits {
         tokio::spawn(connect_exit(fabric.clone(), dialer.clone(), exit));
@@ -218,7 +223,10 @@ async fn connect_exit(fabric: Arc<Fabric>, dialer: FabricDialer, exit: ToxId) {
         match fabric.connect(exit).await {
             Ok(peer) => {
                 tracing::info!(exit = %exit.public_key(), "connected to exit");
-                dialer.add_exit(peer);
+                if let Err(err) = dialer.add_exit(peer) {
+                    // Cannot happen: the dialer was made from the same list.
+                    tracing::error!(%err, "exit session not used");
+                }
                 return;
             }
             Err(err) => {
@@ -260,6 +268,7 @@ async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failur
         Arc::new(PolicyDialer::new(direct, settings.common.policy.clone()));
     let options = ExitOptions {
         idle_timeout: settings.common.idle_timeout,
+        max_streams: settings.common.max_connections,
         ..ExitOptions::default()
     };
     tokio::select! {

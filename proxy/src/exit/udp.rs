@@ -21,11 +21,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fabric::id::PublicKey;
-use fabric::peer::{DatagramError, Fabric, Peer};
+use fabric::peer::{DatagramError, Fabric};
 use fabric::target::{FlowId, Target as WireTarget, UdpHeader};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::{ExitLink, Exits};
 use crate::dialer::{BoxFuture, DialError, Dialer, Target, UdpFlow};
 
 /// Datagrams waiting for one flow's reader (client) or socket (exit); more are dropped.
@@ -35,18 +36,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The first exit with a live session.
-fn first_connected(exits: &[Arc<Peer>]) -> Result<Arc<Peer>, DialError> {
-    exits
-        .iter()
-        .find(|p| p.is_connected())
-        .cloned()
-        .ok_or_else(|| {
-            DialError::Other(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "no session to any exit (still connecting over Tox, or reconnecting)",
-            ))
-        })
+/// The first exit, in the configured order, with a live session.
+fn first_connected(exits: &Exits) -> Result<Arc<dyn ExitLink>, DialError> {
+    exits.first_connected().ok_or_else(|| {
+        DialError::Other(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "no session to any exit (still connecting over Tox, or reconnecting)",
+        ))
+    })
 }
 
 /// A datagram from an exit: its source and payload.
@@ -115,7 +112,7 @@ impl UdpFlows {
     /// Opens a flow through the first exit with a live session.
     pub(crate) fn associate(
         self: &Arc<Self>,
-        exits: Vec<Arc<Peer>>,
+        exits: Arc<Exits>,
     ) -> Result<Box<dyn UdpFlow>, DialError> {
         let peer = first_connected(&exits)?;
         let (flow, rx) = self.register();
@@ -134,9 +131,11 @@ impl UdpFlows {
 #[derive(Debug)]
 struct FabricUdpFlow {
     flow: FlowId,
-    /// The exit the flow goes through; it moves to another one if its session is lost.
-    peer: Mutex<Arc<Peer>>,
-    exits: Vec<Arc<Peer>>,
+    /// The exit the flow goes through; it moves to another one if its session is lost
+    /// (and stays there: a flow's source address must not change under the application).
+    peer: Mutex<Arc<dyn ExitLink>>,
+    /// All configured exits, also those that come up after the flow began.
+    exits: Arc<Exits>,
     rx: tokio::sync::Mutex<mpsc::Receiver<Reply>>,
     flows: Arc<UdpFlows>,
 }
