@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, DirectDialer, Target, UdpFlow};
-use crate::exit_policy::{ExitPolicy, PolicyDialer};
+use crate::exit_policy::{ExitPolicy, OwnNetworks, PolicyDialer};
 use crate::status::Counters;
 
 /// The dialers of the local listeners: one for clients on this host, one for clients that
@@ -258,7 +258,10 @@ struct NamedRules {
 impl NamedRules {
     fn check(policy: &ExitPolicy, target: &Target) -> Result<(), DialError> {
         match target {
-            Target::Ip(addr) => policy.check(*addr).map_err(DialError::PolicyDenied),
+            // This host's own networks are not the exit's: the exit guards its own.
+            Target::Ip(addr) => policy
+                .check(*addr, &OwnNetworks::default())
+                .map_err(DialError::PolicyDenied),
             Target::Domain(name, port) => {
                 if !policy.allow_private
                     && is_localhost_name(&name.trim_end_matches('.').to_ascii_lowercase())
