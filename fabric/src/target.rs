@@ -4,6 +4,8 @@
 //! ```text
 //! request  version 1 | kind u8 | address | port u16 BE
 //!          kind 1: IPv4, 4 bytes; kind 3: name, length u8 then 1..=255 bytes; kind 4: IPv6, 16
+//!          kind 16: the exit's own DNS resolver, no address and no port: the stream then
+//!          carries DNS messages framed as over TCP (RFC 1035 §4.2.2: length u16 BE, message)
 //! reply    code u8: 0 connected, then as SOCKS5 (RFC 1928 §6): 1 general failure,
 //!          2 not allowed by policy, 3 network unreachable, 4 host unreachable,
 //!          5 connection refused, 6 timed out
@@ -29,6 +31,7 @@ const VERSION: u8 = 1;
 const KIND_V4: u8 = 1;
 const KIND_NAME: u8 = 3;
 const KIND_V6: u8 = 4;
+const KIND_RESOLVER: u8 = 16;
 
 /// Where the exit should connect.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -37,6 +40,11 @@ pub enum Target {
     Ip(SocketAddr),
     /// A host name (1 to 255 bytes) and port, resolved by the exit.
     Name(String, u16),
+    /// The exit's own DNS resolver (its `--dns` servers or its system's), spoken to with
+    /// DNS-over-TCP framing: whatever the client's resolver address was, names are answered
+    /// where they are dialed, and the exit's destination policy is neither needed nor
+    /// bypassed.
+    Resolver,
 }
 
 /// A request header that cannot be decoded.
@@ -74,6 +82,7 @@ impl Target {
             return Ok(None);
         };
         let (addr_len, start) = match kind {
+            KIND_RESOLVER => return Ok(Some((Self::Resolver, 2))),
             KIND_V4 => (4, 2),
             KIND_V6 => (16, 2),
             KIND_NAME => match b.get(2) {
@@ -131,6 +140,7 @@ impl Target {
                 out.extend_from_slice(name.as_bytes());
                 out.extend_from_slice(&port.to_be_bytes());
             }
+            Self::Resolver => out.push(KIND_RESOLVER),
         }
         Ok(())
     }
@@ -141,6 +151,7 @@ impl std::fmt::Display for Target {
         match self {
             Self::Ip(a) => a.fmt(f),
             Self::Name(n, p) => write!(f, "{n}:{p}"),
+            Self::Resolver => f.write_str("the exit's resolver"),
         }
     }
 }
@@ -268,6 +279,7 @@ mod tests {
             (any::<IpAddr>(), any::<u16>())
                 .prop_map(|(ip, port)| Target::Ip(SocketAddr::new(ip, port))),
             ("[a-z0-9.-]{1,255}", any::<u16>()).prop_map(|(n, p)| Target::Name(n, p)),
+            Just(Target::Resolver),
         ]
     }
 
@@ -311,6 +323,7 @@ mod tests {
     fn bad_headers() {
         assert_eq!(Target::parse(&[2]), Err(TargetError::Version(2)));
         assert_eq!(Target::parse(&[1, 9]), Err(TargetError::Kind(9)));
+        assert_eq!(Target::parse(&[1, 16, 7]), Ok(Some((Target::Resolver, 2))));
         assert_eq!(Target::parse(&[1, 3, 0]), Err(TargetError::EmptyName));
         assert_eq!(
             Target::parse(&[1, 3, 1, 0xff, 0, 80]),

@@ -197,6 +197,10 @@ pub struct ExitArgs {
     /// Serve any peer that asks (an open exit: think twice).
     #[arg(long)]
     pub allow_any: bool,
+    /// Answer clients' DNS queries (`proxy --tun --exit`) with this resolver, IP or IP:PORT
+    /// (repeatable) [default: the nameservers of /etc/resolv.conf].
+    #[arg(long, value_name = "ADDR")]
+    pub dns: Vec<DnsServer>,
     /// Settings every role has.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -229,6 +233,29 @@ pub struct StatusArgs {
     /// Settings file (only its `http` and `metrics` matter here).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+/// A resolver address: `IP` (port 53) or `IP:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsServer(pub SocketAddr);
+
+/// Error parsing a [`DnsServer`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+#[error("expected IP or IP:PORT (e.g. 9.9.9.9, [2620:fe::fe]:53), got {0:?}")]
+pub struct ParseDnsServerError(String);
+
+impl FromStr for DnsServer {
+    type Err = ParseDnsServerError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+            return Ok(Self(SocketAddr::new(ip, 53)));
+        }
+        s.parse()
+            .map(Self)
+            .map_err(|_| ParseDnsServerError(s.to_owned()))
+    }
 }
 
 /// A listener setting: `off`, a port on this machine only, or an address.
@@ -336,6 +363,19 @@ mod tests {
         };
         assert_eq!(exit.allow, ["PK1"]);
         assert!(exit.allow_any && exit.policy.allow_private);
+        let cli = Cli::try_parse_from(["proxy", "exit", "--dns", "9.9.9.9", "--dns", "[::1]:5353"])
+            .unwrap();
+        let Some(Command::Exit(exit)) = cli.command else {
+            panic!("not exit")
+        };
+        assert_eq!(
+            exit.dns,
+            [
+                DnsServer("9.9.9.9:53".parse().unwrap()),
+                DnsServer("[::1]:5353".parse().unwrap())
+            ]
+        );
+        assert!(Cli::try_parse_from(["proxy", "exit", "--dns", "dns.example"]).is_err());
 
         let cli = Cli::try_parse_from(["proxy", "id", "--data-dir", "/x"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Id(_))));

@@ -36,6 +36,7 @@
 //! [exit-role]                   # for `proxy exit`
 //! allow = ["<Tox ID or public key>"]
 //! allow-any = false
+//! dns = ["9.9.9.9"]             # clients' DNS goes here (default: /etc/resolv.conf's)
 //! ```
 
 use std::fmt;
@@ -46,7 +47,9 @@ use std::time::Duration;
 use fabric::path::{PUBLIC_STUN_SERVERS, PathChoice, PathChoiceError};
 use serde::Deserialize;
 
-use crate::cli::{CommonArgs, ExitArgs, LimitArgs, Listen, PolicyArgs, RunArgs, StatusArgs};
+use crate::cli::{
+    CommonArgs, DnsServer, ExitArgs, LimitArgs, Listen, PolicyArgs, RunArgs, StatusArgs,
+};
 use crate::exit_policy::{Cidr, ExitPolicy, PortRange};
 use crate::socks::Credentials;
 
@@ -204,6 +207,19 @@ struct ExitSection {
     #[serde(default)]
     allow: Vec<String>,
     allow_any: Option<bool>,
+    #[serde(default)]
+    dns: Vec<DnsValue>,
+}
+
+/// `"9.9.9.9"` or `"[::1]:5353"`.
+#[derive(Debug, Clone, Copy)]
+struct DnsValue(DnsServer);
+
+impl<'de> Deserialize<'de> for DnsValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(DnsValue).map_err(serde::de::Error::custom)
+    }
 }
 
 /// `":1080"`, `"1080"`, `"127.0.0.1:1080"` or `"off"`.
@@ -341,6 +357,8 @@ pub struct ExitSettings {
     pub allow: Vec<String>,
     /// Serve anyone.
     pub allow_any: bool,
+    /// Resolvers for the clients' DNS (empty: the system's).
+    pub dns: Vec<SocketAddr>,
     /// The rest.
     pub common: CommonSettings,
 }
@@ -413,6 +431,11 @@ impl ExitSettings {
         Ok(Self {
             allow,
             allow_any: args.allow_any || file.exit_role.allow_any.unwrap_or(false),
+            dns: if args.dns.is_empty() {
+                file.exit_role.dns.iter().map(|d| d.0.0).collect()
+            } else {
+                args.dns.iter().map(|d| d.0).collect()
+            },
             common: common(&args.common, &args.limits, &args.policy, &file)?,
         })
     }
@@ -634,6 +657,7 @@ mod tests {
             deny-cidrs = ["10.0.0.0/8"]
             [exit-role]
             allow = ["PK"]
+            dns = ["10.0.0.53", "[::1]:5353"]
             "#,
         );
         let p = path.to_str().unwrap();
@@ -681,6 +705,13 @@ mod tests {
         let e = ExitSettings::resolve(&exit).unwrap();
         assert_eq!(e.allow, ["PK"]);
         assert!(!e.allow_any);
+        assert_eq!(
+            e.dns,
+            vec![
+                "10.0.0.53:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:5353".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

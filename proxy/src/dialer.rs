@@ -183,6 +183,13 @@ pub trait Dialer: Send + Sync + fmt::Debug + 'static {
 
     /// Opens a datagram flow: one client's UDP association, which may talk to many targets.
     fn udp_associate(&self) -> BoxFuture<'_, Result<Box<dyn UdpFlow>, DialError>>;
+
+    /// A stream to the DNS resolver of wherever this dialer's traffic leaves (an exit's own),
+    /// carrying DNS messages framed as over TCP; `None` when names resolve on this host, where
+    /// a query is best sent where the application sent it.
+    fn resolver(&self) -> Option<BoxFuture<'_, Result<BoxedStream, DialError>>> {
+        None
+    }
 }
 
 /// One client's UDP association (SOCKS5 UDP ASSOCIATE, a TUN UDP flow). Datagrams keep their

@@ -8,7 +8,9 @@
 //!
 //! A stream starts with the exit-request header (`fabric::target`): the target, names
 //! unresolved. The exit answers one byte (connected, or why not, in SOCKS5's codes) and then
-//! relays bytes both ways. UDP flows travel as session datagrams (see [`udp`]).
+//! relays bytes both ways. UDP flows travel as session datagrams (see [`udp`]). A stream to
+//! `Target::Resolver` carries the client's DNS queries to the exit's own resolvers
+//! ([`dns`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,8 +27,10 @@ use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
 
+pub mod dns;
 mod udp;
 
+use self::dns::Upstreams;
 use self::udp::UdpFlows;
 pub use self::udp::{UdpOptions, serve_udp};
 
@@ -181,10 +185,10 @@ impl FabricDialer {
     async fn connect_via(
         &self,
         link: &dyn ExitLink,
-        target: &Target,
+        target: &WireTarget,
     ) -> Result<BoxedStream, ViaError> {
         let mut header = Vec::with_capacity(64);
-        to_wire(target).emit(&mut header).map_err(|e| {
+        target.emit(&mut header).map_err(|e| {
             ViaError::Final(DialError::Other(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 e,
@@ -227,27 +231,36 @@ impl FabricDialer {
     }
 }
 
-impl Dialer for FabricDialer {
-    fn connect(&self, target: Target) -> BoxFuture<'_, Result<BoxedStream, DialError>> {
-        Box::pin(async move {
-            let mut last = None;
-            for link in self.exits.failover_order() {
-                match self.connect_via(link.as_ref(), &target).await {
-                    Ok(stream) => return Ok(stream),
-                    Err(ViaError::Final(e)) => return Err(e),
-                    Err(ViaError::TryNext(e)) => {
-                        debug!(exit = %link.public_key(), error = %e, "exit failed, trying the next");
-                        last = Some(e);
-                    }
+impl FabricDialer {
+    /// A stream to `target` through the first exit that answers, in failover order.
+    async fn open(&self, target: WireTarget) -> Result<BoxedStream, DialError> {
+        let mut last = None;
+        for link in self.exits.failover_order() {
+            match self.connect_via(link.as_ref(), &target).await {
+                Ok(stream) => return Ok(stream),
+                Err(ViaError::Final(e)) => return Err(e),
+                Err(ViaError::TryNext(e)) => {
+                    debug!(exit = %link.public_key(), error = %e, "exit failed, trying the next");
+                    last = Some(e);
                 }
             }
-            Err(last.unwrap_or_else(|| {
-                DialError::Other(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    "no session to any exit yet (still connecting over Tox)",
-                ))
-            }))
-        })
+        }
+        Err(last.unwrap_or_else(|| {
+            DialError::Other(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no session to any exit yet (still connecting over Tox)",
+            ))
+        }))
+    }
+}
+
+impl Dialer for FabricDialer {
+    fn connect(&self, target: Target) -> BoxFuture<'_, Result<BoxedStream, DialError>> {
+        Box::pin(self.open(to_wire(&target)))
+    }
+
+    fn resolver(&self) -> Option<BoxFuture<'_, Result<BoxedStream, DialError>>> {
+        Some(Box::pin(self.open(WireTarget::Resolver)))
     }
 
     fn udp_associate(&self) -> BoxFuture<'_, Result<Box<dyn UdpFlow>, DialError>> {
@@ -269,6 +282,8 @@ pub struct ExitOptions {
     pub streams_per_client: usize,
     /// How long a client has to send its request header.
     pub header_timeout: Duration,
+    /// Where the clients' DNS queries go (`--dns`, else the system's resolvers).
+    pub resolvers: Arc<Upstreams>,
 }
 
 impl Default for ExitOptions {
@@ -278,6 +293,7 @@ impl Default for ExitOptions {
             max_streams: 1024,
             streams_per_client: 256,
             header_timeout: Duration::from_secs(30),
+            resolvers: Arc::new(Upstreams::new(Vec::new())),
         }
     }
 }
@@ -434,7 +450,18 @@ async fn serve_stream(
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let target = from_wire(target);
+    let Some(target) = from_wire(target) else {
+        // The exit's own resolvers: no destination policy applies (the client names no
+        // destination) and none is bypassed (queries go only where the exit's own do).
+        debug!(peer = %peer, "dns through the exit's resolvers");
+        stream.write_all(&[Reply::Connected.to_byte()]).await?;
+        let (reader, mut writer) = tokio::io::split(stream);
+        // Queries the client sent right behind its header come first.
+        let mut reader = (&buf[used..]).chain(reader);
+        let answered = dns::serve(&mut reader, &mut writer, &options.resolvers).await?;
+        debug!(peer = %peer, answered, "dns stream done");
+        return Ok(());
+    };
     let mut upstream = match dialer.connect(target.clone()).await {
         Ok(s) => s,
         Err(e) => {
@@ -460,11 +487,13 @@ fn to_wire(target: &Target) -> WireTarget {
     }
 }
 
-/// A target from an exit-request header.
-fn from_wire(target: WireTarget) -> Target {
+/// A target from an exit-request header; `None` for the exit's resolver, which is no
+/// destination to dial.
+fn from_wire(target: WireTarget) -> Option<Target> {
     match target {
-        WireTarget::Ip(a) => Target::Ip(a),
-        WireTarget::Name(n, p) => Target::Domain(n, p),
+        WireTarget::Ip(a) => Some(Target::Ip(a)),
+        WireTarget::Name(n, p) => Some(Target::Domain(n, p)),
+        WireTarget::Resolver => None,
     }
 }
 

@@ -21,6 +21,7 @@ use proxy::Proxy;
 use proxy::cli::{Cli, Command};
 use proxy::config::{CommonSettings, ExitSettings, RunSettings, id_data_dir, status_addr};
 use proxy::dialer::{Dialer, DirectDialer};
+use proxy::exit::dns::Upstreams;
 use proxy::exit::{ExitOptions, FabricDialer, UdpOptions};
 use proxy::exit_policy::PolicyDialer;
 use proxy::guard::Dialers;
@@ -266,9 +267,19 @@ async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failur
     let direct = DirectDialer::new(settings.common.connect_timeout);
     let dialer: Arc<dyn Dialer> =
         Arc::new(PolicyDialer::new(direct, settings.common.policy.clone()));
+    let resolvers = if settings.dns.is_empty() {
+        Upstreams::system().unwrap_or_else(|err| {
+            tracing::warn!(%err, "no resolver for clients' DNS (they get SERVFAIL): pass --dns ADDR");
+            Upstreams::new(Vec::new())
+        })
+    } else {
+        Upstreams::new(settings.dns.clone())
+    };
+    tracing::debug!(servers = ?resolvers.servers(), "clients' DNS resolvers");
     let options = ExitOptions {
         idle_timeout: settings.common.idle_timeout,
         max_streams: settings.common.max_connections,
+        resolvers: Arc::new(resolvers),
         ..ExitOptions::default()
     };
     tokio::select! {

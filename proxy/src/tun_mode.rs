@@ -30,11 +30,14 @@ use std::time::Duration;
 
 use netstack::dns::{Query, TYPE_A, TYPE_AAAA};
 use netstack::fake_ip::{self, FakeIpTable, Instant as SmolInstant};
-use netstack::{Incoming, NetStack, StackConfig, TcpRequest, TunConfig, TunDevice, UdpFlow};
+use netstack::{
+    Incoming, NetStack, StackConfig, TcpRequest, TunConfig, TunDevice, UdpFlow, UdpReply,
+};
 use tracing::{debug, info, warn};
 
 use crate::config::{RunSettings, TunOptions};
 use crate::dialer::{Dialer, Target};
+use crate::exit::dns;
 
 pub use own_sockets::OwnSockets;
 
@@ -160,7 +163,12 @@ async fn serve_tcp(
         req.reject();
         return;
     };
-    let mut upstream = match dialer.connect(target).await {
+    // DNS over TCP goes to the exit's resolver as it is: the stream carries the same framing.
+    let dial = match dialer.resolver() {
+        Some(resolver) if dst.port() == 53 => resolver,
+        _ => dialer.connect(target),
+    };
+    let mut upstream = match dial.await {
         Ok(s) => s,
         Err(err) => {
             debug!(%dst, %err, "tun dial failed");
@@ -180,6 +188,43 @@ async fn serve_tcp(
         Err(err) => debug!(%dst, %err, "tun flow ended"),
     }
 }
+
+/// Queries on their way to the exit's resolver at once, over all TUN flows: beyond this
+/// many, new ones are dropped (the application's resolver asks again).
+const DNS_IN_FLIGHT: usize = 512;
+
+/// Sends one captured UDP query to the exit's resolver and delivers its answer as if from
+/// `dst`, the server the application asked, in a task of its own.
+fn resolve_at_exit(dialer: &Arc<dyn Dialer>, reply: &UdpReply, dst: SocketAddr, query: Vec<u8>) {
+    static IN_FLIGHT: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+        std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(DNS_IN_FLIGHT)));
+    let Ok(permit) = IN_FLIGHT.clone().try_acquire_owned() else {
+        debug!(%dst, "too many DNS queries in flight, dropped");
+        return;
+    };
+    let (dialer, reply) = (dialer.clone(), reply.clone());
+    tokio::spawn(async move {
+        let _permit = permit;
+        let exchange = async {
+            let resolver = dialer
+                .resolver()
+                .ok_or_else(|| io::Error::other("no resolver"))?;
+            let mut stream = resolver.await?;
+            dns::write_framed(&mut stream, &query).await?;
+            dns::read_framed(&mut stream).await
+        };
+        match tokio::time::timeout(DNS_TIMEOUT, exchange).await {
+            Ok(Ok(Some(answer))) => reply.send(dst, &answer),
+            Ok(Ok(None)) => debug!(%dst, "the exit's resolver closed without an answer"),
+            Ok(Err(err)) => debug!(%dst, %err, "dns through the exit failed"),
+            Err(_) => debug!(%dst, "dns through the exit timed out"),
+        }
+    });
+}
+
+/// How long a query through the exit may take before it is given up (the application's
+/// resolver has retried by then).
+const DNS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where to dial for a destination the application used: the name behind a fake address,
 /// or the address itself. `None` for a fake address whose name was forgotten.
@@ -216,6 +261,12 @@ async fn serve_udp(mut flow: UdpFlow, dialer: Arc<dyn Dialer>, fake: Option<Arc<
                     && let Some(answer) = fake.as_deref().and_then(|f| f.answer(&payload))
                 {
                     reply.send(dst, &answer);
+                    continue;
+                }
+                if dst.port() == 53 && dialer.resolver().is_some() {
+                    // Asked of the exit's resolver, whatever address the application used
+                    // (a home router's means nothing at the exit): no UDP flow there at all.
+                    resolve_at_exit(&dialer, &reply, dst, payload);
                     continue;
                 }
                 let Some(target) = target(dst, fake.as_deref()) else {

@@ -265,6 +265,11 @@ impl Drop for DnsServer {
 
 /// A DNS query for `name`'s A record (RFC 1035 §4), id `id`, recursion desired.
 pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    dns_query_typed(id, name, 1)
+}
+
+/// A DNS query for `name` of type `qtype` (1 A, 28 AAAA, 65 HTTPS, ...), recursion desired.
+pub fn dns_query_typed(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     let mut q = Vec::with_capacity(32 + name.len());
     q.extend_from_slice(&id.to_be_bytes());
     q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
@@ -272,7 +277,9 @@ pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&[0, 1]);
     q
 }
 

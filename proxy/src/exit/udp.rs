@@ -315,7 +315,10 @@ async fn relay_flow(
         tokio::select! {
             item = rx.recv() => {
                 let Some((addr, payload)) = item else { return };
-                let target = super::from_wire(addr);
+                let Some(target) = super::from_wire(addr) else {
+                    debug!(%peer, %flow, "udp datagram to the resolver kind: dropped (streams only)");
+                    continue;
+                };
                 if let Err(error) = socket.send_to(&payload, &target).await {
                     debug!(%peer, %flow, %target, %error, "udp datagram not sent");
                 }

@@ -3,7 +3,11 @@
 //! - `nst-tool serve HTTP_ADDR... -- DNS_ANSWER`: the test HTTP server on each address, a DNS
 //!   responder on UDP and TCP port 53 of the same IPs answering every A query with
 //!   `DNS_ANSWER`, and a UDP echo on port 7; prints `ready` and serves until killed.
-//! - `nst-tool dns SERVER:PORT NAME [tcp]`: one A query, prints the answer's address.
+//! - `nst-tool dns SERVER:PORT NAME [udp|tcp] [TYPE]`: one A query, prints the answer's
+//!   address; with another TYPE (28, 65, ...) prints `rcode R answers N` of the response.
+//! - `nst-tool stub LISTEN UPSTREAM`: a forwarding DNS stub on UDP LISTEN (as
+//!   systemd-resolved's 127.0.0.53 is), each query sent on to UPSTREAM from a socket of its
+//!   own; prints `ready`.
 //! - `nst-tool echo SERVER:PORT TEXT`: one UDP datagram, prints the echo.
 //! - `nst-tool sink ADDR`: accepts TCP connections and holds them open (no thread each);
 //!   prints `ready`.
@@ -21,7 +25,7 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
-use tests::servers::{HttpServer, dns_answer, dns_parse_a, dns_query};
+use tests::servers::{HttpServer, dns_answer, dns_parse_a, dns_query_typed};
 use tests::toxnet::ToxNet;
 
 fn main() -> ExitCode {
@@ -29,11 +33,12 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("dns") => dns(&args[1..]),
+        Some("stub") => stub(&args[1..]),
         Some("echo") => echo(&args[1..]),
         Some("sink") => sink(&args[1..]),
         Some("hold") => hold(&args[1..]),
         Some("toxnet") => toxnet(&args[1..]),
-        _ => Err("usage: nst-tool serve|dns|echo|sink|hold|toxnet ...".into()),
+        _ => Err("usage: nst-tool serve|dns|stub|echo|sink|hold|toxnet ...".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -110,7 +115,11 @@ fn dns(args: &[String]) -> Res {
         .parse()
         .map_err(|e| format!("{e}"))?;
     let name = args.get(1).ok_or("name")?;
-    let q = dns_query(0x4242, name);
+    let qtype: u16 = match args.get(3) {
+        Some(t) => t.parse().map_err(|e| format!("type {t}: {e}"))?,
+        None => 1,
+    };
+    let q = dns_query_typed(0x4242, name, qtype);
     let resp = if args.get(2).map(String::as_str) == Some("tcp") {
         let mut c = TcpStream::connect_timeout(&server, Duration::from_secs(5))
             .map_err(|e| e.to_string())?;
@@ -144,12 +153,58 @@ fn dns(args: &[String]) -> Res {
         }
         got.ok_or("no DNS answer")?
     };
+    if qtype != 1 {
+        if resp.len() < 12 || resp[..2] != [0x42, 0x42] || resp[2] & 0x80 == 0 {
+            return Err("not an answer to this query".into());
+        }
+        let answers = u16::from_be_bytes([resp[6], resp[7]]);
+        println!("rcode {} answers {answers}", resp[3] & 0x0f);
+        return Ok(());
+    }
     let (id, ip) = dns_parse_a(&resp).ok_or("bad DNS answer")?;
     if id != 0x4242 {
         return Err(format!("wrong id {id:#x}"));
     }
     println!("{ip}");
     Ok(())
+}
+
+fn stub(args: &[String]) -> Res {
+    let listen: SocketAddr = args
+        .first()
+        .ok_or("listen")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let upstream: SocketAddr = args
+        .get(1)
+        .ok_or("upstream")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let socket = UdpSocket::bind(listen).map_err(|e| format!("{listen}: {e}"))?;
+    println!("ready");
+    let mut buf = [0u8; 65535];
+    loop {
+        let (n, from) = socket.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        let query = buf[..n].to_vec();
+        let socket = socket.try_clone().map_err(|e| e.to_string())?;
+        thread::spawn(move || {
+            let bind: SocketAddr = if upstream.is_ipv4() {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let Ok(up) = UdpSocket::bind(bind) else {
+                return;
+            };
+            let _ = up.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut answer = [0u8; 65535];
+            if up.send_to(&query, upstream).is_ok()
+                && let Ok((m, _)) = up.recv_from(&mut answer)
+            {
+                let _ = socket.send_to(&answer[..m], from);
+            }
+        });
+    }
 }
 
 fn echo(args: &[String]) -> Res {
