@@ -586,3 +586,105 @@ fn tun_fake_ip_dials_names() {
     let pid = proxy.child.id();
     assert!(cgroups_of(pid).trim().is_empty(), "cgroup left behind");
 }
+
+/// `proxy --tun --exit` on an ordinary machine: the client's resolver is a private address
+/// (a home router's) that means nothing at the exit, and the exit keeps its default policy
+/// (private destinations refused; only the web server is allowed by `--allow-cidr`). Every
+/// captured query, whatever its type, is answered by the exit's own resolver (its
+/// resolv.conf), also when it comes from a local stub on 127.0.0.53, and no port-53 packet
+/// leaves the client's uplink.
+#[test]
+fn tun_exit_answers_dns_with_its_own_resolver() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new().expect("namespaces");
+    // The web server; its DNS, the exit's resolver, answers every name with its address.
+    let http4 = format!("{}:80", topo.server_v4);
+    let _servers = Proc::spawn(
+        topo.in_server(&[TOOL, "serve", &http4, "--", &topo.server_v4]),
+        "ready",
+    );
+    // Written before the processes start: `ip netns exec` mounts them at start.
+    let _exit_resolv = NetnsEtcFile::resolv_conf(&topo.server, &topo.server_v4);
+    let home_router = "192.168.77.1";
+    let _client_resolv = NetnsEtcFile::resolv_conf(&topo.client, home_router);
+
+    let toxnet = Proc::spawn(topo.in_server(&[TOOL, "toxnet", "4"]), "ready");
+    let nodes = toxnet.ready_list();
+    assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
+    let bin = proxy_bin().to_string_lossy().into_owned();
+    let exit_dir = Scratch::new("exit");
+    let exit_data = exit_dir.path();
+    let web_only = format!("{}/32", topo.server_v4);
+    let mut exit_args = vec![
+        bin.as_str(),
+        "exit",
+        "--allow-any",
+        "--allow-cidr",
+        &web_only,
+        "--no-public-bootstrap",
+        "--no-public-stun",
+        "--data-dir",
+        &exit_data,
+    ];
+    for n in &nodes {
+        exit_args.extend(["--bootstrap", n.as_str()]);
+    }
+    let exit = Proc::spawn(topo.in_server(&exit_args), "tox id:");
+    let exit_id = exit.ready_value("tox id:");
+
+    install_dns_counters(&topo);
+    let client_dir = Scratch::new("client");
+    let client_data = client_dir.path();
+    let client_nodes: Vec<String> = nodes
+        .iter()
+        .map(|n| n.replace("127.0.0.1", &topo.server_v4))
+        .collect();
+    let mut extra = vec![
+        "--exit",
+        exit_id.as_str(),
+        "--no-public-bootstrap",
+        "--no-public-stun",
+        "--data-dir",
+        &client_data,
+    ];
+    for n in &client_nodes {
+        extra.extend(["--bootstrap", n.as_str()]);
+    }
+    let _proxy = start_proxy(&topo, &extra);
+
+    // By name, through the system resolver of the client namespace (the home router).
+    let page = curl_until_ok(&topo, "http://web.test/index.html", Duration::from_secs(90));
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+
+    let router = format!("{home_router}:53");
+    for proto in ["udp", "tcp"] {
+        let got = run_ok(topo.in_client(&[TOOL, "dns", &router, "web.test", proto]));
+        assert_eq!(got.trim(), topo.server_v4, "{proto}");
+    }
+    // AAAA and HTTPS (type 65, which every browser asks) come back answered too.
+    for qtype in ["28", "65", "15"] {
+        let got = run_ok(topo.in_client(&[TOOL, "dns", &router, "web.test", "udp", qtype]));
+        assert_eq!(got.trim(), "rcode 0 answers 1", "type {qtype}");
+    }
+    // A local stub resolver (as systemd-resolved on 127.0.0.53) whose upstream is the router.
+    let _stub = Proc::spawn(
+        topo.in_client(&[TOOL, "stub", "127.0.0.53:53", &router]),
+        "ready",
+    );
+    let got = run_ok(topo.in_client(&[TOOL, "dns", "127.0.0.53:53", "stub.web.test"]));
+    assert_eq!(got.trim(), topo.server_v4);
+
+    assert_eq!(counter(&topo, "leak"), 0, "DNS leaked around the tun");
+    assert_eq!(
+        counter(&topo, "proxied"),
+        0,
+        "DNS left the client namespace instead of going through the exit"
+    );
+    assert!(
+        !exit.stderr().contains(home_router),
+        "the exit was asked for the home router:\n{}",
+        exit.stderr()
+    );
+}
