@@ -146,6 +146,8 @@ struct Shared {
     epoch: Instant,
     requests: Mutex<u32>,
     datagrams: mpsc::Sender<(PublicKey, Vec<u8>)>,
+    /// Counts every session that came up or ended, so waiters learn of both without polling.
+    sessions: watch::Sender<u64>,
 }
 
 /// Everything known about one peer.
@@ -219,6 +221,7 @@ impl Fabric {
             epoch: Instant::now(),
             requests: Mutex::new(0),
             datagrams: datagrams_tx,
+            sessions: watch::channel(0).0,
         });
         tokio::spawn(route(Arc::downgrade(&shared), events));
         Ok(Self {
@@ -226,6 +229,12 @@ impl Fabric {
             incoming: tokio::sync::Mutex::new(incoming_rx),
             datagrams: tokio::sync::Mutex::new(datagrams_rx),
         })
+    }
+
+    /// Changes whenever a session to any peer comes up or ends: subscribe, then check
+    /// [`Peer::is_connected`], then wait for a change (no change can be missed in between).
+    pub fn session_changes(&self) -> watch::Receiver<u64> {
+        self.shared.sessions.subscribe()
     }
 
     /// This node's Tox ID.
@@ -446,6 +455,7 @@ impl Shared {
             });
             (slot.status.clone(), slot.carrier.subscribe())
         });
+        self.sessions.send_modify(|n| *n += 1);
         let session = Session::new(conv, self.config.session.clone(), Instant::now());
         let span = tracing::info_span!("session", peer = %pk, %conv);
         tokio::spawn(
@@ -927,6 +937,7 @@ async fn drive(
             }
             lock(&slot.status).conv = None;
         });
+        s.sessions.send_modify(|n| *n += 1);
     }
     ended.send_replace(true);
 }

@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -136,14 +137,27 @@ impl Exits {
     }
 }
 
+/// Requests held at once while no session to any exit is up; more are refused at once (each
+/// held one is a task and, for a front-end, a connection slot already).
+pub const MAX_HELD: usize = 4096;
+
 /// Reaches targets through exit peers. With several exits, new flows go to the first one in
-/// the order given that has a live session (failover in the order given).
+/// the order given that has a live session (failover in the order given). A request made
+/// while no session is up (the tunnel is still coming up, or an exit is reconnecting) waits
+/// for one, up to the connect timeout, instead of being refused.
 #[derive(Debug, Clone)]
 pub struct FabricDialer {
     exits: Arc<Exits>,
+    /// How long a request waits for a session to any exit.
+    connect_timeout: Duration,
     /// How long to wait for the exit's answer (its own connect timeout plus the path).
     reply_timeout: Duration,
     udp: Arc<UdpFlows>,
+    /// Bumped when an exit's slot fills or any session comes up or ends: what held requests
+    /// wait on.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Requests waiting for a session now.
+    held: Arc<AtomicUsize>,
 }
 
 /// How one exit's attempt ended, when it did not connect.
@@ -162,9 +176,57 @@ impl FabricDialer {
     pub fn new(connect_timeout: Duration, exits: impl IntoIterator<Item = PublicKey>) -> Self {
         Self {
             exits: Arc::new(Exits::new(exits)),
+            connect_timeout,
             reply_timeout: connect_timeout.saturating_add(PATH_MARGIN),
             udp: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
+            held: Arc::default(),
         }
+    }
+
+    /// Wakes held requests whenever one of `fabric`'s sessions comes up or ends, until it
+    /// shuts down. Run it as a task beside the dialer.
+    pub fn follow_sessions(&self, fabric: &Fabric) -> impl Future<Output = ()> + Send + 'static {
+        let mut sessions = fabric.session_changes();
+        let changes = self.changes.clone();
+        async move {
+            while sessions.changed().await.is_ok() {
+                changes.send_modify(|n| *n += 1);
+            }
+        }
+    }
+
+    /// How many requests wait for a session now (for `proxy status`).
+    pub fn held(&self) -> Arc<AtomicUsize> {
+        self.held.clone()
+    }
+
+    /// Waits until some exit's session is up, at most until `deadline`; false when none came
+    /// (or too many requests wait already).
+    async fn ready(&self, deadline: tokio::time::Instant) -> bool {
+        let mut counted = false;
+        let up = loop {
+            // Subscribed before looking: a change between the look and the wait is not lost.
+            let mut changes = self.changes.subscribe();
+            if self.exits.first_connected().is_some() {
+                break true;
+            }
+            if !counted {
+                if self.held.fetch_add(1, Ordering::Relaxed) >= MAX_HELD {
+                    self.held.fetch_sub(1, Ordering::Relaxed);
+                    return false;
+                }
+                counted = true;
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break false },
+                () = tokio::time::sleep_until(deadline) => break false,
+            }
+        };
+        if counted {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
+        up
     }
 
     /// Hands the datagrams the exits send to this dialer's UDP flows, until `fabric` shuts
@@ -179,7 +241,13 @@ impl FabricDialer {
     /// Makes the session to `peer`, one of the configured exits, available in that exit's
     /// place of the failover order.
     pub fn add_exit(&self, peer: Peer) -> Result<(), UnknownExit> {
-        self.exits.fill(Arc::new(peer))
+        self.add_link(Arc::new(peer))
+    }
+
+    fn add_link(&self, link: Arc<dyn ExitLink>) -> Result<(), UnknownExit> {
+        self.exits.fill(link)?;
+        self.changes.send_modify(|n| *n += 1);
+        Ok(())
     }
 
     async fn connect_via(
@@ -232,8 +300,13 @@ impl FabricDialer {
 }
 
 impl FabricDialer {
-    /// A stream to `target` through the first exit that answers, in failover order.
+    /// A stream to `target` through the first exit that answers, in failover order, once a
+    /// session to one is up (waiting for one up to the connect timeout).
     async fn open(&self, target: WireTarget) -> Result<BoxedStream, DialError> {
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        if !self.ready(deadline).await {
+            return Err(no_session(self.connect_timeout));
+        }
         let mut last = None;
         for link in self.exits.failover_order() {
             match self.connect_via(link.as_ref(), &target).await {
@@ -245,13 +318,19 @@ impl FabricDialer {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| {
-            DialError::Other(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "no session to any exit yet (still connecting over Tox)",
-            ))
-        }))
+        Err(last.unwrap_or_else(|| no_session(self.connect_timeout)))
     }
+}
+
+/// Why a request found no exit: none came up within the connect timeout.
+fn no_session(waited: Duration) -> DialError {
+    DialError::Other(io::Error::new(
+        io::ErrorKind::NotConnected,
+        format!(
+            "no session to any exit within {} s (still connecting over Tox?)",
+            waited.as_secs()
+        ),
+    ))
 }
 
 impl Dialer for FabricDialer {
@@ -264,7 +343,13 @@ impl Dialer for FabricDialer {
     }
 
     fn udp_associate(&self) -> BoxFuture<'_, Result<Box<dyn UdpFlow>, DialError>> {
-        Box::pin(async { self.udp.associate(self.exits.clone()) })
+        Box::pin(async {
+            let deadline = tokio::time::Instant::now() + self.connect_timeout;
+            if !self.ready(deadline).await {
+                return Err(no_session(self.connect_timeout));
+            }
+            self.udp.associate(self.exits.clone())
+        })
     }
 }
 
@@ -587,7 +672,71 @@ mod tests {
     }
 
     fn add(dialer: &FabricDialer, exit: &Arc<FakeExit>) {
-        dialer.exits.fill(exit.clone()).unwrap();
+        dialer.add_link(exit.clone()).unwrap();
+    }
+
+    /// Lets spawned tasks run until `held` requests wait (virtual time does not move: this
+    /// task never sleeps).
+    async fn until_held(dialer: &FabricDialer, held: usize) {
+        while dialer.held().load(Ordering::SeqCst) != held {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_made_before_any_exit_is_up_waits_for_one() {
+        let exit = FakeExit::new(1, Some(Reply::Connected));
+        let dialer = dialer(&[&exit]);
+        let started = tokio::time::Instant::now();
+        let pending = tokio::spawn({
+            let dialer = dialer.clone();
+            async move { dialer.connect(target()).await.map(|_| ()) }
+        });
+        let udp = tokio::spawn({
+            let dialer = dialer.clone();
+            async move { dialer.udp_associate().await.map(|_| ()) }
+        });
+        until_held(&dialer, 2).await;
+        tokio::time::advance(Duration::from_secs(7)).await;
+        assert!(!pending.is_finished(), "held, not refused");
+        add(&dialer, &exit);
+        pending
+            .await
+            .unwrap()
+            .expect("served once the exit came up");
+        udp.await.unwrap().expect("udp associate served too");
+        assert_eq!(started.elapsed(), Duration::from_secs(7));
+        assert_eq!(dialer.held().load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_at_most_the_connect_timeout() {
+        let exit = FakeExit::new(1, Some(Reply::Connected));
+        let dialer = dialer(&[&exit]);
+        let started = tokio::time::Instant::now();
+        let err = dialer.connect(target()).await.unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        assert!(err.to_string().contains("no session to any exit"), "{err}");
+        assert_eq!(dialer.held().load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_while_the_exit_reconnects() {
+        let exit = FakeExit::new(1, Some(Reply::Connected));
+        let dialer = dialer(&[&exit]);
+        add(&dialer, &exit);
+        exit.up.store(false, Ordering::SeqCst);
+        let pending = tokio::spawn({
+            let dialer = dialer.clone();
+            async move { dialer.connect(target()).await.map(|_| ()) }
+        });
+        until_held(&dialer, 1).await;
+        assert_eq!(exit.opened(), 0, "nothing opened on a session that is down");
+        // The session comes back: the fabric's change reaches the dialer.
+        exit.up.store(true, Ordering::SeqCst);
+        dialer.changes.send_modify(|n| *n += 1);
+        pending.await.unwrap().expect("served after the reconnect");
+        assert_eq!(exit.opened(), 1);
     }
 
     fn target() -> Target {

@@ -115,11 +115,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             // Keep the fabric alive as long as the listeners.
             let mut client_fabric = None;
+            let mut held = None;
             let dialers = if settings.exits.is_empty() {
                 Proxy::direct_dialers(&settings)
             } else {
                 let (fabric, dialer) = start_client_fabric(&settings)?;
                 client_fabric = Some(fabric);
+                held = Some(dialer.held());
                 Dialers::through_exits(Arc::new(dialer), &settings.common.policy)
             };
             let mut proxy = Proxy::bind(&settings, dialers)
@@ -131,7 +133,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Role::Direct
             };
             let counters = proxy.shared().counters.clone();
-            let status = Arc::new(Status::new(role, client_fabric.clone(), counters));
+            let mut status = Status::new(role, client_fabric.clone(), counters);
+            if let Some(held) = held {
+                status = status.with_held(held);
+            }
+            let status = Arc::new(status);
             proxy.set_status(status.clone());
             serve_metrics(&settings.common, status, proxy.shared().shutdown.clone()).await?;
             // Tests and scripts read these lines to learn the ports (useful with port 0): the
@@ -172,6 +178,7 @@ fn start_client_fabric(settings: &RunSettings) -> Result<(Arc<Fabric>, FabricDia
         exits.iter().map(ToxId::public_key),
     );
     tokio::spawn(dialer.deliver_datagrams(fabric.clone()));
+    tokio::spawn(dialer.follow_sessions(&fabric));
     for exit in exits {
         tokio::spawn(connect_exit(fabric.clone(), dialer.clone(), exit));
     }

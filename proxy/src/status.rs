@@ -100,6 +100,8 @@ pub struct Status {
     started: Instant,
     fabric: Option<Arc<Fabric>>,
     counters: Arc<Counters>,
+    /// Requests waiting for a session to an exit, when there are exits.
+    held: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 /// One moment's figures.
@@ -125,6 +127,8 @@ pub struct Snapshot {
     pub loops_refused: u64,
     /// Requests refused for missing or wrong credentials.
     pub auth_failures: u64,
+    /// Requests waiting for a session to an exit now.
+    pub waiting: u64,
     /// The peers (exits for a client, clients for an exit), by public key in hex.
     pub peers: Vec<(String, PeerStatus)>,
 }
@@ -137,7 +141,14 @@ impl Status {
             started: Instant::now(),
             fabric,
             counters,
+            held: None,
         }
+    }
+
+    /// Shows `held` as the requests waiting for a session to an exit.
+    pub fn with_held(mut self, held: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        self.held = Some(held);
+        self
     }
 
     /// The figures now.
@@ -163,6 +174,10 @@ impl Status {
             dial_failures: c.dial_failures.load(Ordering::Relaxed),
             loops_refused: c.loops_refused.load(Ordering::Relaxed),
             auth_failures: c.auth_failures.load(Ordering::Relaxed),
+            waiting: self
+                .held
+                .as_ref()
+                .map_or(0, |h| h.load(Ordering::Relaxed) as u64),
             peers,
         }
     }
@@ -240,6 +255,13 @@ impl Snapshot {
                 bytes(self.bytes_up),
                 bytes(self.bytes_down)
             );
+            if self.waiting > 0 {
+                let _ = writeln!(
+                    out,
+                    "  {} requests waiting for a session to an exit",
+                    self.waiting
+                );
+            }
             if self.loops_refused + self.auth_failures > 0 {
                 let _ = writeln!(
                     out,
@@ -341,6 +363,12 @@ impl Snapshot {
             "counter",
             "Dials that failed (refused, unreachable, denied by policy, timed out).",
             &plain(self.dial_failures),
+        );
+        metric(
+            "frontend_waiting",
+            "gauge",
+            "Requests waiting for a session to an exit.",
+            &plain(self.waiting),
         );
         metric(
             "frontend_loops_refused_total",
@@ -708,6 +736,7 @@ mod tests {
             dial_failures: 1,
             loops_refused: 0,
             auth_failures: 0,
+            waiting: 3,
             peers: vec![("CD".repeat(32), st)],
         }
     }
@@ -718,6 +747,10 @@ mod tests {
         assert!(t.starts_with("proxy client (up 1h02m05s)"), "{t}");
         assert!(t.contains("2 open, 10 accepted, 1 dial failures"), "{t}");
         assert!(t.contains("relayed 2.0 KiB up / 5.0 MiB down"), "{t}");
+        assert!(
+            t.contains("3 requests waiting for a session to an exit"),
+            "{t}"
+        );
         assert!(t.contains("path tox-udp"), "{t}");
         assert!(t.contains("rtt 42.0 ms"), "{t}");
         assert!(t.contains("streams 3"), "{t}");
