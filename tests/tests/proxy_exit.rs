@@ -79,10 +79,6 @@ impl Drop for ExitProcess {
     }
 }
 
-fn client(net: &ToxNet, name: &str, exit: &ExitProcess) -> ProxyProcess {
-    client_with(net, name, exit, &[])
-}
-
 fn client_with(net: &ToxNet, name: &str, exit: &ExitProcess, extra: &[&str]) -> ProxyProcess {
     let dir = net.scratch_dir(name).expect("scratch dir");
     let dir = dir.display().to_string();
@@ -149,15 +145,33 @@ fn curl_through_an_exit_over_tox() {
         "exit",
         &["--allow-any", "--allow-private", "--metrics", "127.0.0.1:0"],
     );
-    let proxy = client(&net, "client", &exit);
+    // A generous connect timeout: the Tox session of two fresh nodes takes about 9 s to come
+    // up, much longer on a loaded machine.
+    let proxy = client_with(&net, "client", &exit, &["--connect-timeout", "90"]);
     let socks = proxy.socks.expect("socks").to_string();
     let http = format!("http://{}", proxy.http.expect("http"));
 
-    let page = curl_until_ok(
-        &["--socks5-hostname", &socks, &origin.url("/index.html")],
-        Duration::from_secs(90),
+    // One request made the moment the proxy listens, before any session exists: it waits for
+    // the tunnel instead of being refused.
+    let started = Instant::now();
+    let out = run_with_timeout(
+        Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "100"])
+            .args(["--socks5-hostname", &socks, &origin.url("/index.html")]),
+        Duration::from_secs(110),
+    )
+    .expect("run curl");
+    assert!(
+        out.status.success(),
+        "the first request was not held for the session: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        proxy.stderr()
     );
-    assert_eq!(page, PAGE.as_bytes());
+    assert_eq!(out.stdout, PAGE.as_bytes());
+    eprintln!(
+        "first request answered {:?} after the proxy started listening",
+        started.elapsed()
+    );
 
     // 8 MiB through the HTTP listener's forward proxy, checked byte for byte.
     let n = 8 << 20;
@@ -287,30 +301,19 @@ fn the_exit_policy_refuses_private_destinations() {
     let net = ToxNet::start(4).expect("private tox network");
     let origin = HttpServer::start().expect("origin");
     let exit = ExitProcess::start(&net, "exit", &["--allow-any"]);
-    let proxy = client(&net, "client", &exit);
+    let proxy = client_with(&net, "client", &exit, &["--connect-timeout", "90"]);
     let http = format!("http://{}", proxy.http.expect("http"));
-    // Wait for the session: until then the client answers 502 "no session to any exit".
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let out = curl(&[
-            "-x",
-            &http,
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &origin.url("/index.html"),
-        ]);
-        let code = String::from_utf8_lossy(&out.stdout).to_string();
-        if code == "403" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "expected 403 from the exit's policy, last status {code}"
-        );
-        thread::sleep(Duration::from_millis(500));
-    }
+    // Made before the session is up: held for it, then refused by the exit's policy.
+    let out = run_with_timeout(
+        Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "100"])
+            .args(["-x", &http, "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(origin.url("/index.html")),
+        Duration::from_secs(110),
+    )
+    .expect("run curl");
+    let code = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(code, "403", "expected 403 from the exit's policy");
     assert_eq!(origin.requests(), 0, "the origin was never contacted");
 
     // UDP to a loopback DNS server is refused too: the query never reaches it.
