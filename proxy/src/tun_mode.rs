@@ -90,6 +90,13 @@ pub enum TunError {
     /// TUN mode exists on Linux only for now.
     #[error("tun mode is only available on Linux")]
     Unsupported,
+    /// The device could not get IPv6 on a host that has it: with an exit, IPv6 would leak.
+    #[error(
+        "the tun device cannot get IPv6 ({0}) while this host has IPv6: all IPv6, DNS included, \
+         would leave around the exit; allow IPv6 on new interfaces \
+         (sysctl net.ipv6.conf.default.disable_ipv6=0) or turn IPv6 off on this host"
+    )]
+    NoIpv6(io::Error),
 }
 
 /// Creates the device and the routes, then serves flows until `shutdown` completes; the routes
@@ -111,9 +118,15 @@ pub async fn run(
     };
     let device = match TunDevice::create(&tun) {
         Ok(d) => d,
+        Err(err) if !settings.exits.is_empty() && host_has_ipv6() => {
+            // Without IPv6 on the TUN no -6 rule is installed, and all IPv6 (DNS to an IPv6
+            // resolver included) would leave around the exit.
+            return Err(TunError::NoIpv6(err));
+        }
         Err(err) => {
-            // A host with IPv6 disabled refuses the IPv6 address: go on with IPv4 only.
-            debug!(%err, "tun with IPv6 failed, trying IPv4 only");
+            // A host without IPv6 refuses the IPv6 address: go on with IPv4 only, which
+            // loses nothing there.
+            warn!(%err, "the tun has no IPv6 (neither has this host): IPv4 only");
             tun.ipv6 = None;
             TunDevice::create(&tun).map_err(TunError::Device)?
         }
@@ -151,6 +164,32 @@ pub async fn run(
     Ok(())
 }
 
+/// Whether this host has IPv6 beyond loopback (an address on any other interface).
+fn host_has_ipv6() -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|text| {
+        text.lines()
+            .any(|l| l.split_whitespace().last().is_some_and(|dev| dev != "lo"))
+    })
+}
+
+/// Whether `ip` is in the TUN's own prefixes: dialed (with the mark, by `main`'s connected
+/// route) it would come back into the TUN as a new flow, again and again.
+fn is_tun_prefix(ip: IpAddr) -> bool {
+    let in_net = |net: u128, len: u8, bits: u32, ip: u128| {
+        let shift = bits - u32::from(len);
+        (ip >> shift) == (net >> shift)
+    };
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => in_net(
+            u32::from(TUN_V4.0).into(),
+            TUN_V4.1,
+            32,
+            u32::from(v4).into(),
+        ),
+        IpAddr::V6(v6) => in_net(u128::from(TUN_V6.0), TUN_V6.1, 128, u128::from(v6)),
+    }
+}
+
 async fn serve_tcp(
     req: TcpRequest,
     dialer: Arc<dyn Dialer>,
@@ -158,6 +197,11 @@ async fn serve_tcp(
     idle: Option<Duration>,
 ) {
     let dst = req.dst();
+    if is_tun_prefix(dst.ip()) {
+        debug!(%dst, "flow to the tun's own prefix, refusing");
+        req.reject();
+        return;
+    }
     let Some(target) = target(dst, fake.as_deref()) else {
         debug!(%dst, "fake address with no name (forgotten), refusing");
         req.reject();
@@ -267,6 +311,10 @@ async fn serve_udp(mut flow: UdpFlow, dialer: Arc<dyn Dialer>, fake: Option<Arc<
                     // Asked of the exit's resolver, whatever address the application used
                     // (a home router's means nothing at the exit): no UDP flow there at all.
                     resolve_at_exit(&dialer, &reply, dst, payload);
+                    continue;
+                }
+                if is_tun_prefix(dst.ip()) {
+                    debug!(%src, %dst, "datagram to the tun's own prefix, dropped");
                     continue;
                 }
                 let Some(target) = target(dst, fake.as_deref()) else {
@@ -601,6 +649,29 @@ mod tests {
         let real: SocketAddr = "192.0.2.1:80".parse().unwrap();
         assert_eq!(target(real, Some(&fake)), Some(Target::Ip(real)));
         assert_eq!(target(unknown, None), Some(Target::Ip(unknown)));
+    }
+
+    #[test]
+    fn the_tun_prefixes_are_its_own() {
+        for own in [
+            "172.19.0.0",
+            "172.19.0.1",
+            "172.19.0.2",
+            "172.19.0.3",
+            "fd00:7478::2",
+        ] {
+            assert!(is_tun_prefix(own.parse().unwrap()), "{own}");
+        }
+        assert!(is_tun_prefix("::ffff:172.19.0.2".parse().unwrap()));
+        for other in [
+            "172.19.0.4",
+            "172.18.255.255",
+            "10.0.0.1",
+            "fd00:7478::4",
+            "::1",
+        ] {
+            assert!(!is_tun_prefix(other.parse().unwrap()), "{other}");
+        }
     }
 
     #[test]

@@ -688,3 +688,85 @@ fn tun_exit_answers_dns_with_its_own_resolver() {
         exit.stderr()
     );
 }
+
+/// A flow to the TUN's own prefix would be dialed with the mark, routed by `main`'s connected
+/// route back into the TUN, and become a new flow again and again until file descriptors run
+/// out: it is refused at once, and the proxy holds no more descriptors after a burst of them.
+#[test]
+fn tun_refuses_flows_to_its_own_prefix() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new().expect("namespaces");
+    let _servers = servers(&topo);
+    let proxy = start_proxy(&topo, &[]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", proxy.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = fds();
+    for _ in 0..20 {
+        let mut cmd =
+            topo.in_client(&["curl", "--silent", "--max-time", "5", "http://172.19.0.2/"]);
+        let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("curl");
+        assert!(!out.status.success(), "172.19.0.2 answered");
+    }
+    // A datagram (the echo tool waits 6 s for an answer that must not come).
+    let mut cmd = topo.in_client(&[TOOL, "echo", "172.19.0.2:7", "loop"]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("echo");
+    assert!(!out.status.success(), "172.19.0.2 echoed");
+    let after = fds();
+    assert!(
+        after <= before + 4,
+        "descriptors grew from {before} to {after}"
+    );
+    assert!(
+        proxy.stderr().contains("the tun's own prefix"),
+        "{}",
+        proxy.stderr()
+    );
+    // The tunnel still works.
+    let page = curl(&topo, &format!("http://{}/index.html", topo.server_v4));
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+}
+
+/// With an exit, a TUN that cannot get IPv6 on a host that has IPv6 would let all IPv6 go
+/// around the exit: the proxy refuses to start, saying why.
+#[test]
+fn tun_with_an_exit_and_no_ipv6_on_the_tun_refuses_to_start() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new().expect("namespaces");
+    // New interfaces get no IPv6; the uplink keeps its IPv6 address.
+    run_ok(topo.in_client(&["sysctl", "-w", "net.ipv6.conf.default.disable_ipv6=1"]));
+    assert!(topo.client_ip(&["-6", "addr"]).unwrap().contains("fd"));
+    let bin = proxy_bin().to_string_lossy().into_owned();
+    let exit_dir = Scratch::new("exit");
+    let exit_id = run_ok({
+        let mut cmd = Command::new(&bin);
+        cmd.args(["id", "--data-dir", &exit_dir.path()]);
+        cmd
+    });
+    let client_dir = Scratch::new("client");
+    let mut cmd = topo.in_client(&[
+        bin.as_str(),
+        "--tun",
+        "--socks",
+        "off",
+        "--http",
+        "off",
+        "--exit",
+        exit_id.trim(),
+        "--no-public-bootstrap",
+        "--no-public-stun",
+        "--data-dir",
+        &client_dir.path(),
+    ]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("proxy");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot get IPv6"), "{stderr}");
+    assert!(leftovers(&topo).is_empty(), "{:?}", leftovers(&topo));
+}
