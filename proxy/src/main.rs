@@ -124,37 +124,49 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 held = Some(dialer.held());
                 Dialers::through_exits(Arc::new(dialer), &settings.common.policy)
             };
-            let mut proxy = Proxy::bind(&settings, dialers)
-                .await
-                .context("starting listeners")?;
-            let role = if client_fabric.is_some() {
-                Role::Client
-            } else {
-                Role::Direct
-            };
-            let counters = proxy.shared().counters.clone();
-            let mut status = Status::new(role, client_fabric.clone(), counters);
-            if let Some(held) = held {
-                status = status.with_held(held);
-            }
-            let status = Arc::new(status);
-            proxy.set_status(status.clone());
-            serve_metrics(&settings.common, status, proxy.shared().shutdown.clone()).await?;
-            // Tests and scripts read these lines to learn the ports (useful with port 0): the
-            // first address is the one to use, any other follows "and".
-            if proxy.socks_addr().is_some() {
-                println!("socks5 listening on {}", and_list(&proxy.socks_addrs()));
-            }
-            if let Some(addr) = proxy.http_addr() {
-                println!(
-                    "http listening on {} (PAC file: http://{addr}/proxy.pac)",
-                    and_list(&proxy.http_addrs())
-                );
-            }
+            let proxy = start_frontends(&settings, dialers, client_fabric, held).await?;
             proxy.run(shutdown_signal(signals), GRACE).await;
             Ok(())
         }
     }
+}
+
+/// Binds the listeners (if any is on), serves status on them and on `--metrics`, and
+/// announces their addresses on stdout.
+async fn start_frontends(
+    settings: &RunSettings,
+    dialers: Dialers,
+    fabric: Option<Arc<Fabric>>,
+    held: Option<Arc<std::sync::atomic::AtomicUsize>>,
+) -> Result<Proxy, Failure> {
+    let mut proxy = Proxy::bind(settings, dialers)
+        .await
+        .context("starting listeners")?;
+    let role = if fabric.is_some() {
+        Role::Client
+    } else {
+        Role::Direct
+    };
+    let counters = proxy.shared().counters.clone();
+    let mut status = Status::new(role, fabric, counters);
+    if let Some(held) = held {
+        status = status.with_held(held);
+    }
+    let status = Arc::new(status);
+    proxy.set_status(status.clone());
+    serve_metrics(&settings.common, status, proxy.shared().shutdown.clone()).await?;
+    // Tests and scripts read these lines to learn the ports (useful with port 0): the first
+    // address is the one to use, any other follows "and".
+    if proxy.socks_addr().is_some() {
+        println!("socks5 listening on {}", and_list(&proxy.socks_addrs()));
+    }
+    if let Some(addr) = proxy.http_addr() {
+        println!(
+            "http listening on {} (PAC file: http://{addr}/proxy.pac)",
+            and_list(&proxy.http_addrs())
+        );
+    }
+    Ok(proxy)
 }
 
 /// The Tox node of the client role, and a dialer reaching the `--exit` peers through it
@@ -196,25 +208,48 @@ async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure>
     } else {
         None
     };
-    if !settings.exits.is_empty() {
-        let (fabric, dialer) = start_client_fabric(&settings)?;
-        let served = proxy::tun_mode::run(&settings, Arc::new(dialer), shutdown_signal(signals))
-            .await
-            .context("tun mode");
-        fabric.shutdown().await;
-        served?;
-        return Ok(());
-    }
-    let direct =
-        DirectDialer::new(settings.common.connect_timeout).with_mark(proxy::tun_mode::MARK);
-    let dialer: Arc<dyn Dialer> = if settings.direct_policy {
-        Arc::new(PolicyDialer::new(direct, settings.common.policy.clone()))
+    // The same dialers serve the TUN and the listeners; direct ones carry the mark, so what
+    // they dial leaves by the real link instead of coming back into the TUN.
+    let (fabric, tun_dialer, dialers, held) = if settings.exits.is_empty() {
+        let direct =
+            DirectDialer::new(settings.common.connect_timeout).with_mark(proxy::tun_mode::MARK);
+        let dialer: Arc<dyn Dialer> = if settings.direct_policy {
+            Arc::new(PolicyDialer::new(
+                direct.clone(),
+                settings.common.policy.clone(),
+            ))
+        } else {
+            Arc::new(direct.clone())
+        };
+        let dialers = Dialers::direct(dialer.clone(), direct, &settings.common.policy);
+        (None, dialer, dialers, None)
     } else {
-        Arc::new(direct)
+        let (fabric, dialer) = start_client_fabric(&settings)?;
+        let held = dialer.held();
+        let dialer: Arc<dyn Dialer> = Arc::new(dialer);
+        let dialers = Dialers::through_exits(dialer.clone(), &settings.common.policy);
+        (Some(fabric), dialer, dialers, Some(held))
     };
-    proxy::tun_mode::run(&settings, dialer, shutdown_signal(signals))
+    let listeners = start_frontends(&settings, dialers, fabric.clone(), held).await?;
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal(signals).await;
+            stop.cancel();
+        }
+    });
+    let listeners = tokio::spawn(listeners.run(stop.clone().cancelled_owned(), GRACE));
+    let served = proxy::tun_mode::run(&settings, tun_dialer, stop.clone().cancelled_owned())
         .await
-        .context("tun mode")?;
+        .context("tun mode");
+    // The TUN ended (shutdown, or it could not start): the listeners end with it.
+    stop.cancel();
+    let _ = listeners.await;
+    if let Some(fabric) = fabric {
+        fabric.shutdown().await;
+    }
+    served?;
     Ok(())
 }
 

@@ -346,11 +346,15 @@ fn tun_through_an_exit_over_tox() {
     let bin = proxy_bin().to_string_lossy().into_owned();
     let exit_dir = Scratch::new("exit");
     let exit_data = exit_dir.path();
+    // The exit answers its clients' DNS with the server's resolver (never the machine's own).
+    let exit_dns = topo.server_v4.clone();
     let mut exit_args = vec![
         bin.as_str(),
         "exit",
         "--allow-any",
         "--allow-private",
+        "--dns",
+        &exit_dns,
         "--no-public-bootstrap",
         // Tests never reach the public STUN servers.
         "--no-public-stun",
@@ -412,8 +416,8 @@ fn tun_through_an_exit_over_tox() {
     );
     eprintln!("{n} bytes through the exit in {:?}", started.elapsed());
 
-    // DNS, UDP and TCP: answered through the exit, so no port-53 packet leaves the client
-    // namespace at all, marked or not.
+    // DNS, UDP and TCP: answered by the exit's resolver, so no port-53 packet leaves the
+    // client namespace at all, marked or not.
     let dns4 = format!("{}:53", topo.server_v4);
     for proto in ["udp", "tcp"] {
         let got = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "exit.test", proto]));
@@ -769,4 +773,65 @@ fn tun_with_an_exit_and_no_ipv6_on_the_tun_refuses_to_start() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot get IPv6"), "{stderr}");
     assert!(leftovers(&topo).is_empty(), "{:?}", leftovers(&topo));
+}
+
+/// `--tun` is one node with the listeners, status and metrics of the default mode, not a mode
+/// that silently drops them.
+#[test]
+fn tun_mode_runs_the_listeners_status_and_metrics() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new().expect("namespaces");
+    let _servers = servers(&topo);
+    let bin = proxy_bin().to_string_lossy().into_owned();
+    let proxy = Proc::spawn(
+        topo.in_client(&[
+            bin.as_str(),
+            "--tun",
+            "--socks",
+            ":1080",
+            "--http",
+            ":8080",
+            "--metrics",
+            ":9100",
+        ]),
+        "tun mode up",
+    );
+    let url = format!("http://{}/index.html", topo.server_v4);
+    let page = run_ok(topo.in_client(&[
+        "curl",
+        "--silent",
+        "--max-time",
+        "20",
+        "--socks5",
+        "127.0.0.1:1080",
+        &url,
+    ]));
+    assert!(page.contains("static text"), "{page}");
+    let page = run_ok(topo.in_client(&[
+        "curl",
+        "--silent",
+        "--max-time",
+        "20",
+        "-x",
+        "http://[::1]:8080",
+        &url,
+    ]));
+    assert!(page.contains("static text"), "{page}");
+    let status = run_ok(topo.in_client(&[bin.as_str(), "status", "--from", "127.0.0.1:8080"]));
+    assert!(status.starts_with("proxy direct"), "{status}");
+    assert!(status.contains("accepted"), "{status}");
+    let metrics = run_ok(topo.in_client(&[
+        "curl",
+        "--silent",
+        "--max-time",
+        "20",
+        "http://127.0.0.1:9100/metrics",
+    ]));
+    assert!(
+        metrics.contains("proxy_frontend_connections_total 3"),
+        "{metrics}\n{}",
+        proxy.stderr()
+    );
 }
