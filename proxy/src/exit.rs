@@ -597,6 +597,7 @@ fn reply_for(e: &DialError) -> Reply {
 mod tests {
     use super::*;
 
+    use fabric::target::UdpHeader;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -839,6 +840,36 @@ mod tests {
         primary.up.store(false, Ordering::SeqCst);
         let err = flow.send_to(b"three", &to).await.unwrap_err();
         assert!(err.to_string().contains("no session"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_flow_takes_datagrams_only_from_the_exit_it_goes_through() {
+        let primary = FakeExit::new(1, Some(Reply::Connected));
+        let other = FakeExit::new(2, Some(Reply::Connected));
+        let dialer = dialer(&[&primary, &other]);
+        add(&dialer, &primary);
+        add(&dialer, &other);
+        let flow = dialer.udp_associate().await.unwrap();
+        let to: Target = "192.0.2.53:53".parse().unwrap();
+        flow.send_to(b"q", &to).await.unwrap();
+        // The flow's number, as the exit saw it.
+        let sent = primary.datagrams.lock().unwrap()[0].clone();
+        let (header, _) = UdpHeader::parse(&sent).unwrap();
+        let reply = |text: &[u8]| {
+            UdpHeader {
+                flow: header.flow,
+                addr: WireTarget::Ip("192.0.2.53:53".parse().unwrap()),
+            }
+            .datagram(text)
+            .unwrap()
+        };
+        // Another exit (any peer with a session) guessing the number is ignored.
+        dialer.udp.deliver(other.key, &reply(b"forged"));
+        dialer.udp.deliver(primary.key, &reply(b"answer"));
+        let mut buf = [0u8; 64];
+        let (n, from) = flow.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"answer");
+        assert_eq!(from, "192.0.2.53:53".parse().unwrap());
     }
 
     fn options(max_streams: usize, streams_per_client: usize) -> ExitOptions {

@@ -23,6 +23,7 @@
 //! 5. Special addresses are refused unless `allow_private` (this includes the host's own
 //!    private and loopback addresses, which rule 4 leaves to this rule).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -319,6 +320,7 @@ impl Dialer for PolicyDialer {
                 inner,
                 guard: self.guard.clone(),
                 resolve_timeout: self.inner.connect_timeout(),
+                pinned: std::sync::Mutex::default(),
             }) as Box<dyn UdpFlow>)
         })
     }
@@ -331,7 +333,15 @@ struct PolicyUdpFlow {
     guard: Arc<Guard>,
     /// How long a name in a datagram's destination may take to resolve.
     resolve_timeout: Duration,
+    /// The address each name resolved to, kept for the flow's life: the datagrams of one
+    /// QUIC connection to a fake-IP name must all reach the same server, not whichever
+    /// address a CDN's rotating answer gives next, and a lookup per datagram is waste.
+    pinned: std::sync::Mutex<HashMap<Target, SocketAddr>>,
 }
+
+/// Names one flow keeps resolved (a flow usually talks to one; a SOCKS association may talk
+/// to more, and those beyond are resolved per datagram).
+const PINNED_NAMES: usize = 64;
 
 impl UdpFlow for PolicyUdpFlow {
     fn send_to<'a>(
@@ -347,14 +357,31 @@ impl UdpFlow for PolicyUdpFlow {
                     *addr
                 }
                 Target::Domain(..) => {
-                    self.guard
-                        .policy
-                        .check_port(target.port())
-                        .map_err(DialError::PolicyDenied)?;
-                    let resolved = tokio::time::timeout(self.resolve_timeout, resolve(target))
-                        .await
-                        .map_err(|_| DialError::TimedOut)??;
-                    self.guard.allowed(target, resolved)?[0]
+                    let pinned = self
+                        .pinned
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(target)
+                        .copied();
+                    match pinned {
+                        Some(addr) => addr,
+                        None => {
+                            self.guard
+                                .policy
+                                .check_port(target.port())
+                                .map_err(DialError::PolicyDenied)?;
+                            let resolved =
+                                tokio::time::timeout(self.resolve_timeout, resolve(target))
+                                    .await
+                                    .map_err(|_| DialError::TimedOut)??;
+                            let addr = self.guard.allowed(target, resolved)?[0];
+                            let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+                            if pinned.len() < PINNED_NAMES {
+                                pinned.insert(target.clone(), addr);
+                            }
+                            addr
+                        }
+                    }
                 }
             };
             self.inner.send_to(payload, &Target::Ip(addr)).await
@@ -670,6 +697,54 @@ mod tests {
             matches!(&err, DialError::PolicyDenied(why) if why.contains("own network")),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_name_in_a_flow_is_resolved_once_and_kept() {
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        let open = ExitPolicy {
+            allow_private: true,
+            ..ExitPolicy::default()
+        };
+        let dialer = PolicyDialer::with_own_addrs(
+            DirectDialer::new(SECS_5),
+            open,
+            OwnAddrs::fixed(OwnNetworks::default()),
+        );
+        let inner = dialer.inner.udp_associate().await.unwrap();
+        let flow = PolicyUdpFlow {
+            inner,
+            guard: dialer.guard.clone(),
+            resolve_timeout: SECS_5,
+            pinned: std::sync::Mutex::default(),
+        };
+        // `localhost` may answer ::1 first; the name is pinned to what it resolved to, and a
+        // name that resolves elsewhere later would not move the flow.
+        let name = Target::Domain("localhost".into(), port);
+        flow.send_to(b"0", &name).await.unwrap();
+        let first = flow.pinned.lock().unwrap()[&name];
+        assert!(first.ip().is_loopback() && first.port() == port);
+        // Re-point the pinned entry to another server, as a later, different answer might
+        // be: every datagram follows the pin (a lookup per datagram would send them to the
+        // first server's port).
+        let second = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        flow.pinned
+            .lock()
+            .unwrap()
+            .insert(name.clone(), second.local_addr().unwrap());
+        for i in 0..100u8 {
+            flow.send_to(&[i], &name).await.unwrap();
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8];
+        while got.len() < 100 {
+            let (n, _) = second.recv_from(&mut buf).await.unwrap();
+            assert_eq!(n, 1);
+            got.push(buf[0]);
+        }
+        assert_eq!(got, (0..100).collect::<Vec<u8>>());
+        assert_eq!(flow.pinned.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]
