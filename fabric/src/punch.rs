@@ -52,6 +52,7 @@
 
 #[cfg(feature = "tokio")]
 pub mod driver;
+pub mod filter;
 pub mod stun;
 #[cfg(feature = "tokio")]
 pub mod tcp;
