@@ -47,6 +47,20 @@ pub fn mux_config() -> mux::Config {
     }
 }
 
+/// [`mux_config`] for an end that accepts the peer's streams (`accepts_streams`: the exit
+/// role), or that refuses them all at once (the client role: nothing would ever accept them).
+pub fn mux_config_for(accepts_streams: bool) -> mux::Config {
+    let config = mux_config();
+    mux::Config {
+        accept_backlog: if accepts_streams {
+            config.accept_backlog
+        } else {
+            0
+        },
+        ..config
+    }
+}
+
 /// One end of a sans-IO protocol driven by packets and time: what [`crate::testing::Pair`]
 /// and the drivers need of an endpoint.
 pub trait Endpoint {

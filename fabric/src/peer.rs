@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, warn};
 
 use self::paths::{Agent, Carrier, LinkWatch, Role, Via};
-use crate::connection::{feed, mux_config};
+use crate::connection::{feed, mux_config_for};
 use crate::id::{PublicKey, ToxId};
 use crate::link::signal::Signal;
 use crate::mux::io::{Handle, Stream};
@@ -442,16 +442,11 @@ impl Shared {
 
     /// Starts a session with `pk` on `conv`, replacing any other.
     fn start_session(self: &Arc<Self>, pk: PublicKey, conv: ConvId, exit_role: bool) -> Handle {
+        // Only the exit role accepts the peer's streams; a client refuses them at once rather
+        // than let them wait, holding credit, in a queue nobody reads.
         let handle = Handle::new(mux::Config {
-            // Only the exit role accepts the peer's streams; a client refuses them at once
-            // rather than let them wait, holding credit, in a queue nobody reads.
-            accept_backlog: if exit_role {
-                mux_config().accept_backlog
-            } else {
-                0
-            },
             shared_budget: Some(self.mux_budget.clone()),
-            ..mux_config()
+            ..mux_config_for(exit_role)
         });
         let (input_tx, input_rx) = mpsc::channel(4096);
         let (ended_tx, ended_rx) = watch::channel(false);
