@@ -106,6 +106,7 @@ mod stream;
 
 use std::collections::VecDeque;
 
+use self::budget::Budgets;
 pub use self::budget::SharedBudget;
 use self::buffer::{Pool, idle_pool_size};
 pub use self::error::{Failure, OpenError, ProtocolError, StreamError, VerifyError};
@@ -254,69 +255,6 @@ pub struct Mux {
     failure: Option<Failure>,
     stats: Stats,
     budget: Budgets,
-}
-
-/// The receive budgets a mux draws on: its own and the node's.
-#[derive(Debug)]
-struct Budgets {
-    limit: usize,
-    used: usize,
-    shared: Option<SharedBudget>,
-    /// What `used` holds of `shared`; given back at once when the mux fails or drops.
-    shared_held: usize,
-}
-
-impl Budgets {
-    /// Takes up to `want` bytes from both budgets; returns what it took.
-    fn take_up_to(&mut self, want: u32) -> u32 {
-        let want = (want as usize).min(self.limit.saturating_sub(self.used));
-        let got = match &self.shared {
-            Some(shared) if want > 0 => shared.take_up_to(want),
-            Some(_) => 0,
-            None => want,
-        };
-        self.used += got;
-        if self.shared.is_some() {
-            self.shared_held += got;
-        }
-        // `got <= want <= u32::MAX`.
-        got as u32
-    }
-
-    /// Takes `n` bytes even beyond the limits.
-    fn force(&mut self, n: u32) {
-        let n = n as usize;
-        self.used += n;
-        if let Some(shared) = &self.shared {
-            shared.force(n);
-            self.shared_held += n;
-        }
-    }
-
-    /// Gives back `n` bytes taken earlier.
-    fn give(&mut self, n: u32) {
-        let n = n as usize;
-        self.used -= n;
-        let back = n.min(self.shared_held);
-        if let Some(shared) = &self.shared {
-            shared.give(back);
-        }
-        self.shared_held -= back;
-    }
-
-    /// Returns everything held of the shared budget: the mux is dead.
-    fn release_shared(&mut self) {
-        if let Some(shared) = &self.shared {
-            shared.give(self.shared_held);
-        }
-        self.shared_held = 0;
-    }
-}
-
-impl Drop for Budgets {
-    fn drop(&mut self) {
-        self.release_shared();
-    }
 }
 
 impl Mux {

@@ -1,4 +1,5 @@
-//! Receive memory shared by many muxes: the node-wide part of the mux's byte budget.
+//! The receive budgets a mux draws on: its own, and the node's [`SharedBudget`] that many
+//! muxes share (see the mux docs, "Memory").
 
 use std::fmt;
 use std::sync::Arc;
@@ -84,5 +85,68 @@ impl fmt::Debug for SharedBudget {
             .field("limit", &self.limit())
             .field("used", &self.used())
             .finish()
+    }
+}
+
+/// The receive budgets a mux draws on: its own and the node's.
+#[derive(Debug)]
+pub(super) struct Budgets {
+    pub(super) limit: usize,
+    pub(super) used: usize,
+    pub(super) shared: Option<SharedBudget>,
+    /// What `used` holds of `shared`; given back at once when the mux fails or drops.
+    pub(super) shared_held: usize,
+}
+
+impl Budgets {
+    /// Takes up to `want` bytes from both budgets; returns what it took.
+    pub(super) fn take_up_to(&mut self, want: u32) -> u32 {
+        let want = (want as usize).min(self.limit.saturating_sub(self.used));
+        let got = match &self.shared {
+            Some(shared) if want > 0 => shared.take_up_to(want),
+            Some(_) => 0,
+            None => want,
+        };
+        self.used += got;
+        if self.shared.is_some() {
+            self.shared_held += got;
+        }
+        // `got <= want <= u32::MAX`.
+        got as u32
+    }
+
+    /// Takes `n` bytes even beyond the limits.
+    pub(super) fn force(&mut self, n: u32) {
+        let n = n as usize;
+        self.used += n;
+        if let Some(shared) = &self.shared {
+            shared.force(n);
+            self.shared_held += n;
+        }
+    }
+
+    /// Gives back `n` bytes taken earlier.
+    pub(super) fn give(&mut self, n: u32) {
+        let n = n as usize;
+        self.used -= n;
+        let back = n.min(self.shared_held);
+        if let Some(shared) = &self.shared {
+            shared.give(back);
+        }
+        self.shared_held -= back;
+    }
+
+    /// Returns everything held of the shared budget: the mux is dead.
+    pub(super) fn release_shared(&mut self) {
+        if let Some(shared) = &self.shared {
+            shared.give(self.shared_held);
+        }
+        self.shared_held = 0;
+    }
+}
+
+impl Drop for Budgets {
+    fn drop(&mut self) {
+        self.release_shared();
     }
 }
