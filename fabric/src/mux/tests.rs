@@ -829,3 +829,82 @@ fn with_no_accept_backlog_every_peer_stream_is_refused() {
     settle(&mut a, &mut b);
     assert_eq!((a.stats().streams, b.stats().streams), (0, 0));
 }
+
+#[test]
+fn windows_grow_both_ways_through_half_closes_and_every_id_is_released() {
+    // Growth announced while the peer finishes, closes and releases: a growth must never
+    // reach an id the peer already released (the peer would fail the mux), nor be taken for
+    // a confirmation. Small link budgets interleave frames of all streams.
+    for budget in [997, 4096, 70_000] {
+        let (mut a, mut b) = pair();
+        let ids: Vec<StreamId> = (0..4).map(|_| a.open().unwrap()).collect();
+        let total = 3 << 20;
+        let data = vec![0x33u8; 32 * 1024];
+        let mut sent_a = [0usize; 4];
+        let mut sent_b = [0usize; 4];
+        let mut got_a = vec![0usize; 4];
+        let mut got_b = vec![0usize; 4];
+        let mut buf = vec![0u8; 8192];
+        let mut accepted = Vec::new();
+        for round in 0..1_000_000 {
+            while let Some(id) = b.accept() {
+                accepted.push(id);
+            }
+            for (i, &id) in ids.iter().enumerate() {
+                // `a` uploads, half as much on odd streams, and finishes; `b` sends `total`.
+                let upload = total / (1 + i % 2);
+                if sent_a[i] < upload {
+                    let n = (upload - sent_a[i]).min(data.len());
+                    sent_a[i] += a.write(id, &data[..n]).unwrap();
+                } else {
+                    a.finish(id).unwrap();
+                }
+                if accepted.contains(&id) {
+                    if sent_b[i] < total {
+                        let n = (total - sent_b[i]).min(data.len());
+                        sent_b[i] += b.write(id, &data[..n]).unwrap();
+                    } else {
+                        b.finish(id).unwrap();
+                    }
+                    while let Ok(n) = b.read(id, &mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        got_b[i] += n;
+                    }
+                }
+                while let Ok(n) = a.read(id, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    got_a[i] += n;
+                }
+            }
+            events(&mut a);
+            events(&mut b);
+            let uploads: Vec<usize> = (0..4).map(|i| total / (1 + i % 2)).collect();
+            if got_a.iter().all(|&n| n == total) && got_b == uploads {
+                let mut eof = [0u8; 1];
+                if ids.iter().all(|&id| b.read(id, &mut eof) == Ok(0)) {
+                    break;
+                }
+            }
+            assert!(round < 999_999, "stalled: {got_a:?} {got_b:?}");
+            step(&mut a, &mut b, budget);
+        }
+        // The test is about growth: it happened both ways.
+        let window = Config::default().window;
+        assert!(
+            ids.iter()
+                .all(|&id| a.stream(id.0).unwrap().recv_limit == window)
+        );
+        assert!(b.stream(ids[0].0).is_none_or(|s| s.recv_limit == window));
+        for &id in &ids {
+            a.close(id);
+            b.close(id);
+        }
+        settle(&mut a, &mut b);
+        assert_eq!((a.stats().streams, b.stats().streams), (0, 0), "{budget}");
+        assert_eq!((a.stats().recv_credit, b.stats().recv_credit), (0, 0));
+    }
+}
