@@ -21,17 +21,43 @@ use crate::mux::{self, Mux};
 use crate::session::{self, CloseReason, ConvId, Event, InputError, Session};
 use crate::time::Instant;
 
-/// The mux settings for streams over a session.
+/// The largest credit of a stream over a session, in bytes.
 ///
 /// One stream moves at most one window per round trip, so the seed's 512 KiB caps a single
 /// download at 512 KiB / RTT: 52 Mbit/s at 80 ms. Paths through Tox and across continents
-/// are long, so streams over a session get 4 MiB (84 Mbit/s at 400 ms). Buffers grow only
-/// with unread data, so idle streams still cost nothing; a reader that stops can pin one
-/// window of memory per stream, which the exit bounds with its per-client stream limit.
+/// are long, so streams over a session get 4 MiB (84 Mbit/s at 400 ms). A stream starts at
+/// [`mux::INITIAL_WINDOW`] and grows to this while its application reads.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// Receive credit all sessions of a node grant their peers together, in bytes (the
+/// [`mux::SharedBudget`] a node passes to every session's mux): four sessions' worth of
+/// [`mux::CONNECTION_BUDGET`].
+pub const NODE_BUDGET: usize = 256 * 1024 * 1024;
+
+/// The mux settings for streams over a session: windows of [`STREAM_WINDOW`], the default
+/// initial window, per-connection budget and backlog, and no node budget (the caller adds
+/// its own [`mux::SharedBudget`]).
+///
+/// Buffers grow only with unread data, so idle streams cost nothing; what a peer can make us
+/// hold is bounded by the budgets (see [`mux`], "Memory").
 pub fn mux_config() -> mux::Config {
     mux::Config {
-        window: 4 * 1024 * 1024,
+        window: STREAM_WINDOW,
         ..mux::Config::default()
+    }
+}
+
+/// [`mux_config`] for an end that accepts the peer's streams (`accepts_streams`: the exit
+/// role), or that refuses them all at once (the client role: nothing would ever accept them).
+pub fn mux_config_for(accepts_streams: bool) -> mux::Config {
+    let config = mux_config();
+    mux::Config {
+        accept_backlog: if accepts_streams {
+            config.accept_backlog
+        } else {
+            0
+        },
+        ..config
     }
 }
 

@@ -13,18 +13,37 @@
 //!
 //! # Protocol
 //!
-//! Frames are `cmd u8 | id u16 | length u32`, big-endian (see [`frame`]). Each stream has a
-//! credit window ([`Config::window`], 512 KiB): a sender never has more than `window` bytes
-//! sent and unconfirmed on a stream, and the receiver returns credit with CFM as its
-//! application reads. So a stream whose reader stops holds at most one window in the
-//! receiver and never blocks the link or other streams. A peer sending beyond its credit
-//! is a protocol violation: the mux fails, which bounds memory. **Both ends must use the same
-//! window** (the protocol has no field to announce it).
+//! Frames are `cmd u8 | id u16 | length u32`, big-endian (see [`frame`]).
 //!
-//! CFM batching: we confirm consumed bytes once they reach a quarter of the window, and, once
-//! the peer's FIN arrived, as soon as the application drained the stream (the last bytes of a
-//! stream are always confirmed, which lets both ends release the id). Closing a stream
-//! discards its unread data and confirms it at once.
+//! ## Credit
+//!
+//! Each direction of a stream has credit: a sender never has more bytes sent and
+//! unconfirmed than the receiver granted, and the receiver returns credit with CFM as its
+//! application reads. So a stream whose reader stops holds at most its credit in the
+//! receiver and never blocks the link or other streams. A peer sending beyond its credit is a
+//! protocol violation: the mux fails, which bounds memory.
+//!
+//! Credit starts at the initial window ([`Config::initial_window`], 64 KiB) each way, so a
+//! stream nobody accepted pins little, and grows up to the window ([`Config::window`],
+//! 512 KiB) while the application reads it: each time the application has read a whole
+//! window's worth since the last growth, the receiver doubles the window, budget permitting.
+//! Growth travels in a CFM whose length has its top bit set ([`frame::CFM_GROWTH`]): it
+//! raises the sender's credit by the rest of the length, and never beyond the window (more is
+//! a protocol violation). A plain CFM confirms consumed bytes exactly as in seed 004, so a
+//! sender knows when all its bytes were confirmed. (Folding growth into the confirmed amount
+//! would not tell the two apart: a sender could take growth for a confirmation, release the
+//! id, and then receive the real confirmation for an id it no longer knows.) Growth is only
+//! decided together with a confirmation of bytes the sender still counts as unconfirmed, and
+//! goes out before it, so it always reaches a stream the sender still holds. The frames are
+//! seed 004's, as are their meanings but for that top bit (a seed-004 CFM never comes near
+//! it: windows are smaller); what is ours is that credit starts below the window. **Both ends
+//! must use the same window and initial window** (the protocol has no field to announce
+//! them).
+//!
+//! CFM batching: we confirm consumed bytes once they reach a quarter of the stream's credit,
+//! and, once the peer's FIN arrived, as soon as the application drained the stream (the last
+//! bytes of a stream are always confirmed, which lets both ends release the id). Closing a
+//! stream discards its unread data and confirms it at once.
 //!
 //! Stream ids come from a bitmap (1..=65535; 0 is reserved), lowest free first, never wrapping:
 //! with all in use, [`Mux::open`] fails with [`OpenError::IdsExhausted`]. An id is released
@@ -45,8 +64,23 @@
 //! its state only (about 170 bytes, measured by `tests/mux_memory.rs`). Buffered bytes live in
 //! 16 KiB chunks from a per-mux pool of free chunks (at most 512; whenever nothing is
 //! buffered it is trimmed to 64 plus 32 per open stream); a buffer that starts small gets a
-//! small first chunk instead. A peer can make us hold at most one window per stream
-//! it opened, and it can open at most [`Config::accept_backlog`] streams we did not accept.
+//! small first chunk instead.
+//!
+//! What a peer can make us hold is the credit we granted it, and that is bounded three ways:
+//!
+//! * per stream: the window, and the initial window until our application accepts the stream
+//!   and reads from it (a stream the application never reads never grows);
+//! * per mux: [`Config::budget`], the sum of the credit of all streams. A peer's new stream
+//!   needs the initial window from it, or is refused like one beyond the accept backlog;
+//!   growth takes what is left and stops when nothing is (the peer's writes then wait for
+//!   reads, data is never dropped). A stream returns its share when its id is released.
+//!   Streams our application opens take their initial window even beyond the budget: their
+//!   number is ours to limit;
+//! * per node: [`Config::shared_budget`], one [`SharedBudget`] for all sessions, drawn on
+//!   like the mux budget.
+//!
+//! With [`Config::accept_backlog`] 0 every stream the peer opens is refused (answered with
+//! FIN, its data discarded): for an end whose application never accepts.
 //!
 //! # Driving the core
 //!
@@ -61,6 +95,7 @@
 //! short write, wait for `Writable`. At most one `Readable` and one `Writable` per stream wait
 //! in the queue at a time, so an undrained queue stays bounded.
 
+mod budget;
 mod buffer;
 mod error;
 pub mod frame;
@@ -71,19 +106,43 @@ mod stream;
 
 use std::collections::VecDeque;
 
+use self::budget::Budgets;
+pub use self::budget::SharedBudget;
 use self::buffer::{Pool, idle_pool_size};
 pub use self::error::{Failure, OpenError, ProtocolError, StreamError, VerifyError};
 pub use self::frame::StreamId;
-use self::frame::{Cmd, HEADER_LEN, Header, verify_code};
+use self::frame::{CFM_GROWTH, Cmd, HEADER_LEN, Header, verify_code};
 use self::ids::IdBitmap;
 use self::stream::Stream;
+
+/// Largest credit of one stream by default, in bytes: seed 004's window.
+pub const DEFAULT_WINDOW: u32 = 512 * 1024;
+
+/// Credit a stream starts with in each direction, in bytes: what a peer may send on a stream
+/// before our application accepted it and read from it. Enough for a request and its first
+/// bytes in one flight.
+pub const INITIAL_WINDOW: u32 = 64 * 1024;
+
+/// Receive credit one mux grants its peer over all streams by default, in bytes: with the
+/// initial window, room for 1,024 streams nobody accepted, or 16 streams at the 4 MiB window
+/// used over sessions.
+pub const CONNECTION_BUDGET: usize = 64 * 1024 * 1024;
 
 /// Tuning of a [`Mux`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Per-stream credit in bytes: unconfirmed bytes a sender may have in flight, and what a
-    /// receiver buffers at most. Must be equal on both ends. Default 512 KiB (seed 004).
+    /// Largest credit of a stream in bytes: unconfirmed bytes a sender may have in flight, and
+    /// what a receiver buffers at most. Must be equal on both ends. Default
+    /// [`DEFAULT_WINDOW`].
     pub window: u32,
+    /// Credit a stream starts with each way ([`INITIAL_WINDOW`] by default, at most
+    /// `window`). Must be equal on both ends.
+    pub initial_window: u32,
+    /// Receive credit granted over all streams of this mux (see the module docs, "Memory").
+    /// Default [`CONNECTION_BUDGET`].
+    pub budget: usize,
+    /// Receive credit shared with other muxes of this node; `None` for no such limit.
+    pub shared_budget: Option<SharedBudget>,
     /// Largest PSH payload we emit. Small frames keep a short request from waiting behind a
     /// bulk transfer's frame. Default 16 KiB; must not exceed the peer's `max_input_frame`.
     pub max_frame: usize,
@@ -99,7 +158,10 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            window: 512 * 1024,
+            window: DEFAULT_WINDOW,
+            initial_window: INITIAL_WINDOW,
+            budget: CONNECTION_BUDGET,
+            shared_budget: None,
             max_frame: 16 * 1024,
             max_input_frame: 64 * 1024,
             accept_backlog: 1024,
@@ -153,6 +215,8 @@ pub struct Stats {
     pub send_buffered: usize,
     /// Bytes received and not yet read.
     pub recv_buffered: usize,
+    /// Receive credit granted to the peer over all streams: what it may make us buffer.
+    pub recv_credit: usize,
     /// Frames emitted.
     pub frames_sent: u64,
     /// Frames received.
@@ -190,17 +254,20 @@ pub struct Mux {
     input: InputState,
     failure: Option<Failure>,
     stats: Stats,
+    budget: Budgets,
 }
 
 impl Mux {
-    /// A mux with no streams. Out-of-range settings are clamped: `window >= 1`,
+    /// A mux with no streams. Out-of-range settings are clamped:
+    /// `1 <= window <= i32::MAX`, `1 <= initial_window <= window`,
     /// `1 <= max_frame <= window`, `max_input_frame <= u32::MAX`.
     pub fn new(mut config: Config) -> Self {
-        config.window = config.window.max(1);
+        // Growth is sent below the CFM's top bit.
+        config.window = config.window.clamp(1, i32::MAX as u32);
+        config.initial_window = config.initial_window.clamp(1, config.window);
         config.max_frame = config.max_frame.clamp(1, config.window as usize);
         config.max_input_frame = config.max_input_frame.min(u32::MAX as usize);
         Self {
-            config,
             streams: Vec::new(),
             pool: Pool::default(),
             ids: IdBitmap::new(),
@@ -216,6 +283,13 @@ impl Mux {
             },
             failure: None,
             stats: Stats::default(),
+            budget: Budgets {
+                limit: config.budget,
+                used: 0,
+                shared: config.shared_budget.clone(),
+                shared_held: 0,
+            },
+            config,
         }
     }
 
@@ -231,7 +305,10 @@ impl Mux {
 
     /// Counters and buffer levels.
     pub fn stats(&self) -> Stats {
-        self.stats
+        Stats {
+            recv_credit: self.budget.used,
+            ..self.stats
+        }
     }
 
     // ---- application calls -------------------------------------------------------------
@@ -248,7 +325,11 @@ impl Mux {
             self.events
                 .retain(|event| event.stream() != Some(StreamId(id)));
         }
-        self.install(id, Stream::local());
+        let initial = self.config.initial_window;
+        let mut stream = Stream::local(initial);
+        self.budget.force(initial);
+        stream.charged = initial;
+        self.install(id, stream);
         self.queue_ctrl(id);
         tracing::debug!(stream = id, "open");
         Ok(StreamId(id))
@@ -275,12 +356,11 @@ impl Mux {
         if let Some(failure) = &self.failure {
             return Err(StreamError::MuxFailed(failure.clone()));
         }
-        let window = self.config.window;
         let stream = app_stream(&mut self.streams, id)?;
         if stream.fin_queued {
             return Err(StreamError::Finished(id));
         }
-        let n = stream.send_space(window).min(data.len());
+        let n = stream.send_space().min(data.len());
         stream.write_blocked = n < data.len();
         if n == 0 {
             return Ok(0);
@@ -299,7 +379,7 @@ impl Mux {
     /// everything was read. [`StreamError::WouldBlock`] means nothing is buffered yet.
     /// After a failure, bytes received before it are still delivered, then the failure.
     pub fn read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<usize, StreamError> {
-        let quarter = (self.config.window / 4).max(1);
+        let window = self.config.window;
         let failure = self.failure.clone();
         let stream = app_stream(&mut self.streams, id)?;
         if stream.recv_buf.is_empty() {
@@ -311,8 +391,29 @@ impl Mux {
         }
         let n = stream.recv_buf.read_into(buf, &mut self.pool);
         stream.cfm_pending += n as u32;
+        stream.read_since_growth = stream.read_since_growth.saturating_add(n as u32);
+        let quarter = (stream.recv_limit / 4).max(1);
         let confirm =
             stream.cfm_pending >= quarter || (stream.fin_recv && stream.recv_buf.is_empty());
+        if confirm
+            && failure.is_none()
+            && stream.read_since_growth >= stream.recv_limit
+            && stream.may_grow(window)
+        {
+            // The application keeps up with a full window: double it, as far as the budgets
+            // allow. The growth goes out just before the CFM that confirms these bytes, which
+            // the peer waits for, so it never reaches a peer that already released the id.
+            let grown = self
+                .budget
+                .take_up_to(stream.recv_limit.min(window - stream.recv_limit));
+            stream.read_since_growth = 0;
+            stream.recv_limit += grown;
+            stream.grant_pending += grown;
+            stream.charged += grown;
+            if grown > 0 {
+                tracing::trace!(stream = id.0, window = stream.recv_limit, "window grows");
+            }
+        }
         self.stats.recv_buffered -= n;
         if confirm {
             self.queue_ctrl(id.0);
@@ -387,6 +488,7 @@ impl Mux {
         if self.failure.is_none() {
             tracing::debug!(%failure, "mux failed");
             self.failure = Some(failure);
+            self.budget.release_shared();
             self.ctrl_queue.clear();
             self.data_queue.clear();
             self.vrm_out.clear();
@@ -562,9 +664,10 @@ impl Mux {
     }
 
     fn on_syn(&mut self, id: u16) -> Result<(), ProtocolError> {
+        let initial = self.config.initial_window;
         let Some(stream) = self.stream_mut(id) else {
             self.ids.mark(id);
-            self.install(id, Stream::remote());
+            self.install(id, Stream::remote(initial));
             self.admit(id);
             return Ok(());
         };
@@ -577,17 +680,23 @@ impl Mux {
         if stream.wire_done() && !stream.app_closed && stream.successor.is_none() {
             // The peer released the id and reopened it; our application still holds the old
             // stream, so the new one waits for it to let go.
-            stream.successor = Some(Box::new(Stream::remote()));
+            let mut successor = Stream::remote(initial);
+            // One per stream our application holds: bounded by it, like our own opens.
+            successor.charged = initial;
+            stream.successor = Some(Box::new(successor));
+            self.budget.force(initial);
             tracing::debug!(stream = id, "reopened while held: queued");
             return Ok(());
         }
         Err(ProtocolError::DuplicateSyn(StreamId(id)))
     }
 
-    /// A new peer stream enters the accept queue, or is refused when the backlog is full:
-    /// refused streams are closed at once (FIN, data discarded and confirmed).
+    /// A new peer stream enters the accept queue, or is refused when the backlog is full or
+    /// the budgets cannot cover its initial window: refused streams are closed at once (FIN,
+    /// data discarded and confirmed) and hold no budget.
     fn admit(&mut self, id: u16) {
         let full = self.accept_queue.len() >= self.config.accept_backlog;
+        let initial = self.config.initial_window;
         let Some(stream) = self
             .streams
             .get_mut(usize::from(id))
@@ -595,8 +704,17 @@ impl Mux {
         else {
             return;
         };
-        if full {
-            tracing::debug!(stream = id, "accept backlog full: refused");
+        let mut refused = full.then_some("accept backlog full");
+        if refused.is_none() && stream.charged == 0 {
+            let got = self.budget.take_up_to(initial);
+            stream.charged = got;
+            if got < initial {
+                refused = Some("receive budget spent");
+            }
+        }
+        if let Some(why) = refused {
+            tracing::debug!(stream = id, why, "refused");
+            self.budget.give(std::mem::take(&mut stream.charged));
             let discarded = stream.recv_buf.clear(&mut self.pool);
             stream.cfm_pending += discarded as u32;
             stream.app_closed = true;
@@ -640,17 +758,16 @@ impl Mux {
                 max: self.config.max_input_frame,
             });
         }
-        let window = self.config.window;
         let stream = input_stream(&mut self.streams, id, Cmd::Psh)?;
         if stream.fin_recv {
             return Err(ProtocolError::DataAfterFin(StreamId(id)));
         }
-        if u64::from(stream.recv_outstanding) + u64::from(length) > u64::from(window) {
+        if u64::from(stream.recv_outstanding) + u64::from(length) > u64::from(stream.recv_limit) {
             return Err(ProtocolError::CreditExceeded {
                 id: StreamId(id),
                 len: length,
                 outstanding: stream.recv_outstanding,
-                window,
+                window: stream.recv_limit,
             });
         }
         stream.remote_seen = true;
@@ -690,18 +807,31 @@ impl Mux {
     fn on_cfm(&mut self, id: u16, amount: u32) -> Result<(), ProtocolError> {
         let window = self.config.window;
         let stream = input_stream(&mut self.streams, id, Cmd::Cfm)?;
-        if amount > stream.unconfirmed {
-            return Err(ProtocolError::BogusConfirm {
-                id: StreamId(id),
-                amount,
-                unconfirmed: stream.unconfirmed,
-            });
+        if amount & CFM_GROWTH != 0 {
+            let grown = amount & !CFM_GROWTH;
+            if u64::from(stream.send_limit) + u64::from(grown) > u64::from(window) {
+                return Err(ProtocolError::CreditBeyondWindow {
+                    id: StreamId(id),
+                    grown,
+                    credit: stream.send_limit,
+                    window,
+                });
+            }
+            stream.send_limit += grown;
+        } else {
+            if amount > stream.unconfirmed {
+                return Err(ProtocolError::BogusConfirm {
+                    id: StreamId(id),
+                    amount,
+                    unconfirmed: stream.unconfirmed,
+                });
+            }
+            stream.unconfirmed -= amount;
         }
-        stream.unconfirmed -= amount;
         stream.remote_seen = true;
         let writable = stream.write_blocked
             && !stream.fin_queued
-            && stream.send_space(window) > 0
+            && stream.send_space() > 0
             && !stream.writable_queued;
         if writable {
             stream.write_blocked = false;
@@ -730,7 +860,7 @@ impl Mux {
                 self.ctrl_queue.pop_front();
                 continue;
             };
-            let mut frames = [None; 3];
+            let mut frames = [None; 4];
             if stream.syn_pending {
                 frames[0] = Some(Header {
                     cmd: Cmd::Syn,
@@ -738,15 +868,24 @@ impl Mux {
                     length: 0,
                 });
             }
-            if stream.cfm_pending > 0 {
+            if stream.grant_pending > 0 {
+                // Before the confirmation it was decided with (see "Credit").
                 frames[1] = Some(Header {
+                    cmd: Cmd::Cfm,
+                    id,
+                    // `grant_pending < window <= i32::MAX`: below the flag.
+                    length: CFM_GROWTH | stream.grant_pending,
+                });
+            }
+            if stream.cfm_pending > 0 {
+                frames[2] = Some(Header {
                     cmd: Cmd::Cfm,
                     id,
                     length: stream.cfm_pending,
                 });
             }
             if stream.fin_ready() {
-                frames[2] = Some(Header {
+                frames[3] = Some(Header {
                     cmd: Cmd::Fin,
                     id,
                     length: 0,
@@ -760,6 +899,7 @@ impl Mux {
                 self.stats.frames_sent += 1;
                 match header.cmd {
                     Cmd::Syn => stream.syn_pending = false,
+                    Cmd::Cfm if header.length & CFM_GROWTH != 0 => stream.grant_pending = 0,
                     Cmd::Cfm => {
                         stream.recv_outstanding -= stream.cfm_pending;
                         stream.cfm_pending = 0;
@@ -881,6 +1021,7 @@ impl Mux {
         let Some(mut stream) = self.streams[index].take() else {
             return;
         };
+        self.budget.give(stream.charged);
         self.stats.streams -= 1;
         self.events.push_back(Event::Released(StreamId(id)));
         tracing::debug!(stream = id, "released");

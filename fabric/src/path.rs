@@ -29,6 +29,7 @@ use tracing::debug;
 
 use crate::link::signal::{Candidate, CandidateKind, MAX_CANDIDATES, Protocol};
 use crate::punch::driver::{bind_punch_tcp, bind_punch_udp, stun_tcp, stun_udp};
+use crate::punch::filter::LocalNetwork;
 use crate::punch::stun::TransactionConfig;
 use crate::punch::tcp::TcpPunchConfig;
 use crate::punch::udp::PunchConfig;
@@ -202,13 +203,17 @@ pub struct Gathered {
     _tcp_hold: Option<tokio::net::TcpSocket>,
     /// Our candidates, host addresses first.
     pub candidates: Vec<Candidate>,
+    /// The networks our host candidates are on: what a peer's private candidates must be
+    /// inside (see [`crate::punch::filter`]).
+    pub networks: Vec<LocalNetwork>,
 }
 
 /// Binds what punching needs and learns our candidates: the addresses of our interfaces, and
 /// what each STUN server sees (for UDP and TCP). A STUN server that does not answer is
 /// skipped: gathering never fails because of the network, only when no socket can be bound.
 pub async fn gather(config: &PathConfig, udp: bool, tcp: bool) -> io::Result<Gathered> {
-    let hosts = interface_addresses();
+    let networks = interface_networks();
+    let hosts: Vec<IpAddr> = networks.iter().map(|n| n.addr).collect();
     let servers = resolve(&config.stun_servers).await;
     let mut candidates = Vec::new();
     // Host addresses a socket can use: IPv6 ones only on a socket of both families.
@@ -263,6 +268,7 @@ pub async fn gather(config: &PathConfig, udp: bool, tcp: bool) -> io::Result<Gat
         tcp: tcp_local,
         _tcp_hold: tcp_hold,
         candidates,
+        networks,
     })
 }
 
@@ -285,12 +291,18 @@ fn push(candidates: &mut Vec<Candidate>, protocol: Protocol, addr: SocketAddr) {
 /// only when there is nothing else (a namespace with only `lo`): offering 127.0.0.1 to a
 /// peer elsewhere would have it probe its own machine. IPv6 loopback, link-local (which needs
 /// a scope) and v4-mapped addresses never.
-fn interface_addresses() -> Vec<IpAddr> {
+///
+/// Each comes with its prefix length (from the interface's netmask; a full-length prefix when
+/// the system gives none).
+fn interface_networks() -> Vec<LocalNetwork> {
     let mut outside = Vec::new();
     let mut loopback = Vec::new();
     let mut v6 = Vec::new();
     let Ok(interfaces) = getifaddrs::getifaddrs() else {
-        return vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        return vec![LocalNetwork {
+            addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            prefix: 8,
+        }];
     };
     for interface in interfaces {
         if !interface.flags.contains(getifaddrs::InterfaceFlags::UP) {
@@ -305,8 +317,14 @@ fn interface_addresses() -> Vec<IpAddr> {
             IpAddr::V6(v6addr) if usable_v6(v6addr) => &mut v6,
             _ => continue,
         };
-        if !list.contains(&ip) {
-            list.push(ip);
+        let prefix = match interface.address.netmask() {
+            Some(IpAddr::V4(mask)) => mask.to_bits().leading_ones() as u8,
+            Some(IpAddr::V6(mask)) => mask.to_bits().leading_ones() as u8,
+            None if ip.is_ipv4() => 32,
+            None => 128,
+        };
+        if !list.iter().any(|n: &LocalNetwork| n.addr == ip) {
+            list.push(LocalNetwork { addr: ip, prefix });
         }
     }
     let mut out = if outside.is_empty() {

@@ -36,10 +36,11 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, warn};
 
 use self::paths::{Agent, Carrier, LinkWatch, Role, Via};
-use crate::connection::{feed, mux_config};
+use crate::connection::{feed, mux_config_for};
 use crate::id::{PublicKey, ToxId};
 use crate::link::signal::Signal;
 use crate::mux::io::{Handle, Stream};
+use crate::mux::{self, SharedBudget};
 use crate::path::{PathChoice, PathConfig, PathStatus};
 use crate::session::control::{Acceptor, OpenOutcome, Opener};
 use crate::session::{self, CloseReason, Control, ConvId, Event, Session};
@@ -67,6 +68,9 @@ pub struct FabricConfig {
     pub connect_timeout: Duration,
     /// Punched paths: which to use and how to make them.
     pub path: PathConfig,
+    /// Receive credit granted to peers over all sessions together (default
+    /// [`NODE_BUDGET`](crate::connection::NODE_BUDGET)).
+    pub mux_budget: usize,
 }
 
 impl FabricConfig {
@@ -77,6 +81,7 @@ impl FabricConfig {
             session: session::Config::default(),
             connect_timeout: Duration::from_secs(60),
             path: PathConfig::default(),
+            mux_budget: crate::connection::NODE_BUDGET,
         }
     }
 }
@@ -123,7 +128,7 @@ pub struct PeerStatus {
     /// The session's counters.
     pub session: session::Stats,
     /// The streams' counters.
-    pub mux: crate::mux::Stats,
+    pub mux: mux::Stats,
     /// Lossy packets the Tox node's queue refused.
     pub dropped_packets: u64,
 }
@@ -148,6 +153,8 @@ struct Shared {
     datagrams: mpsc::Sender<(PublicKey, Vec<u8>)>,
     /// Counts every session that came up or ended, so waiters learn of both without polling.
     sessions: watch::Sender<u64>,
+    /// What every session's mux draws its receive credit from.
+    mux_budget: SharedBudget,
 }
 
 /// Everything known about one peer.
@@ -212,9 +219,11 @@ impl Fabric {
         let (tox, events) = ToxNode::spawn(config.tox.clone())?;
         let (incoming_tx, incoming_rx) = mpsc::channel(1024);
         let (datagrams_tx, datagrams_rx) = mpsc::channel(DATAGRAM_QUEUE);
+        let mux_budget = SharedBudget::new(config.mux_budget);
         let shared = Arc::new(Shared {
             tox,
             config,
+            mux_budget,
             allow,
             routes: Mutex::new(HashMap::new()),
             incoming: incoming_tx,
@@ -442,7 +451,12 @@ impl Shared {
 
     /// Starts a session with `pk` on `conv`, replacing any other.
     fn start_session(self: &Arc<Self>, pk: PublicKey, conv: ConvId, exit_role: bool) -> Handle {
-        let handle = Handle::new(mux_config());
+        // Only the exit role accepts the peer's streams; a client refuses them at once rather
+        // than let them wait, holding credit, in a queue nobody reads.
+        let handle = Handle::new(mux::Config {
+            shared_budget: Some(self.mux_budget.clone()),
+            ..mux_config_for(exit_role)
+        });
         let (input_tx, input_rx) = mpsc::channel(4096);
         let (ended_tx, ended_rx) = watch::channel(false);
         let (status, carrier) = self.with_slot(pk, |slot| {

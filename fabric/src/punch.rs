@@ -10,7 +10,8 @@
 //! ```
 //!
 //! [`stun`] and [`udp`] are sans-IO cores; [`driver`] and [`tcp`] (feature `tokio`) run them
-//! on sockets.
+//! on sockets. [`filter`] decides which of a peer's candidates (and which sources of its
+//! probes) we send anything to.
 //!
 //! # Bringing up a punched path (what the session layer does)
 //!
@@ -52,6 +53,7 @@
 
 #[cfg(feature = "tokio")]
 pub mod driver;
+pub mod filter;
 pub mod stun;
 #[cfg(feature = "tokio")]
 pub mod tcp;

@@ -28,6 +28,7 @@ use crate::id::{BootstrapNode, PublicKey};
 pub mod ffi;
 mod node;
 mod save;
+mod strangers;
 #[cfg(feature = "test-util")]
 pub mod testnet;
 
@@ -46,6 +47,10 @@ pub const LOSSLESS_ID_RANGE: RangeInclusive<u8> = 160..=191;
 /// The policy governs new friends only: friends kept in the savedata stay friends when their
 /// key leaves the list (remove them with [`ToxHandle::remove_friend`]); the exit role checks
 /// every session's peer against its own policy anyway.
+///
+/// Friends accepted under `allow_any` whose key is not in `keys` are strangers: at most 8 at
+/// once and then one every 10 s are accepted, at most 64 at a time, they are removed after
+/// 5 minutes without a packet from them, and they are never written to `tox.save`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FriendPolicy {
     /// Accept every request.

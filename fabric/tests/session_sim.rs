@@ -370,3 +370,27 @@ fn lane_packets_are_checked() {
         })
     );
 }
+
+#[test]
+fn a_peer_cannot_open_more_lanes_than_we_run() {
+    // B8: lanes open as the peer's packets name them; each buffers up to the receive window
+    // of out-of-order segments, so the number must be ours to choose.
+    let t0 = Instant::now();
+    let conv = 0x0A0B_0C0D_u32;
+    let config = Config::default();
+    let ours = usize::from(config.lanes);
+    let mut s = Session::new(ConvId(conv), config, t0);
+    for lane in 1..16u8 {
+        let mut p = vec![b'L', lane];
+        // Out of order (sn 5): it would wait in the lane's receive buffer.
+        p.extend_from_slice(&kcp_push(conv, 5, &[1, 0xAA]));
+        let result = s.handle_input(t0, &p);
+        if usize::from(lane) < ours {
+            assert_eq!(result, Ok(()), "lane {lane} is one of ours");
+        } else {
+            assert_eq!(result, Err(InputError::BadLane(lane)), "lane {lane}");
+        }
+    }
+    assert_eq!(s.stats().lanes, ours);
+    assert_eq!(s.stats().invalid_packets, (15 - (ours - 1)) as u64);
+}

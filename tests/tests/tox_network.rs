@@ -313,19 +313,32 @@ async fn exit_refuses_client_not_on_allow_list() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarted_exit_keeps_id_and_friend_reconnects() -> Result<()> {
+async fn restarted_exit_keeps_id_and_allowed_friend_but_forgets_strangers() -> Result<()> {
     init_tracing();
     let net = start_net()?;
     let mut client = Peer::spawn("client", net.config(data_dir(&net, "client")?))?;
+    let mut stranger = Peer::spawn("stranger", net.config(data_dir(&net, "stranger")?))?;
     let exit_dir = data_dir(&net, "exit")?;
+    // The client is allowed by key; the stranger gets in only because anyone may (B9).
     let mut exit_cfg = net.config(&exit_dir);
     exit_cfg.allow.allow_any = true;
-    let mut exit = Peer::spawn("exit", exit_cfg)?;
+    exit_cfg.allow.keys.insert(client.pk());
+    let exit = Peer::spawn("exit", exit_cfg)?;
     let exit_id = exit.handle.id();
 
     client.handle.add_friend(exit_id, b"hi").await?;
+    stranger.handle.add_friend(exit_id, b"me too").await?;
     client.wait_online(exit.pk()).await?;
-    exit.wait_online(client.pk()).await?;
+    stranger.wait_online(exit.pk()).await?;
+    let friends: Vec<PublicKey> = exit
+        .handle
+        .status()
+        .await?
+        .friends
+        .iter()
+        .map(|f| f.pk)
+        .collect();
+    assert!(friends.contains(&client.pk()) && friends.contains(&stranger.pk()));
 
     exit.handle.shutdown().await;
     drop(exit);
@@ -340,13 +353,37 @@ async fn restarted_exit_keeps_id_and_friend_reconnects() -> Result<()> {
     }
 
     // Restart with nobody allowed: the client must come back as a saved friend, not through
-    // a new request.
+    // a new request; the stranger was never saved.
     let mut exit = Peer::spawn("exit", net.config(&exit_dir))?;
     assert_eq!(exit.handle.id(), exit_id, "same data dir, same tox id");
+    let friends: Vec<PublicKey> = exit
+        .handle
+        .status()
+        .await?
+        .friends
+        .iter()
+        .map(|f| f.pk)
+        .collect();
+    assert_eq!(friends, vec![client.pk()], "the saved friend list");
     exit.wait_online(client.pk()).await?;
     exit.send_lossless_retrying(client.pk(), lossless("back"))
         .await?;
     assert_eq!(client.recv_lossless(exit.pk()).await?, lossless("back"));
+
+    // Accepting anyone again, the exit gets the stranger back: its node, which once had the
+    // request accepted, asks again when the exit stays offline to it.
+    exit.handle.shutdown().await;
+    drop(exit);
+    let mut exit_cfg = net.config(&exit_dir);
+    exit_cfg.allow.allow_any = true;
+    let mut exit = Peer::spawn("exit", exit_cfg)?;
+    let stranger_pk = stranger.pk();
+    exit.wait_for("the stranger's new request", 2 * WAIT, |ev| match ev {
+        ToxEvent::FriendRequest { pk } if *pk == stranger_pk => Some(()),
+        _ => None,
+    })
+    .await?;
+    stranger.wait_online(exit.pk()).await?;
     Ok(())
 }
 

@@ -64,6 +64,20 @@ pub enum ProtocolError {
         /// What was unconfirmed.
         unconfirmed: u32,
     },
+    /// The peer grew our credit on a stream beyond the window.
+    #[error(
+        "peer grew the credit of stream {id} by {grown} bytes from {credit}, beyond the {window}-byte window"
+    )]
+    CreditBeyondWindow {
+        /// The stream.
+        id: StreamId,
+        /// The growth it announced.
+        grown: u32,
+        /// Our credit before it.
+        credit: u32,
+        /// The window.
+        window: u32,
+    },
     /// A VRM reply without an outstanding challenge.
     #[error("verification reply without a challenge")]
     UnexpectedVerifyReply,

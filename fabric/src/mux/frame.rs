@@ -27,6 +27,11 @@ use std::fmt;
 /// Length of a frame header on the wire.
 pub const HEADER_LEN: usize = 7;
 
+/// A CFM whose length has this bit set grows the receiver's credit by the rest of the length
+/// instead of confirming bytes (see the mux docs, "Credit"). Seed-004 confirmations never come
+/// near it: a window, and so any confirmation, is smaller.
+pub const CFM_GROWTH: u32 = 1 << 31;
+
 /// A stream identifier as carried in the header. Id 0 is reserved (never a stream), so 65,535
 /// ids are usable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -329,7 +329,9 @@ fn established(sent: usize) -> (Mux, Mux) {
 
 #[test]
 fn every_malformed_input_class_is_fatal_and_later_calls_do_not_panic() {
-    let window = Config::default().window;
+    // Stream 1 was accepted but not read yet: its credit is still the initial window.
+    let credit = Config::default().initial_window;
+    let growth_room = Config::default().window - credit;
     type Check = Box<dyn Fn(&ProtocolError) -> bool>;
     let cases: Vec<(&str, Vec<u8>, Check)> = vec![
         (
@@ -373,7 +375,7 @@ fn every_malformed_input_class_is_fatal_and_later_calls_do_not_panic() {
                 .flat_map(|_| [header(2, 1, 64 * 1024), vec![0; 64 * 1024]].concat())
                 .collect(),
             Box::new(
-                move |e| matches!(e, ProtocolError::CreditExceeded { window: w, .. } if *w == window),
+                move |e| matches!(e, ProtocolError::CreditExceeded { window: w, .. } if *w == credit),
             ),
         ),
         (
@@ -395,6 +397,11 @@ fn every_malformed_input_class_is_fatal_and_later_calls_do_not_panic() {
             "bogus cfm",
             header(3, 1, 1),
             Box::new(|e| matches!(e, ProtocolError::BogusConfirm { .. })),
+        ),
+        (
+            "credit grown beyond the window",
+            header(3, 1, CFM_GROWTH | (growth_room + 1)),
+            Box::new(|e| matches!(e, ProtocolError::CreditBeyondWindow { .. })),
         ),
         (
             "unsolicited verify reply",
@@ -446,6 +453,12 @@ fn every_malformed_input_class_is_fatal_and_later_calls_do_not_panic() {
             ..
         })
     ));
+    // Growing a's credit exactly to the window is fine.
+    let (mut a, _) = established(10);
+    assert_eq!(
+        a.handle_input(&header(3, 1, CFM_GROWTH | growth_room)),
+        Ok(())
+    );
     // A wrong verification answer.
     let (mut a, _) = pair();
     a.verify(1, 2).unwrap();
@@ -640,4 +653,258 @@ fn fin_follows_all_data_even_with_tiny_budgets() {
     b.handle_input(&all).unwrap();
     b.accept();
     assert_eq!(read_all(&mut b, id).len(), 40_000);
+}
+
+/// Writes from `a` on every stream in `ids` as far as credit allows and moves frames both
+/// ways until nothing moves; `b` neither accepts nor reads.
+fn flood(a: &mut Mux, b: &mut Mux, ids: &[StreamId]) {
+    let chunk = vec![7u8; 64 * 1024];
+    for _ in 0..10_000 {
+        let mut wrote = 0;
+        for &id in ids {
+            wrote += a.write(id, &chunk).unwrap_or(0);
+        }
+        if step(a, b, 1 << 20) == 0 && wrote == 0 {
+            return;
+        }
+    }
+    panic!("flood never settled");
+}
+
+#[test]
+fn a_peer_filling_unaccepted_streams_pins_at_most_the_budget() {
+    // B8: every stream the peer opens may hold data before anyone accepts it; the sum over
+    // streams is what a hostile peer can make us keep.
+    let (mut a, mut b) = pair();
+    let ids: Vec<StreamId> = (0..200).map(|_| a.open().unwrap()).collect();
+    flood(&mut a, &mut b, &ids);
+    let pinned = b.stats().recv_buffered;
+    assert!(
+        pinned <= CONNECTION_BUDGET,
+        "{pinned} bytes pinned by streams nobody accepted"
+    );
+    assert_eq!(
+        pinned,
+        200 * INITIAL_WINDOW as usize,
+        "each unaccepted stream holds its initial window"
+    );
+    assert_eq!(b.stats().recv_credit, pinned);
+}
+
+/// Moves `total` bytes from `a` to `b` on `id`, `b` reading everything; checks the bytes.
+fn transfer(a: &mut Mux, b: &mut Mux, id: StreamId, total: usize) {
+    let pattern = |i: usize| (i % 251) as u8;
+    let (mut sent, mut got) = (0, 0);
+    let mut buf = vec![0u8; 32 * 1024];
+    for _ in 0..100_000 {
+        if got == total {
+            return;
+        }
+        let chunk: Vec<u8> = (sent..(sent + 32 * 1024).min(total)).map(pattern).collect();
+        sent += a.write(id, &chunk).unwrap();
+        step(a, b, 1 << 20);
+        while b.accept().is_some() {}
+        while let Ok(n) = b.read(id, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            assert!(
+                buf[..n]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &x)| x == pattern(got + i))
+            );
+            got += n;
+        }
+    }
+    panic!("transfer stalled at {got} of {total} bytes");
+}
+
+#[test]
+fn a_read_stream_grows_to_the_window_and_an_unread_one_does_not() {
+    let (mut a, mut b) = pair();
+    let read = a.open().unwrap();
+    let unread = a.open().unwrap();
+    a.write(unread, &[1u8; 100]).unwrap();
+    transfer(&mut a, &mut b, read, 4 << 20);
+    let window = Config::default().window;
+    assert_eq!(b.stream(read.0).unwrap().recv_limit, window);
+    // Once every byte is confirmed (the FIN makes the reader confirm the last ones), the
+    // writer's credit is the whole window.
+    a.finish(read).unwrap();
+    settle(&mut a, &mut b);
+    let writer = a.stream(read.0).unwrap();
+    assert_eq!((writer.unconfirmed, writer.send_limit), (0, window));
+    assert_eq!(a.stream(unread.0).unwrap().send_limit, INITIAL_WINDOW);
+    assert_eq!(
+        b.stats().recv_credit,
+        (window + INITIAL_WINDOW) as usize,
+        "the budget holds each stream's credit"
+    );
+    // Releasing the streams returns their budget.
+    for id in [read, unread] {
+        a.close(id);
+        b.close(id);
+    }
+    settle(&mut a, &mut b);
+    assert_eq!((a.stats().streams, b.stats().streams), (0, 0));
+    assert_eq!((a.stats().recv_credit, b.stats().recv_credit), (0, 0));
+}
+
+#[test]
+fn at_the_budget_new_peer_streams_are_refused_and_old_ones_keep_their_credit() {
+    let config = Config {
+        budget: 3 * INITIAL_WINDOW as usize,
+        ..Config::default()
+    };
+    let (mut a, mut b) = (Mux::new(config.clone()), Mux::new(config));
+    let ids: Vec<StreamId> = (0..4).map(|_| a.open().unwrap()).collect();
+    settle(&mut a, &mut b);
+    let accepted: Vec<StreamId> = std::iter::from_fn(|| b.accept()).collect();
+    assert_eq!(accepted, ids[..3], "the fourth found no budget");
+    let mut buf = [0u8; 4];
+    assert_eq!(a.read(ids[3], &mut buf), Ok(0), "refused: eof");
+    // No room to grow: the streams still carry everything, at their initial credit, and
+    // never beyond what was granted.
+    transfer(&mut a, &mut b, ids[0], 1 << 20);
+    assert_eq!(b.stream(ids[0].0).unwrap().recv_limit, INITIAL_WINDOW);
+    assert_eq!(b.stats().recv_credit, 3 * INITIAL_WINDOW as usize);
+    // A stream that ends returns its share, and the next one may grow into it.
+    a.close(ids[1]);
+    b.close(ids[1]);
+    settle(&mut a, &mut b);
+    transfer(&mut a, &mut b, ids[0], 1 << 20);
+    assert_eq!(b.stream(ids[0].0).unwrap().recv_limit, 2 * INITIAL_WINDOW);
+}
+
+#[test]
+fn muxes_sharing_a_node_budget_draw_on_one_count_and_give_it_back() {
+    let node = SharedBudget::new(4 * INITIAL_WINDOW as usize);
+    let config = Config {
+        shared_budget: Some(node.clone()),
+        ..Config::default()
+    };
+    let (mut a1, mut b1) = (Mux::new(Config::default()), Mux::new(config.clone()));
+    let (mut a2, mut b2) = (Mux::new(Config::default()), Mux::new(config));
+    for _ in 0..3 {
+        a1.open().unwrap();
+    }
+    settle(&mut a1, &mut b1);
+    let ids2: Vec<StreamId> = (0..2).map(|_| a2.open().unwrap()).collect();
+    settle(&mut a2, &mut b2);
+    assert_eq!(std::iter::from_fn(|| b1.accept()).count(), 3);
+    assert_eq!(
+        std::iter::from_fn(|| b2.accept()).collect::<Vec<_>>(),
+        ids2[..1],
+        "the node budget had room for one more"
+    );
+    assert_eq!(node.used(), 4 * INITIAL_WINDOW as usize);
+    // A failed mux gives its share back at once, a dropped one too.
+    b1.fail(Failure::link("gone"));
+    assert_eq!(node.used(), INITIAL_WINDOW as usize);
+    drop(b2);
+    assert_eq!(node.used(), 0);
+}
+
+#[test]
+fn with_no_accept_backlog_every_peer_stream_is_refused() {
+    let config = Config {
+        accept_backlog: 0,
+        ..Config::default()
+    };
+    let (mut a, mut b) = (Mux::new(Config::default()), Mux::new(config));
+    let ids: Vec<StreamId> = (0..100).map(|_| a.open().unwrap()).collect();
+    for &id in &ids {
+        a.write(id, &[5u8; 1000]).unwrap();
+    }
+    settle(&mut a, &mut b);
+    let mut buf = [0u8; 4];
+    assert_eq!(a.read(ids[0], &mut buf), Ok(0), "refused: eof");
+    assert_eq!(b.accept(), None);
+    assert_eq!(b.stats().recv_buffered, 0);
+    assert_eq!(b.stats().recv_credit, 0);
+    for id in ids {
+        a.close(id);
+    }
+    settle(&mut a, &mut b);
+    assert_eq!((a.stats().streams, b.stats().streams), (0, 0));
+}
+
+#[test]
+fn windows_grow_both_ways_through_half_closes_and_every_id_is_released() {
+    // Growth announced while the peer finishes, closes and releases: a growth must never
+    // reach an id the peer already released (the peer would fail the mux), nor be taken for
+    // a confirmation. Small link budgets interleave frames of all streams.
+    for budget in [997, 4096, 70_000] {
+        let (mut a, mut b) = pair();
+        let ids: Vec<StreamId> = (0..4).map(|_| a.open().unwrap()).collect();
+        let total = 3 << 20;
+        let data = vec![0x33u8; 32 * 1024];
+        let mut sent_a = [0usize; 4];
+        let mut sent_b = [0usize; 4];
+        let mut got_a = vec![0usize; 4];
+        let mut got_b = vec![0usize; 4];
+        let mut buf = vec![0u8; 8192];
+        let mut accepted = Vec::new();
+        for round in 0..1_000_000 {
+            while let Some(id) = b.accept() {
+                accepted.push(id);
+            }
+            for (i, &id) in ids.iter().enumerate() {
+                // `a` uploads, half as much on odd streams, and finishes; `b` sends `total`.
+                let upload = total / (1 + i % 2);
+                if sent_a[i] < upload {
+                    let n = (upload - sent_a[i]).min(data.len());
+                    sent_a[i] += a.write(id, &data[..n]).unwrap();
+                } else {
+                    a.finish(id).unwrap();
+                }
+                if accepted.contains(&id) {
+                    if sent_b[i] < total {
+                        let n = (total - sent_b[i]).min(data.len());
+                        sent_b[i] += b.write(id, &data[..n]).unwrap();
+                    } else {
+                        b.finish(id).unwrap();
+                    }
+                    while let Ok(n) = b.read(id, &mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        got_b[i] += n;
+                    }
+                }
+                while let Ok(n) = a.read(id, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    got_a[i] += n;
+                }
+            }
+            events(&mut a);
+            events(&mut b);
+            let uploads: Vec<usize> = (0..4).map(|i| total / (1 + i % 2)).collect();
+            if got_a.iter().all(|&n| n == total) && got_b == uploads {
+                let mut eof = [0u8; 1];
+                if ids.iter().all(|&id| b.read(id, &mut eof) == Ok(0)) {
+                    break;
+                }
+            }
+            assert!(round < 999_999, "stalled: {got_a:?} {got_b:?}");
+            step(&mut a, &mut b, budget);
+        }
+        // The test is about growth: it happened both ways.
+        let window = Config::default().window;
+        assert!(
+            ids.iter()
+                .all(|&id| a.stream(id.0).unwrap().recv_limit == window)
+        );
+        assert!(b.stream(ids[0].0).is_none_or(|s| s.recv_limit == window));
+        for &id in &ids {
+            a.close(id);
+            b.close(id);
+        }
+        settle(&mut a, &mut b);
+        assert_eq!((a.stats().streams, b.stats().streams), (0, 0), "{budget}");
+        assert_eq!((a.stats().recv_credit, b.stats().recv_credit), (0, 0));
+    }
 }

@@ -36,6 +36,7 @@ use crate::link::signal::{LinkOffer, Protocol, Signal};
 use crate::path::tcp::{TcpLink, TcpLinkSender};
 use crate::path::{ActivePath, Gathered, PathChoice, PathConfig, PathStatus, gather};
 use crate::punch::driver::{LinkEvent, LinkSendError, UdpLink, UdpLinkSender, canonical};
+use crate::punch::filter::AddressFilter;
 use crate::punch::tcp::{TcpPunchError, TlsIdentity, punch_tcp};
 use crate::punch::udp::UdpPunch;
 use crate::time::{Duration, Instant};
@@ -488,18 +489,30 @@ impl Agent {
             .and_then(|s| s.local_addr().ok())
             .is_some_and(|a| a.is_ipv6());
         let tcp_v6 = gathered.tcp.is_some_and(|a| a.is_ipv6());
+        // Only addresses a peer elsewhere can have (B12): never our loopback, nor hosts of a
+        // network we are not on.
+        let filter = AddressFilter::new(gathered.networks.clone())
+            .with_own(gathered.candidates.iter().map(|c| c.addr.ip()));
         let remotes = |protocol, v6: bool| -> Vec<SocketAddr> {
             peer.candidates
                 .iter()
                 .filter(|c| c.protocol == protocol && (v6 || c.addr.is_ipv4()))
                 .map(|c| c.addr)
+                .filter(|&addr| match filter.check(addr) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        debug!(%addr, %why, "peer candidate refused");
+                        false
+                    }
+                })
                 .collect()
         };
         let udp_remotes = remotes(Protocol::Udp, udp_v6);
         let tcp_remotes = remotes(Protocol::Tcp, tcp_v6);
         let udp = match gathered.udp.clone() {
             Some(socket) if !udp_remotes.is_empty() => {
-                let punch = UdpPunch::new(Instant::now(), keys, &udp_remotes, self.config.punch);
+                let punch = UdpPunch::new(Instant::now(), keys, &udp_remotes, self.config.punch)
+                    .with_filter(filter.clone());
                 Some(UdpLink::spawn(socket, punch))
             }
             _ => None,

@@ -29,7 +29,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
@@ -77,6 +77,12 @@ impl Default for TcpPunchConfig {
         }
     }
 }
+
+/// TLS handshakes with connections the punch listener accepted that may run at once; more
+/// connections are closed as soon as they are accepted. Two would do for the peer (its dials
+/// to each of our candidates that reach us); the rest is slack for stray connections that
+/// come first.
+pub const MAX_ACCEPTED_HANDSHAKES: usize = 4;
 
 /// Our self-signed certificate and key for punched TCP links.
 pub struct TlsIdentity {
@@ -267,17 +273,28 @@ pub async fn punch_tcp(
     let local = listener.local_addr()?;
     let span = tracing::debug_span!("tcp_punch", %local, controlling);
     let _enter = span.enter();
-    let (conn_tx, mut conns) = mpsc::channel::<TcpStream>(16);
+    // A connection and, for one we accepted, its place among the handshakes of strangers.
+    let (conn_tx, mut conns) = mpsc::channel::<(TcpStream, Option<OwnedSemaphorePermit>)>(16);
     // Dialers and the acceptor only make TCP connections; dropping the set ends them.
     let mut makers = JoinSet::new();
     for &remote in remotes {
         let tx = conn_tx.clone();
         makers.spawn(dial(local, remote, config, tx));
     }
+    // Anyone may connect to the listener while we punch, and each handshake costs a
+    // signature: only a few at a time, the rest closed at once. (Our own dials are bounded by
+    // the candidates, and need no place: strangers holding every place, even for the whole
+    // punch, do not keep the peer out, which dials us and is dialled by us.) There is no
+    // per-handshake timeout: on a loaded machine an honest handshake may take seconds.
+    let accepting = Arc::new(Semaphore::new(MAX_ACCEPTED_HANDSHAKES));
     makers.spawn(async move {
         while let Ok((stream, from)) = listener.accept().await {
+            let Ok(permit) = accepting.clone().try_acquire_owned() else {
+                tracing::debug!(%from, "tcp punch: too many handshakes, connection closed");
+                continue;
+            };
             tracing::debug!(%from, "tcp punch accepted");
-            if conn_tx.send(stream).await.is_err() {
+            if conn_tx.send((stream, Some(permit))).await.is_err() {
                 return;
             }
         }
@@ -286,12 +303,13 @@ pub async fn punch_tcp(
     let work = async {
         loop {
             tokio::select! {
-                Some(stream) = conns.recv() => {
+                Some((stream, permit)) = conns.recv() => {
                     let _ = stream.set_nodelay(true);
                     match &tls {
                         Tls::Client(c) => {
                             let c = c.clone();
                             handshakes.spawn(async move {
+                                let _permit = permit;
                                 let name = ServerName::try_from("proxy.invalid")
                                     .map_err(io::Error::other)?;
                                 let mut s = c.connect(name, stream).await?;
@@ -303,6 +321,7 @@ pub async fn punch_tcp(
                         Tls::Server(a) => {
                             let a = a.clone();
                             handshakes.spawn(async move {
+                                let _permit = permit;
                                 let mut s = a.accept(stream).await?;
                                 let mut b = [0u8; 1];
                                 s.read_exact(&mut b).await?;
@@ -339,7 +358,7 @@ async fn dial(
     local: SocketAddr,
     remote: SocketAddr,
     config: TcpPunchConfig,
-    tx: mpsc::Sender<TcpStream>,
+    tx: mpsc::Sender<(TcpStream, Option<OwnedSemaphorePermit>)>,
 ) {
     loop {
         let attempt = async {
@@ -354,7 +373,7 @@ async fn dial(
         match attempt.await {
             Ok(stream) => {
                 tracing::debug!(%remote, "tcp punch dialled");
-                let _ = tx.send(stream).await;
+                let _ = tx.send((stream, None)).await;
                 return;
             }
             Err(e) => tracing::trace!(%remote, error = %e, "tcp punch dial"),
@@ -470,5 +489,55 @@ mod tests {
         let b = tokio::spawn(async move { punch_tcp(pb, &[pa], false, &ib, fa, config).await });
         assert!(matches!(a.await.unwrap(), Err(TcpPunchError::Timeout)));
         assert!(matches!(b.await.unwrap(), Err(TcpPunchError::Timeout)));
+    }
+
+    #[tokio::test]
+    async fn strangers_get_a_few_handshakes_and_the_peer_still_gets_through() {
+        // B12: every connection to the punch listener used to start a TLS handshake.
+        let (pa, pb) = (free_port().await, free_port().await);
+        let (ia, ib) = (
+            TlsIdentity::generate().unwrap(),
+            TlsIdentity::generate().unwrap(),
+        );
+        let (fa, fb) = (ia.fingerprint(), ib.fingerprint());
+        let config = TcpPunchConfig {
+            // The strangers' stalled handshakes hold their places throughout.
+            punch_timeout: Duration::from_secs(60),
+            ..TcpPunchConfig::default()
+        };
+        // `b` listens on `pb` and dials `pa`, where nobody listens yet.
+        let b = tokio::spawn(async move { punch_tcp(pb, &[pa], false, &ib, fa, config).await });
+        // Strangers connect and never say a word.
+        let mut strangers = Vec::new();
+        while strangers.len() < MAX_ACCEPTED_HANDSHAKES {
+            match TcpStream::connect(pb).await {
+                Ok(s) => strangers.push(s),
+                // The listener is not up yet.
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+        // The next ones are closed at once: they read EOF (or a reset), they do not wait.
+        for _ in 0..3 {
+            let mut extra = TcpStream::connect(pb).await.unwrap();
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(30), extra.read(&mut byte))
+                .await
+                .expect("an extra connection was left waiting for a handshake");
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        }
+        // The peer still gets through: `b`'s own dial to it needs no place among strangers.
+        let a = tokio::spawn(async move { punch_tcp(pa, &[pb], true, &ia, fb, config).await });
+        let (a, b) = tokio::time::timeout(Duration::from_secs(30), async {
+            (a.await.unwrap(), b.await.unwrap())
+        })
+        .await
+        .unwrap();
+        let (mut a, mut b) = (a.unwrap(), b.unwrap());
+        a.write_all(b"hi").await.unwrap();
+        a.flush().await.unwrap();
+        let mut got = [0u8; 2];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hi");
+        drop(strangers);
     }
 }

@@ -24,6 +24,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
+use super::filter::AddressFilter;
 use crate::link::{LinkKeys, OpenError, Opener, SealError, Sealer};
 use crate::time::{Duration, Instant};
 
@@ -179,6 +180,8 @@ pub struct UdpPunch {
     /// [`LOSS_WINDOW`] bits hold one: the path's own loss, whatever the session sends over it.
     keepalive_outcomes: u32,
     keepalive_samples: u32,
+    /// Which addresses we may send to: remote candidates and sources of control messages.
+    filter: AddressFilter,
 }
 
 /// Keepalives answered or not before [`UdpPunch::loss`] says anything.
@@ -211,6 +214,7 @@ impl UdpPunch {
             rtt: None,
             keepalive_outcomes: 0,
             keepalive_samples: 0,
+            filter: AddressFilter::any(),
         };
         for &r in remotes {
             punch.add_remote(r);
@@ -218,6 +222,22 @@ impl UdpPunch {
         punch.timers[Timer::Probe as usize] = Some(now);
         punch.timers[Timer::GiveUp as usize] = Some(now + config.punch_timeout);
         punch
+    }
+
+    /// Restricts the addresses it sends to (see [`super::filter`]): remote candidates already
+    /// given that the filter refuses are dropped, later ones and the sources of control
+    /// messages are checked. [`UdpPunch::new`] filters nothing, for tests that punch on
+    /// loopback; a punch towards a peer's candidates must set one.
+    pub fn with_filter(mut self, filter: AddressFilter) -> Self {
+        self.remotes.retain(|&addr| match filter.check(addr) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::debug!(%addr, %why, "punch candidate refused");
+                false
+            }
+        });
+        self.filter = filter;
+        self
     }
 
     /// Whether this side nominates.
@@ -255,13 +275,17 @@ impl UdpPunch {
     }
 
     /// Adds a remote candidate learned later (trickled over Tox). Unspecified addresses,
-    /// port 0 and duplicates are ignored.
+    /// port 0, duplicates and what the filter refuses are ignored.
     pub fn add_remote(&mut self, addr: SocketAddr) {
         if addr.ip().is_unspecified()
             || addr.port() == 0
             || self.remotes.contains(&addr)
             || self.remotes.len() >= MAX_REMOTES
         {
+            return;
+        }
+        if let Err(why) = self.filter.check(addr) {
+            tracing::debug!(%addr, %why, "punch candidate refused");
             return;
         }
         tracing::debug!(%addr, "punch candidate");
@@ -290,6 +314,12 @@ impl UdpPunch {
         }
         let id = u64::from_be_bytes(body.try_into().map_err(|_| InputError::Malformed)?);
         tracing::trace!(%from, kind, id, "punch control");
+        if let Err(why) = self.filter.check(from) {
+            // Every control message is answered, or makes its source a remote: a source we
+            // may not send to gets nothing (a replayed probe could name any address).
+            tracing::debug!(%from, %why, "punch control from a refused source");
+            return Ok(Input::Control);
+        }
         match kind {
             msg::PROBE => {
                 // The peer can reach us from `from`: answer there, and probe it too (it is a
@@ -747,5 +777,89 @@ mod tests {
             Err(InputError::Open(OpenError::Forged))
         );
         assert!(p[0].poll_event().is_none());
+    }
+
+    /// Every destination `punch` sends to within 3 s, with the probes peers send it from
+    /// `sources` answered along the way.
+    fn destinations(
+        punch: &mut UdpPunch,
+        peer: &mut UdpPunch,
+        sources: &[SocketAddr],
+        start: Instant,
+    ) -> Vec<SocketAddr> {
+        let mut buf = Vec::new();
+        let mut seen = Vec::new();
+        // The peer's probes (it has one candidate of ours), one arriving from each source.
+        let mut t = start;
+        for &from in sources {
+            loop {
+                peer.handle_timeout(t);
+                if peer.poll_transmit(t, &mut buf).is_some() {
+                    break;
+                }
+                t += Duration::from_millis(10);
+            }
+            punch.handle_input(start, from, &mut buf).unwrap();
+        }
+        let mut now = start;
+        while now < start + Duration::from_secs(3) {
+            punch.handle_timeout(now);
+            while let Some(t) = punch.poll_transmit(now, &mut buf) {
+                if !seen.contains(&t.dst) {
+                    seen.push(t.dst);
+                }
+            }
+            now += Duration::from_millis(50);
+        }
+        seen
+    }
+
+    #[test]
+    fn candidates_and_probe_sources_outside_the_filter_get_nothing() {
+        // B12: a peer names our loopback and LAN hosts as its candidates, and (replayed)
+        // probes arrive from such addresses too.
+        use super::super::filter::{AddressFilter, LocalNetwork};
+        let start = Instant::now();
+        let public: SocketAddr = "203.1.113.7:5000".parse().unwrap();
+        let hostile: Vec<SocketAddr> =
+            ["127.0.0.1:22", "10.0.0.1:22", "192.168.7.1:80", "0.0.0.0:1"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect();
+        let neighbour: SocketAddr = "192.168.1.40:5000".parse().unwrap();
+        let mut remotes = hostile.clone();
+        remotes.extend([public, neighbour]);
+        let sources: Vec<SocketAddr> = vec![
+            "127.0.0.1:6000".parse().unwrap(),
+            "10.9.9.9:7".parse().unwrap(),
+        ];
+
+        // Unfiltered (as every punch was before the filter): all of them are probed.
+        let (ka, kb) = keys(1, 2);
+        let mut open = UdpPunch::new(start, ka, &remotes, PunchConfig::default());
+        let mut peer = UdpPunch::new(start, kb, &[public], PunchConfig::default());
+        let sent = destinations(&mut open, &mut peer, &sources, start);
+        assert!(
+            sent.contains(&hostile[0]) && sent.contains(&sources[0]),
+            "{sent:?}"
+        );
+
+        // Filtered for a host on 192.168.1.0/24: only the public and the neighbouring address.
+        let filter = AddressFilter::new(vec![LocalNetwork {
+            addr: "192.168.1.20".parse().unwrap(),
+            prefix: 24,
+        }]);
+        let (ka, kb) = keys(1, 2);
+        let mut closed =
+            UdpPunch::new(start, ka, &remotes, PunchConfig::default()).with_filter(filter);
+        let mut peer = UdpPunch::new(start, kb, &[public], PunchConfig::default());
+        for &addr in &hostile {
+            closed.add_remote(addr);
+        }
+        let mut sent = destinations(&mut closed, &mut peer, &sources, start);
+        sent.sort();
+        let mut want = vec![public, neighbour];
+        want.sort();
+        assert_eq!(sent, want);
     }
 }

@@ -76,7 +76,8 @@ pub struct Config {
     /// Segments KCP may have in flight. Must cover about twice the bandwidth-delay product
     /// for full speed under loss: 2,048 × 1.3 KB ≈ 2.7 MB, enough for 100 Mbit/s at 100 ms.
     pub send_window: u16,
-    /// Segments KCP accepts ahead of the next in-order one.
+    /// Segments KCP accepts ahead of the next in-order one, on each lane: the per-lane cap on
+    /// out-of-order buffering.
     pub recv_window: u16,
     /// Smallest retransmission timeout; `None` keeps the mode's (30 ms with nodelay).
     pub min_rto: Option<Duration>,
@@ -91,8 +92,15 @@ pub struct Config {
     /// Received datagrams held for the application; more are dropped.
     pub datagram_recv_queue: usize,
     /// KCP conversations (lanes) this end spreads its flows over, 1 to 16, so that one
-    /// flow's losses do not hold up another's bytes (see [`Session::send_flow`]). The peer
-    /// needs no matching setting: it answers on whatever lanes arrive.
+    /// flow's losses do not hold up another's bytes (see [`Session::send_flow`]). It is also
+    /// the most this end accepts: packets of higher lanes are refused (counted in
+    /// [`Stats::invalid_packets`]), so **the peer must not use more**. Each lane buffers at
+    /// most `recv_window` out-of-order segments, so a peer can make a session hold about
+    /// `lanes × recv_window × mtu` (4 × 4,096 × 1,372 B ≈ 22 MB by default) plus a partial
+    /// record of at most [`MAX_RECORD`] per lane.
+    ///
+    /// [`Stats::invalid_packets`]: super::Stats::invalid_packets
+    /// [`MAX_RECORD`]: super::MAX_RECORD
     ///
     /// [`Session::send_flow`]: super::Session::send_flow
     pub lanes: u8,

@@ -100,6 +100,11 @@ impl Lanes {
         self.lanes.iter().map(|l| l.kcp.wait_snd()).sum()
     }
 
+    /// How many lanes this end runs, and accepts from the peer.
+    fn count(&self) -> usize {
+        usize::from(self.config.lanes).clamp(1, MAX_LANES)
+    }
+
     /// How many lanes are open.
     pub(super) fn open_lanes(&self) -> usize {
         self.lanes.len()
@@ -161,8 +166,11 @@ impl Lanes {
     /// Feeds checked segments of `lane` to its KCP and moves the records they complete to
     /// the received stream.
     ///
-    /// `Err(BadRecord)` means the peer broke the record framing: the lane's stream cannot be
-    /// resynchronised, and the session must end.
+    /// `Err(BadLane)` refuses a lane beyond our own [`Config::lanes`]: each lane may hold a
+    /// receive window of out-of-order segments, so the peer must not choose how many there
+    /// are (an honest peer runs the same number, the default). `Err(BadRecord)` means the
+    /// peer broke the record framing: the lane's stream cannot be resynchronised, and the
+    /// session must end.
     pub(super) fn input(
         &mut self,
         lane: u8,
@@ -170,6 +178,9 @@ impl Lanes {
         now_ms: u32,
     ) -> Result<(), InputError> {
         let index = usize::from(lane);
+        if index >= self.count() {
+            return Err(InputError::BadLane(lane));
+        }
         self.open(index, now_ms);
         let l = &mut self.lanes[index];
         l.kcp
@@ -234,8 +245,7 @@ impl Lanes {
         {
             return usize::from(lane);
         }
-        let count = usize::from(self.config.lanes).clamp(1, MAX_LANES);
-        let lane = (0..count)
+        let lane = (0..self.count())
             .min_by_key(|&i| (self.lane_wait_snd(i), i))
             .unwrap_or(0);
         self.open(lane, now_ms);

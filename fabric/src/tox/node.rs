@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::ffi::{self, Callbacks, Connection, Instance};
+use super::strangers::Strangers;
 use super::{LOSSLESS_ID_RANGE, LOSSY_ID_RANGE, ToxConfig, ToxError, check_packet, save};
 use crate::id::{BootstrapNode, PublicKey, ToxId, public_bootstrap_nodes};
 
@@ -40,8 +41,9 @@ const BACKLOG_PACKETS: u32 = 16;
 /// our session's Open and Accept): at c-toxcore's own 50 ms interval each of our hops waited
 /// 25 ms on average. The timers that pace Tox itself count whole seconds and do not care.
 const HURRY_INTERVAL: Duration = Duration::from_millis(5);
-/// How long the node hurries after it starts, sends a friend request or accepts one, unless
-/// every friend it waits for comes online first.
+/// How long the node hurries after it starts, sends a friend request or accepts one from an
+/// allowed key (not from a stranger: see [`super::strangers`]), unless every friend it waits
+/// for comes online first.
 const HURRY_FOR: Duration = Duration::from_secs(20);
 /// How long it keeps hurrying once they are online: the session's Open and Accept follow.
 const HURRY_AFTER_ONLINE: Duration = Duration::from_secs(1);
@@ -58,6 +60,12 @@ const RX_BLOCK: usize = 64 * 1024;
 const MAX_BACKLOG: usize = 1024;
 /// How long a lossless packet may wait for room before the caller gets `SendQueueFull`.
 const BACKLOG_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often idle strangers, and friends to ask again, are looked for.
+const STRANGER_CHECK: Duration = Duration::from_secs(10);
+/// A friend we asked ourselves that stays offline this long while we are online is asked
+/// again: a peer that accepts anyone forgets its strangers (idle, or on restart), and
+/// c-toxcore never repeats a request the peer once accepted.
+const REQUEST_AGAIN_AFTER: Duration = Duration::from_secs(20);
 
 /// Something that happened on the Tox network.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -380,12 +388,25 @@ struct Node {
     awaited: HashSet<PublicKey>,
     /// Savedata changed (friend list) and should be written.
     dirty: bool,
+    /// Friends accepted under `allow_any` only: never saved, removed when idle.
+    strangers: Strangers,
+    /// When idle strangers are next looked for.
+    next_stranger_check: Instant,
+    /// Friends we sent a request to in this run: their ID and message, and when we last
+    /// asked or saw them online.
+    requested: HashMap<PublicKey, Requested>,
     lossy_sent: u64,
     lossy_send_failed: u64,
     lossless_sent: u64,
     /// Lossless packets c-toxcore had no room for yet, oldest first; retried after every
     /// iteration (acknowledgements, which free room, are processed there).
     backlog: VecDeque<Backlogged>,
+}
+
+struct Requested {
+    id: ToxId,
+    message: Vec<u8>,
+    seen: Instant,
 }
 
 struct Backlogged {
@@ -425,6 +446,9 @@ impl Node {
             hurry_until: Instant::now() + HURRY_FOR,
             awaited: HashSet::new(),
             dirty: false,
+            strangers: Strangers::new(Instant::now()),
+            next_stranger_check: Instant::now() + STRANGER_CHECK,
+            requested: HashMap::new(),
             lossy_sent: 0,
             lossy_send_failed: 0,
             lossless_sent: 0,
@@ -489,6 +513,11 @@ impl Node {
                 break stop;
             }
         };
+        // Strangers are not written to the savedata: they leave before the last save.
+        let strangers: Vec<PublicKey> = self.strangers.all().collect();
+        for pk in strangers {
+            self.remove_stranger(pk);
+        }
         self.dirty = true;
         self.save_if_dirty();
         info!("tox node stopped");
@@ -520,6 +549,7 @@ impl Node {
         for (pk, message_len) in std::mem::take(&mut self.inbox.requests) {
             self.on_friend_request(pk, message_len);
         }
+        self.check_strangers();
         self.retry_backlog();
         self.check_awaited();
         self.inbox.flush().await;
@@ -555,15 +585,98 @@ impl Node {
             debug!(peer = %pk.short(), "friend request refused by policy");
             return;
         }
+        let stranger = !self.config.allow.keys.contains(&pk);
+        if stranger {
+            if self.friends.contains_key(&pk) && !self.strangers.contains(&pk) {
+                // A friend we keep anyway (saved, or dialled by us): nothing to do.
+                return;
+            }
+            if let Err(why) = self.strangers.admit(pk, Instant::now()) {
+                debug!(peer = %pk.short(), ?why, "friend request from a stranger refused");
+                return;
+            }
+            self.inbox.strangers.insert(pk);
+        }
+        if self.friends.contains_key(&pk) {
+            return;
+        }
         match self.tox.friend_add_norequest(&pk) {
             Ok(n) => {
-                info!(peer = %pk.short(), message_len, "friend request accepted");
+                info!(peer = %pk.short(), message_len, stranger, "friend request accepted");
                 self.remember_friend(pk, n);
-                self.await_friend(pk);
-                self.dirty = true;
+                if !stranger {
+                    // Strangers neither hurry the node (each request would restart it) nor
+                    // go to the savedata.
+                    self.await_friend(pk);
+                    self.dirty = true;
+                }
                 self.inbox.push(ToxEvent::FriendRequest { pk });
             }
-            Err(e) => debug!(peer = %pk.short(), error = %e, "cannot accept friend request"),
+            Err(e) => {
+                debug!(peer = %pk.short(), error = %e, "cannot accept friend request");
+                self.strangers.forget(&pk);
+                self.inbox.strangers.remove(&pk);
+            }
+        }
+    }
+
+    /// Removes strangers nothing came from for a while.
+    fn check_strangers(&mut self) {
+        let now = Instant::now();
+        for pk in self.inbox.heard_strangers.drain() {
+            self.strangers.heard(&pk, now);
+        }
+        if now < self.next_stranger_check {
+            return;
+        }
+        self.next_stranger_check = now + STRANGER_CHECK;
+        for pk in self.strangers.expire(now) {
+            info!(peer = %pk.short(), "idle stranger removed");
+            self.remove_stranger(pk);
+        }
+        self.request_again(now);
+    }
+
+    /// Sends our request again to friends we asked that stay offline (see
+    /// [`REQUEST_AGAIN_AFTER`]). c-toxcore sends a request only for a friend it just added,
+    /// so the friend is deleted and added again.
+    fn request_again(&mut self, now: Instant) {
+        let online = self.inbox.connection.is_online();
+        let mut again = Vec::new();
+        for (pk, r) in &mut self.requested {
+            let connected = self
+                .friends
+                .get(pk)
+                .is_some_and(|&n| self.tox.friend_connection(n).is_online());
+            if connected || !online {
+                r.seen = now;
+            } else if now.saturating_duration_since(r.seen) >= REQUEST_AGAIN_AFTER {
+                r.seen = now;
+                again.push((*pk, r.id, r.message.clone()));
+            }
+        }
+        for (pk, id, message) in again {
+            if let Some(n) = self.friends.remove(&pk) {
+                self.inbox.by_number.remove(&n);
+                self.tox.friend_delete(n);
+            }
+            match self.tox.friend_add(&id, &message) {
+                Ok(n) => {
+                    debug!(peer = %pk.short(), "friend offline: request sent again");
+                    self.remember_friend(pk, n);
+                }
+                Err(e) => warn!(peer = %pk.short(), error = %e, "cannot ask a friend again"),
+            }
+        }
+    }
+
+    /// Deletes a stranger from Tox.
+    fn remove_stranger(&mut self, pk: PublicKey) {
+        self.strangers.forget(&pk);
+        self.inbox.strangers.remove(&pk);
+        if let Some(n) = self.friends.remove(&pk) {
+            self.inbox.by_number.remove(&n);
+            self.tox.friend_delete(n);
         }
     }
 
@@ -602,6 +715,9 @@ impl Node {
                 let _ = reply.send(self.add_friend_norequest(pk));
             }
             Command::RemoveFriend { pk, reply } => {
+                self.requested.remove(&pk);
+                self.strangers.forget(&pk);
+                self.inbox.strangers.remove(&pk);
                 let removed = match self.friends.remove(&pk) {
                     Some(n) => {
                         self.inbox.by_number.remove(&n);
@@ -686,6 +802,15 @@ impl Node {
 
     fn add_friend(&mut self, id: ToxId, message: &[u8]) -> Result<(), ToxError> {
         let pk = id.public_key();
+        self.keep_stranger(pk);
+        self.requested.insert(
+            pk,
+            Requested {
+                id,
+                message: message.to_vec(),
+                seen: Instant::now(),
+            },
+        );
         if self.friends.contains_key(&pk) {
             // A saved friend: someone dials it again, so it is worth hurrying for too.
             self.await_friend(pk);
@@ -701,6 +826,7 @@ impl Node {
     }
 
     fn add_friend_norequest(&mut self, pk: PublicKey) -> Result<(), ToxError> {
+        self.keep_stranger(pk);
         if self.friends.contains_key(&pk) {
             return Ok(());
         }
@@ -710,6 +836,15 @@ impl Node {
         self.dirty = true;
         self.save_if_dirty();
         Ok(())
+    }
+
+    /// We add `pk` ourselves: if it was a stranger, it is a friend to keep from now on.
+    fn keep_stranger(&mut self, pk: PublicKey) {
+        if self.strangers.contains(&pk) {
+            self.strangers.forget(&pk);
+            self.inbox.strangers.remove(&pk);
+            self.dirty = true;
+        }
     }
 
     fn remember_friend(&mut self, pk: PublicKey, n: u32) {
@@ -765,8 +900,12 @@ impl Node {
         }
     }
 
+    /// Writes the savedata if it changed, unless strangers are among the friends: the savedata
+    /// would list them, so the write waits until they are gone (at the latest at shutdown, which
+    /// removes them first). Allowed keys are added again at every start, and a client adds its
+    /// exits on every connect, so a write that waits loses nothing they need.
     fn save_if_dirty(&mut self) {
-        if !self.dirty {
+        if !self.dirty || !self.strangers.is_empty() {
             return;
         }
         match save::store(&self.save_path, &self.tox.savedata()) {
@@ -805,6 +944,9 @@ struct Inbox {
     /// Friend requests, handled after the iteration (the instance is busy during it).
     requests: Vec<(PublicKey, usize)>,
     by_number: HashMap<u32, PublicKey>,
+    /// Strangers (see [`super::strangers`]), and those heard from since the last iteration.
+    strangers: HashSet<PublicKey>,
+    heard_strangers: HashSet<PublicKey>,
     rx_block: BytesMut,
     connection: Connection,
     last_packet: Option<Instant>,
@@ -822,6 +964,8 @@ impl Inbox {
             pending: VecDeque::new(),
             requests: Vec::new(),
             by_number: HashMap::new(),
+            strangers: HashSet::new(),
+            heard_strangers: HashSet::new(),
             rx_block: BytesMut::new(),
             connection: Connection::None,
             last_packet: None,
@@ -875,6 +1019,13 @@ impl Inbox {
         }
         pk
     }
+
+    /// A packet came from `pk`: note it if `pk` is a stranger.
+    fn heard(&mut self, pk: PublicKey) {
+        if !self.strangers.is_empty() && self.strangers.contains(&pk) {
+            self.heard_strangers.insert(pk);
+        }
+    }
 }
 
 impl Callbacks for Inbox {
@@ -898,6 +1049,7 @@ impl Callbacks for Inbox {
 
     fn lossy_packet(&mut self, friend: u32, data: &[u8]) {
         let Some(pk) = self.peer(friend) else { return };
+        self.heard(pk);
         self.lossy_received += 1;
         self.received_last_iteration += 1;
         self.last_packet = Some(Instant::now());
@@ -914,6 +1066,7 @@ impl Callbacks for Inbox {
 
     fn lossless_packet(&mut self, friend: u32, data: &[u8]) {
         let Some(pk) = self.peer(friend) else { return };
+        self.heard(pk);
         self.lossless_received += 1;
         self.received_last_iteration += 1;
         self.last_packet = Some(Instant::now());
