@@ -24,17 +24,17 @@
 //! protocol violation: the mux fails, which bounds memory.
 //!
 //! Credit starts at the initial window ([`Config::initial_window`], 64 KiB) each way, so a
-//! stream nobody accepted pins little, and grows up to the window ([`Config::window`],
-//! 512 KiB) while the application reads it: each time the application has read a whole
-//! window's worth since the last growth, the receiver doubles the window, budget permitting.
+//! stream nobody accepted pins little, and grows to the window ([`Config::window`], 512 KiB)
+//! once the application holds the stream: when it opens or accepts it, budget permitting
+//! (and, if the budget was short then, at a later read that returns credit).
 //! Growth travels in a CFM whose length has its top bit set ([`frame::CFM_GROWTH`]): it
 //! raises the sender's credit by the rest of the length, and never beyond the window (more is
 //! a protocol violation). A plain CFM confirms consumed bytes exactly as in seed 004, so a
 //! sender knows when all its bytes were confirmed. (Folding growth into the confirmed amount
 //! would not tell the two apart: a sender could take growth for a confirmation, release the
-//! id, and then receive the real confirmation for an id it no longer knows.) Growth is only
-//! decided together with a confirmation of bytes the sender still counts as unconfirmed, and
-//! goes out before it, so it always reaches a stream the sender still holds. The frames are
+//! id, and then receive the real confirmation for an id it no longer knows.) Growth goes out
+//! before our FIN, or just before a confirmation the sender still waits for, so it always
+//! reaches a stream the sender still holds. The frames are
 //! seed 004's, as are their meanings but for that top bit (a seed-004 CFM never comes near
 //! it: windows are smaller); what is ours is that credit starts below the window. **Both ends
 //! must use the same window and initial window** (the protocol has no field to announce
@@ -69,11 +69,13 @@
 //! What a peer can make us hold is the credit we granted it, and that is bounded three ways:
 //!
 //! * per stream: the window, and the initial window until our application accepts the stream
-//!   and reads from it (a stream the application never reads never grows);
+//!   (a stream waiting in the accept queue never grows);
 //! * per mux: [`Config::budget`], the sum of the credit of all streams. A peer's new stream
 //!   needs the initial window from it, or is refused like one beyond the accept backlog;
-//!   growth takes what is left and stops when nothing is (the peer's writes then wait for
-//!   reads, data is never dropped). A stream returns its share when its id is released.
+//!   growth takes what is left but the last quarter (kept for the initial windows of new
+//!   streams, so that grown streams never make the next ones be refused), and a stream
+//!   that finds no room keeps the credit it has (the peer's writes then wait for reads,
+//!   data is never dropped). A stream returns its share when its id is released.
 //!   Streams our application opens take their initial window even beyond the budget: their
 //!   number is ours to limit;
 //! * per node: [`Config::shared_budget`], one [`SharedBudget`] for all sessions, drawn on
@@ -331,6 +333,7 @@ impl Mux {
         stream.charged = initial;
         self.install(id, stream);
         self.queue_ctrl(id);
+        self.grow(id);
         tracing::debug!(stream = id, "open");
         Ok(StreamId(id))
     }
@@ -343,6 +346,7 @@ impl Mux {
                 && !stream.app_closed
             {
                 stream.in_accept = false;
+                self.grow(id);
                 return Some(StreamId(id));
             }
         }
@@ -391,31 +395,16 @@ impl Mux {
         }
         let n = stream.recv_buf.read_into(buf, &mut self.pool);
         stream.cfm_pending += n as u32;
-        stream.read_since_growth = stream.read_since_growth.saturating_add(n as u32);
         let quarter = (stream.recv_limit / 4).max(1);
         let confirm =
             stream.cfm_pending >= quarter || (stream.fin_recv && stream.recv_buf.is_empty());
-        if confirm
-            && failure.is_none()
-            && stream.read_since_growth >= stream.recv_limit
-            && stream.may_grow(window)
-        {
-            // The application keeps up with a full window: double it, as far as the budgets
-            // allow. The growth goes out just before the CFM that confirms these bytes, which
-            // the peer waits for, so it never reaches a peer that already released the id.
-            let grown = self
-                .budget
-                .take_up_to(stream.recv_limit.min(window - stream.recv_limit));
-            stream.read_since_growth = 0;
-            stream.recv_limit += grown;
-            stream.grant_pending += grown;
-            stream.charged += grown;
-            if grown > 0 {
-                tracing::trace!(stream = id.0, window = stream.recv_limit, "window grows");
-            }
-        }
+        let short = stream.recv_limit < window;
         self.stats.recv_buffered -= n;
         if confirm {
+            if short && failure.is_none() {
+                // The budgets were short when the stream was taken: try again.
+                self.grow(id.0);
+            }
             self.queue_ctrl(id.0);
         }
         Ok(n)
@@ -972,6 +961,36 @@ impl Mux {
                 self.queue_ctrl(id);
             }
         }
+    }
+
+    /// Grows the receive window of a stream the application holds to the full window, as far
+    /// as the budgets allow (see "Credit" and "Memory" in the module docs).
+    ///
+    /// The growth must reach a peer that still holds the stream. Before our FIN it does: the
+    /// peer releases the id only after our FIN, which follows the growth. After our FIN, only
+    /// with a confirmation of bytes the peer still counts as unconfirmed (`cfm_pending`),
+    /// which goes out right behind the growth.
+    fn grow(&mut self, id: u16) {
+        let window = self.config.window;
+        let Some(stream) = self
+            .streams
+            .get_mut(usize::from(id))
+            .and_then(Option::as_deref_mut)
+        else {
+            return;
+        };
+        if !stream.may_grow(window) || (stream.fin_sent && stream.cfm_pending == 0) {
+            return;
+        }
+        let grown = self.budget.take_for_growth(window - stream.recv_limit);
+        if grown == 0 {
+            return;
+        }
+        stream.recv_limit += grown;
+        stream.grant_pending += grown;
+        stream.charged += grown;
+        tracing::trace!(stream = id, window = stream.recv_limit, "window grows");
+        self.queue_ctrl(id);
     }
 
     // ---- stream table ------------------------------------------------------------------

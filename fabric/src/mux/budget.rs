@@ -39,11 +39,12 @@ impl SharedBudget {
         self.0.used.load(Ordering::Relaxed)
     }
 
-    /// Takes up to `want` bytes and returns how many it took (0 when spent).
-    pub(crate) fn take_up_to(&self, want: usize) -> usize {
+    /// Takes up to `want` bytes, leaving `reserve` of the limit untouched, and returns how
+    /// many it took (0 when spent).
+    pub(crate) fn take_up_to(&self, want: usize, reserve: usize) -> usize {
         let mut used = self.0.used.load(Ordering::Relaxed);
         loop {
-            let take = want.min(self.0.limit.saturating_sub(used));
+            let take = want.min(self.0.limit.saturating_sub(reserve).saturating_sub(used));
             if take == 0 {
                 return 0;
             }
@@ -99,11 +100,28 @@ pub(super) struct Budgets {
 }
 
 impl Budgets {
-    /// Takes up to `want` bytes from both budgets; returns what it took.
+    /// Takes up to `want` bytes from both budgets for a new stream's initial window; returns
+    /// what it took.
     pub(super) fn take_up_to(&mut self, want: u32) -> u32 {
-        let want = (want as usize).min(self.limit.saturating_sub(self.used));
+        self.take(want, false)
+    }
+
+    /// Takes up to `want` bytes from both budgets to grow a window, leaving a quarter of each
+    /// for new streams' initial windows (so that streams holding grown windows never make the
+    /// peer's next streams be refused); returns what it took.
+    pub(super) fn take_for_growth(&mut self, want: u32) -> u32 {
+        self.take(want, true)
+    }
+
+    fn take(&mut self, want: u32, growth: bool) -> u32 {
+        let reserve = |limit: usize| if growth { limit / 4 } else { 0 };
+        let room = self
+            .limit
+            .saturating_sub(reserve(self.limit))
+            .saturating_sub(self.used);
+        let want = (want as usize).min(room);
         let got = match &self.shared {
-            Some(shared) if want > 0 => shared.take_up_to(want),
+            Some(shared) if want > 0 => shared.take_up_to(want, reserve(shared.limit())),
             Some(_) => 0,
             None => want,
         };

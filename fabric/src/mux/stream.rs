@@ -37,8 +37,6 @@ pub(crate) struct Stream {
     pub(crate) recv_limit: u32,
     /// Credit beyond consumed bytes that our next CFM announces (a window that grows).
     pub(crate) grant_pending: u32,
-    /// Bytes the application read since the receive window last grew.
-    pub(crate) read_since_growth: u32,
     /// Receive budget (connection and node) this stream holds; returned when it ends.
     pub(crate) charged: u32,
     /// We opened the stream (our SYN).

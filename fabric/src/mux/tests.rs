@@ -62,9 +62,15 @@ fn open_and_data_leave_in_one_flight() {
     assert_eq!(a.write(id, b"GET / HTTP/1.1\r\n\r\n").unwrap(), 18);
     let mut wire = Vec::new();
     a.poll_transmit(usize::MAX, &mut wire);
+    // The SYN, our receive window grown to the full window (we hold the stream), the data.
+    let growth = CFM_GROWTH | (DEFAULT_WINDOW - INITIAL_WINDOW);
     assert_eq!(
         frames(&wire),
-        vec![(Cmd::Syn, id.0, 0), (Cmd::Psh, id.0, 18)]
+        vec![
+            (Cmd::Syn, id.0, 0),
+            (Cmd::Cfm, id.0, growth),
+            (Cmd::Psh, id.0, 18)
+        ]
     );
     b.handle_input(&wire).unwrap();
     assert_eq!(
@@ -262,9 +268,13 @@ fn frames_respect_budget_and_max_frame() {
     a.write(id, &vec![0u8; 100_000]).unwrap();
     let mut wire = Vec::new();
     assert_eq!(a.poll_transmit(5, &mut wire), 0, "a header does not fit");
-    let n = a.poll_transmit(30, &mut wire);
-    assert!(n <= 30);
-    assert_eq!(frames(&wire), vec![(Cmd::Syn, 1, 0), (Cmd::Psh, 1, 16)]);
+    let n = a.poll_transmit(37, &mut wire);
+    assert!(n <= 37);
+    let growth = CFM_GROWTH | (DEFAULT_WINDOW - INITIAL_WINDOW);
+    assert_eq!(
+        frames(&wire),
+        vec![(Cmd::Syn, 1, 0), (Cmd::Cfm, 1, growth), (Cmd::Psh, 1, 16)]
+    );
     wire.clear();
     a.poll_transmit(100_000, &mut wire);
     let lens: Vec<u32> = frames(&wire).iter().map(|f| f.2).collect();
@@ -329,9 +339,10 @@ fn established(sent: usize) -> (Mux, Mux) {
 
 #[test]
 fn every_malformed_input_class_is_fatal_and_later_calls_do_not_panic() {
-    // Stream 1 was accepted but not read yet: its credit is still the initial window.
-    let credit = Config::default().initial_window;
-    let growth_room = Config::default().window - credit;
+    // Stream 1 was accepted: its credit grew to the window. On the opener's side, the
+    // acceptor has not grown it yet in `established` (nothing accepted there).
+    let credit = Config::default().window;
+    let growth_room = Config::default().window - Config::default().initial_window;
     type Check = Box<dyn Fn(&ProtocolError) -> bool>;
     let cases: Vec<(&str, Vec<u8>, Check)> = vec![
         (
@@ -703,7 +714,6 @@ fn transfer(a: &mut Mux, b: &mut Mux, id: StreamId, total: usize) {
         let chunk: Vec<u8> = (sent..(sent + 32 * 1024).min(total)).map(pattern).collect();
         sent += a.write(id, &chunk).unwrap();
         step(a, b, 1 << 20);
-        while b.accept().is_some() {}
         while let Ok(n) = b.read(id, &mut buf) {
             if n == 0 {
                 break;
@@ -721,11 +731,13 @@ fn transfer(a: &mut Mux, b: &mut Mux, id: StreamId, total: usize) {
 }
 
 #[test]
-fn a_read_stream_grows_to_the_window_and_an_unread_one_does_not() {
+fn an_accepted_stream_grows_to_the_window_and_an_unaccepted_one_does_not() {
     let (mut a, mut b) = pair();
     let read = a.open().unwrap();
     let unread = a.open().unwrap();
     a.write(unread, &[1u8; 100]).unwrap();
+    settle(&mut a, &mut b);
+    assert_eq!(b.accept(), Some(read), "only the first is taken");
     transfer(&mut a, &mut b, read, 4 << 20);
     let window = Config::default().window;
     assert_eq!(b.stream(read.0).unwrap().recv_limit, window);
@@ -753,28 +765,39 @@ fn a_read_stream_grows_to_the_window_and_an_unread_one_does_not() {
 
 #[test]
 fn at_the_budget_new_peer_streams_are_refused_and_old_ones_keep_their_credit() {
+    let budget = 4 * INITIAL_WINDOW;
     let config = Config {
-        budget: 3 * INITIAL_WINDOW as usize,
+        budget: budget as usize,
         ..Config::default()
     };
     let (mut a, mut b) = (Mux::new(config.clone()), Mux::new(config));
-    let ids: Vec<StreamId> = (0..4).map(|_| a.open().unwrap()).collect();
+    let ids: Vec<StreamId> = (0..5).map(|_| a.open().unwrap()).collect();
     settle(&mut a, &mut b);
     let accepted: Vec<StreamId> = std::iter::from_fn(|| b.accept()).collect();
-    assert_eq!(accepted, ids[..3], "the fourth found no budget");
+    assert_eq!(accepted, ids[..4], "the fifth found no budget");
     let mut buf = [0u8; 4];
-    assert_eq!(a.read(ids[3], &mut buf), Ok(0), "refused: eof");
+    assert_eq!(a.read(ids[4], &mut buf), Ok(0), "refused: eof");
     // No room to grow: the streams still carry everything, at their initial credit, and
     // never beyond what was granted.
     transfer(&mut a, &mut b, ids[0], 1 << 20);
     assert_eq!(b.stream(ids[0].0).unwrap().recv_limit, INITIAL_WINDOW);
-    assert_eq!(b.stats().recv_credit, 3 * INITIAL_WINDOW as usize);
-    // A stream that ends returns its share, and the next one may grow into it.
-    a.close(ids[1]);
-    b.close(ids[1]);
+    assert_eq!(b.stats().recv_credit, budget as usize);
+    // Streams that end return their share, and a stream may grow into it, all but the
+    // quarter of the budget kept for new streams' initial windows.
+    for &id in &ids[1..3] {
+        a.close(id);
+        b.close(id);
+    }
     settle(&mut a, &mut b);
     transfer(&mut a, &mut b, ids[0], 1 << 20);
-    assert_eq!(b.stream(ids[0].0).unwrap().recv_limit, 2 * INITIAL_WINDOW);
+    assert_eq!(
+        b.stream(ids[0].0).unwrap().recv_limit,
+        INITIAL_WINDOW + (budget - budget / 4 - 2 * INITIAL_WINDOW)
+    );
+    // That quarter still admits a new stream.
+    let next = a.open().unwrap();
+    settle(&mut a, &mut b);
+    assert_eq!(b.accept(), Some(next));
 }
 
 #[test]
