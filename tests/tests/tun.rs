@@ -310,6 +310,78 @@ fn curl_until_ok(topo: &Topology, url: &str, limit: Duration) -> Vec<u8> {
     }
 }
 
+/// A private Tox network of four daemons and a `proxy exit --allow-any` in the server
+/// namespace (files in /etc/netns/SERVER must exist before this starts it), and the client
+/// arguments that reach that exit over the veth link (which a looping Tox socket would
+/// miss).
+struct ExitOverTox {
+    _toxnet: Proc,
+    exit: Proc,
+    /// The daemons' ports.
+    ports: Vec<u16>,
+    client: Vec<String>,
+    _dirs: (Scratch, Scratch),
+}
+
+impl ExitOverTox {
+    fn start(topo: &Topology, exit_extra: &[&str]) -> Self {
+        let toxnet = Proc::spawn(topo.in_server(&[TOOL, "toxnet", "4"]), "ready");
+        let nodes = toxnet.ready_list();
+        assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
+        let ports = nodes
+            .iter()
+            .map(|n| {
+                n.rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("port")
+            })
+            .collect();
+        let bin = proxy_bin().to_string_lossy().into_owned();
+        let exit_dir = Scratch::new("exit");
+        let exit_data = exit_dir.path();
+        let mut exit_args = vec![bin.as_str(), "exit", "--allow-any"];
+        exit_args.extend_from_slice(exit_extra);
+        // Tests never reach the public bootstrap nodes or STUN servers.
+        exit_args.extend([
+            "--no-public-bootstrap",
+            "--no-public-stun",
+            "--data-dir",
+            &exit_data,
+        ]);
+        for n in &nodes {
+            exit_args.extend(["--bootstrap", n.as_str()]);
+        }
+        let exit = Proc::spawn(topo.in_server(&exit_args), "tox id:");
+        let client_dir = Scratch::new("client");
+        let mut client = vec![
+            "--exit".to_owned(),
+            exit.ready_value("tox id:"),
+            "--no-public-bootstrap".into(),
+            "--no-public-stun".into(),
+            "--data-dir".into(),
+            client_dir.path(),
+        ];
+        for n in &nodes {
+            client.extend([
+                "--bootstrap".into(),
+                n.replace("127.0.0.1", &topo.server_v4),
+            ]);
+        }
+        Self {
+            _toxnet: toxnet,
+            exit,
+            ports,
+            client,
+            _dirs: (exit_dir, client_dir),
+        }
+    }
+
+    fn client_args(&self) -> Vec<&str> {
+        self.client.iter().map(String::as_str).collect()
+    }
+}
+
 /// The cgroups named after `pid` in the cgroup v2 hierarchy, seen from a private mount.
 fn cgroups_of(pid: u32) -> String {
     let script = format!(
@@ -329,41 +401,6 @@ fn tun_through_an_exit_over_tox() {
     }
     let topo = Topology::new().expect("namespaces");
     let _servers = servers(&topo);
-    // The private Tox network and the exit live in the server namespace; the client reaches
-    // them over the veth link, which is what a looping Tox socket would miss.
-    let toxnet = Proc::spawn(topo.in_server(&[TOOL, "toxnet", "4"]), "ready");
-    let nodes = toxnet.ready_list();
-    assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
-    let ports: Vec<u16> = nodes
-        .iter()
-        .map(|n| {
-            n.rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .expect("port")
-        })
-        .collect();
-    let bin = proxy_bin().to_string_lossy().into_owned();
-    let exit_dir = Scratch::new("exit");
-    let exit_data = exit_dir.path();
-    // The exit answers its clients' DNS with the server's resolver (never the machine's own).
-    let exit_dns = topo.server_v4.clone();
-    let mut exit_args = vec![
-        bin.as_str(),
-        "exit",
-        "--allow-any",
-        "--allow-private",
-        "--dns",
-        &exit_dns,
-        "--no-public-bootstrap",
-        // Tests never reach the public STUN servers.
-        "--no-public-stun",
-        "--data-dir",
-        &exit_data,
-    ];
-    for n in &nodes {
-        exit_args.extend(["--bootstrap", n.as_str()]);
-    }
     // `ip netns exec` mounts /etc/netns/NS/hosts over /etc/hosts when the exit starts; the
     // fake-IP part below needs the exit to resolve web.test.
     let _hosts = NetnsEtcFile::new(
@@ -371,28 +408,12 @@ fn tun_through_an_exit_over_tox() {
         "hosts",
         &format!("127.0.0.1 localhost\n{} web.test\n", topo.server_v4),
     );
-    let exit = Proc::spawn(topo.in_server(&exit_args), "tox id:");
-    let exit_id = exit.ready_value("tox id:");
-
+    // The exit answers its clients' DNS with the server's resolver (never the machine's own).
+    let exit_dns = topo.server_v4.clone();
+    let net = ExitOverTox::start(&topo, &["--allow-private", "--dns", &exit_dns]);
     install_dns_counters(&topo);
-    install_tox_counters(&topo, &ports);
-    let client_dir = Scratch::new("client");
-    let client_data = client_dir.path();
-    let client_nodes: Vec<String> = nodes
-        .iter()
-        .map(|n| n.replace("127.0.0.1", &topo.server_v4))
-        .collect();
-    let mut extra = vec![
-        "--exit",
-        exit_id.as_str(),
-        "--no-public-bootstrap",
-        "--no-public-stun",
-        "--data-dir",
-        &client_data,
-    ];
-    for n in &client_nodes {
-        extra.extend(["--bootstrap", n.as_str()]);
-    }
+    install_tox_counters(&topo, &net.ports);
+    let extra = net.client_args();
     let mut proxy = start_proxy(&topo, &extra);
     let pid = proxy.child.id();
     assert!(
@@ -474,7 +495,7 @@ fn tun_through_an_exit_over_tox() {
             panic!(
                 "no fake-IP fetch through the exit\nproxy:\n{}\nexit:\n{}",
                 proxy.stderr(),
-                exit.stderr()
+                net.exit.stderr()
             )
         });
     check_big(&page, n);
@@ -484,9 +505,9 @@ fn tun_through_an_exit_over_tox() {
         proxy.stderr()
     );
     assert!(
-        exit.stderr().contains("web.test:80"),
+        net.exit.stderr().contains("web.test:80"),
         "the exit was not given the name:\n{}",
-        exit.stderr()
+        net.exit.stderr()
     );
     assert_eq!(counter(&topo, "leak"), 0, "DNS leaked around the tun");
     let status = proxy
@@ -494,7 +515,7 @@ fn tun_through_an_exit_over_tox() {
         .expect("proxy exits");
     assert!(status.success(), "exit status {status:?}");
     assert!(leftovers(&topo).is_empty());
-    drop(exit);
+    drop(net);
 }
 
 /// `/etc/netns/NS/FILE`, which `ip netns exec NS` shows as `/etc/FILE` (`resolv.conf`,
@@ -614,48 +635,10 @@ fn tun_exit_answers_dns_with_its_own_resolver() {
     let home_router = "192.168.77.1";
     let _client_resolv = NetnsEtcFile::resolv_conf(&topo.client, home_router);
 
-    let toxnet = Proc::spawn(topo.in_server(&[TOOL, "toxnet", "4"]), "ready");
-    let nodes = toxnet.ready_list();
-    assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
-    let bin = proxy_bin().to_string_lossy().into_owned();
-    let exit_dir = Scratch::new("exit");
-    let exit_data = exit_dir.path();
     let web_only = format!("{}/32", topo.server_v4);
-    let mut exit_args = vec![
-        bin.as_str(),
-        "exit",
-        "--allow-any",
-        "--allow-cidr",
-        &web_only,
-        "--no-public-bootstrap",
-        "--no-public-stun",
-        "--data-dir",
-        &exit_data,
-    ];
-    for n in &nodes {
-        exit_args.extend(["--bootstrap", n.as_str()]);
-    }
-    let exit = Proc::spawn(topo.in_server(&exit_args), "tox id:");
-    let exit_id = exit.ready_value("tox id:");
-
+    let net = ExitOverTox::start(&topo, &["--allow-cidr", &web_only]);
     install_dns_counters(&topo);
-    let client_dir = Scratch::new("client");
-    let client_data = client_dir.path();
-    let client_nodes: Vec<String> = nodes
-        .iter()
-        .map(|n| n.replace("127.0.0.1", &topo.server_v4))
-        .collect();
-    let mut extra = vec![
-        "--exit",
-        exit_id.as_str(),
-        "--no-public-bootstrap",
-        "--no-public-stun",
-        "--data-dir",
-        &client_data,
-    ];
-    for n in &client_nodes {
-        extra.extend(["--bootstrap", n.as_str()]);
-    }
+    let extra = net.client_args();
     let _proxy = start_proxy(&topo, &extra);
 
     // By name, through the system resolver of the client namespace (the home router).
@@ -687,9 +670,9 @@ fn tun_exit_answers_dns_with_its_own_resolver() {
         "DNS left the client namespace instead of going through the exit"
     );
     assert!(
-        !exit.stderr().contains(home_router),
+        !net.exit.stderr().contains(home_router),
         "the exit was asked for the home router:\n{}",
-        exit.stderr()
+        net.exit.stderr()
     );
 }
 
