@@ -5,6 +5,9 @@
 //!   `DNS_ANSWER`, and a UDP echo on port 7; prints `ready` and serves until killed.
 //! - `nst-tool dns SERVER:PORT NAME [udp|tcp] [TYPE]`: one A query, prints the answer's
 //!   address; with another TYPE (28, 65, ...) prints `rcode R answers N` of the response.
+//! - `nst-tool lookups SERVER:PORT N THREADS`: N distinct A queries (`nK.bench.test`), each
+//!   from a socket of its own as resolvers send them, THREADS at a time; prints
+//!   `answered A of N in S s: R/s, p50 X ms, p99 Y ms` (an unanswered query waits 5 s).
 //! - `nst-tool stub LISTEN UPSTREAM`: a forwarding DNS stub on UDP LISTEN (as
 //!   systemd-resolved's 127.0.0.53 is), each query sent on to UPSTREAM from a socket of its
 //!   own; prints `ready`.
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("dns") => dns(&args[1..]),
         Some("stub") => stub(&args[1..]),
+        Some("lookups") => lookups(&args[1..]),
         Some("echo") => echo(&args[1..]),
         Some("sink") => sink(&args[1..]),
         Some("hold") => hold(&args[1..]),
@@ -166,6 +170,74 @@ fn dns(args: &[String]) -> Res {
         return Err(format!("wrong id {id:#x}"));
     }
     println!("{ip}");
+    Ok(())
+}
+
+fn lookups(args: &[String]) -> Res {
+    let server: SocketAddr = args
+        .first()
+        .ok_or("server")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let n: usize = args
+        .get(1)
+        .ok_or("n")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let threads: usize = args
+        .get(2)
+        .ok_or("threads")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = std::time::Instant::now();
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let next = next.clone();
+            thread::spawn(move || {
+                let mut times = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        return times;
+                    }
+                    let asked = std::time::Instant::now();
+                    let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+                        continue;
+                    };
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let id = (i % 65_536) as u16;
+                    let q = dns_query_typed(id, &format!("n{i}.bench.test"), 1);
+                    let mut buf = [0u8; 1500];
+                    if s.send_to(&q, server).is_ok()
+                        && let Ok((len, _)) = s.recv_from(&mut buf)
+                        && dns_parse_a(&buf[..len]).is_some_and(|(got, _)| got == id)
+                    {
+                        times.push(asked.elapsed());
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut times: Vec<Duration> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap_or_default())
+        .collect();
+    let took = started.elapsed();
+    times.sort();
+    let pct = |p: usize| {
+        times
+            .get((times.len() * p / 100).min(times.len().saturating_sub(1)))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "answered {} of {n} in {:.2} s: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms",
+        times.len(),
+        took.as_secs_f64(),
+        times.len() as f64 / took.as_secs_f64(),
+        pct(50),
+        pct(99)
+    );
     Ok(())
 }
 
