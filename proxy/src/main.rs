@@ -239,10 +239,16 @@ async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure>
             stop.cancel();
         }
     });
+    let counters = listeners.shared().counters.clone();
     let listeners = tokio::spawn(listeners.run(stop.clone().cancelled_owned(), GRACE));
-    let served = proxy::tun_mode::run(&settings, tun_dialer, stop.clone().cancelled_owned())
-        .await
-        .context("tun mode");
+    let served = proxy::tun_mode::run(
+        &settings,
+        tun_dialer,
+        counters,
+        stop.clone().cancelled_owned(),
+    )
+    .await
+    .context("tun mode");
     // The TUN ended (shutdown, or it could not start): the listeners end with it.
     stop.cancel();
     let _ = listeners.await;

@@ -37,9 +37,15 @@ pub struct Counters {
     dial_failures: AtomicU64,
     loops_refused: AtomicU64,
     auth_failures: AtomicU64,
+    tun_flows_refused: AtomicU64,
 }
 
 impl Counters {
+    /// A TUN flow was refused: too many at once.
+    pub fn tun_flow_refused(&self) {
+        self.tun_flows_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A request for one of the proxy's own listeners was refused.
     pub fn loop_refused(&self) {
         self.loops_refused.fetch_add(1, Ordering::Relaxed);
@@ -129,6 +135,8 @@ pub struct Snapshot {
     pub auth_failures: u64,
     /// Requests waiting for a session to an exit now.
     pub waiting: u64,
+    /// TUN flows refused for being over the limits.
+    pub tun_flows_refused: u64,
     /// The peers (exits for a client, clients for an exit), by public key in hex.
     pub peers: Vec<(String, PeerStatus)>,
 }
@@ -174,6 +182,7 @@ impl Status {
             dial_failures: c.dial_failures.load(Ordering::Relaxed),
             loops_refused: c.loops_refused.load(Ordering::Relaxed),
             auth_failures: c.auth_failures.load(Ordering::Relaxed),
+            tun_flows_refused: c.tun_flows_refused.load(Ordering::Relaxed),
             waiting: self
                 .held
                 .as_ref()
@@ -260,6 +269,13 @@ impl Snapshot {
                     out,
                     "  {} requests waiting for a session to an exit",
                     self.waiting
+                );
+            }
+            if self.tun_flows_refused > 0 {
+                let _ = writeln!(
+                    out,
+                    "  {} TUN flows refused over the limits",
+                    self.tun_flows_refused
                 );
             }
             if self.loops_refused + self.auth_failures > 0 {
@@ -363,6 +379,12 @@ impl Snapshot {
             "counter",
             "Dials that failed (refused, unreachable, denied by policy, timed out).",
             &plain(self.dial_failures),
+        );
+        metric(
+            "tun_flows_refused_total",
+            "counter",
+            "TUN flows refused over the limits (--max-connections TCP, 4,096 UDP).",
+            &plain(self.tun_flows_refused),
         );
         metric(
             "frontend_waiting",
@@ -737,6 +759,7 @@ mod tests {
             loops_refused: 0,
             auth_failures: 0,
             waiting: 3,
+            tun_flows_refused: 0,
             peers: vec![("CD".repeat(32), st)],
         }
     }

@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 use crate::config::{RunSettings, TunOptions};
 use crate::dialer::{Dialer, Target};
 use crate::exit::dns;
+use crate::status::Counters;
 
 pub use own_sockets::OwnSockets;
 
@@ -58,6 +59,9 @@ pub const MARK_PRIORITY: u32 = PRIORITY - 2;
 pub const TUN_V4: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 19, 0, 1), 30);
 /// The kernel side's IPv6 address on the TUN.
 pub const TUN_V6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x7478, 0, 0, 0, 0, 0, 1), 126);
+/// UDP flows (application sockets) served at once; each holds a task, a 64 KiB buffer and,
+/// direct, a socket. DNS lookups take none (they are answered per datagram).
+pub const MAX_UDP_FLOWS: usize = 4096;
 /// How long a UDP flow lives without a datagram either way.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Fake-IP mode: names held at most: every address of 198.18.0.0/15 (a name costs a few
@@ -104,6 +108,7 @@ pub enum TunError {
 pub async fn run(
     settings: &RunSettings,
     dialer: Arc<dyn Dialer>,
+    counters: Arc<Counters>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TunError> {
     if !cfg!(target_os = "linux") {
@@ -139,15 +144,39 @@ pub async fn run(
     info!(device = %name, offload = device.offload(), "tun mode up");
     let mut stack = NetStack::spawn(device, StackConfig::default(), UDP_IDLE);
     let idle = settings.common.idle_timeout;
+    let tcp_flows = Arc::new(tokio::sync::Semaphore::new(settings.common.max_connections));
+    let udp_flows = Arc::new(tokio::sync::Semaphore::new(MAX_UDP_FLOWS));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             incoming = stack.accept() => match incoming {
                 Some(Incoming::Tcp(req)) => {
-                    tokio::spawn(serve_tcp(req, dialer.clone(), fake.clone(), idle));
+                    // At most --max-connections TCP flows at once: a refused one gets a reset,
+                    // which the application sees at once.
+                    let Ok(permit) = tcp_flows.clone().try_acquire_owned() else {
+                        counters.tun_flow_refused();
+                        debug!(dst = %req.dst(), "tun tcp flows at their limit, refusing");
+                        req.reject();
+                        continue;
+                    };
+                    let serve = serve_tcp(req, dialer.clone(), fake.clone(), idle);
+                    tokio::spawn(async move {
+                        serve.await;
+                        drop(permit);
+                    });
                 }
                 Some(Incoming::Udp(flow)) => {
-                    tokio::spawn(serve_udp(flow, dialer.clone(), fake.clone()));
+                    // A refused UDP flow's datagrams are dropped until the stack forgets it.
+                    let Ok(permit) = udp_flows.clone().try_acquire_owned() else {
+                        counters.tun_flow_refused();
+                        debug!(src = %flow.src(), "tun udp flows at their limit, dropped");
+                        continue;
+                    };
+                    let serve = serve_udp(flow, dialer.clone(), fake.clone());
+                    tokio::spawn(async move {
+                        serve.await;
+                        drop(permit);
+                    });
                 }
                 Some(_) => {}
                 None => {

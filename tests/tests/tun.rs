@@ -829,3 +829,37 @@ fn tun_mode_runs_the_listeners_status_and_metrics() {
         proxy.stderr()
     );
 }
+
+/// TUN flows are bounded: beyond `--max-connections` TCP flows a new one is reset at once,
+/// and `proxy status` counts it.
+#[test]
+fn tun_tcp_flows_are_bounded_and_refusals_counted() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new().expect("namespaces");
+    let _servers = servers(&topo);
+    let sink = format!("{}:9000", topo.server_v4);
+    let _sink = Proc::spawn(topo.in_server(&[TOOL, "sink", &sink]), "ready");
+    let bin = proxy_bin().to_string_lossy().into_owned();
+    let _proxy = Proc::spawn(
+        topo.in_client(&[
+            bin.as_str(),
+            "--tun",
+            "--socks",
+            "off",
+            "--http",
+            ":8080",
+            "--max-connections",
+            "2",
+        ]),
+        "tun mode up",
+    );
+    let _held = Proc::spawn(topo.in_client(&[TOOL, "hold", &sink, "2", "60"]), "held 2");
+    let url = format!("http://{}/index.html", topo.server_v4);
+    let mut cmd = topo.in_client(&["curl", "--silent", "--max-time", "20", &url]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("curl");
+    assert!(!out.status.success(), "a third flow got through");
+    let status = run_ok(topo.in_client(&[bin.as_str(), "status", "--from", "127.0.0.1:8080"]));
+    assert!(status.contains("TUN flows refused"), "{status}");
+}
