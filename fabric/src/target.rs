@@ -20,7 +20,12 @@
 //! datagram  flow u32 BE | address as in the request (version | kind | address | port) | payload
 //! ```
 //! From the client the address is the destination (a name is resolved at the exit); from the
-//! exit it is the source of the reply. The flow number is the client's: one per UDP
+//! exit it is the source of the reply. A client whose association ended says so, so the exit
+//! frees the flow at once instead of when it idles out:
+//!
+//! ```text
+//! end       flow u32 BE | version 1 | kind 17   (nothing after it)
+//! ``` The flow number is the client's: one per UDP
 //! association, so the exit keeps one socket per flow and replies reach the right one.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -32,6 +37,7 @@ const KIND_V4: u8 = 1;
 const KIND_NAME: u8 = 3;
 const KIND_V6: u8 = 4;
 const KIND_RESOLVER: u8 = 16;
+const KIND_END: u8 = 17;
 
 /// Where the exit should connect.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -211,6 +217,20 @@ impl UdpHeader {
         self.addr.emit(out)
     }
 
+    /// The datagram that says flow `flow` ended (the client closed its association).
+    pub fn end(flow: FlowId) -> [u8; 6] {
+        let f = flow.0.to_be_bytes();
+        [f[0], f[1], f[2], f[3], VERSION, KIND_END]
+    }
+
+    /// The flow a datagram ends, if it is an [`UdpHeader::end`] datagram.
+    pub fn parse_end(datagram: &[u8]) -> Option<FlowId> {
+        match datagram {
+            [a, b, c, d, VERSION, KIND_END] => Some(FlowId(u32::from_be_bytes([*a, *b, *c, *d]))),
+            _ => None,
+        }
+    }
+
     /// A whole datagram: this header, then `payload`.
     pub fn datagram(&self, payload: &[u8]) -> Result<Vec<u8>, TargetError> {
         let mut datagram = Vec::with_capacity(Self::MAX_LEN + payload.len());
@@ -334,6 +354,24 @@ mod tests {
             long.emit(&mut Vec::new()),
             Err(TargetError::NameTooLong(256))
         );
+    }
+
+    #[test]
+    fn flow_end_round_trips_and_is_no_data_datagram() {
+        let end = UdpHeader::end(FlowId(0xdead_beef));
+        assert_eq!(UdpHeader::parse_end(&end), Some(FlowId(0xdead_beef)));
+        // Data datagrams are never taken for an end, and an end is no data datagram.
+        assert!(UdpHeader::parse(&end).is_err());
+        let data = UdpHeader {
+            flow: FlowId(1),
+            addr: Target::Ip("192.0.2.1:53".parse().unwrap()),
+        }
+        .datagram(&[])
+        .unwrap();
+        assert_eq!(UdpHeader::parse_end(&data), None);
+        let mut longer = end.to_vec();
+        longer.push(0);
+        assert_eq!(UdpHeader::parse_end(&longer), None);
     }
 
     #[test]

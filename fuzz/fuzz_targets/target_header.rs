@@ -7,6 +7,11 @@ use fabric::target::{Target, UdpHeader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // A flow's end is exactly its six bytes, and never a data datagram.
+    if let Some(flow) = UdpHeader::parse_end(data) {
+        assert_eq!(&UdpHeader::end(flow)[..], data);
+        assert!(UdpHeader::parse(data).is_err());
+    }
     if let Ok(Some((target, used))) = Target::parse(data) {
         let mut again = Vec::new();
         target.emit(&mut again).expect("a decoded target encodes");

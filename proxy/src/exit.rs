@@ -864,12 +864,20 @@ mod tests {
             .unwrap()
         };
         // Another exit (any peer with a session) guessing the number is ignored.
+        let ended = UdpHeader::end(header.flow);
         dialer.udp.deliver(other.key, &reply(b"forged"));
         dialer.udp.deliver(primary.key, &reply(b"answer"));
         let mut buf = [0u8; 64];
         let (n, from) = flow.recv_from(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"answer");
         assert_eq!(from, "192.0.2.53:53".parse().unwrap());
+        // Closing the association tells the exit, which frees the flow at once.
+        drop(flow);
+        assert_eq!(
+            primary.datagrams.lock().unwrap().last(),
+            Some(&ended.to_vec())
+        );
+        assert!(other.datagrams.lock().unwrap().is_empty());
     }
 
     fn options(max_streams: usize, streams_per_client: usize) -> ExitOptions {

@@ -164,6 +164,9 @@ struct FabricUdpFlow {
 impl Drop for FabricUdpFlow {
     fn drop(&mut self) {
         lock(&self.flows.flows).remove(&self.flow);
+        // Best effort: the exit frees the flow now rather than when it idles out.
+        let peer = lock(&self.peer).clone();
+        let _ = peer.send_datagram(UdpHeader::end(self.flow).to_vec());
     }
 }
 
@@ -293,6 +296,17 @@ impl FlowTable {
         Some(flow)
     }
 
+    /// Ends a flow its client closed; false if there was none.
+    fn end(&mut self, key: &FlowKey) -> bool {
+        match self.remove(key) {
+            Some(flow) => {
+                flow.stop.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
     fn count(&self, peer: PublicKey) -> usize {
         self.per_peer.get(&peer).copied().unwrap_or(0)
     }
@@ -318,6 +332,12 @@ pub async fn serve_udp(fabric: Arc<Fabric>, dialer: Arc<dyn Dialer>, options: Ud
     let table: Arc<Mutex<FlowTable>> = Arc::default();
     let epoch = Instant::now();
     while let Some((peer, datagram)) = fabric.recv_datagram().await {
+        if let Some(flow) = UdpHeader::parse_end(&datagram) {
+            if lock(&table).end(&(peer, flow)) {
+                debug!(%peer, %flow, "udp flow ended by the client");
+            }
+            continue;
+        }
         let (header, payload) = match UdpHeader::parse(&datagram) {
             Ok(parsed) => parsed,
             Err(error) => {
@@ -504,5 +524,19 @@ mod tests {
         assert_eq!(table.evict_oldest(a), None);
         assert_eq!(table.count(a), 0);
         assert!(!table.per_peer.contains_key(&a));
+    }
+
+    #[tokio::test]
+    async fn a_flow_its_client_ended_is_freed_at_once() {
+        let (a, b) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        let mut table = FlowTable::default();
+        table.insert((a, FlowId(7)), flow(1));
+        let stop = table.flows[&(a, FlowId(7))].stop.clone();
+        // Another client cannot end a's flow of the same number.
+        assert!(!table.end(&(b, FlowId(7))));
+        assert!(table.end(&(a, FlowId(7))));
+        stop.notified().await;
+        assert_eq!(table.count(a), 0);
+        assert!(!table.end(&(a, FlowId(7))));
     }
 }
