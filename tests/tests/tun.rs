@@ -738,7 +738,12 @@ fn tun_with_an_exit_and_no_ipv6_on_the_tun_refuses_to_start() {
     }
     let topo = Topology::new().expect("namespaces");
     // New interfaces get no IPv6; the uplink keeps its IPv6 address.
-    run_ok(topo.in_client(&["sysctl", "-w", "net.ipv6.conf.default.disable_ipv6=1"]));
+    // (/proc/sys/net belongs to the namespace of the process that writes it.)
+    run_ok(topo.in_client(&[
+        "sh",
+        "-c",
+        "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+    ]));
     assert!(topo.client_ip(&["-6", "addr"]).unwrap().contains("fd"));
     let bin = proxy_bin().to_string_lossy().into_owned();
     let exit_dir = Scratch::new("exit");
