@@ -167,12 +167,15 @@ impl Drop for Topology {
     fn drop(&mut self) {
         // Processes still inside keep a namespace's devices alive; they are the tests' children
         // and are killed by their own guards first.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.client])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.server])
-            .status();
+        delete(&[&self.client, &self.server]);
+    }
+}
+
+/// Deletes these network namespaces (with their devices, routes and rules), ignoring any
+/// that is gone already.
+pub fn delete(names: &[&str]) {
+    for name in names {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
     }
 }
 
