@@ -55,13 +55,18 @@ fn main() -> ExitCode {
 
 type Res = Result<(), String>;
 
+/// Argument `i`, named `name` in the error when it is missing or does not parse.
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, name: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let text = args.get(i).ok_or(name)?;
+    text.parse().map_err(|e| format!("{name} {text:?}: {e}"))
+}
+
 fn serve(args: &[String]) -> Res {
     let split = args.iter().position(|a| a == "--").ok_or("missing --")?;
-    let answer: Ipv4Addr = args
-        .get(split + 1)
-        .ok_or("missing DNS answer")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let answer: Ipv4Addr = arg(args, split + 1, "DNS answer")?;
     let mut keep = Vec::new();
     for a in &args[..split] {
         let addr: SocketAddr = a.parse().map_err(|e| format!("{a}: {e}"))?;
@@ -113,15 +118,12 @@ fn serve(args: &[String]) -> Res {
 }
 
 fn dns(args: &[String]) -> Res {
-    let server: SocketAddr = args
-        .first()
-        .ok_or("server")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let server: SocketAddr = arg(args, 0, "server")?;
     let name = args.get(1).ok_or("name")?;
-    let qtype: u16 = match args.get(3) {
-        Some(t) => t.parse().map_err(|e| format!("type {t}: {e}"))?,
-        None => 1,
+    let qtype: u16 = if args.len() > 3 {
+        arg(args, 3, "type")?
+    } else {
+        1
     };
     let q = dns_query_typed(0x4242, name, qtype);
     let resp = if args.get(2).map(String::as_str) == Some("tcp") {
@@ -174,21 +176,9 @@ fn dns(args: &[String]) -> Res {
 }
 
 fn lookups(args: &[String]) -> Res {
-    let server: SocketAddr = args
-        .first()
-        .ok_or("server")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let n: usize = args
-        .get(1)
-        .ok_or("n")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let threads: usize = args
-        .get(2)
-        .ok_or("threads")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let server: SocketAddr = arg(args, 0, "server")?;
+    let n: usize = arg(args, 1, "n")?;
+    let threads: usize = arg(args, 2, "threads")?;
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = std::time::Instant::now();
     let workers: Vec<_> = (0..threads.max(1))
@@ -242,16 +232,8 @@ fn lookups(args: &[String]) -> Res {
 }
 
 fn stub(args: &[String]) -> Res {
-    let listen: SocketAddr = args
-        .first()
-        .ok_or("listen")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let upstream: SocketAddr = args
-        .get(1)
-        .ok_or("upstream")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let listen: SocketAddr = arg(args, 0, "listen")?;
+    let upstream: SocketAddr = arg(args, 1, "upstream")?;
     let socket = UdpSocket::bind(listen).map_err(|e| format!("{listen}: {e}"))?;
     println!("ready");
     let mut buf = [0u8; 65535];
@@ -280,11 +262,7 @@ fn stub(args: &[String]) -> Res {
 }
 
 fn echo(args: &[String]) -> Res {
-    let server: SocketAddr = args
-        .first()
-        .ok_or("server")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let server: SocketAddr = arg(args, 0, "server")?;
     let text = args.get(1).ok_or("text")?;
     let bind: SocketAddr = if server.is_ipv4() {
         "0.0.0.0:0".parse().map_err(|_| "bind")?
@@ -307,11 +285,7 @@ fn echo(args: &[String]) -> Res {
 }
 
 fn sink(args: &[String]) -> Res {
-    let addr: SocketAddr = args
-        .first()
-        .ok_or("addr")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let addr: SocketAddr = arg(args, 0, "addr")?;
     let listener = TcpListener::bind(addr).map_err(|e| e.to_string())?;
     println!("ready");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
@@ -326,21 +300,9 @@ fn sink(args: &[String]) -> Res {
 }
 
 fn hold(args: &[String]) -> Res {
-    let server: SocketAddr = args
-        .first()
-        .ok_or("server")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let n: usize = args
-        .get(1)
-        .ok_or("n")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let secs: u64 = args
-        .get(2)
-        .ok_or("seconds")?
-        .parse()
-        .map_err(|e| format!("{e}"))?;
+    let server: SocketAddr = arg(args, 0, "server")?;
+    let n: usize = arg(args, 1, "n")?;
+    let secs: u64 = arg(args, 2, "seconds")?;
     let mut held = Vec::with_capacity(n);
     for i in 0..n {
         let c = TcpStream::connect_timeout(&server, Duration::from_secs(10))
