@@ -835,6 +835,7 @@ async fn drive(
     let mut last_status = Instant::now() - Duration::from_secs(1);
     let mut path = carrier.borrow_and_update().clone();
     let mut watch = LinkWatch::new(Instant::now());
+    let mut was_suspect = false;
     let reason = 'run: loop {
         let now = Instant::now();
         // Mux frames into the session, as much as its pacer and window admit.
@@ -842,12 +843,18 @@ async fn drive(
         if carrier.has_changed().unwrap_or(false) {
             path = carrier.borrow_and_update().clone();
             watch.on_carrier(now, path.is_punched());
+            session.on_path_change(now);
         }
         // A punched link that went silent while we wait for acknowledgements (or while the
         // peer already turned to Tox) gets Tox beside it until it speaks again: a stall of
         // about a second instead of the link's dead timeout.
         let also_tox =
             path.is_punched() && watch.suspect(now, || session.stats().waiting_segments > 0);
+        if also_tox && !was_suspect {
+            // What went out on the silent link is presumed lost: send it again on Tox now.
+            session.on_path_change(now);
+        }
+        was_suspect = also_tox;
         while session.poll_transmit(now, &mut buf).is_some() {
             if also_tox {
                 let mut packet = BytesMut::with_capacity(buf.len() + 1);

@@ -21,6 +21,7 @@
 
 mod config;
 pub mod control;
+mod flight;
 mod lane;
 mod outbox;
 mod pacer;
@@ -284,7 +285,7 @@ impl Session {
                     self.recent_acks.rotate_right(1);
                     self.recent_acks[0] = print;
                 }
-                self.ack_samples(segments, now_ms);
+                self.ack_samples(lane, segments, now_ms);
                 if let Err(error) = self.lanes.input(lane, segments, now_ms) {
                     if error == InputError::BadRecord {
                         debug!(conv = %self.conv, lane, "lane framing broken");
@@ -318,14 +319,20 @@ impl Session {
         Ok(())
     }
 
-    /// Delivery and RTT samples from the acknowledgements in a (checked) KCP packet.
-    fn ack_samples(&mut self, segments: &[u8], now_ms: u32) {
+    /// Delivery and RTT samples from the acknowledgements in a (checked) KCP packet of
+    /// `lane`; the segments they acknowledge need no copy any more.
+    fn ack_samples(&mut self, lane: u8, segments: &[u8], now_ms: u32) {
         let mut newest = None;
         let mut acked = 0;
-        for (h, _) in packet::segments(segments) {
-            if h.cmd == packet::CMD_ACK {
-                newest = Some(now_ms.wrapping_sub(h.ts));
-                acked += 1;
+        {
+            let mut q = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            for (h, _) in packet::segments(segments) {
+                q.flight.on_una(lane, h.una);
+                if h.cmd == packet::CMD_ACK {
+                    q.flight.on_ack(lane, h.sn);
+                    newest = Some(now_ms.wrapping_sub(h.ts));
+                    acked += 1;
+                }
             }
         }
         if let Some(ms) = newest {
@@ -373,6 +380,13 @@ impl Session {
             self.finish(CloseReason::Timeout, false);
             return;
         }
+        let cap = flight::resend_cap(self.stats.srtt);
+        let now_ms = self.now_ms();
+        self.outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flight
+            .resend_overdue(now_ms, cap);
         if self.ping_due(now) {
             self.ping_token = self.ping_token.wrapping_add(1);
             self.ping_outstanding = Some((self.ping_token, now));
@@ -491,6 +505,7 @@ impl Session {
         self.flush_pending();
         buf.clear();
         self.pacing_blocked = false;
+        let now_ms = self.now_ms();
         // Keepalive packets are tiny and time-critical: they skip the pacer.
         if let Some(token) = self.pongs.pop_front() {
             Packet::Pong(token).emit(self.conv, buf);
@@ -515,7 +530,7 @@ impl Session {
                 // their queue is short.
                 if let Some(d) = self.datagrams_out.pop_front() {
                     *buf = d;
-                } else {
+                } else if !q.next_resend(now_ms, buf) {
                     q.next_data(|lane| lanes.lane_wait_snd(lane), buf);
                 }
                 self.pacer.on_sent(buf.len());
@@ -541,10 +556,55 @@ impl Session {
         let ping_at = (self.last_tx.min(self.last_rx) + keepalive)
             .max(self.last_ping.map_or(self.epoch, |t| t + keepalive / 2));
         let mut at = kcp_at.min(idle_at).min(ping_at);
+        let resend_check = self
+            .outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flight
+            .oldest_sent();
+        if let Some(ms) = resend_check {
+            let cap = flight::resend_cap(self.stats.srtt);
+            let due = self.epoch + Duration::from_millis(u64::from(ms)) + cap;
+            at = at.min(due.max(self.now));
+        }
         if self.pacing_blocked {
             at = at.min(self.pacer.next_send_at());
         }
         Some(at)
+    }
+
+    /// The session now travels on another path (a punched link died or came up, a lossy link
+    /// gave way): what was in flight on the old one is presumed lost.
+    ///
+    /// Every unacknowledged data segment is sent again at once, ahead of new data, instead of
+    /// at KCP's backed-off timers, and the pacer and the RTO floor start over for the new path,
+    /// as RFC 9000 §9.4 has QUIC do. Acknowledgements still in flight on the old path cost a
+    /// duplicate or two, no more.
+    pub fn on_path_change(&mut self, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.tick(now);
+        let now_ms = self.now_ms();
+        let waiting = {
+            let mut q = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            q.flight.resend_all(now_ms);
+            q.flight.bytes()
+        };
+        debug!(conv = %self.conv, waiting, "path changed: in-flight data sent again");
+        self.pacer = Pacer::new(now, self.lanes.mss());
+        self.pacing_blocked = false;
+        self.stats.min_rtt = None;
+        self.stats.srtt = None;
+        if self.config.min_rto.is_none() {
+            let (nodelay, ..) = self.config.mode.params();
+            self.lanes.set_min_rto(if nodelay { 30 } else { 100 });
+        }
+        // The peer may be gone with the old path: ask at once rather than at the keepalive.
+        self.ping_token = self.ping_token.wrapping_add(1);
+        self.ping_outstanding = Some((self.ping_token, now));
+        self.ping_pending = Some(self.ping_token);
+        self.last_ping = Some(now);
     }
 
     /// The next event, if any.

@@ -394,3 +394,98 @@ fn a_peer_cannot_open_more_lanes_than_we_run() {
     assert_eq!(s.stats().lanes, ours);
     assert_eq!(s.stats().invalid_packets, (15 - (ours - 1)) as u64);
 }
+
+/// Both directions of the pair's path drop everything from now on.
+fn black_out(pair: &mut Pair) {
+    for l in [&mut pair.net.a_to_b, &mut pair.net.b_to_a] {
+        let config = LinkConfig {
+            loss: 1.0,
+            ..l.config().clone()
+        };
+        l.set_config(config);
+    }
+}
+
+/// Runs a transfer until it has moved `bytes` more, and returns how long that took.
+fn time_to_progress(pair: &mut Pair, up: &mut Transfer, bytes: usize, limit: Duration) -> Duration {
+    let (start, from) = (pair.now, up.got.len());
+    let moved = pair.run_until(start + limit, |a, b, now| {
+        up.pump(a, b, now);
+        up.got.len() >= from + bytes
+    });
+    assert!(moved, "no progress within {limit:?}");
+    pair.now - start
+}
+
+#[test]
+fn a_path_change_resends_what_was_in_flight_at_once() {
+    // However long the driver takes to notice that the path died (a punched link's
+    // keepalive goes unanswered for a second or more), the move costs a round trip.
+    for (i, noticed_after_ms) in [1000u64, 1700, 2500].into_iter().enumerate() {
+        let seed = 10 * i as u64;
+        let t0 = Instant::now();
+        let mut pair = Pair::new(
+            SimNet::symmetric(link(80, 0.0), seed),
+            Config::default(),
+            t0,
+        );
+        let mut up = Transfer::new(16 << 20, seed + 1);
+        time_to_progress(&mut pair, &mut up, 4 << 20, Duration::from_secs(60));
+        black_out(&mut pair);
+        let noticed = pair.now + Duration::from_millis(noticed_after_ms);
+        assert!(!pair.run_until(noticed, |a, b, now| {
+            up.pump(a, b, now);
+            false
+        }));
+        let rtt = Duration::from_millis(40);
+        pair.net = SimNet::symmetric(link(40, 0.0), seed + 2);
+        let now = pair.now;
+        pair.a.on_path_change(now);
+        pair.b.on_path_change(now);
+        // The first new byte arrives within a round trip of the move (plus slack for the
+        // pacer's restart), not at the backed-off retransmission timers.
+        let stall = time_to_progress(&mut pair, &mut up, 1, Duration::from_secs(30));
+        assert!(
+            stall <= rtt + Duration::from_millis(200),
+            "noticed after {noticed_after_ms} ms: stalled {stall:?} after the move"
+        );
+        assert!(
+            pair.run_until(pair.now + Duration::from_secs(120), |a, b, now| {
+                up.pump(a, b, now)
+            })
+        );
+        up.verify();
+    }
+}
+
+#[test]
+fn a_long_outage_costs_at_most_the_resend_cap_once_the_path_is_back() {
+    let t0 = Instant::now();
+    let mut pair = Pair::new(SimNet::symmetric(link(40, 0.0), 21), Config::default(), t0);
+    let mut up = Transfer::new(16 << 20, 22);
+    time_to_progress(&mut pair, &mut up, 4 << 20, Duration::from_secs(60));
+    // Eight seconds without a packet: KCP's own timers back off 1.5x per timeout with no
+    // cap (the next try would fall seconds after the path is back).
+    let configs = (
+        pair.net.a_to_b.config().clone(),
+        pair.net.b_to_a.config().clone(),
+    );
+    black_out(&mut pair);
+    pair.run_until(pair.now + Duration::from_secs(8), |a, b, now| {
+        up.pump(a, b, now);
+        false
+    });
+    pair.net.a_to_b.set_config(configs.0);
+    pair.net.b_to_a.set_config(configs.1);
+    let stall = time_to_progress(&mut pair, &mut up, 1, Duration::from_secs(60));
+    assert!(
+        stall <= Duration::from_millis(1100),
+        "stalled {stall:?} after the path came back"
+    );
+    assert!(
+        pair.run_until(pair.now + Duration::from_secs(120), |a, b, now| {
+            up.pump(a, b, now)
+        })
+    );
+    up.verify();
+}

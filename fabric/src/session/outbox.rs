@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use super::flight::InFlight;
 use super::packet;
 
 /// How many times a thin flow's data packet is sent.
@@ -36,6 +37,8 @@ pub(super) struct OutQueue {
     ack_copy_due: bool,
     /// Spent packet buffers, reused so the steady state allocates nothing.
     free: Vec<Vec<u8>>,
+    /// Copies of the data segments the peer has not acknowledged (see `flight`).
+    pub(super) flight: InFlight,
     pub(super) retransmits: u64,
     pub(super) segments_sent: u64,
 }
@@ -111,11 +114,13 @@ impl io::Write for Outbox {
 
 impl OutQueue {
     /// Counts first transmissions and retransmissions of data segments in a packet KCP wrote.
+    /// Keeps a copy of each until the peer acknowledges it.
     fn count_segments(&mut self, lane: usize, segments: &[u8]) {
-        for (h, _) in packet::segments(segments) {
+        for (h, segment) in packet::segments(segments) {
             if h.cmd != packet::CMD_PUSH {
                 continue;
             }
+            self.flight.on_sent(lane as u8, h.sn, h.ts, segment);
             let highest = &mut self.lanes[lane].highest_sn;
             match *highest {
                 Some(high) if (h.sn.wrapping_sub(high) as i32) <= 0 => self.retransmits += 1,
@@ -138,9 +143,19 @@ impl OutQueue {
         self.queued_bytes
     }
 
-    /// Whether any data packet waits.
+    /// Whether any data packet waits, new or to be sent again.
     pub(super) fn has_data(&self) -> bool {
-        self.queued_bytes > 0
+        self.queued_bytes > 0 || self.flight.has_resends()
+    }
+
+    /// Puts the next segment the session sends again itself (see `flight`) into `buf`,
+    /// stamped `now_ms`. These go before new data: they are what the peer waits for.
+    pub(super) fn next_resend(&mut self, now_ms: u32, buf: &mut Vec<u8>) -> bool {
+        let sent = self.flight.next_resend(now_ms, buf);
+        if sent {
+            self.retransmits += 1;
+        }
+        sent
     }
 
     /// Puts the next acknowledgement packet into `buf`, if any.
@@ -254,6 +269,7 @@ impl OutQueue {
         }
         self.acks.clear();
         self.queued_bytes = 0;
+        self.flight.clear();
     }
 }
 

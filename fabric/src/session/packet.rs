@@ -150,6 +150,8 @@ pub(crate) struct SegmentHeader {
     pub(crate) cmd: u8,
     pub(crate) ts: u32,
     pub(crate) sn: u32,
+    /// Every segment below this one has arrived (at the end that sent this segment).
+    pub(crate) una: u32,
     pub(crate) len: usize,
 }
 
@@ -167,6 +169,7 @@ impl SegmentHeader {
             cmd: b[4],
             ts: u32_at(8),
             sn: u32_at(12),
+            una: u32_at(16),
             len: u32_at(20) as usize,
         })
     }
