@@ -131,6 +131,8 @@ pub struct PeerStatus {
     pub mux: mux::Stats,
     /// Lossy packets the Tox node's queue refused.
     pub dropped_packets: u64,
+    /// Why the last session to this peer ended, and whether the peer ended it.
+    pub last_end: Option<(CloseReason, bool)>,
 }
 
 /// The fabric: a Tox node and the sessions to its peers.
@@ -313,12 +315,26 @@ impl Fabric {
 
     /// Closes every session (telling the peers) and stops the Tox node.
     pub async fn shutdown(&self) {
-        let running: Vec<_> = lock(&self.shared.routes)
-            .values_mut()
-            .filter_map(|slot| slot.session.take())
+        let running: Vec<(PublicKey, ConvId, mpsc::Sender<Input>)> = lock(&self.shared.routes)
+            .iter_mut()
+            .filter_map(|(pk, slot)| slot.session.take().map(|r| (*pk, r.conv, r.input)))
             .collect();
-        for r in running {
-            let _ = r.input.send(Input::PeerClose(CloseReason::Shutdown)).await;
+        for (pk, conv, input) in running {
+            // Told before the node stops (the Tox thread sends a lossless packet as it takes
+            // it), so the peer ends its side at once instead of at its answer timeout.
+            let close = Control::Close {
+                conv,
+                reason: CloseReason::Shutdown,
+            };
+            let told = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.shared.send_control_now(pk, close),
+            )
+            .await;
+            if !matches!(told, Ok(Ok(()))) {
+                debug!(peer = %pk, %conv, "could not tell the peer of the shutdown");
+            }
+            let _ = input.try_send(Input::PeerClose(CloseReason::Shutdown));
         }
         self.shared.tox.shutdown().await;
     }
@@ -436,17 +452,22 @@ impl Shared {
 
     /// Sends a control message without blocking the caller.
     fn send_control(self: &Arc<Self>, pk: PublicKey, msg: Control) {
-        let tox = self.tox.clone();
+        let shared = self.clone();
         tokio::spawn(async move {
-            let mut packet = BytesMut::with_capacity(1 + session::control::MAX_CONTROL_LEN);
-            packet.put_u8(CONTROL_PACKET_ID);
-            let mut body = Vec::new();
-            msg.emit(&mut body);
-            packet.extend_from_slice(&body);
-            if let Err(error) = tox.send_lossless(pk, packet.freeze()).await {
+            if let Err(error) = shared.send_control_now(pk, msg).await {
                 debug!(peer = %pk, %error, ?msg, "control message not sent");
             }
         });
+    }
+
+    /// Sends a control message to `pk` and waits until the Tox node has taken it.
+    async fn send_control_now(&self, pk: PublicKey, msg: Control) -> Result<(), ToxError> {
+        let mut packet = BytesMut::with_capacity(1 + session::control::MAX_CONTROL_LEN);
+        packet.put_u8(CONTROL_PACKET_ID);
+        let mut body = Vec::new();
+        msg.emit(&mut body);
+        packet.extend_from_slice(&body);
+        self.tox.send_lossless(pk, packet.freeze()).await
     }
 
     /// Starts a session with `pk` on `conv`, replacing any other.
@@ -748,16 +769,20 @@ async fn supervise(shared: Weak<Shared>, pk: PublicKey, mut stop: watch::Receive
             )
         });
         drop(s);
+        // Only a session that still runs may be resumed: one that ended here may live on at
+        // the exit, and a fresh KCP on its conv would be taken for duplicates there (B4).
+        let mut resume = None;
         if let Some(mut ended) = ended {
-            // Wait for the session to end, or for the exit to go away and come back.
+            // Wait for the session to end, or for any change in how Tox sees the exit: a
+            // `watch` keeps only the latest value, so offline-then-online may read as one
+            // change to "online", and that must count as the exit coming back.
             online.mark_unchanged();
             let back_online = async {
                 loop {
                     if online.changed().await.is_err() {
                         return;
                     }
-                    if !*online.borrow_and_update() {
-                        let _ = online.wait_for(|o| *o).await;
+                    if *online.borrow_and_update() {
                         return;
                     }
                 }
@@ -765,16 +790,16 @@ async fn supervise(shared: Weak<Shared>, pk: PublicKey, mut stop: watch::Receive
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = ended.wait_for(|e| *e) => {}
-                () = back_online => {}
+                () = back_online => resume = conv,
             }
         }
         let Some(s) = shared.upgrade() else { return };
         let result = tokio::select! {
             _ = stop.changed() => return,
-            r = establish(&s, pk, conv) => r,
+            r = establish(&s, pk, resume) => r,
         };
         match result {
-            Ok(new) if Some(new) == conv => debug!(exit = %pk, conv = %new, "session resumed"),
+            Ok(new) if Some(new) == resume => debug!(exit = %pk, conv = %new, "session resumed"),
             Ok(new) => {
                 info!(exit = %pk, conv = %new, "session to exit re-established");
                 backoff = Duration::from_millis(500);
@@ -836,7 +861,7 @@ async fn drive(
     let mut path = carrier.borrow_and_update().clone();
     let mut watch = LinkWatch::new(Instant::now());
     let mut was_suspect = false;
-    let reason = 'run: loop {
+    let (reason, by_peer) = 'run: loop {
         let now = Instant::now();
         // Mux frames into the session, as much as its pacer and window admit.
         let blocked = feed(&mut session, &mut handle, now, &mut scratch);
@@ -882,7 +907,7 @@ async fn drive(
             if !by_peer && let Some(s) = shared.upgrade() {
                 s.send_control(pk, Control::Close { conv, reason });
             }
-            break 'run reason;
+            break 'run (reason, by_peer);
         }
         let deadline = session
             .poll_timeout()
@@ -934,7 +959,7 @@ async fn drive(
                 Some(Input::PeerClose(reason)) => session.handle_peer_close(reason),
                 Some(Input::Datagram(d)) => { session.send_datagram(&d); }
                 // Replaced by a newer session, or the fabric is gone.
-                None => break 'run CloseReason::Normal,
+                None => break 'run (CloseReason::Normal, false),
             },
             r = handle.transmit_ready(), if !blocked => {
                 if r.is_err() {
@@ -946,7 +971,7 @@ async fn drive(
             }
         }
     };
-    info!(peer = %pk, %conv, %reason, "session ended");
+    info!(peer = %pk, %conv, %reason, by_peer, "session ended");
     handle.fail(format!("session ended: {reason}"));
     if let Some(s) = shared.upgrade() {
         s.with_slot(pk, |slot| {
@@ -956,7 +981,9 @@ async fn drive(
             if let Some(a) = slot.acceptor.as_mut() {
                 a.forget(conv);
             }
-            lock(&slot.status).conv = None;
+            let mut st = lock(&slot.status);
+            st.conv = None;
+            st.last_end = Some((reason, by_peer));
         });
         s.sessions.send_modify(|n| *n += 1);
     }

@@ -161,6 +161,11 @@ pub struct Session {
     now: Instant,
     last_rx: Instant,
     last_tx: Instant,
+    /// When something that asks for an answer first went out since the last valid packet
+    /// arrived (see [`Config::answer_timeout`]).
+    unanswered_since: Option<Instant>,
+    /// When the peer last sent data (not only acknowledgements or pings).
+    last_data_rx: Option<Instant>,
     last_ping: Option<Instant>,
     ping_token: u64,
     ping_outstanding: Option<(u64, Instant)>,
@@ -195,6 +200,8 @@ impl Session {
             now,
             last_rx: now,
             last_tx: now,
+            unanswered_since: None,
+            last_data_rx: None,
             last_ping: None,
             ping_token: 0,
             ping_outstanding: None,
@@ -259,6 +266,7 @@ impl Session {
         match &result {
             Ok(()) => {
                 self.last_rx = now;
+                self.unanswered_since = None;
                 self.stats.packets_received += 1;
                 self.stats.bytes_received += data.len() as u64;
             }
@@ -276,6 +284,9 @@ impl Session {
                 let now_ms = self.now_ms();
                 let has_data =
                     packet::check_segments(segments, self.conv, now_ms, self.lanes.mss())?;
+                if has_data {
+                    self.last_data_rx = Some(self.now);
+                }
                 if !has_data {
                     let print = fingerprint(lane, segments);
                     if self.recent_acks.contains(&print) {
@@ -380,6 +391,14 @@ impl Session {
             self.finish(CloseReason::Timeout, false);
             return;
         }
+        if self
+            .unanswered_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.config.answer_timeout)
+        {
+            debug!(conv = %self.conv, "no answer for the answer timeout: the peer is gone");
+            self.finish(CloseReason::Timeout, false);
+            return;
+        }
         let cap = flight::resend_cap(self.stats.srtt);
         let now_ms = self.now_ms();
         self.outbox
@@ -395,7 +414,46 @@ impl Session {
         }
     }
 
+    /// How long a wait for an answer goes before the session probes, and then how often:
+    /// a smoothed round trip, 100 to 500 ms. Ten probes or more in the answer timeout: a live
+    /// peer is taken for dead only if every one of them, or its answer, is lost (at 20 % loss
+    /// each way, one time in 28,000).
+    fn probe_interval(&self) -> Duration {
+        self.stats
+            .srtt
+            .unwrap_or(Duration::from_millis(500))
+            .clamp(Duration::from_millis(100), Duration::from_millis(500))
+    }
+
+    /// When a peer that was sending data has been quiet long enough to ask whether it is
+    /// still there (once per burst of its data): a receiver expects no answer of its own, and
+    /// would otherwise learn of a dead sender only at the next keepalive.
+    fn quiet_check_at(&self) -> Option<Instant> {
+        let data = self.last_data_rx?;
+        if self.last_ping.is_some_and(|p| p >= data) {
+            return None;
+        }
+        let quiet = self
+            .stats
+            .srtt
+            .map_or(Duration::from_secs(1), |s| s * 4)
+            .max(Duration::from_secs(1));
+        Some(self.last_rx + quiet)
+    }
+
     fn ping_due(&self, now: Instant) -> bool {
+        if self.quiet_check_at().is_some_and(|at| now >= at) {
+            return true;
+        }
+        if let Some(since) = self.unanswered_since {
+            // Waiting for an answer: probe, so that a live peer is heard from and a dead one
+            // is known as such within the answer timeout.
+            let probe = self.probe_interval();
+            return now.saturating_duration_since(since) >= probe
+                && self
+                    .last_ping
+                    .is_none_or(|t| now.saturating_duration_since(t) >= probe);
+        }
         let keepalive = self.config.keepalive;
         let recent_ping = self
             .last_ping
@@ -511,6 +569,7 @@ impl Session {
             Packet::Pong(token).emit(self.conv, buf);
         } else if let Some(token) = self.ping_pending.take() {
             Packet::Ping(token).emit(self.conv, buf);
+            self.unanswered_since.get_or_insert(now);
         } else {
             let lanes = &self.lanes;
             let mut q = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
@@ -530,8 +589,10 @@ impl Session {
                 // their queue is short.
                 if let Some(d) = self.datagrams_out.pop_front() {
                     *buf = d;
-                } else if !q.next_resend(now_ms, buf) {
-                    q.next_data(|lane| lanes.lane_wait_snd(lane), buf);
+                } else if q.next_resend(now_ms, buf)
+                    || q.next_data(|lane| lanes.lane_wait_snd(lane), buf)
+                {
+                    self.unanswered_since.get_or_insert(now);
                 }
                 self.pacer.on_sent(buf.len());
             }
@@ -553,9 +614,21 @@ impl Session {
         let kcp_at = self.now + Duration::from_millis(u64::from(kcp_wait));
         let idle_at = self.last_rx + self.config.idle_timeout;
         let keepalive = self.config.keepalive;
-        let ping_at = (self.last_tx.min(self.last_rx) + keepalive)
-            .max(self.last_ping.map_or(self.epoch, |t| t + keepalive / 2));
+        let ping_at = match self.unanswered_since {
+            Some(since) => {
+                let probe = self.probe_interval();
+                (since + probe).max(self.last_ping.map_or(self.epoch, |t| t + probe))
+            }
+            None => (self.last_tx.min(self.last_rx) + keepalive)
+                .max(self.last_ping.map_or(self.epoch, |t| t + keepalive / 2)),
+        };
         let mut at = kcp_at.min(idle_at).min(ping_at);
+        if let Some(quiet) = self.quiet_check_at() {
+            at = at.min(quiet);
+        }
+        if let Some(since) = self.unanswered_since {
+            at = at.min(since + self.config.answer_timeout);
+        }
         let resend_check = self
             .outbox
             .lock()

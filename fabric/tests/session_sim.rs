@@ -461,7 +461,10 @@ fn a_path_change_resends_what_was_in_flight_at_once() {
 #[test]
 fn a_long_outage_costs_at_most_the_resend_cap_once_the_path_is_back() {
     let t0 = Instant::now();
-    let mut pair = Pair::new(SimNet::symmetric(link(40, 0.0), 21), Config::default(), t0);
+    // Long enough for the session to outlive the outage (see the test above).
+    let mut config = Config::default();
+    config.answer_timeout = Duration::from_secs(30);
+    let mut pair = Pair::new(SimNet::symmetric(link(40, 0.0), 21), config, t0);
     let mut up = Transfer::new(16 << 20, 22);
     time_to_progress(&mut pair, &mut up, 4 << 20, Duration::from_secs(60));
     // Eight seconds without a packet: KCP's own timers back off 1.5x per timeout with no
@@ -487,5 +490,82 @@ fn a_long_outage_costs_at_most_the_resend_cap_once_the_path_is_back() {
             up.pump(a, b, now)
         })
     );
+    up.verify();
+}
+
+/// Runs the pair until both ends closed; returns when each did, after checking why.
+fn until_both_closed(pair: &mut Pair, limit: Duration, up: &mut Transfer) -> Vec<Instant> {
+    let mut closed = Vec::new();
+    pair.run_until(pair.now + limit, |a, b, now| {
+        up.pump(a, b, now);
+        for s in [&mut *a, &mut *b] {
+            while let Some(Event::Closed { reason, by_peer }) = s.poll_event() {
+                assert_eq!(reason, CloseReason::Timeout);
+                assert!(!by_peer);
+                closed.push(now);
+            }
+        }
+        closed.len() == 2
+    });
+    closed
+}
+
+#[test]
+fn a_peer_that_falls_silent_is_noticed_within_seconds() {
+    let config = Config::default();
+    let answer = config.answer_timeout;
+    // Busy: data in flight when the path dies.
+    let t0 = Instant::now();
+    let mut pair = Pair::new(SimNet::symmetric(link(50, 0.0), 31), config.clone(), t0);
+    let mut up = Transfer::new(64 << 20, 32);
+    time_to_progress(&mut pair, &mut up, 1 << 20, Duration::from_secs(60));
+    black_out(&mut pair);
+    let died = pair.now;
+    let closed = until_both_closed(&mut pair, config.idle_timeout, &mut up);
+    assert_eq!(closed.len(), 2, "both ends closed");
+    // The sender waits for acknowledgements; the receiver asks after a second of quiet.
+    for at in closed {
+        assert!(
+            at - died <= answer + Duration::from_millis(1500),
+            "noticed {:?} after",
+            at - died
+        );
+    }
+    // Idle: the next keepalive goes unanswered.
+    let mut pair = Pair::new(SimNet::symmetric(link(50, 0.0), 33), config.clone(), t0);
+    let mut idle = Transfer::new(0, 34);
+    pair.run_until(t0 + Duration::from_secs(95), |_, _, _| false);
+    black_out(&mut pair);
+    let died = pair.now;
+    let closed = until_both_closed(&mut pair, config.idle_timeout, &mut idle);
+    assert_eq!(closed.len(), 2, "both ends closed");
+    for at in closed {
+        assert!(
+            at - died <= config.keepalive + answer + Duration::from_secs(1),
+            "noticed {:?} after",
+            at - died
+        );
+    }
+}
+
+#[test]
+fn a_live_peer_on_a_bad_path_is_never_taken_for_dead() {
+    // A slow, jittery path losing 20 % of packets both ways, busy and then idle, for ten
+    // minutes: probes keep getting through.
+    let t0 = Instant::now();
+    let config = LinkConfig {
+        jitter: Duration::from_millis(300),
+        loss: 0.2,
+        ..LinkConfig::with_rate_rtt_loss(2, Duration::from_millis(600), 0.0)
+    };
+    let mut pair = Pair::new(SimNet::symmetric(config, 41), Config::default(), t0);
+    let mut up = Transfer::new(2 << 20, 42);
+    let mut closed = false;
+    pair.run_until(t0 + Duration::from_secs(600), |a, b, now| {
+        up.pump(a, b, now);
+        closed |= a.poll_event().is_some() || b.poll_event().is_some();
+        closed
+    });
+    assert!(!closed, "a live session was declared dead");
     up.verify();
 }

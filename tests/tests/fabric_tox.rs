@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use fabric::path::PathChoice;
 use fabric::peer::{ConnectError, Fabric, FabricConfig};
+use fabric::session::CloseReason;
 use tests::init_tracing;
 use tests::streams::{join_all, send_and_verify, serve_digests};
 use tests::toxnet::ToxNet;
@@ -92,8 +93,22 @@ async fn a_restarted_exit_is_found_again_and_new_streams_work() -> Result<()> {
         .context("before restart")?;
     let first_conv = peer.status().conv;
 
+    let mut changes = client.session_changes();
     exit.shutdown().await;
     drop(exit);
+    // The exit said it was going: the client's session ends on its word, not at the answer
+    // timeout.
+    timeout(
+        Duration::from_secs(60),
+        changes.wait_for(|_| peer.status().last_end.is_some()),
+    )
+    .await
+    .context("the client's session never ended")??;
+    assert_eq!(
+        peer.status().last_end,
+        Some((CloseReason::Shutdown, true)),
+        "the session ended for another reason"
+    );
     let exit = start_exit(&exit_dir)?;
     assert_eq!(exit.id(), exit_id, "same identity after restart");
 

@@ -86,6 +86,12 @@ pub struct Config {
     pub keepalive: Duration,
     /// The session is dead when nothing valid arrived for this long.
     pub idle_timeout: Duration,
+    /// The session is dead when something sent that asks for an answer (data, a ping) went
+    /// this long without any valid packet back. While it waits, the session probes with a
+    /// ping every round trip (100 to 500 ms), so a live peer on a lossy path answers several
+    /// times over; a peer that is gone (killed, cut off) is noticed in this time
+    /// rather than after [`Config::idle_timeout`].
+    pub answer_timeout: Duration,
     /// Outgoing datagrams held while the path is busy; more are dropped (they are
     /// unreliable by contract, and a growing queue would only add latency).
     pub datagram_queue: usize,
@@ -116,6 +122,7 @@ impl Default for Config {
             min_rto: None,
             keepalive: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(40),
+            answer_timeout: Duration::from_secs(5),
             datagram_queue: 256,
             datagram_recv_queue: 1024,
             lanes: 4,
