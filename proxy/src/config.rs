@@ -11,6 +11,7 @@
 //! socks-pass = "secret"
 //! exit = ["<76 hex digits>"]
 //! tun = false
+//! tun-lan = false               # true: the TUN captures the LAN (connected networks) too
 //! data-dir = "/var/lib/proxy"
 //! bootstrap = ["<64 hex>@node.example:33445"]
 //! public-bootstrap = true
@@ -165,6 +166,7 @@ pub struct ConfigFile {
     #[serde(default)]
     exit: Vec<String>,
     tun: Option<bool>,
+    tun_lan: Option<bool>,
     data_dir: Option<PathBuf>,
     #[serde(default)]
     bootstrap: Vec<String>,
@@ -344,6 +346,8 @@ pub struct TunOptions {
     pub route: Vec<Cidr>,
     /// Keep these networks out of the TUN.
     pub exclude: Vec<Cidr>,
+    /// Capture the host's directly connected networks too (by default they stay local).
+    pub lan: bool,
     /// Fake-IP DNS.
     pub fake_ip: bool,
     /// Device name.
@@ -412,6 +416,7 @@ impl RunSettings {
             tun_options: TunOptions {
                 route: args.tun_route.clone(),
                 exclude: args.tun_exclude.clone(),
+                lan: args.tun_lan || file.tun_lan.unwrap_or(false),
                 fake_ip: args.fake_ip,
                 name: args.tun_name.clone(),
             },
@@ -639,6 +644,22 @@ mod tests {
         assert_eq!(s.common.max_connections, 1024);
         assert!(s.common.public_bootstrap);
         assert_eq!(s.common.policy, ExitPolicy::default());
+    }
+
+    #[test]
+    fn the_lan_stays_local_unless_asked_by_flag_or_file() {
+        let s = RunSettings::resolve(&run_args(&["--tun"])).unwrap();
+        assert!(!s.tun_options.lan);
+        let s = RunSettings::resolve(&run_args(&["--tun", "--tun-lan"])).unwrap();
+        assert!(s.tun_options.lan);
+        let (_dir, path) = write("tun = true\ntun-lan = true\n");
+        let s = RunSettings::resolve(&run_args(&["--config", path.to_str().unwrap()])).unwrap();
+        assert!(s.tun && s.tun_options.lan);
+        let (_dir, path) = write("tun-lan = \"yes\"\n");
+        let err = RunSettings::resolve(&run_args(&["--config", path.to_str().unwrap()]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tun-lan"), "{err}");
     }
 
     #[test]

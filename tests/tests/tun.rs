@@ -1,8 +1,10 @@
-//! `proxy --tun` in network namespaces: a client namespace whose default routes (IPv4 and
-//! IPv6) are captured by the TUN of `proxy --tun`, and a server namespace with HTTP, DNS and
-//! UDP echo servers (`nst-tool serve`). Real clients (curl, `nst-tool dns|echo`) run in the
-//! client namespace; nft counters prove DNS leaves only through the proxy; after SIGINT no
-//! device, route or rule is left.
+//! `proxy --tun` in network namespaces, laid out as a real machine's: a client namespace whose
+//! default routes (IPv4 and IPv6) are captured by the TUN of `proxy --tun`, its LAN holding a
+//! router namespace, and beyond the router a server namespace with HTTP, DNS and UDP echo
+//! servers (`nst-tool serve`). The LAN stays outside the TUN unless `--tun-lan`; the Internet
+//! (the server) is captured. Real clients (curl, `nst-tool dns|echo`) run in the client
+//! namespace; nft counters prove DNS leaves only through the proxy; after SIGINT no device,
+//! route, rule or nftables table is left.
 //!
 //! Needs root (network namespaces, TUN); skips with a message where namespaces are impossible.
 
@@ -121,6 +123,13 @@ fn leftovers(topo: &Topology) -> Vec<String> {
             .filter(|l| l.contains(": tun"))
             .map(|l| format!("link: {l}")),
     );
+    let tables = run_ok(topo.in_client(&["nft", "list", "tables"]));
+    left.extend(
+        tables
+            .lines()
+            .filter(|l| l.contains("proxy_tun"))
+            .map(|l| format!("nft: {l}")),
+    );
     left
 }
 
@@ -129,7 +138,7 @@ fn tun_direct_http_dns_udp_ipv4_ipv6_and_cleanup() {
     if skip() {
         return;
     }
-    let topo = Topology::new().expect("namespaces");
+    let topo = Topology::routed().expect("namespaces");
     let _servers = servers(&topo);
     install_dns_counters(&topo);
 
@@ -204,7 +213,7 @@ fn tun_route_only_and_exclude() {
     if skip() {
         return;
     }
-    let topo = Topology::new().expect("namespaces");
+    let topo = Topology::routed().expect("namespaces");
     let _servers = servers(&topo);
     let mut proxy = start_proxy(&topo, &["--tun-exclude", &format!("{}/32", topo.server_v4)]);
     // Excluded: goes straight out, the proxy never sees the flow.
@@ -403,7 +412,7 @@ fn tun_through_an_exit_over_tox() {
     if skip() {
         return;
     }
-    let topo = Topology::new().expect("namespaces");
+    let topo = Topology::routed().expect("namespaces");
     let _servers = servers(&topo);
     // `ip netns exec` mounts /etc/netns/NS/hosts over /etc/hosts when the exit starts; the
     // fake-IP part below needs the exit to resolve web.test.
@@ -549,7 +558,7 @@ fn tun_fake_ip_dials_names() {
     if skip() {
         return;
     }
-    let topo = Topology::new().expect("namespaces");
+    let topo = Topology::routed().expect("namespaces");
     // The server's DNS answers every name with the server's own address.
     let _servers = servers_answering(&topo, &topo.server_v4);
     let _resolv = NetnsEtcFile::resolv_conf(&topo.client, &topo.server_v4);
@@ -622,7 +631,7 @@ fn tun_exit_answers_dns_with_its_own_resolver() {
     if skip() {
         return;
     }
-    let topo = Topology::new().expect("namespaces");
+    let topo = Topology::routed().expect("namespaces");
     // The web server; its DNS, the exit's resolver, answers every name with its address.
     let _servers = servers_answering(&topo, &topo.server_v4);
     // Written before the processes start: `ip netns exec` mounts them at start.
@@ -677,6 +686,14 @@ fn tun_exit_answers_dns_with_its_own_resolver() {
     let direct = run_ok(topo.in_server(&[TOOL, "lookups", &resolver, "1000", "8"]));
     eprintln!("directly at the exit: {direct}");
 
+    // Resolvers bound to the uplink, by SO_BINDTODEVICE or a link-local scope: rejected by
+    // strict route, never out by the uplink (the counters below).
+    let bound4 = format!("{}:53", topo.router_lan_v4.clone().expect("routed"));
+    let link_local = format!("[{}]:53", router_link_local(&topo));
+    for server in [&bound4, &link_local] {
+        assert_eq!(bound_query(&topo, server, "udp"), None, "{server}");
+    }
+
     assert_eq!(counter(&topo, "leak"), 0, "DNS leaked around the tun");
     assert_eq!(
         counter(&topo, "proxied"),
@@ -698,7 +715,7 @@ fn tun_refuses_flows_to_its_own_prefix() {
     if skip() {
         return;
     }
-    let topo = Topology::new().expect("namespaces");
+    let topo = Topology::routed().expect("namespaces");
     let _servers = servers(&topo);
     let proxy = start_proxy(&topo, &[]);
     let fds = || {
@@ -739,7 +756,7 @@ fn tun_with_an_exit_and_no_ipv6_on_the_tun_refuses_to_start() {
     if skip() {
         return;
     }
-    let topo = Topology::new().expect("namespaces");
+    let topo = Topology::routed().expect("namespaces");
     // New interfaces get no IPv6; the uplink keeps its IPv6 address.
     // (/proc/sys/net belongs to the namespace of the process that writes it.)
     run_ok(topo.in_client(&[
@@ -784,7 +801,7 @@ fn tun_mode_runs_the_listeners_status_and_metrics() {
     if skip() {
         return;
     }
-    let topo = Topology::new().expect("namespaces");
+    let topo = Topology::routed().expect("namespaces");
     let _servers = servers(&topo);
     let bin = proxy_bin().to_string_lossy().into_owned();
     let proxy = Proc::spawn(
@@ -845,7 +862,7 @@ fn tun_tcp_flows_are_bounded_and_refusals_counted() {
     if skip() {
         return;
     }
-    let topo = Topology::new().expect("namespaces");
+    let topo = Topology::routed().expect("namespaces");
     let _servers = servers(&topo);
     let sink = format!("{}:9000", topo.server_v4);
     let _sink = Proc::spawn(topo.in_server(&[TOOL, "sink", &sink]), "ready");
@@ -870,4 +887,247 @@ fn tun_tcp_flows_are_bounded_and_refusals_counted() {
     assert!(!out.status.success(), "a third flow got through");
     let status = run_ok(topo.in_client(&[bin.as_str(), "status", "--from", "127.0.0.1:8080"]));
     assert!(status.contains("TUN flows refused"), "{status}");
+}
+
+/// Counters of TCP packets to `dst` port 80 leaving the client namespace by its real link:
+/// with the proxy's mark (the proxy dialed it: the flow went through the TUN) or without
+/// (the application's own packets: the flow went directly).
+fn install_web_counters(topo: &Topology, dst4: &str, dst6: &str) {
+    let rules = format!(
+        "table inet nstlan {{
+            counter direct {{ }}
+            counter proxied {{ }}
+            chain out {{
+                type filter hook postrouting priority 0; policy accept;
+                oifname \"{i}\" ip daddr {dst4} tcp dport 80 meta mark != {MARK} counter name \"direct\"
+                oifname \"{i}\" ip6 daddr {dst6} tcp dport 80 meta mark != {MARK} counter name \"direct\"
+                oifname \"{i}\" ip daddr {dst4} tcp dport 80 meta mark {MARK} counter name \"proxied\"
+                oifname \"{i}\" ip6 daddr {dst6} tcp dport 80 meta mark {MARK} counter name \"proxied\"
+            }}
+        }}",
+        i = topo.client_if
+    );
+    let path = std::env::temp_dir().join(format!("{}.lan.nft", topo.client));
+    std::fs::write(&path, rules).expect("write nft rules");
+    run_ok(topo.in_client(&["nft", "-f", &path.to_string_lossy()]));
+    let _ = std::fs::remove_file(path);
+}
+
+/// The proxy with its HTTP listener on 127.0.0.1:8080, for `proxy status`.
+fn start_proxy_with_status(topo: &Topology, extra: &[&str]) -> Proc {
+    let bin = proxy_bin().to_string_lossy().into_owned();
+    let mut args = vec![bin.as_str(), "--tun", "--socks", "off", "--http", ":8080"];
+    args.extend_from_slice(extra);
+    Proc::spawn(topo.in_client(&args), "tun mode up")
+}
+
+fn proxy_status(topo: &Topology) -> String {
+    let bin = proxy_bin().to_string_lossy().into_owned();
+    run_ok(topo.in_client(&[bin.as_str(), "status", "--from", "127.0.0.1:8080"]))
+}
+
+/// The client's connected networks (its LAN, where the router is) stay outside the TUN: a
+/// flow to the router goes out directly, unmarked, and the proxy never sees it, while the
+/// server beyond the router is captured. `--tun-lan` captures the LAN too. `proxy status`
+/// says which.
+#[test]
+fn tun_keeps_the_lan_local_unless_tun_lan() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::routed().expect("namespaces");
+    let _servers = servers(&topo);
+    let router4 = topo.router_lan_v4.clone().expect("routed");
+    let router6 = topo.router_lan_v6.clone().expect("routed");
+    // A web server on the LAN: the router's own page.
+    let _lan_web = Proc::spawn(
+        topo.in_router(&[
+            TOOL,
+            "serve",
+            &format!("{router4}:80"),
+            &format!("[{router6}]:80"),
+            "--",
+            "192.0.2.77",
+        ]),
+        "ready",
+    );
+    install_web_counters(&topo, &router4, &router6);
+    let lan4 = format!("{}.0/24", router4.rsplit_once('.').expect("v4").0);
+    let lan6: std::net::Ipv6Addr = router6.parse().expect("v6");
+    let lan6 = format!(
+        "{}/64",
+        std::net::Ipv6Addr::from_bits(lan6.to_bits() & (u128::MAX << 64))
+    );
+
+    let mut proxy = start_proxy_with_status(&topo, &[]);
+    for url in [
+        format!("http://{router4}/index.html"),
+        format!("http://[{router6}]/index.html"),
+    ] {
+        let page = curl(&topo, &url);
+        assert!(String::from_utf8_lossy(&page).contains("static text"));
+    }
+    // The Internet still goes through the TUN.
+    let page = curl(&topo, &format!("http://{}/index.html", topo.server_v4));
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    let log = proxy.stderr();
+    assert!(
+        log.contains(&format!("dst={}:80", topo.server_v4)),
+        "the Internet was not captured:\n{log}"
+    );
+    assert!(
+        !log.contains(&format!("dst={router4}:80"))
+            && !log.contains(&format!("dst=[{router6}]:80")),
+        "the LAN went through the tun:\n{log}"
+    );
+    assert!(
+        table_counter(&topo, "nstlan", "direct") > 0,
+        "no direct LAN packet seen"
+    );
+    assert_eq!(
+        table_counter(&topo, "nstlan", "proxied"),
+        0,
+        "the proxy dialed the LAN"
+    );
+    let status = proxy_status(&topo);
+    for line in [
+        "captured: 0.0.0.0/0, ::/0".to_owned(),
+        format!("LAN, kept local (--tun-lan captures it): {lan4}, {lan6}"),
+        "the tun's own prefixes, flows to them refused: 172.19.0.0/30, fd00:7478::/126".into(),
+        "strict route:".into(),
+    ] {
+        assert!(status.contains(&line), "{line:?} missing:\n{status}");
+    }
+    assert!(
+        proxy
+            .interrupt(Duration::from_secs(15))
+            .is_some_and(|s| s.success())
+    );
+    assert!(leftovers(&topo).is_empty(), "{:#?}", leftovers(&topo));
+
+    // --tun-lan: the LAN is captured and dialed by the proxy.
+    run_ok(topo.in_client(&["nft", "reset", "counters", "table", "inet", "nstlan"]));
+    let mut proxy = start_proxy_with_status(&topo, &["--tun-lan"]);
+    let status = proxy_status(&topo);
+    assert!(
+        status.contains(&format!("LAN, captured (--tun-lan): {lan4}, {lan6}")),
+        "{status}"
+    );
+    for url in [
+        format!("http://{router4}/index.html"),
+        format!("http://[{router6}]/index.html"),
+    ] {
+        let page = curl(&topo, &url);
+        assert!(String::from_utf8_lossy(&page).contains("static text"));
+    }
+    let log = proxy.stderr();
+    assert!(
+        log.contains(&format!("dst={router4}:80")) && log.contains(&format!("dst=[{router6}]:80")),
+        "--tun-lan did not capture the LAN:\n{log}"
+    );
+    assert_eq!(
+        table_counter(&topo, "nstlan", "direct"),
+        0,
+        "a LAN flow went around the tun"
+    );
+    assert!(
+        table_counter(&topo, "nstlan", "proxied") > 0,
+        "the proxy did not dial the LAN"
+    );
+    assert!(
+        proxy
+            .interrupt(Duration::from_secs(15))
+            .is_some_and(|s| s.success())
+    );
+    assert!(leftovers(&topo).is_empty(), "{:#?}", leftovers(&topo));
+}
+
+/// The router's link-local IPv6 address on the client's LAN.
+fn router_link_local(topo: &Topology) -> String {
+    let dev = topo.router_lan_if.clone().expect("routed");
+    let out = run_ok(topo.in_router(&[
+        "ip", "-6", "-o", "addr", "show", "dev", &dev, "scope", "link",
+    ]));
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no link-local address in {out}"))
+        .to_owned()
+}
+
+/// Runs `nst-tool dns --dev UPLINK SERVER NAME PROTO` in the client namespace; its answer, or
+/// `None` if it got none.
+fn bound_query(topo: &Topology, server: &str, proto: &str) -> Option<String> {
+    let mut cmd = topo.in_client(&[
+        TOOL,
+        "dns",
+        "--dev",
+        &topo.client_if,
+        server,
+        "bound.test",
+        proto,
+    ]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("nst-tool dns");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Strict route: resolvers bound to the uplink (`SO_BINDTODEVICE`, as systemd-resolved's
+/// per-link servers) and link-local IPv6 resolvers match no route into the TUN; their
+/// queries are rejected instead of leaving. Unbound queries to the same resolver are still
+/// captured and answered.
+#[test]
+fn tun_strict_route_rejects_queries_bound_to_the_uplink() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::routed().expect("namespaces");
+    let _servers = servers(&topo);
+    let router4 = topo.router_lan_v4.clone().expect("routed");
+    // A resolver on the LAN, as a home router is.
+    let _resolver = Proc::spawn(
+        topo.in_router(&[TOOL, "serve", &format!("{router4}:80"), "--", "192.0.2.77"]),
+        "ready",
+    );
+    let dns4 = format!("{router4}:53");
+    let link_local = format!("[{}]:53", router_link_local(&topo));
+    install_dns_counters(&topo);
+
+    // Control: without the proxy, the bound queries leave by the uplink and the counter sees
+    // them (the link-local one gets no answer: nothing listens there).
+    assert_eq!(
+        bound_query(&topo, &dns4, "udp").as_deref(),
+        Some("192.0.2.77")
+    );
+    let _ = bound_query(&topo, &link_local, "udp");
+    assert!(
+        counter(&topo, "leak") >= 2,
+        "the leak counter counts bound queries"
+    );
+    run_ok(topo.in_client(&["nft", "reset", "counters", "table", "inet", "nstleak"]));
+
+    let _proxy = start_proxy(&topo, &[]);
+    for (server, proto) in [
+        (&dns4, "udp"),
+        (&dns4, "tcp"),
+        (&link_local, "udp"),
+        (&link_local, "tcp"),
+    ] {
+        assert_eq!(
+            bound_query(&topo, server, proto),
+            None,
+            "{server} {proto} answered around the tun"
+        );
+    }
+    assert_eq!(
+        counter(&topo, "leak"),
+        0,
+        "a bound query left by the uplink"
+    );
+    // The same resolver, unbound: captured and answered through the TUN.
+    let got = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "unbound.test"]));
+    assert_eq!(got.trim(), "192.0.2.77");
+    assert_eq!(counter(&topo, "leak"), 0);
 }
