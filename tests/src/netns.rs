@@ -209,6 +209,14 @@ impl Topology {
                 .map(String::from)
                 .to_vec()
         };
+        // Link-local addresses usable at once (no duplicate address detection): tests talk
+        // to the router's link-local address, and a tentative source address cannot send.
+        let no_dad = |ns: &str, dev: &str| -> Vec<String> {
+            let script = format!("echo 0 > /proc/sys/net/ipv6/conf/{dev}/accept_dad");
+            ["ip", "netns", "exec", ns, "sh", "-c", &script]
+                .map(String::from)
+                .to_vec()
+        };
         let via = |ns: &str, fam: &str, gw: &str| -> Vec<String> {
             ["ip", "-n", ns, fam, "route", "add", "default", "via", gw]
                 .map(String::from)
@@ -229,6 +237,8 @@ impl Topology {
             addr(r, format!("{rwan6}/64"), &rw),
             addr(s, format!("{}/24", me.server_v4), &si),
             addr(s, format!("{}/64", me.server_v6), &si),
+            no_dad(c, ci),
+            no_dad(r, &rl),
             up(c, ci),
             up(c, "lo"),
             up(r, &rl),
