@@ -405,18 +405,34 @@ impl RunSettings {
         } else {
             args.exit.clone()
         };
+        let tun = args.tun || file.tun.unwrap_or(false);
+        let tun_lan = args.tun_lan || file.tun_lan.unwrap_or(false);
+        // TUN options without TUN mode would be accepted and do nothing.
+        let tun_only = [
+            ("tun-lan", tun_lan),
+            ("tun-route", !args.tun_route.is_empty()),
+            ("tun-exclude", !args.tun_exclude.is_empty()),
+            ("tun-name", args.tun_name.is_some()),
+            ("fake-ip", args.fake_ip),
+        ];
+        if !tun && let Some((key, _)) = tun_only.iter().find(|(_, given)| *given) {
+            return Err(ConfigError::Invalid {
+                key,
+                message: "only means something with --tun (or tun = true)".into(),
+            });
+        }
         Ok(Self {
             socks,
             http,
             auth,
             exits,
-            tun: args.tun || file.tun.unwrap_or(false),
+            tun,
             direct_policy: args.direct_policy || file.direct_policy.unwrap_or(false),
             common: common(&args.common, &args.limits, &args.policy, &file)?,
             tun_options: TunOptions {
                 route: args.tun_route.clone(),
                 exclude: args.tun_exclude.clone(),
-                lan: args.tun_lan || file.tun_lan.unwrap_or(false),
+                lan: tun_lan,
                 fake_ip: args.fake_ip,
                 name: args.tun_name.clone(),
             },
@@ -655,6 +671,22 @@ mod tests {
         let (_dir, path) = write("tun = true\ntun-lan = true\n");
         let s = RunSettings::resolve(&run_args(&["--config", path.to_str().unwrap()])).unwrap();
         assert!(s.tun && s.tun_options.lan);
+        // Without TUN mode it would do nothing: refused, flag or file.
+        for argv in [
+            &["--tun-lan"][..],
+            &["--fake-ip"],
+            &["--tun-exclude", "10.0.0.0/8"],
+        ] {
+            let err = RunSettings::resolve(&run_args(argv))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("only means something with --tun"), "{err}");
+        }
+        let (_dir, path) = write("tun-lan = true\n");
+        let err = RunSettings::resolve(&run_args(&["--config", path.to_str().unwrap()]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tun-lan"), "{err}");
         let (_dir, path) = write("tun-lan = \"yes\"\n");
         let err = RunSettings::resolve(&run_args(&["--config", path.to_str().unwrap()]))
             .unwrap_err()
