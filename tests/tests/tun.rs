@@ -1122,7 +1122,6 @@ fn tun_strict_route_rejects_queries_bound_to_the_uplink() {
         "the leak counter counts bound queries"
     );
     run_ok(topo.in_client(&["nft", "reset", "counters", "table", "inet", "nstleak"]));
-
     let _proxy = start_proxy(&topo, &[]);
     for (server, proto) in [
         (&dns4, "udp"),
@@ -1141,8 +1140,10 @@ fn tun_strict_route_rejects_queries_bound_to_the_uplink() {
         0,
         "a bound query left by the uplink"
     );
-    // The same resolver, unbound: captured and answered through the TUN.
-    let got = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "unbound.test"]));
-    assert_eq!(got.trim(), "192.0.2.77");
+    // The same resolver, unbound: captured and answered through the TUN, UDP and TCP.
+    for proto in ["udp", "tcp"] {
+        let got = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "unbound.test", proto]));
+        assert_eq!(got.trim(), "192.0.2.77", "{proto}");
+    }
     assert_eq!(counter(&topo, "leak"), 0);
 }
