@@ -133,7 +133,7 @@ pub struct TunCapture {
     /// How captured DNS queries are answered.
     pub dns: String,
     /// Whether port-53 packets escaping the TUN (sockets bound to an interface, link-local
-    /// resolvers) are rejected.
+    /// resolvers) are rejected (with an exit).
     pub strict_route: bool,
 }
 
@@ -178,6 +178,12 @@ impl TunCapture {
                 out,
                 "  strict route: port-53 packets leaving by another interface without the \
                  proxy's mark are rejected"
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  strict route: off (direct: a query bound to another interface leaves by it, \
+                 as the proxy would send it)"
             );
         }
     }
@@ -885,13 +891,14 @@ mod tests {
         }
         if let Some(tun) = snap.tun.as_mut() {
             tun.lan_captured = true;
+            tun.strict_route = false;
         }
+        let t = snap.text();
         assert!(
-            snap.text()
-                .contains("  LAN, captured (--tun-lan): 192.168.1.0/24"),
-            "{}",
-            snap.text()
+            t.contains("  LAN, captured (--tun-lan): 192.168.1.0/24"),
+            "{t}"
         );
+        assert!(t.contains("  strict route: off (direct"), "{t}");
     }
 
     #[test]

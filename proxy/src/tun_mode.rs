@@ -21,9 +21,11 @@
 //!
 //! Strict route: a socket bound to an interface (`SO_BINDTODEVICE`, `IP_UNICAST_IF`, a
 //! link-local IPv6 resolver's scope) only matches routes through that interface, so no rule can
-//! send its packets into the TUN. [`StrictRoute`] rejects the port-53 packets that leave by
-//! any interface but the TUN without the proxy's mark: such a query never leaves, and the
-//! resolver moves on to a server it reaches through the TUN.
+//! send its packets into the TUN. With an exit, [`StrictRoute`] rejects the port-53 packets
+//! that leave by any interface but the TUN without the proxy's mark: such a query never
+//! leaves, and the resolver moves on to a server it reaches through the TUN. Direct, such a
+//! query leaves by the uplink as the proxy would send it, and is left alone: rejecting it
+//! would only break resolvers that ask nothing else (systemd-resolved's per-link servers).
 
 mod lan;
 mod own_sockets;
@@ -155,7 +157,12 @@ pub async fn run(
     let lan = lan::connected_networks(addrs.iter().cloned(), &name);
     let kept_local = if opts.lan { &[][..] } else { &lan[..] };
     let routing = Routing::install(&name, opts, kept_local, tun.ipv6.is_some())?;
-    let strict = StrictRoute::install(&name)?;
+    let strict_route = !settings.exits.is_empty();
+    let strict = if strict_route {
+        Some(StrictRoute::install(&name)?)
+    } else {
+        None
+    };
     let _ = capture.set(capture_summary(
         &name,
         opts,
@@ -163,6 +170,7 @@ pub async fn run(
         &addrs,
         tun.ipv6.is_some(),
         dialer.resolver().is_some(),
+        strict_route,
     ));
     info!(device = %name, lan = ?lan.iter().map(ToString::to_string).collect::<Vec<_>>(), lan_captured = opts.lan, "tun routes up");
     let fake = opts
@@ -229,6 +237,7 @@ fn capture_summary(
     addrs: &[(String, IpAddr, u8)],
     ipv6: bool,
     exit_resolver: bool,
+    strict_route: bool,
 ) -> TunCapture {
     let strings = |v: &[Cidr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
     let mut captured = if opts.route.is_empty() {
@@ -278,7 +287,7 @@ fn capture_summary(
         own_addresses,
         tun_prefixes,
         dns: dns.into(),
-        strict_route: true,
+        strict_route,
     }
 }
 
@@ -878,7 +887,7 @@ mod tests {
             exclude: cidrs(&["203.0.113.0/24"]),
             ..TunOptions::default()
         };
-        let c = capture_summary("tun3", &opts, &lan, &addrs, true, true);
+        let c = capture_summary("tun3", &opts, &lan, &addrs, true, true, true);
         assert_eq!(c.captured, ["0.0.0.0/0", "::/0"]);
         assert_eq!(c.lan, ["192.168.1.0/24"]);
         assert!(!c.lan_captured && c.strict_route);
@@ -892,9 +901,9 @@ mod tests {
             lan: true,
             ..TunOptions::default()
         };
-        let c = capture_summary("tun3", &opts, &lan, &addrs, false, false);
+        let c = capture_summary("tun3", &opts, &lan, &addrs, false, false, false);
         assert_eq!(c.captured, ["10.0.0.0/8", "198.18.0.0/15"]);
-        assert!(c.lan_captured);
+        assert!(c.lan_captured && !c.strict_route);
         assert_eq!(c.tun_prefixes, ["172.19.0.0/30"]);
     }
 

@@ -702,14 +702,6 @@ fn tun_exit_answers_dns_with_its_own_resolver() {
     let direct = run_ok(topo.in_server(&[TOOL, "lookups", &resolver, "1000", "8"]));
     eprintln!("directly at the exit: {direct}");
 
-    // Resolvers bound to the uplink, by SO_BINDTODEVICE or a link-local scope: rejected by
-    // strict route, never out by the uplink (the counters below).
-    let bound4 = format!("{}:53", topo.router_lan_v4.clone().expect("routed"));
-    let link_local = format!("[{}]:53", router_link_local(&topo));
-    for server in [&bound4, &link_local] {
-        assert_eq!(bound_query(&topo, server, "udp"), None, "{server}");
-    }
-
     assert_eq!(counter(&topo, "leak"), 0, "DNS leaked around the tun");
     assert_eq!(
         counter(&topo, "proxied"),
@@ -1008,7 +1000,7 @@ fn tun_keeps_the_lan_local_unless_tun_lan() {
         "captured: 0.0.0.0/0, ::/0".to_owned(),
         format!("LAN, kept local (--tun-lan captures it): {lan4}, {lan6}"),
         "the tun's own prefixes, flows to them refused: 172.19.0.0/30, fd00:7478::/126".into(),
-        "strict route:".into(),
+        "strict route: off".into(),
     ] {
         assert!(status.contains(&line), "{line:?} missing:\n{status}");
     }
@@ -1090,20 +1082,21 @@ fn bound_query(topo: &Topology, server: &str, proto: &str) -> Option<String> {
 }
 
 /// Strict route: resolvers bound to the uplink (`SO_BINDTODEVICE`, as systemd-resolved's
-/// per-link servers) and link-local IPv6 resolvers match no route into the TUN; their
-/// queries are rejected instead of leaving. Unbound queries to the same resolver are still
-/// captured and answered.
+/// per-link servers) and link-local IPv6 resolvers match no route into the TUN. With an exit
+/// their queries are rejected instead of leaving by the uplink, while unbound queries to the
+/// same resolver are captured and answered through the exit. Direct, they are left alone.
 #[test]
 fn tun_strict_route_rejects_queries_bound_to_the_uplink() {
     if skip() {
         return;
     }
     let topo = Topology::routed().expect("namespaces");
+    // The server's DNS is the exit's resolver.
     let _servers = servers(&topo);
     let router4 = topo.router_lan_v4.clone().expect("routed");
     // A resolver on the LAN, as a home router is.
     let _resolver = Proc::spawn(
-        topo.in_router(&[TOOL, "serve", &format!("{router4}:80"), "--", "192.0.2.77"]),
+        topo.in_router(&[TOOL, "serve", &format!("{router4}:80"), "--", "192.0.2.66"]),
         "ready",
     );
     let dns4 = format!("{router4}:53");
@@ -1114,7 +1107,7 @@ fn tun_strict_route_rejects_queries_bound_to_the_uplink() {
     // them (the link-local one gets no answer: nothing listens there).
     assert_eq!(
         bound_query(&topo, &dns4, "udp").as_deref(),
-        Some("192.0.2.77")
+        Some("192.0.2.66")
     );
     let _ = bound_query(&topo, &link_local, "udp");
     assert!(
@@ -1122,7 +1115,36 @@ fn tun_strict_route_rejects_queries_bound_to_the_uplink() {
         "the leak counter counts bound queries"
     );
     run_ok(topo.in_client(&["nft", "reset", "counters", "table", "inet", "nstleak"]));
-    let _proxy = start_proxy(&topo, &[]);
+
+    // Direct: a bound query leaves by the uplink, as the proxy would send it.
+    let mut proxy = start_proxy(&topo, &[]);
+    assert_eq!(
+        bound_query(&topo, &dns4, "udp").as_deref(),
+        Some("192.0.2.66")
+    );
+    assert!(
+        proxy
+            .interrupt(Duration::from_secs(15))
+            .is_some_and(|s| s.success())
+    );
+    assert!(leftovers(&topo).is_empty(), "{:#?}", leftovers(&topo));
+    run_ok(topo.in_client(&["nft", "reset", "counters", "table", "inet", "nstleak"]));
+
+    // Through an exit: rejected, UDP and TCP, never out by the uplink.
+    let web_only = format!("{}/32", topo.server_v4);
+    let net = ExitOverTox::start(
+        &topo,
+        &["--allow-cidr", &web_only, "--dns", &topo.server_v4],
+    );
+    let extra = net.client_args();
+    let mut proxy = start_proxy(&topo, &extra);
+    // The first request waits for the session to the exit.
+    let page = curl_first(
+        &topo,
+        &format!("http://{}/index.html", topo.server_v4),
+        &proxy,
+    );
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
     for (server, proto) in [
         (&dns4, "udp"),
         (&dns4, "tcp"),
@@ -1140,10 +1162,16 @@ fn tun_strict_route_rejects_queries_bound_to_the_uplink() {
         0,
         "a bound query left by the uplink"
     );
-    // The same resolver, unbound: captured and answered through the TUN, UDP and TCP.
+    // The same resolver, unbound: captured and answered by the exit's resolver.
     for proto in ["udp", "tcp"] {
         let got = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "unbound.test", proto]));
         assert_eq!(got.trim(), "192.0.2.77", "{proto}");
     }
     assert_eq!(counter(&topo, "leak"), 0);
+    assert_eq!(counter(&topo, "proxied"), 0, "DNS left by the uplink");
+    let status = proxy
+        .interrupt(Duration::from_secs(20))
+        .expect("proxy exits");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(leftovers(&topo).is_empty(), "{:#?}", leftovers(&topo));
 }

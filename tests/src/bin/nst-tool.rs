@@ -193,13 +193,24 @@ fn dns(args: &[String]) -> Res {
         let s = UdpSocket::from(socket);
         s.set_read_timeout(Some(Duration::from_secs(2)))
             .map_err(|e| e.to_string())?;
+        if dev.is_some() {
+            // Connected, a refusal (ICMP unreachable) ends the query at once instead of after
+            // every retry's time limit.
+            s.connect(server).map_err(|e| e.to_string())?;
+        }
         let mut buf = [0u8; 1500];
         let mut got = None;
         for _ in 0..3 {
             s.send_to(&q, server).map_err(|e| e.to_string())?;
-            if let Ok((n, _)) = s.recv_from(&mut buf) {
-                got = Some(buf[..n].to_vec());
-                break;
+            match s.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    got = Some(buf[..n].to_vec());
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    return Err(format!("refused: {e}"));
+                }
+                Err(_) => {}
             }
         }
         got.ok_or("no DNS answer")?
