@@ -179,6 +179,10 @@ pub struct RunArgs {
     /// TUN mode: keep these networks out of the TUN (repeatable).
     #[arg(long, value_name = "CIDR")]
     pub tun_exclude: Vec<Cidr>,
+    /// TUN mode: capture this host's directly connected networks (its LAN) too; by default
+    /// they stay outside the TUN.
+    #[arg(long)]
+    pub tun_lan: bool,
     /// TUN mode: answer DNS queries with fake addresses (198.18.0.0/15, fc00::/18) and send
     /// the names, not addresses, to the exit, which resolves them itself.
     #[arg(long)]

@@ -11,6 +11,7 @@
 //! socks-pass = "secret"
 //! exit = ["<76 hex digits>"]
 //! tun = false
+//! tun-lan = false               # true: the TUN captures the LAN (connected networks) too
 //! data-dir = "/var/lib/proxy"
 //! bootstrap = ["<64 hex>@node.example:33445"]
 //! public-bootstrap = true
@@ -165,6 +166,7 @@ pub struct ConfigFile {
     #[serde(default)]
     exit: Vec<String>,
     tun: Option<bool>,
+    tun_lan: Option<bool>,
     data_dir: Option<PathBuf>,
     #[serde(default)]
     bootstrap: Vec<String>,
@@ -344,6 +346,8 @@ pub struct TunOptions {
     pub route: Vec<Cidr>,
     /// Keep these networks out of the TUN.
     pub exclude: Vec<Cidr>,
+    /// Capture the host's directly connected networks too (by default they stay local).
+    pub lan: bool,
     /// Fake-IP DNS.
     pub fake_ip: bool,
     /// Device name.
@@ -401,17 +405,34 @@ impl RunSettings {
         } else {
             args.exit.clone()
         };
+        let tun = args.tun || file.tun.unwrap_or(false);
+        let tun_lan = args.tun_lan || file.tun_lan.unwrap_or(false);
+        // TUN options without TUN mode would be accepted and do nothing.
+        let tun_only = [
+            ("tun-lan", tun_lan),
+            ("tun-route", !args.tun_route.is_empty()),
+            ("tun-exclude", !args.tun_exclude.is_empty()),
+            ("tun-name", args.tun_name.is_some()),
+            ("fake-ip", args.fake_ip),
+        ];
+        if !tun && let Some((key, _)) = tun_only.iter().find(|(_, given)| *given) {
+            return Err(ConfigError::Invalid {
+                key,
+                message: "only means something with --tun (or tun = true)".into(),
+            });
+        }
         Ok(Self {
             socks,
             http,
             auth,
             exits,
-            tun: args.tun || file.tun.unwrap_or(false),
+            tun,
             direct_policy: args.direct_policy || file.direct_policy.unwrap_or(false),
             common: common(&args.common, &args.limits, &args.policy, &file)?,
             tun_options: TunOptions {
                 route: args.tun_route.clone(),
                 exclude: args.tun_exclude.clone(),
+                lan: tun_lan,
                 fake_ip: args.fake_ip,
                 name: args.tun_name.clone(),
             },
@@ -639,6 +660,38 @@ mod tests {
         assert_eq!(s.common.max_connections, 1024);
         assert!(s.common.public_bootstrap);
         assert_eq!(s.common.policy, ExitPolicy::default());
+    }
+
+    #[test]
+    fn the_lan_stays_local_unless_asked_by_flag_or_file() {
+        let s = RunSettings::resolve(&run_args(&["--tun"])).unwrap();
+        assert!(!s.tun_options.lan);
+        let s = RunSettings::resolve(&run_args(&["--tun", "--tun-lan"])).unwrap();
+        assert!(s.tun_options.lan);
+        let (_dir, path) = write("tun = true\ntun-lan = true\n");
+        let s = RunSettings::resolve(&run_args(&["--config", path.to_str().unwrap()])).unwrap();
+        assert!(s.tun && s.tun_options.lan);
+        // Without TUN mode it would do nothing: refused, flag or file.
+        for argv in [
+            &["--tun-lan"][..],
+            &["--fake-ip"],
+            &["--tun-exclude", "10.0.0.0/8"],
+        ] {
+            let err = RunSettings::resolve(&run_args(argv))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("only means something with --tun"), "{err}");
+        }
+        let (_dir, path) = write("tun-lan = true\n");
+        let err = RunSettings::resolve(&run_args(&["--config", path.to_str().unwrap()]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tun-lan"), "{err}");
+        let (_dir, path) = write("tun-lan = \"yes\"\n");
+        let err = RunSettings::resolve(&run_args(&["--config", path.to_str().unwrap()]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tun-lan"), "{err}");
     }
 
     #[test]

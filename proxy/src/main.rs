@@ -124,7 +124,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 held = Some(dialer.held());
                 Dialers::through_exits(Arc::new(dialer), &settings.common.policy)
             };
-            let proxy = start_frontends(&settings, dialers, client_fabric, held).await?;
+            let proxy = start_frontends(&settings, dialers, client_fabric, held, None).await?;
             proxy.run(shutdown_signal(signals), GRACE).await;
             Ok(())
         }
@@ -138,6 +138,7 @@ async fn start_frontends(
     dialers: Dialers,
     fabric: Option<Arc<Fabric>>,
     held: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    tun: Option<Arc<std::sync::OnceLock<proxy::status::TunCapture>>>,
 ) -> Result<Proxy, Failure> {
     let mut proxy = Proxy::bind(settings, dialers)
         .await
@@ -151,6 +152,9 @@ async fn start_frontends(
     let mut status = Status::new(role, fabric, counters);
     if let Some(held) = held {
         status = status.with_held(held);
+    }
+    if let Some(tun) = tun {
+        status = status.with_tun(tun);
     }
     let status = Arc::new(status);
     proxy.set_status(status.clone());
@@ -230,7 +234,15 @@ async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure>
         let dialers = Dialers::through_exits(dialer.clone(), &settings.common.policy);
         (Some(fabric), dialer, dialers, Some(held))
     };
-    let listeners = start_frontends(&settings, dialers, fabric.clone(), held).await?;
+    let capture = Arc::new(std::sync::OnceLock::new());
+    let listeners = start_frontends(
+        &settings,
+        dialers,
+        fabric.clone(),
+        held,
+        Some(capture.clone()),
+    )
+    .await?;
     let stop = CancellationToken::new();
     tokio::spawn({
         let stop = stop.clone();
@@ -245,6 +257,7 @@ async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure>
         &settings,
         tun_dialer,
         counters,
+        capture,
         stop.clone().cancelled_owned(),
     )
     .await

@@ -13,8 +13,8 @@
 use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use fabric::path::ActivePath;
@@ -108,6 +108,85 @@ pub struct Status {
     counters: Arc<Counters>,
     /// Requests waiting for a session to an exit, when there are exits.
     held: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// What the TUN captures, once TUN mode has set up its routes.
+    tun: Option<Arc<OnceLock<TunCapture>>>,
+}
+
+/// What TUN mode sends into the TUN and what it leaves alone, as set up at start (networks
+/// in CIDR notation, addresses bare).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TunCapture {
+    /// The TUN device.
+    pub device: String,
+    /// Networks routed into the TUN (`0.0.0.0/0` and `::/0` unless `--tun-route`).
+    pub captured: Vec<String>,
+    /// The host's directly connected networks.
+    pub lan: Vec<String>,
+    /// Whether the LAN is captured (`--tun-lan`) rather than kept local.
+    pub lan_captured: bool,
+    /// `--tun-exclude` networks.
+    pub excluded: Vec<String>,
+    /// This host's own addresses (the kernel's `local` table serves them before any rule).
+    pub own_addresses: Vec<String>,
+    /// The TUN's own prefixes (flows to them are refused).
+    pub tun_prefixes: Vec<String>,
+    /// How captured DNS queries are answered.
+    pub dns: String,
+    /// Whether port-53 packets escaping the TUN (sockets bound to an interface, link-local
+    /// resolvers) are rejected (with an exit).
+    pub strict_route: bool,
+}
+
+impl TunCapture {
+    fn text(&self, out: &mut String) {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        let _ = writeln!(out, "tun {}", self.device);
+        let _ = writeln!(out, "  captured: {}", list(&self.captured));
+        if self.lan_captured {
+            let _ = writeln!(out, "  LAN, captured (--tun-lan): {}", list(&self.lan));
+        } else {
+            let _ = writeln!(
+                out,
+                "  LAN, kept local (--tun-lan captures it): {}",
+                list(&self.lan)
+            );
+        }
+        let _ = writeln!(out, "  excluded (--tun-exclude): {}", list(&self.excluded));
+        let _ = writeln!(
+            out,
+            "  this host's own addresses, never captured: {}",
+            list(&self.own_addresses)
+        );
+        let _ = writeln!(
+            out,
+            "  the tun's own prefixes, flows to them refused: {}",
+            list(&self.tun_prefixes)
+        );
+        let _ = writeln!(
+            out,
+            "  dns: UDP and TCP port 53 to any address, whatever the routes: {}",
+            self.dns
+        );
+        if self.strict_route {
+            let _ = writeln!(
+                out,
+                "  strict route: port-53 packets leaving by another interface without the \
+                 proxy's mark are rejected"
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  strict route: off (direct: a query bound to another interface leaves by it, \
+                 as the proxy would send it)"
+            );
+        }
+    }
 }
 
 /// One moment's figures.
@@ -139,6 +218,8 @@ pub struct Snapshot {
     pub tun_flows_refused: u64,
     /// The peers (exits for a client, clients for an exit), by public key in hex.
     pub peers: Vec<(String, PeerStatus)>,
+    /// What the TUN captures, in TUN mode once it is up.
+    pub tun: Option<TunCapture>,
 }
 
 impl Status {
@@ -150,7 +231,14 @@ impl Status {
             fabric,
             counters,
             held: None,
+            tun: None,
         }
+    }
+
+    /// Shows what the TUN captures once `tun` is set.
+    pub fn with_tun(mut self, tun: Arc<OnceLock<TunCapture>>) -> Self {
+        self.tun = Some(tun);
+        self
     }
 
     /// Shows `held` as the requests waiting for a session to an exit.
@@ -188,6 +276,7 @@ impl Status {
                 .as_ref()
                 .map_or(0, |h| h.load(Ordering::Relaxed) as u64),
             peers,
+            tun: self.tun.as_ref().and_then(|t| t.get().cloned()),
         }
     }
 }
@@ -285,6 +374,9 @@ impl Snapshot {
                     self.loops_refused, self.auth_failures
                 );
             }
+        }
+        if let Some(tun) = &self.tun {
+            tun.text(&mut out);
         }
         let kind = if self.role == Role::Exit {
             "client"
@@ -761,7 +853,52 @@ mod tests {
             waiting: 3,
             tun_flows_refused: 0,
             peers: vec![("CD".repeat(32), st)],
+            tun: None,
         }
+    }
+
+    #[test]
+    fn text_shows_what_the_tun_captures_and_what_stays_local() {
+        let mut snap = snapshot();
+        assert!(
+            !snap.text().contains("tun "),
+            "no tun section without a tun"
+        );
+        snap.tun = Some(TunCapture {
+            device: "tun0".into(),
+            captured: vec!["0.0.0.0/0".into(), "::/0".into()],
+            lan: vec!["192.168.1.0/24".into(), "2001:db8:1::/64".into()],
+            lan_captured: false,
+            excluded: vec![],
+            own_addresses: vec!["192.168.1.23".into()],
+            tun_prefixes: vec!["172.19.0.0/30".into()],
+            dns: "answered by the exit's resolver".into(),
+            strict_route: true,
+        });
+        let t = snap.text();
+        for line in [
+            "tun tun0\n",
+            "  captured: 0.0.0.0/0, ::/0\n",
+            "  LAN, kept local (--tun-lan captures it): 192.168.1.0/24, 2001:db8:1::/64\n",
+            "  excluded (--tun-exclude): none\n",
+            "  this host's own addresses, never captured: 192.168.1.23\n",
+            "  the tun's own prefixes, flows to them refused: 172.19.0.0/30\n",
+            "  dns: UDP and TCP port 53 to any address, whatever the routes: answered by the \
+             exit's resolver\n",
+            "  strict route: port-53 packets leaving by another interface",
+        ] {
+            assert!(t.contains(line), "{line:?} missing in:\n{t}");
+        }
+        if let Some(tun) = snap.tun.as_mut() {
+            tun.lan_captured = true;
+            tun.strict_route = false;
+        }
+        let t = snap.text();
+        assert!(
+            t.contains("  LAN, captured (--tun-lan): 192.168.1.0/24"),
+            "{t}"
+        );
+        assert!(t.contains("  strict route: off (direct"), "{t}");
     }
 
     #[test]

@@ -13,11 +13,21 @@
 //! `SO_MARK`: [`OwnSockets`] marks the whole process's packets through its cgroup instead.
 //!
 //! Routing (Linux, through `ip`): a table of our own holds the TUN routes (everything, or only
-//! `--tun-route` networks, minus `--tun-exclude` as `throw` routes); a first rule sends this
-//! process's marked sockets to `main`, a last one everything else to that table; DNS (UDP and TCP port 53) has its own rule and
+//! `--tun-route` networks, minus `--tun-exclude` and the host's connected networks as `throw`
+//! routes, unless `--tun-lan`); a first rule sends this process's marked sockets to `main`, a
+//! last one everything else to that table; DNS (UDP and TCP port 53) has its own rule and
 //! table so it reaches the TUN whatever the routes say. [`Routing`] undoes all of it on drop,
 //! which runs on Ctrl-C and SIGTERM as on errors.
+//!
+//! Strict route: a socket bound to an interface (`SO_BINDTODEVICE`, `IP_UNICAST_IF`, a
+//! link-local IPv6 resolver's scope) only matches routes through that interface, so no rule can
+//! send its packets into the TUN. With an exit, [`StrictRoute`] rejects the port-53 packets
+//! that leave by any interface but the TUN without the proxy's mark: such a query never
+//! leaves, and the resolver moves on to a server it reaches through the TUN. Direct, such a
+//! query leaves by the uplink as the proxy would send it, and is left alone: rejecting it
+//! would only break resolvers that ask nothing else (systemd-resolved's per-link servers).
 
+mod lan;
 mod own_sockets;
 
 use std::collections::HashMap;
@@ -38,7 +48,8 @@ use tracing::{debug, info, warn};
 use crate::config::{RunSettings, TunOptions};
 use crate::dialer::{Dialer, Target};
 use crate::exit::dns;
-use crate::status::Counters;
+use crate::exit_policy::Cidr;
+use crate::status::{Counters, TunCapture};
 
 pub use own_sockets::OwnSockets;
 
@@ -104,11 +115,13 @@ pub enum TunError {
 }
 
 /// Creates the device and the routes, then serves flows until `shutdown` completes; the routes
-/// and the device are gone when this returns.
+/// and the device are gone when this returns. What the TUN captures goes into `capture` once
+/// the routes are up (for `proxy status`).
 pub async fn run(
     settings: &RunSettings,
     dialer: Arc<dyn Dialer>,
     counters: Arc<Counters>,
+    capture: Arc<std::sync::OnceLock<TunCapture>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TunError> {
     if !cfg!(target_os = "linux") {
@@ -137,7 +150,29 @@ pub async fn run(
         }
     };
     let name = device.name().to_owned();
-    let routing = Routing::install(&name, opts, tun.ipv6.is_some())?;
+    let addrs = lan::interface_addresses().map_err(|e| TunError::Routing {
+        command: "reading this host's interface addresses".into(),
+        message: e.to_string(),
+    })?;
+    let lan = lan::connected_networks(addrs.iter().cloned(), &name);
+    let kept_local = if opts.lan { &[][..] } else { &lan[..] };
+    let routing = Routing::install(&name, opts, kept_local, tun.ipv6.is_some())?;
+    let strict_route = !settings.exits.is_empty();
+    let strict = if strict_route {
+        Some(StrictRoute::install(&name)?)
+    } else {
+        None
+    };
+    let _ = capture.set(capture_summary(
+        &name,
+        opts,
+        &lan,
+        &addrs,
+        tun.ipv6.is_some(),
+        dialer.resolver().is_some(),
+        strict_route,
+    ));
+    info!(device = %name, lan = ?lan.iter().map(ToString::to_string).collect::<Vec<_>>(), lan_captured = opts.lan, "tun routes up");
     let fake = opts
         .fake_ip
         .then(|| Arc::new(FakeDns::new(tun.ipv6.is_some())));
@@ -189,8 +224,71 @@ pub async fn run(
     }
     info!("tun mode shutting down");
     drop(stack);
+    drop(strict);
     drop(routing);
     Ok(())
+}
+
+/// What [`Routing::install`] set up, for `proxy status`.
+fn capture_summary(
+    dev: &str,
+    opts: &TunOptions,
+    lan: &[Cidr],
+    addrs: &[(String, IpAddr, u8)],
+    ipv6: bool,
+    exit_resolver: bool,
+    strict_route: bool,
+) -> TunCapture {
+    let strings = |v: &[Cidr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let mut captured = if opts.route.is_empty() {
+        let mut all = vec!["0.0.0.0/0".to_owned()];
+        if ipv6 {
+            all.push("::/0".into());
+        }
+        all
+    } else {
+        strings(&opts.route)
+    };
+    if opts.fake_ip && !opts.route.is_empty() {
+        captured.push(format!("{}/{}", fake_ip::V4_NET.0, fake_ip::V4_NET.1));
+        if ipv6 {
+            captured.push(format!("{}/{}", fake_ip::V6_NET.0, fake_ip::V6_NET.1));
+        }
+    }
+    let mut own_addresses: Vec<String> = Vec::new();
+    for (name, ip, _) in addrs {
+        let ip = ip.to_string();
+        if name != dev && name != "lo" && !own_addresses.contains(&ip) {
+            own_addresses.push(ip);
+        }
+    }
+    let v4 = Ipv4Addr::from_bits(TUN_V4.0.to_bits() & (u32::MAX << (32 - TUN_V4.1)));
+    let mut tun_prefixes = vec![format!("{v4}/{}", TUN_V4.1)];
+    if ipv6 {
+        let net = Ipv6Addr::from_bits(TUN_V6.0.to_bits() & (u128::MAX << (128 - TUN_V6.1)));
+        tun_prefixes.push(format!("{net}/{}", TUN_V6.1));
+    }
+    let dns = match (opts.fake_ip, exit_resolver) {
+        (true, true) => {
+            "A and AAAA answered with fake addresses, other types by the exit's resolver"
+        }
+        (true, false) => {
+            "A and AAAA answered with fake addresses, other types sent on to the address asked"
+        }
+        (false, true) => "answered by the exit's resolver, whatever address was asked",
+        (false, false) => "sent on to the address asked, from this host (marked)",
+    };
+    TunCapture {
+        device: dev.to_owned(),
+        captured,
+        lan: strings(lan),
+        lan_captured: opts.lan,
+        excluded: strings(&opts.exclude),
+        own_addresses,
+        tun_prefixes,
+        dns: dns.into(),
+        strict_route,
+    }
 }
 
 /// Whether this host has IPv6 beyond loopback (an address on any other interface).
@@ -451,8 +549,14 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// Adds the tables and rules for device `dev`.
-    pub fn install(dev: &str, opts: &TunOptions, ipv6: bool) -> Result<Self, TunError> {
+    /// Adds the tables and rules for device `dev`; `kept_local` (the host's connected
+    /// networks, unless `--tun-lan`) stays out of the TUN as `--tun-exclude` does.
+    pub fn install(
+        dev: &str,
+        opts: &TunOptions,
+        kept_local: &[Cidr],
+        ipv6: bool,
+    ) -> Result<Self, TunError> {
         let mut families = vec!["-4"];
         if ipv6 {
             families.push("-6");
@@ -521,8 +625,7 @@ impl Routing {
                     "ip", fam, "route", "add", route, "dev", dev, "table", &table,
                 ])?;
             }
-            for cidr in opts
-                .exclude
+            for cidr in throw_routes(opts, kept_local)
                 .iter()
                 .filter(|c| c.to_string().contains(':') == v6)
             {
@@ -591,6 +694,66 @@ impl Drop for Routing {
             let _ = exec(&cmd);
         }
         debug!("tun routes removed");
+    }
+}
+
+/// The networks to leave out of the TUN's table: `--tun-exclude`, then the kept-local
+/// networks that are neither excluded already nor named by `--tun-route` (routing a network
+/// explicitly is asking for it, LAN or not).
+fn throw_routes(opts: &TunOptions, kept_local: &[Cidr]) -> Vec<Cidr> {
+    let mut throws = opts.exclude.clone();
+    for net in kept_local {
+        if !throws.contains(net) && !opts.route.contains(net) {
+            throws.push(*net);
+        }
+    }
+    throws
+}
+
+/// The nftables table of [`StrictRoute`].
+const STRICT_TABLE: &str = "proxy_tun_strict";
+
+/// Rejects port-53 packets that leave by an interface other than the TUN (and loopback)
+/// without the proxy's mark: queries of resolvers bound to an interface, which routing cannot
+/// capture. Dropping removes the rules.
+#[derive(Debug)]
+pub struct StrictRoute(());
+
+impl StrictRoute {
+    /// Installs the rules for TUN device `dev`.
+    pub fn install(dev: &str) -> Result<Self, TunError> {
+        // A table left by a run killed hard is replaced.
+        let _ = exec(&args(&["nft", "delete", "table", "inet", STRICT_TABLE]));
+        // Priority filter: after the `type route` chain that marks this process's sockets
+        // through their cgroup (priority mangle), so those count as the proxy's own.
+        let rules = format!(
+            "table inet {STRICT_TABLE} {{
+                chain out {{
+                    type filter hook output priority filter; policy accept;
+                    meta mark {MARK:#x} accept
+                    oifname {{ \"{dev}\", \"lo\" }} accept
+                    meta l4proto tcp th dport 53 counter reject with tcp reset
+                    meta l4proto udp th dport 53 counter reject
+                }}
+            }}"
+        );
+        let path =
+            std::env::temp_dir().join(format!("proxy-tun-strict-{}.nft", std::process::id()));
+        std::fs::write(&path, rules).map_err(|e| TunError::Routing {
+            command: format!("writing {}", path.display()),
+            message: e.to_string(),
+        })?;
+        let loaded = ip(&["nft", "-f", &path.to_string_lossy()]);
+        let _ = std::fs::remove_file(&path);
+        loaded?;
+        Ok(Self(()))
+    }
+}
+
+impl Drop for StrictRoute {
+    fn drop(&mut self) {
+        let _ = exec(&args(&["nft", "delete", "table", "inet", STRICT_TABLE]));
+        debug!("strict route removed");
     }
 }
 
@@ -678,6 +841,70 @@ mod tests {
         let real: SocketAddr = "192.0.2.1:80".parse().unwrap();
         assert_eq!(target(real, Some(&fake)), Some(Target::Ip(real)));
         assert_eq!(target(unknown, None), Some(Target::Ip(unknown)));
+    }
+
+    fn cidrs(v: &[&str]) -> Vec<Cidr> {
+        v.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_lan_is_thrown_out_of_the_table_unless_routed_explicitly() {
+        let lan = cidrs(&["192.168.1.0/24", "10.0.0.0/16", "2001:db8:1::/64"]);
+        let opts = TunOptions {
+            exclude: cidrs(&["203.0.113.0/24", "10.0.0.0/16"]),
+            ..TunOptions::default()
+        };
+        // Excluded once, whether named by --tun-exclude, the LAN or both.
+        assert_eq!(
+            throw_routes(&opts, &lan),
+            cidrs(&[
+                "203.0.113.0/24",
+                "10.0.0.0/16",
+                "192.168.1.0/24",
+                "2001:db8:1::/64"
+            ])
+        );
+        // A LAN network given to --tun-route is captured; --tun-lan passes no LAN at all.
+        let opts = TunOptions {
+            route: cidrs(&["192.168.1.0/24"]),
+            ..TunOptions::default()
+        };
+        assert_eq!(
+            throw_routes(&opts, &lan),
+            cidrs(&["10.0.0.0/16", "2001:db8:1::/64"])
+        );
+        assert!(throw_routes(&opts, &[]).is_empty());
+    }
+
+    #[test]
+    fn the_capture_summary_names_what_stays_out() {
+        let addrs = vec![
+            ("eth0".to_owned(), "192.168.1.23".parse().unwrap(), 24),
+            ("tun3".to_owned(), "172.19.0.1".parse().unwrap(), 30),
+        ];
+        let lan = cidrs(&["192.168.1.0/24"]);
+        let opts = TunOptions {
+            exclude: cidrs(&["203.0.113.0/24"]),
+            ..TunOptions::default()
+        };
+        let c = capture_summary("tun3", &opts, &lan, &addrs, true, true, true);
+        assert_eq!(c.captured, ["0.0.0.0/0", "::/0"]);
+        assert_eq!(c.lan, ["192.168.1.0/24"]);
+        assert!(!c.lan_captured && c.strict_route);
+        assert_eq!(c.excluded, ["203.0.113.0/24"]);
+        assert_eq!(c.own_addresses, ["192.168.1.23"]);
+        assert_eq!(c.tun_prefixes, ["172.19.0.0/30", "fd00:7478::/126"]);
+        assert!(c.dns.contains("exit's resolver"), "{}", c.dns);
+        let opts = TunOptions {
+            route: cidrs(&["10.0.0.0/8"]),
+            fake_ip: true,
+            lan: true,
+            ..TunOptions::default()
+        };
+        let c = capture_summary("tun3", &opts, &lan, &addrs, false, false, false);
+        assert_eq!(c.captured, ["10.0.0.0/8", "198.18.0.0/15"]);
+        assert!(c.lan_captured && !c.strict_route);
+        assert_eq!(c.tun_prefixes, ["172.19.0.0/30"]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Linux network namespaces for the TUN tests: a client namespace and a server namespace joined
-//! by a veth pair, with IPv4 and IPv6, removed on drop (deleting a namespace deletes its
-//! devices, routes and rules with it).
+//! by a veth pair, or ([`Topology::routed`]) with a router namespace between them, with IPv4
+//! and IPv6, removed on drop (deleting a namespace deletes its devices, routes and rules with
+//! it).
 
 use std::io::{self, BufRead, BufReader};
 use std::path::Path;
@@ -61,7 +62,8 @@ pub fn sh(args: &[&str]) -> io::Result<Output> {
 }
 
 /// Two namespaces: `client` (10.N.0.1, fdN::1) and `server` (10.N.0.2, fdN::2) on one veth
-/// link; the client's default routes point at the server.
+/// link; the client's default routes point at the server. Or, [`Topology::routed`], a real
+/// machine's setup: the client's LAN holds only the router, and the server is beyond it.
 #[derive(Debug)]
 pub struct Topology {
     /// The client namespace's name.
@@ -74,6 +76,15 @@ pub struct Topology {
     pub server_v4: String,
     /// The server's IPv6 address.
     pub server_v6: String,
+    /// The router namespace between them ([`Topology::routed`] only).
+    pub router: Option<String>,
+    /// The router's IPv4 address on the client's LAN ([`Topology::routed`] only): a host on
+    /// the client's connected network.
+    pub router_lan_v4: Option<String>,
+    /// The router's IPv6 address on the client's LAN ([`Topology::routed`] only).
+    pub router_lan_v6: Option<String>,
+    /// The router's interface on the client's LAN ([`Topology::routed`] only).
+    pub router_lan_if: Option<String>,
 }
 
 impl Topology {
@@ -90,6 +101,10 @@ impl Topology {
             client_if: format!("nst{id}c"),
             server_v4: format!("10.{net}.0.2"),
             server_v6: format!("fd{net:02x}::2"),
+            router: None,
+            router_lan_v4: None,
+            router_lan_v6: None,
+            router_lan_if: None,
         };
         let server_if = format!("nst{id}s");
         sh(&["ip", "netns", "add", &me.client])?;
@@ -141,6 +156,121 @@ impl Topology {
         Ok(me)
     }
 
+    /// Three namespaces: `client` (10.N.0.1/24, fdN::1/64, its LAN) whose default routes
+    /// point at `router` (10.N.0.254, fdN::fe on the LAN; 10.N.1.1, fdN:1::1 beyond), which
+    /// forwards to `server` (10.N.1.2, fdN:1::2). No NAT: the server sees the client's address.
+    pub fn routed() -> io::Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}r{}", std::process::id() % 100_000, n);
+        // Namespaces keep topologies apart; distinct subnets only make logs unambiguous.
+        let net = 250 + std::process::id() % 5;
+        let (lan, wan) = ((2 * n) % 256, (2 * n + 1) % 256);
+        let lan4 = format!("10.{net}.{lan}");
+        let wan4 = format!("10.{net}.{wan}");
+        let lan6 = format!("fd{net:02x}:{lan:x}:");
+        let wan6 = format!("fd{net:02x}:{wan:x}:");
+        let me = Self {
+            client: format!("tun5-c-{id}"),
+            server: format!("tun5-s-{id}"),
+            client_if: format!("nst{id}c"),
+            server_v4: format!("{wan4}.2"),
+            server_v6: canonical_v6(&format!("{wan6}:2")),
+            router: Some(format!("tun5-r-{id}")),
+            router_lan_v4: Some(format!("{lan4}.254")),
+            router_lan_v6: Some(canonical_v6(&format!("{lan6}:fe"))),
+            router_lan_if: Some(format!("nst{id}l")),
+        };
+        let router = me.router.clone().unwrap_or_default();
+        let (c, r, s) = (me.client.as_str(), router.as_str(), me.server.as_str());
+        // Each namespace is deleted on drop once created, also when a later step fails.
+        sh(&["ip", "netns", "add", c])?;
+        sh(&["ip", "netns", "add", r])?;
+        sh(&["ip", "netns", "add", s])?;
+        let ci = me.client_if.as_str();
+        let rl = me.router_lan_if.clone().unwrap_or_default();
+        let (rw, si) = (format!("nst{id}w"), format!("nst{id}s"));
+        let rlan4 = format!("{lan4}.254");
+        let rwan4 = format!("{wan4}.1");
+        let rlan6 = format!("{lan6}:fe");
+        let rwan6 = format!("{wan6}:1");
+        let addr = |ns: &str, a: String, dev: &str| -> Vec<String> {
+            let mut cmd = ["ip", "-n", ns, "addr", "add", &a, "dev", dev]
+                .map(String::from)
+                .to_vec();
+            if a.contains(':') {
+                // No duplicate address detection: the address works at once.
+                cmd.push("nodad".into());
+            }
+            cmd
+        };
+        let up = |ns: &str, dev: &str| -> Vec<String> {
+            ["ip", "-n", ns, "link", "set", dev, "up"]
+                .map(String::from)
+                .to_vec()
+        };
+        // Link-local addresses usable at once (no duplicate address detection): tests talk
+        // to the router's link-local address, and a tentative source address cannot send.
+        let no_dad = |ns: &str, dev: &str| -> Vec<String> {
+            let script = format!("echo 0 > /proc/sys/net/ipv6/conf/{dev}/accept_dad");
+            ["ip", "netns", "exec", ns, "sh", "-c", &script]
+                .map(String::from)
+                .to_vec()
+        };
+        let via = |ns: &str, fam: &str, gw: &str| -> Vec<String> {
+            ["ip", "-n", ns, fam, "route", "add", "default", "via", gw]
+                .map(String::from)
+                .to_vec()
+        };
+        let cmds: Vec<Vec<String>> = vec![
+            ["ip", "link", "add", ci, "netns", c, "type", "veth", "peer", "name", &rl, "netns", r]
+                .map(String::from)
+                .to_vec(),
+            ["ip", "link", "add", &rw, "netns", r, "type", "veth", "peer", "name", &si, "netns", s]
+                .map(String::from)
+                .to_vec(),
+            addr(c, format!("{lan4}.1/24"), ci),
+            addr(c, format!("{lan6}:1/64"), ci),
+            addr(r, format!("{rlan4}/24"), &rl),
+            addr(r, format!("{rlan6}/64"), &rl),
+            addr(r, format!("{rwan4}/24"), &rw),
+            addr(r, format!("{rwan6}/64"), &rw),
+            addr(s, format!("{}/24", me.server_v4), &si),
+            addr(s, format!("{}/64", me.server_v6), &si),
+            no_dad(c, ci),
+            no_dad(r, &rl),
+            up(c, ci),
+            up(c, "lo"),
+            up(r, &rl),
+            up(r, &rw),
+            up(r, "lo"),
+            up(s, &si),
+            up(s, "lo"),
+            via(c, "-4", &rlan4),
+            via(c, "-6", &rlan6),
+            via(s, "-4", &rwan4),
+            via(s, "-6", &rwan6),
+            // /proc/sys/net belongs to the namespace of the process that writes it.
+            ["ip", "netns", "exec", r, "sh", "-c",
+             "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for cmd in &cmds {
+            let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            sh(&cmd)?;
+        }
+        Ok(me)
+    }
+
+    /// Runs `args` inside the router namespace ([`Topology::routed`] only).
+    pub fn in_router(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.router.as_deref().unwrap_or("none")])
+            .args(args);
+        cmd
+    }
+
     /// Runs `args` inside the client namespace.
     pub fn in_client(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("ip");
@@ -168,7 +298,16 @@ impl Drop for Topology {
         // Processes still inside keep a namespace's devices alive; they are the tests' children
         // and are killed by their own guards first.
         delete(&[&self.client, &self.server]);
+        if let Some(router) = &self.router {
+            delete(&[router]);
+        }
     }
+}
+
+/// An IPv6 address as the tools print it (`fd01::2`, not `fd01:0::2`).
+fn canonical_v6(addr: &str) -> String {
+    addr.parse::<std::net::Ipv6Addr>()
+        .map_or_else(|_| addr.to_owned(), |a| a.to_string())
 }
 
 /// Deletes these network namespaces (with their devices, routes and rules), ignoring any

@@ -3,8 +3,10 @@
 //! - `nst-tool serve HTTP_ADDR... -- DNS_ANSWER`: the test HTTP server on each address, a DNS
 //!   responder on UDP and TCP port 53 of the same IPs answering every A query with
 //!   `DNS_ANSWER`, and a UDP echo on port 7; prints `ready` and serves until killed.
-//! - `nst-tool dns SERVER:PORT NAME [udp|tcp] [TYPE]`: one A query, prints the answer's
-//!   address; with another TYPE (28, 65, ...) prints `rcode R answers N` of the response.
+//! - `nst-tool dns [--dev IFACE] SERVER:PORT NAME [udp|tcp] [TYPE]`: one A query, prints the
+//!   answer's address; with another TYPE (28, 65, ...) prints `rcode R answers N` of the
+//!   response. `--dev` binds the socket to IFACE (`SO_BINDTODEVICE`, as resolvers with
+//!   per-link servers do) and gives a link-local IPv6 SERVER that interface's scope.
 //! - `nst-tool lookups SERVER:PORT N THREADS`: N distinct A queries (`nK.bench.test`), each
 //!   from a socket of its own as resolvers send them, THREADS at a time; prints
 //!   `answered A of N in S s: R/s, p50 X ms, p99 Y ms` (an unanswered query waits 5 s).
@@ -117,8 +119,46 @@ fn serve(args: &[String]) -> Res {
     }
 }
 
+/// `--dev IFACE` taken out of `args`.
+fn device_flag(args: &[String]) -> Result<(Option<String>, Vec<String>), String> {
+    let Some(i) = args.iter().position(|a| a == "--dev") else {
+        return Ok((None, args.to_vec()));
+    };
+    let dev = args.get(i + 1).ok_or("--dev needs an interface")?.clone();
+    let mut rest = args.to_vec();
+    rest.drain(i..i + 2);
+    Ok((Some(dev), rest))
+}
+
+/// A socket of `ty` for `server`, bound to interface `dev` if given; a link-local IPv6
+/// `server` gets `dev`'s scope.
+fn socket_for(
+    server: &mut SocketAddr,
+    dev: Option<&str>,
+    ty: socket2::Type,
+) -> Result<socket2::Socket, String> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(*server), ty, None)
+        .map_err(|e| e.to_string())?;
+    if let Some(dev) = dev {
+        socket
+            .bind_device(Some(dev.as_bytes()))
+            .map_err(|e| format!("SO_BINDTODEVICE {dev}: {e}"))?;
+        if let SocketAddr::V6(v6) = server
+            && v6.ip().is_unicast_link_local()
+        {
+            // `ip netns exec` mounts the namespace's own /sys.
+            let index = std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex"))
+                .map_err(|e| format!("{dev}: {e}"))?;
+            v6.set_scope_id(index.trim().parse().map_err(|_| "ifindex")?);
+        }
+    }
+    Ok(socket)
+}
+
 fn dns(args: &[String]) -> Res {
-    let server: SocketAddr = arg(args, 0, "server")?;
+    let (dev, args) = device_flag(args)?;
+    let args = &args[..];
+    let mut server: SocketAddr = arg(args, 0, "server")?;
     let name = args.get(1).ok_or("name")?;
     let qtype: u16 = if args.len() > 3 {
         arg(args, 3, "type")?
@@ -127,8 +167,11 @@ fn dns(args: &[String]) -> Res {
     };
     let q = dns_query_typed(0x4242, name, qtype);
     let resp = if args.get(2).map(String::as_str) == Some("tcp") {
-        let mut c = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+        let socket = socket_for(&mut server, dev.as_deref(), socket2::Type::STREAM)?;
+        socket
+            .connect_timeout(&server.into(), Duration::from_secs(5))
             .map_err(|e| e.to_string())?;
+        let mut c = TcpStream::from(socket);
         c.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(|e| e.to_string())?;
         let mut msg = (q.len() as u16).to_be_bytes().to_vec();
@@ -145,16 +188,29 @@ fn dns(args: &[String]) -> Res {
         } else {
             "[::]:0".parse().map_err(|_| "bind")?
         };
-        let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+        let socket = socket_for(&mut server, dev.as_deref(), socket2::Type::DGRAM)?;
+        socket.bind(&bind.into()).map_err(|e| e.to_string())?;
+        let s = UdpSocket::from(socket);
         s.set_read_timeout(Some(Duration::from_secs(2)))
             .map_err(|e| e.to_string())?;
+        if dev.is_some() {
+            // Connected, a refusal (ICMP unreachable) ends the query at once instead of after
+            // every retry's time limit.
+            s.connect(server).map_err(|e| e.to_string())?;
+        }
         let mut buf = [0u8; 1500];
         let mut got = None;
         for _ in 0..3 {
             s.send_to(&q, server).map_err(|e| e.to_string())?;
-            if let Ok((n, _)) = s.recv_from(&mut buf) {
-                got = Some(buf[..n].to_vec());
-                break;
+            match s.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    got = Some(buf[..n].to_vec());
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    return Err(format!("refused: {e}"));
+                }
+                Err(_) => {}
             }
         }
         got.ok_or("no DNS answer")?
