@@ -609,9 +609,15 @@ impl Session {
             return None;
         }
         let now_ms = self.now_ms();
-        // At least a millisecond ahead: KCP's clock has no finer grain.
-        let kcp_wait = self.lanes.check(now_ms).max(1);
-        let kcp_at = self.now + Duration::from_millis(u64::from(kcp_wait));
+        // At least a millisecond ahead: KCP's clock has no finer grain. An idle session has
+        // no KCP deadline at all: KCP's `check` never says more than its interval (10 ms),
+        // which woke every idle session a hundred times a second (B13).
+        let kcp_at = if self.lanes.is_idle() {
+            self.now + self.config.idle_timeout
+        } else {
+            let kcp_wait = self.lanes.check(now_ms).max(1);
+            self.now + Duration::from_millis(u64::from(kcp_wait))
+        };
         let idle_at = self.last_rx + self.config.idle_timeout;
         let keepalive = self.config.keepalive;
         let ping_at = match self.unanswered_since {

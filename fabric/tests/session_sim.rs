@@ -174,6 +174,14 @@ fn keepalive_holds_an_idle_session_and_silence_ends_it() {
         pair.a.stats().packets_sent < 3600,
         "keepalive is not chatty"
     );
+    // And an idle session sleeps until its next keepalive, not KCP's 10 ms tick.
+    let quiet = pair.now;
+    let mut wakes = 0;
+    while pair.now < quiet + Duration::from_secs(60) {
+        assert!(pair.step(|_, _, _| {}));
+        wakes += 1;
+    }
+    assert!(wakes < 60, "{wakes} wake-ups in an idle minute");
 
     // Now the path dies: both ends notice within the idle timeout.
     let died = pair.now;

@@ -305,6 +305,12 @@ impl Lanes {
         }
     }
 
+    /// Whether no lane has anything to send, to acknowledge or waiting for acknowledgement:
+    /// KCP's timers have nothing to do, however often they are asked.
+    pub(super) fn is_idle(&self) -> bool {
+        self.needs_flush == 0 && self.lanes.iter().all(|l| l.kcp.wait_snd() == 0)
+    }
+
     /// Milliseconds until some lane's KCP needs `update`.
     pub(super) fn check(&self, now_ms: u32) -> u32 {
         self.lanes
