@@ -875,8 +875,10 @@ async fn drive(
         // about a second instead of the link's dead timeout.
         let also_tox =
             path.is_punched() && watch.suspect(now, || session.stats().waiting_segments > 0);
-        if also_tox && !was_suspect {
+        if also_tox && !was_suspect && session.stats().waiting_segments > 0 {
             // What went out on the silent link is presumed lost: send it again on Tox now.
+            // Only data: an idle link turns suspect whenever the peer's keepalive came by
+            // Tox, and restarting the pacer then would only slow the next transfer.
             session.on_path_change(now);
         }
         was_suspect = also_tox;

@@ -510,7 +510,10 @@ impl ProxyProcess {
     pub fn start_raw(args: &[&str]) -> io::Result<Self> {
         let mut child = Command::new(proxy_bin())
             .args(args)
-            .env("RUST_LOG", "proxy=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("PROXY_LOG").unwrap_or_else(|_| "proxy=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -12,8 +12,14 @@
 //!   (each a small HTTP exchange with a 10 s limit): failures, hangs, connections per second and
 //!   the growth of both processes' RSS.
 //!
+//! The exit allows the client by its ID (`--allow`), as the design card has it;
+//! `BENCH_ALLOW_ANY=1` runs it with `--allow-any` instead, where the exit forgets the client
+//! (a stranger) when it restarts and waits for its friend request again.
+//!
 //! `cargo run --release -p tests --bin bench-connect` (env: `BENCH_ROUNDS`, default 5;
-//! `BENCH_SEQUENTIAL`, default 5,000; `PROXY_BIN` for the binary under test). Prints medians
+//! `BENCH_SEQUENTIAL`, default 5,000; `PROXY_BIN` for the binary under test; `PROXY_LOG` for
+//! both processes' RUST_LOG, `BENCH_EXIT_LOG=FILE` to keep the exits' logs, `BENCH_VERBOSE=1` to
+//! print the client's log of the cold start). Prints medians
 //! and ranges. Needs `tox-bootstrapd` (Debian `toxcore-utils`).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -33,25 +39,45 @@ struct Exit {
 }
 
 impl Exit {
-    fn start(net: &ToxNet, dir: &str) -> Exit {
+    /// An exit that allows `client` (or anyone, when `None`: the client is then a stranger
+    /// that the exit forgets when it restarts).
+    fn start(net: &ToxNet, dir: &str, client: Option<&str>) -> Exit {
         let mut args = vec![
             "exit".to_owned(),
             "--data-dir".to_owned(),
             dir.to_owned(),
             "--no-public-bootstrap".to_owned(),
             "--no-public-stun".to_owned(),
-            "--allow-any".to_owned(),
             "--allow-private".to_owned(),
         ];
+        match client {
+            Some(id) => args.extend(["--allow".to_owned(), id.to_owned()]),
+            None => args.push("--allow-any".to_owned()),
+        }
         for node in net.nodes() {
             args.push("--bootstrap".into());
             args.push(node.to_string());
         }
+        // BENCH_EXIT_LOG=FILE keeps the exits' logs (RUST_LOG from PROXY_LOG).
+        let log = match std::env::var_os("BENCH_EXIT_LOG") {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("exit log file"),
+            ),
+            None => Stdio::null(),
+        };
         let mut child = Command::new(proxy_bin())
             .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("PROXY_LOG").unwrap_or_else(|_| "proxy=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn proxy exit");
         let stdout = child.stdout.take().expect("stdout");
@@ -87,6 +113,16 @@ impl Drop for Exit {
     }
 }
 
+/// The Tox ID of the identity in `dir` (created if missing).
+fn identity(dir: &str) -> String {
+    let out = Command::new(proxy_bin())
+        .args(["id", "--data-dir", dir])
+        .output()
+        .expect("proxy id");
+    assert!(out.status.success(), "proxy id failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 fn start_client(net: &ToxNet, dir: &str, exit: &str) -> ProxyProcess {
     let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
     let mut args = vec![
@@ -116,14 +152,15 @@ fn fetch(socks: SocketAddr, target: SocketAddr, limit: Duration) -> Result<(), S
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1))
     };
-    s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(left()))
+        .map_err(|e| e.to_string())?;
     let SocketAddr::V4(v4) = target else {
         return Err("IPv4 targets only".into());
     };
     let mut req = vec![5, 1, 0, 5, 1, 0, 1];
     req.extend_from_slice(&v4.ip().octets());
     req.extend_from_slice(&v4.port().to_be_bytes());
-    req.extend_from_slice(b"GET / HTTP/1.0\r\n\r\n");
+    req.extend_from_slice(b"GET /index.html HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
     s.write_all(&req).map_err(|e| format!("write: {e}"))?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head)
@@ -132,7 +169,8 @@ fn fetch(socks: SocketAddr, target: SocketAddr, limit: Duration) -> Result<(), S
         return Err(format!("socks refused: reply {}", head[3]));
     }
     let mut first = [0u8; 1];
-    s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(left()))
+        .map_err(|e| e.to_string())?;
     s.read_exact(&mut first)
         .map_err(|e| format!("answer: {e}"))?;
     let mut rest = Vec::new();
@@ -154,7 +192,10 @@ fn rss_kib(pid: u32) -> u64 {
 
 fn summary(name: &str, mut v: Vec<Duration>) {
     v.sort();
-    let secs: Vec<String> = v.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect();
+    let secs: Vec<String> = v
+        .iter()
+        .map(|d| format!("{:.2}", d.as_secs_f64()))
+        .collect();
     println!(
         "{name:<34} median {:>6.2} s   ({})",
         v[v.len() / 2].as_secs_f64(),
@@ -172,6 +213,7 @@ fn env_or(name: &str, default: usize) -> usize {
 fn main() {
     let rounds = env_or("BENCH_ROUNDS", 5);
     let sequential = env_or("BENCH_SEQUENTIAL", 5000);
+    let allow_any = std::env::var_os("BENCH_ALLOW_ANY").is_some();
     let net = ToxNet::start(4).expect("private tox network (tox-bootstrapd)");
     let web = HttpServer::start().expect("http server");
     let target = web.addr();
@@ -181,7 +223,8 @@ fn main() {
         let exit_dir = exit_dir.display().to_string();
         let client_dir = net.scratch_dir(&format!("client{round}")).expect("dir");
         let client_dir = client_dir.display().to_string();
-        let mut exit = Exit::start(&net, &exit_dir);
+        let client_id = (!allow_any).then(|| identity(&client_dir));
+        let mut exit = Exit::start(&net, &exit_dir, client_id.as_deref());
         let id = exit.id.clone();
 
         let started = Instant::now();
@@ -189,6 +232,9 @@ fn main() {
         let socks = client.socks.expect("socks");
         fetch(socks, target, Duration::from_secs(90)).expect("cold request held and served");
         cold.push(started.elapsed());
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            eprintln!("client log:\n{}", client.stderr());
+        }
         drop(client);
 
         let started = Instant::now();
@@ -199,7 +245,7 @@ fn main() {
 
         exit.kill();
         let started = Instant::now();
-        exit = Exit::start(&net, &exit_dir);
+        exit = Exit::start(&net, &exit_dir, client_id.as_deref());
         loop {
             match fetch(socks, target, Duration::from_secs(5)) {
                 Ok(()) => break,
