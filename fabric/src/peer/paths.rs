@@ -53,9 +53,9 @@ pub(super) enum Carrier {
     /// Nothing: a forced punched path is not up yet (KCP retransmits once it is).
     Held,
     /// A punched UDP link.
-    Udp(UdpLinkSender),
+    Udp(Punched<UdpLinkSender>),
     /// A punched TCP link.
-    Tcp(TcpLinkSender),
+    Tcp(Punched<TcpLinkSender>),
 }
 
 impl Carrier {
@@ -65,42 +65,72 @@ impl Carrier {
     }
 
     /// Sends a session packet on a punched link; `false` means "send it by Tox" (the carrier
-    /// is Tox, or the link has closed and the agent is about to say so). When the link's
-    /// queue is full: Tox already has a copy if the link is suspect (`also_tox`); otherwise
-    /// wait for the link, but not for ever (a stalled TCP connection must not stall the
-    /// driver too).
+    /// is Tox, the link has closed and the agent is about to say so, or the link is behind
+    /// or lossy and Tox carries a copy). `also_tox` says the caller already sent a copy by
+    /// Tox. Never waits: the session driver stops reading, acknowledging and timing while it
+    /// waits, so one full link queue would stall every stream (review B10).
     pub(super) async fn send(&self, packet: &[u8], also_tox: bool) -> bool {
+        let now = tokio::time::Instant::now();
         match self {
             Self::Tox => false,
             // A forced punched path is not up: KCP sends it again later.
             Self::Held => true,
-            // The waiting sends are futures: nothing happens unless the queue was full.
-            Self::Udp(link) => settle(link.try_send(packet), also_tox, link.send(packet)).await,
-            Self::Tcp(link) => settle(link.try_send(packet), also_tox, link.send(packet)).await,
+            Self::Udp(link) => link.settle(now, link.sender.try_send(packet), also_tox),
+            Self::Tcp(link) => link.settle(now, link.sender.try_send(packet), also_tox),
         }
     }
 }
 
-/// What became of a packet offered to a link: `first` is the attempt without waiting, `wait`
-/// the send that waits for room (polled only when the queue was full and Tox has no copy).
-async fn settle(
-    first: Result<(), LinkSendError>,
-    also_tox: bool,
-    wait: impl Future<Output = Result<(), LinkSendError>>,
-) -> bool {
-    match first {
-        Ok(()) => true,
-        Err(LinkSendError::Full) if also_tox => true,
-        Err(LinkSendError::Full) => {
-            matches!(tokio::time::timeout(LINK_WAIT, wait).await, Ok(Ok(())))
-        }
-        Err(_) => false,
-    }
+/// How long a link whose queue was full stays suspect: its packets get Tox copies.
+const FULL_SUSPECT_FOR: Duration = Duration::from_millis(1000);
+
+/// A punched link as the session driver sends on it.
+#[derive(Debug, Clone)]
+pub(super) struct Punched<S> {
+    sender: S,
+    /// Every packet also by Tox: the link loses too much and there is nothing better.
+    tox_copies: bool,
+    /// Whether the session may send by Tox at all (`--path udp|tcp` forbid it).
+    allows_tox: bool,
+    /// When the link's queue was last full, shared by the clones of this carrier.
+    full_at: Arc<Mutex<Option<tokio::time::Instant>>>,
 }
 
-/// The longest a session driver waits for room on a punched link before sending the packet
-/// by Tox instead.
-const LINK_WAIT: Duration = Duration::from_millis(250);
+impl<S> Punched<S> {
+    fn new(sender: S, tox_copies: bool, allows_tox: bool) -> Self {
+        Self {
+            sender,
+            tox_copies,
+            allows_tox,
+            full_at: Arc::default(),
+        }
+    }
+
+    /// What became of a packet offered to the link (`sent`, tried without waiting): `true`
+    /// when the link took it and Tox needs no copy, or Tox may not be used. A full queue marks
+    /// the link suspect for [`FULL_SUSPECT_FOR`]: what it takes meanwhile may sit behind a
+    /// stalled connection, so Tox carries copies too (KCP drops duplicates).
+    fn settle(
+        &self,
+        now: tokio::time::Instant,
+        sent: Result<(), LinkSendError>,
+        also_tox: bool,
+    ) -> bool {
+        let mut full_at = lock(&self.full_at);
+        match sent {
+            // The agent moves the session off a closed link at once.
+            Err(LinkSendError::Closed) => return false,
+            Err(LinkSendError::Full) => *full_at = Some(now),
+            Ok(()) => {}
+        }
+        if also_tox || !self.allows_tox {
+            // Tox has a copy already, or must not get one (lost packets are KCP's to resend).
+            return true;
+        }
+        let suspect = full_at.is_some_and(|t| now.saturating_duration_since(t) < FULL_SUSPECT_FOR);
+        !(sent.is_err() || suspect || self.tox_copies)
+    }
+}
 
 /// The kind of path a session packet arrived by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,8 +257,74 @@ struct Round {
     tcp_punch: Option<JoinHandle<Result<TlsStream<tokio::net::TcpStream>, TcpPunchError>>>,
     tcp: Option<TcpLink>,
     tcp_up: Option<SocketAddr>,
+    /// What punching TCP again within this round needs (none when TCP is not punched).
+    tcp_plan: Option<Arc<TcpPlan>>,
+    /// A TCP link came up in this round (so the peer can make one again).
+    tcp_was_up: bool,
+    /// When to punch TCP again, if scheduled.
+    tcp_repunch_at: Option<tokio::time::Instant>,
+    /// The pause before the next TCP punch: none after a link died (the peer saw it die too
+    /// and punches now), doubling after each failed punch.
+    tcp_gap: Duration,
     offer_id: u64,
     connected: bool,
+}
+
+/// Everything a TCP punch towards the peer needs; kept for the round so that a TCP link
+/// that dies is punched again at once, from the same port to the same candidates, without a
+/// new offer exchange (the peer, seeing the link die too, does the same).
+struct TcpPlan {
+    local: SocketAddr,
+    remotes: Vec<SocketAddr>,
+    controlling: bool,
+    identity: TlsIdentity,
+    fingerprint: [u8; 32],
+    config: crate::punch::tcp::TcpPunchConfig,
+    /// Holds the TCP port (and the UDP socket) for the round.
+    _gathered: Gathered,
+}
+
+impl TcpPlan {
+    fn punch(
+        self: &Arc<Self>,
+    ) -> JoinHandle<Result<TlsStream<tokio::net::TcpStream>, TcpPunchError>> {
+        let plan = self.clone();
+        tokio::spawn(async move {
+            punch_tcp(
+                plan.local,
+                &plan.remotes,
+                plan.controlling,
+                &plan.identity,
+                plan.fingerprint,
+                plan.config,
+            )
+            .await
+        })
+    }
+}
+
+/// The first pause before punching TCP again after a failed punch within a round.
+const TCP_REPUNCH_MIN: Duration = Duration::from_secs(1);
+
+impl Round {
+    /// Whether the round should have a TCP punch going: it has none, and either a TCP link
+    /// was up before (it died: the peer punches again too) or the UDP link is lossy and a
+    /// TCP link would take over. A round whose UDP link is gone as well ends instead, and the
+    /// client offers anew.
+    fn wants_tcp_punch(&self) -> bool {
+        self.tcp_plan.is_some()
+            && self.tcp.is_none()
+            && self.tcp_punch.is_none()
+            && self.udp_up.is_some()
+            && (self.tcp_was_up || self.udp_lossy)
+    }
+
+    /// Schedules a TCP punch if the round wants one and none is scheduled.
+    fn schedule_tcp_punch(&mut self) {
+        if self.wants_tcp_punch() && self.tcp_repunch_at.is_none() {
+            self.tcp_repunch_at = Some(tokio::time::Instant::now() + self.tcp_gap);
+        }
+    }
 }
 
 impl Drop for Round {
@@ -517,25 +613,21 @@ impl Agent {
             }
             _ => None,
         };
-        let tcp_punch = match (gathered.tcp, identity, peer.tls_fingerprint) {
+        let tcp_plan = match (gathered.tcp, identity, peer.tls_fingerprint) {
             (Some(local), Some(identity), Some(fingerprint)) if !tcp_remotes.is_empty() => {
-                let config = self.config.tcp;
-                Some(tokio::spawn(async move {
-                    // `gathered` holds the port until this binds it again.
-                    let _hold = gathered;
-                    punch_tcp(
-                        local,
-                        &tcp_remotes,
-                        controlling,
-                        &identity,
-                        fingerprint,
-                        config,
-                    )
-                    .await
+                Some(Arc::new(TcpPlan {
+                    local,
+                    remotes: tcp_remotes,
+                    controlling,
+                    identity,
+                    fingerprint,
+                    config: self.config.tcp,
+                    _gathered: gathered,
                 }))
             }
             _ => None,
         };
+        let tcp_punch = tcp_plan.as_ref().map(TcpPlan::punch);
         if udp.is_none() && tcp_punch.is_none() {
             return Err("no candidate pair to punch".into());
         }
@@ -546,6 +638,10 @@ impl Agent {
             tcp_punch,
             tcp: None,
             tcp_up: None,
+            tcp_plan,
+            tcp_was_up: false,
+            tcp_repunch_at: None,
+            tcp_gap: Duration::ZERO,
             offer_id,
             connected: false,
         })
@@ -580,6 +676,15 @@ impl Agent {
                 // Keepalives move the figures while no data comes by UDP (the peer may
                 // have moved its sending to TCP already).
                 _ = figures.tick() => self.refresh_udp_figures(&mut round, &why),
+                () = sleep_until_some(round.tcp_repunch_at) => {
+                    round.tcp_repunch_at = None;
+                    if round.wants_tcp_punch()
+                        && let Some(plan) = &round.tcp_plan
+                    {
+                        debug!(peer = %self.pk, "punching tcp again");
+                        round.tcp_punch = Some(plan.punch());
+                    }
+                }
                 r = join(&mut round.tcp_punch) => {
                     round.tcp_punch = None;
                     match r {
@@ -593,6 +698,8 @@ impl Agent {
                                 punch.dead_after,
                             ));
                             round.tcp_up = remote;
+                            round.tcp_was_up = true;
+                            round.tcp_gap = Duration::ZERO;
                             round.connected = true;
                             self.choose(&round, &why);
                         }
@@ -601,6 +708,10 @@ impl Agent {
                             if round.udp_up.is_none() {
                                 why = format!("tcp punching failed: {e}");
                             }
+                            round.tcp_gap = (round.tcp_gap * 2)
+                                .max(TCP_REPUNCH_MIN)
+                                .min(self.config.retry_max);
+                            round.schedule_tcp_punch();
                             self.choose(&round, &why);
                         }
                     }
@@ -616,6 +727,9 @@ impl Agent {
                         round.tcp = None;
                         round.tcp_up = None;
                         why = "the tcp link died".into();
+                        // Within the round: waiting for it to end could take for ever while
+                        // a UDP link answers some keepalives (review B3).
+                        round.schedule_tcp_punch();
                         self.choose(&round, &why);
                     }
                 },
@@ -657,6 +771,7 @@ impl Agent {
         };
         if lossy != round.udp_lossy {
             round.udp_lossy = lossy;
+            round.schedule_tcp_punch();
             self.choose(round, why);
         }
     }
@@ -691,25 +806,31 @@ impl Agent {
     /// chosen path is the one in use.
     fn choose(&self, round: &Round, why: &str) {
         let choice = self.config.choice;
-        // A UDP link that loses half its round trips (UDP throttled on the way) yields to a
-        // TCP link; KCP copes with random loss far below that.
-        let udp_yields = round.udp_lossy && round.tcp.is_some() && choice.wants_tcp();
-        let (carrier, active, remote, why) = match (&round.udp, round.udp_up, &round.tcp) {
-            (Some(link), Some(remote), _) if choice.wants_udp() && !udp_yields => (
-                Carrier::Udp(link.sender()),
+        let udp = round.udp.as_ref().zip(round.udp_up);
+        let tcp = round.tcp.as_ref();
+        let picked = pick(choice, udp.is_some(), round.udp_lossy, tcp.is_some());
+        let (carrier, active, remote, why) = match (picked, udp, tcp) {
+            (Pick::Udp { tox_copies }, Some((link, remote)), _) => (
+                Carrier::Udp(Punched::new(link.sender(), tox_copies, choice.allows_tox())),
                 ActivePath::Udp,
                 Some(remote),
-                "direct udp link up".to_owned(),
+                if tox_copies {
+                    "direct udp link up (it loses half its keepalives: tox carries copies \
+                     while tcp is punched again)"
+                        .to_owned()
+                } else {
+                    "direct udp link up".to_owned()
+                },
             ),
-            (udp, _, Some(link)) if choice.wants_tcp() => {
-                let udp = match udp {
+            (Pick::Tcp { udp_yields }, _, Some(link)) => {
+                let udp = match &round.udp {
                     Some(_) if udp_yields => "the udp link loses half its keepalives",
                     Some(_) => "udp still punching",
                     None if choice.wants_udp() => why,
                     None => "udp not wanted",
                 };
                 (
-                    Carrier::Tcp(link.sender()),
+                    Carrier::Tcp(Punched::new(link.sender(), false, choice.allows_tox())),
                     ActivePath::Tcp,
                     round.tcp_up,
                     format!("direct tcp link up ({udp})"),
@@ -778,10 +899,47 @@ impl Agent {
     }
 }
 
+/// What a round's links make the session send on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    /// The punched UDP link; with `tox_copies`, Tox carries every packet too.
+    Udp { tox_copies: bool },
+    /// The punched TCP link; `udp_yields` when a lossy UDP link is up beside it.
+    Tcp { udp_yields: bool },
+    /// Tox (or hold, under a forced punched path).
+    Fallback,
+}
+
+/// The path for a round's state: punched UDP, then punched TCP, then Tox. A UDP link that
+/// loses half its keepalive round trips (UDP throttled on the way; KCP copes with random loss
+/// far below that) yields to a TCP link; with none, it keeps carrying packets but Tox carries
+/// copies of them (review B3: a lossy link alone used to be kept for ever), unless the choice
+/// forbids Tox.
+fn pick(choice: PathChoice, udp_up: bool, udp_lossy: bool, tcp_up: bool) -> Pick {
+    let udp = udp_up && choice.wants_udp();
+    let tcp = tcp_up && choice.wants_tcp();
+    match (udp, tcp) {
+        (true, true) if udp_lossy => Pick::Tcp { udp_yields: true },
+        (true, _) => Pick::Udp {
+            tox_copies: udp_lossy && choice.allows_tox(),
+        },
+        (false, true) => Pick::Tcp { udp_yields: false },
+        (false, false) => Pick::Fallback,
+    }
+}
+
 /// Events of the round's UDP link, a burst at a time (pending while there is no link).
 async fn next_batch(link: &mut Option<UdpLink>, out: &mut Vec<LinkEvent>) -> usize {
     match link {
         Some(l) => l.next_events(out, 256).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves at `at`; never without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
@@ -809,6 +967,72 @@ async fn join(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lossy_udp_link_yields_to_tcp_or_gets_tox_copies_never_kept_alone() {
+        use PathChoice::{Auto, Tcp, Udp};
+        let copies = |tox_copies| Pick::Udp { tox_copies };
+        // Healthy UDP first; a lossy one yields to TCP.
+        assert_eq!(pick(Auto, true, false, true), copies(false));
+        assert_eq!(pick(Auto, true, true, true), Pick::Tcp { udp_yields: true });
+        // Review B3: lossy UDP and no TCP link used to stay the only path.
+        assert_eq!(pick(Auto, true, true, false), copies(true));
+        // `--path udp` forbids Tox: the lossy link is all there is.
+        assert_eq!(pick(Udp, true, true, false), copies(false));
+        assert_eq!(pick(Udp, true, true, true), copies(false));
+        assert_eq!(
+            pick(Auto, false, false, true),
+            Pick::Tcp { udp_yields: false }
+        );
+        assert_eq!(
+            pick(Tcp, true, false, true),
+            Pick::Tcp { udp_yields: false }
+        );
+        assert_eq!(pick(Tcp, true, false, false), Pick::Fallback);
+        assert_eq!(pick(Auto, false, false, false), Pick::Fallback);
+    }
+
+    #[test]
+    fn a_full_link_sends_by_tox_at_once_and_stays_suspect_for_a_while() {
+        let t0 = tokio::time::Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let link = Punched::new((), false, true);
+        assert!(link.settle(ms(0), Ok(()), false), "healthy: the link alone");
+        // Full: this packet goes by Tox, and for a second so do copies of the ones the link
+        // takes (they may sit behind whatever filled it).
+        assert!(!link.settle(ms(10), Err(LinkSendError::Full), false));
+        assert!(
+            !link.clone().settle(ms(500), Ok(()), false),
+            "clones share the mark"
+        );
+        assert!(link.settle(ms(1011), Ok(()), false), "trusted again");
+        // The caller already sent a Tox copy: never a second one.
+        assert!(link.settle(ms(1100), Err(LinkSendError::Full), true));
+        assert!(link.settle(ms(1200), Ok(()), true));
+        // A closed link: Tox.
+        assert!(!link.settle(ms(3000), Err(LinkSendError::Closed), false));
+        // Tox copies of everything (lossy UDP, nothing better).
+        let lossy = Punched::new((), true, true);
+        assert!(!lossy.settle(ms(0), Ok(()), false));
+        // No Tox allowed: a full link drops the packet (KCP resends), Tox gets nothing.
+        let forced = Punched::new((), true, false);
+        assert!(forced.settle(ms(0), Err(LinkSendError::Full), false));
+        assert!(forced.settle(ms(1), Ok(()), false));
+    }
+
+    /// Review B10: the session driver awaited up to 250 ms per packet on a full link.
+    #[tokio::test(start_paused = true)]
+    async fn sending_on_a_full_tcp_link_never_waits() {
+        // Nobody reads the other end: the link's queue fills and stays full.
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        let link = TcpLink::spawn(ours, Duration::from_secs(1), Duration::from_secs(60));
+        let sender = link.sender();
+        while sender.try_send([7u8; 100]).is_ok() {}
+        let carrier = Carrier::Tcp(Punched::new(sender, false, true));
+        let mut send = Box::pin(carrier.send(&[7u8; 100], false));
+        let sent = std::future::poll_fn(|cx| std::task::Poll::Ready(send.as_mut().poll(cx))).await;
+        assert_eq!(sent, std::task::Poll::Ready(false), "by Tox, at once");
+    }
 
     #[test]
     fn a_silent_link_is_suspected_only_while_acknowledgements_are_owed_or_the_peer_left() {
