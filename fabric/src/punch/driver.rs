@@ -532,6 +532,10 @@ async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
                         Err(e) => tracing::trace!(error = %e, %from, "dropped link packet"),
                     }
                 }
+                // Answer the keepalives of this batch before waiting for the consumer: a
+                // consumer that is behind must not make the peer count a healthy link's
+                // round trips as lost (review B15; a late answer counts as a loss).
+                flush_transmits(shared, &mut tx);
                 for event in out.drain(..) {
                     if events.send(event).await.is_err() {
                         return;
@@ -541,6 +545,21 @@ async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
             () = shared.wake.notified() => {}
             () = events.closed() => return,
             () = sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// Sends what the core has queued (probes, keepalives and their answers) without waiting:
+/// packets that meet a full socket buffer are dropped, the core retries what matters.
+fn flush_transmits(shared: &Shared, tx: &mut Vec<u8>) {
+    let now = Instant::now();
+    let mut punch = lock(&shared.punch);
+    while let Some(t) = punch.poll_transmit(now, tx) {
+        if let Err(e) = shared
+            .socket
+            .try_send_to(tx, wire_addr(shared.local, t.dst))
+        {
+            tracing::debug!(error = %e, dst = %t.dst, "punch send failed");
         }
     }
 }
