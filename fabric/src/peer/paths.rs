@@ -815,8 +815,7 @@ impl Agent {
                 ActivePath::Udp,
                 Some(remote),
                 if tox_copies {
-                    "direct udp link up (it loses half its keepalives: tox carries copies \
-                     while tcp is punched again)"
+                    "direct udp link up (it loses half its keepalives: tox carries copies)"
                         .to_owned()
                 } else {
                     "direct udp link up".to_owned()
