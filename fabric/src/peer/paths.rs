@@ -17,8 +17,15 @@
 //! punched packet.
 //!
 //! Each side picks its own carrier from the links it has up and its own `--path` choice:
-//! punched UDP, then punched TCP, then Tox. KCP takes packets from any path, so the two sides
-//! need not switch at the same instant.
+//! punched UDP, then punched TCP, then Tox ([`pick`]). KCP takes packets from any path, so the
+//! two sides need not switch at the same instant. A UDP link that loses half its keepalives
+//! yields to a TCP link, or, with none, keeps carrying packets with Tox copies beside them.
+//!
+//! A round lasts while any of its links is up. Within it, a TCP link that dies, or a UDP link
+//! that turns lossy with no TCP link, makes both sides punch TCP again from the round's ports
+//! to the same candidates (each side sees the link die, or the loss, by itself, and a punch
+//! dials for seconds, so the two attempts meet); only when every link is gone does the client
+//! offer anew.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
@@ -261,10 +268,11 @@ struct Round {
     tcp_plan: Option<Arc<TcpPlan>>,
     /// A TCP link came up in this round (so the peer can make one again).
     tcp_was_up: bool,
+    /// When the current TCP link came up.
+    tcp_up_at: Option<tokio::time::Instant>,
     /// When to punch TCP again, if scheduled.
     tcp_repunch_at: Option<tokio::time::Instant>,
-    /// The pause before the next TCP punch: none after a link died (the peer saw it die too
-    /// and punches now), doubling after each failed punch.
+    /// The pause before the next TCP punch (see [`next_tcp_gap`]).
     tcp_gap: Duration,
     offer_id: u64,
     connected: bool,
@@ -305,6 +313,20 @@ impl TcpPlan {
 
 /// The first pause before punching TCP again after a failed punch within a round.
 const TCP_REPUNCH_MIN: Duration = Duration::from_secs(1);
+/// A TCP link that lived this long was healthy: when it dies, punch again at once.
+const TCP_STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// The pause before the next TCP punch of a round, after the last one failed (`lived` is
+/// `None`) or its link died after `lived`. None after a healthy link died: the peer saw it
+/// die too and punches now. Otherwise from [`TCP_REPUNCH_MIN`], doubling up to `max`, so that
+/// a path that kills every connection soon after it is made costs a punch now and then, not
+/// a loop of handshakes.
+fn next_tcp_gap(gap: Duration, lived: Option<Duration>, max: Duration) -> Duration {
+    if lived.is_some_and(|l| l >= TCP_STABLE_AFTER) {
+        return Duration::ZERO;
+    }
+    (gap * 2).max(TCP_REPUNCH_MIN).min(max)
+}
 
 impl Round {
     /// Whether the round should have a TCP punch going: it has none, and either a TCP link
@@ -640,6 +662,7 @@ impl Agent {
             tcp_up: None,
             tcp_plan,
             tcp_was_up: false,
+            tcp_up_at: None,
             tcp_repunch_at: None,
             tcp_gap: Duration::ZERO,
             offer_id,
@@ -699,7 +722,7 @@ impl Agent {
                             ));
                             round.tcp_up = remote;
                             round.tcp_was_up = true;
-                            round.tcp_gap = Duration::ZERO;
+                            round.tcp_up_at = Some(tokio::time::Instant::now());
                             round.connected = true;
                             self.choose(&round, &why);
                         }
@@ -708,9 +731,8 @@ impl Agent {
                             if round.udp_up.is_none() {
                                 why = format!("tcp punching failed: {e}");
                             }
-                            round.tcp_gap = (round.tcp_gap * 2)
-                                .max(TCP_REPUNCH_MIN)
-                                .min(self.config.retry_max);
+                            round.tcp_gap =
+                                next_tcp_gap(round.tcp_gap, None, self.config.retry_max);
                             round.schedule_tcp_punch();
                             self.choose(&round, &why);
                         }
@@ -726,6 +748,8 @@ impl Agent {
                         info!(peer = %self.pk, "punched tcp path died");
                         round.tcp = None;
                         round.tcp_up = None;
+                        let lived = round.tcp_up_at.take().map(|t| t.elapsed());
+                        round.tcp_gap = next_tcp_gap(round.tcp_gap, lived, self.config.retry_max);
                         why = "the tcp link died".into();
                         // Within the round: waiting for it to end could take for ever while
                         // a UDP link answers some keepalives (review B3).
@@ -989,6 +1013,18 @@ mod tests {
         );
         assert_eq!(pick(Tcp, true, false, false), Pick::Fallback);
         assert_eq!(pick(Auto, false, false, false), Pick::Fallback);
+    }
+
+    #[test]
+    fn tcp_is_punched_again_at_once_after_a_healthy_link_and_backs_off_otherwise() {
+        let max = Duration::from_secs(120);
+        let secs = Duration::from_secs;
+        assert_eq!(next_tcp_gap(secs(8), Some(secs(60)), max), Duration::ZERO);
+        // Failed punches and links that die young: 1 s, 2 s, 4 s ... up to the maximum.
+        assert_eq!(next_tcp_gap(Duration::ZERO, None, max), secs(1));
+        assert_eq!(next_tcp_gap(secs(1), Some(secs(2)), max), secs(2));
+        assert_eq!(next_tcp_gap(secs(2), None, max), secs(4));
+        assert_eq!(next_tcp_gap(secs(100), None, max), max);
     }
 
     #[test]
