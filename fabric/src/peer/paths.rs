@@ -72,24 +72,23 @@ impl Carrier {
     }
 
     /// Sends a session packet on a punched link; `false` means "send it by Tox" (the carrier
-    /// is Tox, the link has closed and the agent is about to say so, or the link is behind
-    /// or lossy and Tox carries a copy). `also_tox` says the caller already sent a copy by
-    /// Tox. Never waits: the session driver stops reading, acknowledging and timing while it
-    /// waits, so one full link queue would stall every stream (review B10).
+    /// is Tox, the link has closed and the agent is about to say so, its queue is full, or
+    /// the link is lossy and Tox carries copies). `also_tox` says the caller already sent a
+    /// copy by Tox. Never waits: the session driver stops reading, acknowledging and timing
+    /// while it waits, and it used to wait up to 250 ms for each packet on a full link
+    /// (review B10). A packet that finds the queue full goes by Tox alone: copying the
+    /// following ones to Tox as well would double a busy link's traffic into Tox, whose full
+    /// queue the driver does wait for; a link that stops delivering is `LinkWatch`'s to catch.
     pub(super) async fn send(&self, packet: &[u8], also_tox: bool) -> bool {
-        let now = tokio::time::Instant::now();
         match self {
             Self::Tox => false,
             // A forced punched path is not up: KCP sends it again later.
             Self::Held => true,
-            Self::Udp(link) => link.settle(now, link.sender.try_send(packet), also_tox),
-            Self::Tcp(link) => link.settle(now, link.sender.try_send(packet), also_tox),
+            Self::Udp(link) => link.settle(link.sender.try_send(packet), also_tox),
+            Self::Tcp(link) => link.settle(link.sender.try_send(packet), also_tox),
         }
     }
 }
-
-/// How long a link whose queue was full stays suspect: its packets get Tox copies.
-const FULL_SUSPECT_FOR: Duration = Duration::from_millis(1000);
 
 /// A punched link as the session driver sends on it.
 #[derive(Debug, Clone)]
@@ -99,8 +98,6 @@ pub(super) struct Punched<S> {
     tox_copies: bool,
     /// Whether the session may send by Tox at all (`--path udp|tcp` forbid it).
     allows_tox: bool,
-    /// When the link's queue was last full, shared by the clones of this carrier.
-    full_at: Arc<Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl<S> Punched<S> {
@@ -109,33 +106,23 @@ impl<S> Punched<S> {
             sender,
             tox_copies,
             allows_tox,
-            full_at: Arc::default(),
         }
     }
 
     /// What became of a packet offered to the link (`sent`, tried without waiting): `true`
-    /// when the link took it and Tox needs no copy, or Tox may not be used. A full queue marks
-    /// the link suspect for [`FULL_SUSPECT_FOR`]: what it takes meanwhile may sit behind a
-    /// stalled connection, so Tox carries copies too (KCP drops duplicates).
-    fn settle(
-        &self,
-        now: tokio::time::Instant,
-        sent: Result<(), LinkSendError>,
-        also_tox: bool,
-    ) -> bool {
-        let mut full_at = lock(&self.full_at);
+    /// when Tox needs no copy of it.
+    fn settle(&self, sent: Result<(), LinkSendError>, also_tox: bool) -> bool {
         match sent {
             // The agent moves the session off a closed link at once.
-            Err(LinkSendError::Closed) => return false,
-            Err(LinkSendError::Full) => *full_at = Some(now),
-            Ok(()) => {}
+            Err(LinkSendError::Closed) => false,
+            // Tox has a copy already, or must not get one (KCP resends what was lost).
+            _ if also_tox || !self.allows_tox => true,
+            Err(LinkSendError::Full) => {
+                tracing::trace!("punched link full: packet sent by tox");
+                false
+            }
+            Ok(()) => !self.tox_copies,
         }
-        if also_tox || !self.allows_tox {
-            // Tox has a copy already, or must not get one (lost packets are KCP's to resend).
-            return true;
-        }
-        let suspect = full_at.is_some_and(|t| now.saturating_duration_since(t) < FULL_SUSPECT_FOR);
-        !(sent.is_err() || suspect || self.tox_copies)
     }
 }
 
@@ -1028,31 +1015,28 @@ mod tests {
     }
 
     #[test]
-    fn a_full_link_sends_by_tox_at_once_and_stays_suspect_for_a_while() {
-        let t0 = tokio::time::Instant::now();
-        let ms = |n| t0 + Duration::from_millis(n);
+    fn a_full_link_hands_its_packet_to_tox_and_a_lossy_one_gets_copies() {
         let link = Punched::new((), false, true);
-        assert!(link.settle(ms(0), Ok(()), false), "healthy: the link alone");
-        // Full: this packet goes by Tox, and for a second so do copies of the ones the link
-        // takes (they may sit behind whatever filled it).
-        assert!(!link.settle(ms(10), Err(LinkSendError::Full), false));
+        assert!(link.settle(Ok(()), false), "healthy: the link alone");
         assert!(
-            !link.clone().settle(ms(500), Ok(()), false),
-            "clones share the mark"
+            !link.settle(Err(LinkSendError::Full), false),
+            "full: by Tox"
         );
-        assert!(link.settle(ms(1011), Ok(()), false), "trusted again");
+        assert!(
+            !link.settle(Err(LinkSendError::Closed), false),
+            "closed: by Tox"
+        );
         // The caller already sent a Tox copy: never a second one.
-        assert!(link.settle(ms(1100), Err(LinkSendError::Full), true));
-        assert!(link.settle(ms(1200), Ok(()), true));
-        // A closed link: Tox.
-        assert!(!link.settle(ms(3000), Err(LinkSendError::Closed), false));
+        assert!(link.settle(Err(LinkSendError::Full), true));
+        assert!(link.settle(Ok(()), true));
         // Tox copies of everything (lossy UDP, nothing better).
         let lossy = Punched::new((), true, true);
-        assert!(!lossy.settle(ms(0), Ok(()), false));
+        assert!(!lossy.settle(Ok(()), false));
+        assert!(lossy.settle(Ok(()), true));
         // No Tox allowed: a full link drops the packet (KCP resends), Tox gets nothing.
         let forced = Punched::new((), true, false);
-        assert!(forced.settle(ms(0), Err(LinkSendError::Full), false));
-        assert!(forced.settle(ms(1), Ok(()), false));
+        assert!(forced.settle(Err(LinkSendError::Full), false));
+        assert!(forced.settle(Ok(()), false));
     }
 
     /// Review B10: the session driver awaited up to 250 ms per packet on a full link.
