@@ -216,30 +216,10 @@ pub async fn gather(config: &PathConfig, udp: bool, tcp: bool) -> io::Result<Gat
     let hosts: Vec<IpAddr> = networks.iter().map(|n| n.addr).collect();
     let servers = resolve(&config.stun_servers).await;
     let mut candidates = Vec::new();
-    // Host addresses a socket can use: IPv6 ones only on a socket of both families.
-    let usable = |local: SocketAddr| {
-        let v6 = local.is_ipv6();
-        hosts
-            .iter()
-            .copied()
-            .filter(move |ip| v6 || ip.is_ipv4())
-            .collect::<Vec<_>>()
-    };
     let udp_socket = if udp {
         let socket = bind_punch_udp()?;
         let local = socket.local_addr()?;
-        let port = local.port();
-        candidates.extend(usable(local).into_iter().map(|ip| Candidate {
-            kind: CandidateKind::Host,
-            protocol: Protocol::Udp,
-            addr: SocketAddr::new(ip, port),
-        }));
-        for &server in &servers {
-            match stun_udp(&socket, server, config.stun).await {
-                Ok(addr) => push(&mut candidates, Protocol::Udp, addr),
-                Err(error) => debug!(%server, %error, "stun over udp failed"),
-            }
-        }
+        hosts_of(&mut candidates, &hosts, Protocol::Udp, local);
         Some(Arc::new(socket))
     } else {
         None
@@ -247,22 +227,49 @@ pub async fn gather(config: &PathConfig, udp: bool, tcp: bool) -> io::Result<Gat
     let (tcp_local, tcp_hold) = if tcp {
         let hold = bind_punch_tcp()?;
         let local = hold.local_addr()?;
-        candidates.extend(usable(local).into_iter().map(|ip| Candidate {
-            kind: CandidateKind::Host,
-            protocol: Protocol::Tcp,
-            addr: SocketAddr::new(ip, local.port()),
-        }));
-        for &server in &servers {
-            match stun_tcp(local, server, config.stun).await {
-                Ok((_, addr)) => push(&mut candidates, Protocol::Tcp, addr),
-                Err(error) => debug!(%server, %error, "stun over tcp failed"),
-            }
-        }
+        hosts_of(&mut candidates, &hosts, Protocol::Tcp, local);
         (Some(local), Some(hold))
     } else {
         (None, None)
     };
-    candidates.truncate(MAX_CANDIDATES);
+    // Both protocols at once, and the TCP servers in parallel (each query is its own
+    // connection): unreachable servers used to cost their timeouts one after the other
+    // (review B14). The UDP servers go in turn: their queries share one socket, and each
+    // query takes whatever arrives on it.
+    let udp_queries = async {
+        let mut found = Vec::new();
+        let Some(socket) = &udp_socket else {
+            return found;
+        };
+        for &server in &servers {
+            match stun_udp(socket, server, config.stun).await {
+                Ok(addr) => found.push(reflexive(Protocol::Udp, addr)),
+                Err(error) => debug!(%server, %error, "stun over udp failed"),
+            }
+        }
+        found
+    };
+    let tcp_queries = async {
+        let Some(local) = tcp_local else {
+            return Vec::new();
+        };
+        let stun = config.stun;
+        let queries: Vec<_> = servers
+            .iter()
+            .map(|&server| (server, tokio::spawn(stun_tcp(local, server, stun))))
+            .collect();
+        let mut found = Vec::new();
+        for (server, query) in queries {
+            match query.await {
+                Ok(Ok((_, addr))) => found.push(reflexive(Protocol::Tcp, addr)),
+                Ok(Err(error)) => debug!(%server, %error, "stun over tcp failed"),
+                Err(error) => debug!(%server, %error, "stun over tcp task"),
+            }
+        }
+        found
+    };
+    let (udp_found, tcp_found) = tokio::join!(udp_queries, tcp_queries);
+    let candidates = offered(candidates, udp_found.into_iter().chain(tcp_found));
     Ok(Gathered {
         udp: udp_socket,
         tcp: tcp_local,
@@ -272,19 +279,63 @@ pub async fn gather(config: &PathConfig, udp: bool, tcp: bool) -> io::Result<Gat
     })
 }
 
-/// Adds a server-reflexive candidate unless it is already there (a public host address, or
-/// a second STUN server seeing the same mapping).
-fn push(candidates: &mut Vec<Candidate>, protocol: Protocol, addr: SocketAddr) {
-    if !candidates
-        .iter()
-        .any(|c| c.protocol == protocol && c.addr == addr)
-    {
-        candidates.push(Candidate {
-            kind: CandidateKind::ServerReflexive,
-            protocol,
-            addr,
-        });
+/// Adds the host candidates of the socket bound at `local`: every interface address in
+/// `hosts` it can use (IPv6 ones only on a socket of both families), at its port.
+fn hosts_of(
+    candidates: &mut Vec<Candidate>,
+    hosts: &[IpAddr],
+    protocol: Protocol,
+    local: SocketAddr,
+) {
+    let v6 = local.is_ipv6();
+    candidates.extend(
+        hosts
+            .iter()
+            .copied()
+            .filter(|ip| v6 || ip.is_ipv4())
+            .map(|ip| Candidate {
+                kind: CandidateKind::Host,
+                protocol,
+                addr: SocketAddr::new(ip, local.port()),
+            }),
+    );
+}
+
+fn reflexive(protocol: Protocol, addr: SocketAddr) -> Candidate {
+    Candidate {
+        kind: CandidateKind::ServerReflexive,
+        protocol,
+        addr,
     }
+}
+
+/// The candidates we offer, at most [`MAX_CANDIDATES`]: the first host address of each
+/// protocol, then the server-reflexive ones (what a peer behind another NAT can reach), then
+/// the other host addresses; cut at the end, so a host with many interfaces never crowds the
+/// reflexive ones out (review B14). A reflexive address that is already there (a public host
+/// address, or a second STUN server seeing the same mapping) is offered once.
+fn offered(
+    hosts: Vec<Candidate>,
+    reflexive: impl IntoIterator<Item = Candidate>,
+) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = Vec::new();
+    let mut rest = Vec::new();
+    for host in &hosts {
+        if out.iter().any(|c| c.protocol == host.protocol) {
+            rest.push(*host);
+        } else {
+            out.push(*host);
+        }
+    }
+    for candidate in reflexive {
+        let known = |c: &Candidate| c.protocol == candidate.protocol && c.addr == candidate.addr;
+        if !hosts.iter().any(known) && !out.iter().any(known) {
+            out.push(candidate);
+        }
+    }
+    out.extend(rest);
+    out.truncate(MAX_CANDIDATES);
+    out
 }
 
 /// The addresses of the interfaces that are up: IPv4 first, then global IPv6. IPv4 loopback
@@ -346,11 +397,22 @@ fn usable_v6(ip: std::net::Ipv6Addr) -> bool {
         && ip.to_ipv4_mapped().is_none()
 }
 
-/// Resolves `host:port` names, skipping (and logging) those that do not resolve.
+/// Resolves `host:port` names, all at once, skipping (and logging) those that do not
+/// resolve.
 async fn resolve(servers: &[String]) -> Vec<SocketAddr> {
+    let lookups: Vec<_> = servers
+        .iter()
+        .map(|server| {
+            let name = server.clone();
+            (
+                server,
+                tokio::spawn(async move { tokio::net::lookup_host(name).await }),
+            )
+        })
+        .collect();
     let mut out = Vec::new();
-    for server in servers {
-        match tokio::net::lookup_host(server.as_str()).await {
+    for (server, lookup) in lookups {
+        match lookup.await.map_err(io::Error::other).and_then(|r| r) {
             Ok(addrs) => {
                 if let Some(addr) = addrs.into_iter().find(SocketAddr::is_ipv4) {
                     out.push(addr);
@@ -417,6 +479,46 @@ mod tests {
         }
         assert!(g.candidates.iter().any(|c| c.protocol == Protocol::Udp));
         assert!(g.candidates.iter().any(|c| c.protocol == Protocol::Tcp));
+    }
+
+    #[test]
+    fn reflexive_candidates_come_before_extra_host_addresses_and_survive_the_cut() {
+        let host = |protocol, i: u8| Candidate {
+            kind: CandidateKind::Host,
+            protocol,
+            addr: SocketAddr::from(([10, 0, 0, i], 4000)),
+        };
+        // A host with many interfaces: more host candidates than an offer carries.
+        let hosts: Vec<_> = (1..=30)
+            .map(|i| host(Protocol::Udp, i))
+            .chain((1..=30).map(|i| host(Protocol::Tcp, i)))
+            .collect();
+        let public = SocketAddr::from(([203, 0, 113, 7], 5000));
+        let also_host = SocketAddr::from(([10, 0, 0, 3], 4000));
+        let found = [
+            reflexive(Protocol::Udp, public),
+            // A second server sees the same mapping; a public host address is its own.
+            reflexive(Protocol::Udp, public),
+            reflexive(Protocol::Udp, also_host),
+            reflexive(Protocol::Tcp, public),
+        ];
+        let got = offered(hosts.clone(), found);
+        assert_eq!(got.len(), MAX_CANDIDATES);
+        assert_eq!(
+            &got[..2],
+            &[hosts[0], hosts[30]],
+            "one host address of each first"
+        );
+        assert_eq!(
+            &got[2..4],
+            &[
+                reflexive(Protocol::Udp, public),
+                reflexive(Protocol::Tcp, public)
+            ],
+            "then the reflexive ones, once each"
+        );
+        assert_eq!(got[4], hosts[1], "then the other host addresses");
+        assert!(!got.contains(&reflexive(Protocol::Udp, also_host)));
     }
 
     #[tokio::test]

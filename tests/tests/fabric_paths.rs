@@ -1,5 +1,6 @@
 //! A live session moving between paths: it starts on Tox (private network on 127.0.0.1), moves
-//! to a punched UDP link, to punched TCP while the UDP link loses most packets and back when it
+//! to a punched UDP link, to punched TCP while the UDP link loses most packets, keeps going
+//! (Tox carrying copies) when that TCP link is reset and punched again, and back to UDP when it
 //! recovers, falls back to punched TCP and then to Tox as nftables blackholes each link, and
 //! punches UDP again once it is allowed, while streams verified by SHA-256 keep
 //! flowing through every move. `--path` choices that force one path are honoured.
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use fabric::path::{ActivePath, PathChoice};
+use fabric::path::{ActivePath, PathChoice, PathStatus};
 use fabric::peer::{Fabric, FabricConfig, Peer, PeerStatus};
 use tests::init_tracing;
 use tests::netns;
@@ -42,19 +43,21 @@ fn exit_view(exit: &Fabric) -> Option<PeerStatus> {
         .find(|st| st.conv.is_some())
 }
 
-/// Waits until both sides send on `want`, returning how long that took.
+/// Waits until both sides send on `want` (checking their status every 50 ms, at most
+/// `limit`), returning how long that took and the client's path status at that moment: what
+/// is asserted about the move is what the client said then, not after the streams finished.
 async fn wait_for_path(
     peer: &Peer,
     exit: &Fabric,
     want: ActivePath,
     limit: Duration,
-) -> Result<Duration> {
+) -> Result<(Duration, PathStatus)> {
     let started = Instant::now();
     loop {
         let client = peer.status().link;
         let exit_side = exit_view(exit).map(|s| s.link);
         if client.active == want && exit_side.as_ref().is_some_and(|l| l.active == want) {
-            return Ok(started.elapsed());
+            return Ok((started.elapsed(), client));
         }
         if started.elapsed() > limit {
             bail!("not on {want} after {limit:?}: client {client:?}, exit {exit_side:?}");
@@ -64,11 +67,11 @@ async fn wait_for_path(
 }
 
 /// Streams of `len` bytes, `parallel` at a time, until `until` resolves; all must verify.
-async fn traffic_during<F: Future<Output = Result<Duration>>>(
+async fn traffic_during<T, F: Future<Output = Result<T>>>(
     peer: &Arc<Peer>,
     seed: u64,
     until: F,
-) -> Result<Duration> {
+) -> Result<T> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The longest wait for one 512 KiB stream, logged (not asserted: timing is the bench's
     // business) to show how long a move stalls the streams.
@@ -104,14 +107,14 @@ async fn traffic_during<F: Future<Output = Result<Duration>>>(
 }
 
 /// Streams run (seeded by `seed`) until both sides send on `want`, at most `limit_secs`;
-/// how long the move took.
+/// how long the move took, and the client's path status when it was done.
 async fn moved(
     peer: &Arc<Peer>,
     exit: &Fabric,
     seed: u64,
     want: ActivePath,
     limit_secs: u64,
-) -> Result<Duration> {
+) -> Result<(Duration, PathStatus)> {
     let limit = Duration::from_secs(limit_secs);
     traffic_during(peer, seed, wait_for_path(peer, exit, want, limit)).await
 }
@@ -125,6 +128,19 @@ impl Blackhole {
     /// Drops every packet, sent or received.
     fn new(tag: &str, protocol: &str, ports: &[u16]) -> Result<Self> {
         Self::install(tag, protocol, ports, &["input", "output"], "drop")
+    }
+
+    /// Answers every TCP segment to the ports with a reset, as they arrive: connections
+    /// there die at once, and new ones cannot be made.
+    fn reset(tag: &str, ports: &[u16]) -> Result<Self> {
+        // Not the resets themselves: on loopback they pass the same rule on their way back.
+        Self::install(
+            tag,
+            "tcp",
+            ports,
+            &["input"],
+            "tcp flags & rst == 0 reject with tcp reset",
+        )
     }
 
     /// Drops `percent` % of the packets as they arrive (once per direction on loopback).
@@ -193,7 +209,7 @@ async fn a_live_session_moves_between_punched_links_and_tox_without_losing_a_byt
     serve_digests(exit.clone());
     let peer = Arc::new(client.connect(exit.id()).await.context("connect")?);
     // Streams start while the session is still on Tox and keep going through the move.
-    let took = moved(&peer, &exit, 1, ActivePath::Udp, 30)
+    let (took, _) = moved(&peer, &exit, 1, ActivePath::Udp, 30)
         .await
         .context("tox → udp")?;
     tracing::info!(?took, "session moved to punched udp");
@@ -203,38 +219,67 @@ async fn a_live_session_moves_between_punched_links_and_tox_without_losing_a_byt
     // TCP link punched beside it, once its keepalives show it, and takes over again when the
     // loss is gone.
     let lossy = Blackhole::lossy("l", "udp", &ports(&peer, &exit)?, 60)?;
-    let took = moved(&peer, &exit, 5, ActivePath::Tcp, 30)
+    let (took, link) = moved(&peer, &exit, 5, ActivePath::Tcp, 30)
         .await
         .context("lossy udp → tcp")?;
-    let link = peer.status().link;
     tracing::info!(?took, loss = ?link.loss, "session left the lossy udp link");
     ensure!(
         link.why.contains("loses half its keepalives"),
         "moved to tcp for another reason: {link:?}"
     );
+
+    // The TCP link is reset while the UDP link is still lossy (review B3: the session then
+    // stayed on the lossy link alone, and TCP was punched again only when the whole round
+    // ended, which it never did). Now Tox carries copies beside the lossy link, and TCP is
+    // punched again within the round: once the resets stop, the session is back on TCP.
+    let tcp_remote = link.remote;
+    let reset = Blackhole::reset("r", &ports(&peer, &exit)?)?;
+    let (took, link) = moved(&peer, &exit, 7, ActivePath::Udp, 30)
+        .await
+        .context("tcp reset → lossy udp with tox copies")?;
+    tracing::info!(?took, "tcp link reset, lossy udp with tox copies");
+    ensure!(
+        link.why.contains("tox carries copies"),
+        "on the lossy udp link without tox copies: {link:?}"
+    );
+    drop(reset);
+    let (took, link) = moved(&peer, &exit, 8, ActivePath::Tcp, 60)
+        .await
+        .context("tcp punched again within the round")?;
+    tracing::info!(?took, "session on the tcp link punched again");
+    ensure!(
+        link.why.contains("loses half its keepalives"),
+        "back on tcp for another reason: {link:?}"
+    );
+    // A new offer would have gathered new ports (the address may be another of the peer's
+    // candidates: several of this machine's own).
+    ensure!(
+        link.remote.map(|r| r.port()) == tcp_remote.map(|r| r.port()),
+        "the new tcp link is not between the round's ports: {tcp_remote:?} → {link:?}"
+    );
     drop(lossy);
-    let took = moved(&peer, &exit, 6, ActivePath::Udp, 30)
+    let (took, _) = moved(&peer, &exit, 6, ActivePath::Udp, 30)
         .await
         .context("udp recovered → udp")?;
     tracing::info!(?took, "session back on the recovered udp link");
 
     // Blackhole the UDP link: the session goes to the TCP link punched beside it.
     let udp = Blackhole::new("u", "udp", &ports(&peer, &exit)?)?;
-    let took = moved(&peer, &exit, 2, ActivePath::Tcp, 30)
+    let (took, _) = moved(&peer, &exit, 2, ActivePath::Tcp, 30)
         .await
         .context("udp → tcp")?;
     tracing::info!(?took, "session fell back to punched tcp");
 
     // Blackhole the TCP link too: back to Tox.
     let tcp = Blackhole::new("t", "tcp", &ports(&peer, &exit)?)?;
-    let took = moved(&peer, &exit, 3, ActivePath::Tox, 30)
+    let (took, _) = moved(&peer, &exit, 3, ActivePath::Tox, 30)
         .await
         .context("tcp → tox")?;
     tracing::info!(?took, "session fell back to tox");
 
     // Lift the blackholes: the client punches again (new ports) and the session returns to UDP.
     drop((udp, tcp));
-    let took = moved(&peer, &exit, 4, ActivePath::Udp, 60)
+    let (took, _) = moved(&peer, &exit, 4, ActivePath::Udp, 60)
         .await
         .context("tox → udp again")?;
     tracing::info!(?took, "session back on punched udp");

@@ -130,8 +130,7 @@ impl Handle {
 
     /// Opens a stream. No round trip: its SYN leaves with the first data written.
     pub fn open(&self) -> Result<Stream, OpenError> {
-        let id = self.lock().mux.open()?;
-        self.shared.transmit.notify_one();
+        let id = self.shared.mutate(|state| state.mux.open())?;
         Ok(Stream {
             shared: self.shared.clone(),
             id,
@@ -143,17 +142,17 @@ impl Handle {
         loop {
             let mut notified = pin!(self.shared.accept.notified());
             notified.as_mut().enable();
-            {
-                let mut state = self.lock();
-                if let Some(id) = state.mux.accept() {
-                    return Some(Stream {
-                        shared: self.shared.clone(),
-                        id,
-                    });
-                }
-                if state.mux.failure().is_some() {
-                    return None;
-                }
+            // Taking a stream grows its window, which queues a CFM: through `mutate`.
+            let taken = self.shared.mutate(|state| match state.mux.accept() {
+                Some(id) => Some(Some(id)),
+                None if state.mux.failure().is_some() => Some(None),
+                None => None,
+            });
+            if let Some(taken) = taken {
+                return taken.map(|id| Stream {
+                    shared: self.shared.clone(),
+                    id,
+                });
             }
             notified.await;
         }
@@ -174,13 +173,11 @@ impl Handle {
     /// wrong answer fails the mux. Wrap it in a timeout: a peer that ignores the challenge
     /// never answers.
     pub async fn verify(&self, v1: u16, v2: u32) -> Result<(), VerifyError> {
-        let target = {
-            let mut state = self.lock();
+        let target = self.shared.mutate(|state| {
             state.mux.verify(v1, v2)?;
             state.challenges_sent += 1;
-            state.challenges_sent
-        };
-        self.shared.transmit.notify_one();
+            Ok::<_, VerifyError>(state.challenges_sent)
+        })?;
         loop {
             // Answers wake the acceptors' notifier too: both wait for "the peer said something".
             let mut notified = pin!(self.shared.accept.notified());
@@ -203,35 +200,18 @@ impl Handle {
     /// Feeds bytes from the link and wakes the streams they concern. An error is fatal: the
     /// mux fails and every stream reports it.
     pub fn handle_input(&self, data: &[u8]) -> Result<(), ProtocolError> {
-        let mut wake = Vec::new();
-        let mut accept = false;
-        let (result, transmit) = {
-            let mut state = self.lock();
-            let result = state.mux.handle_input(data);
-            state.dispatch(&mut wake, &mut accept);
-            if result.is_err() {
-                state.wake_all(&mut wake);
-                accept = true;
-            }
-            (result, state.mux.has_transmit())
-        };
-        self.after(wake, accept, transmit);
+        let result = self.shared.mutate(|state| state.mux.handle_input(data));
+        if result.is_err() {
+            self.wake_everyone();
+        }
         result
     }
 
     /// Appends frames for the link (see [`Mux::poll_transmit`]) and wakes whoever that
     /// unblocked. Returns the bytes appended.
     pub fn poll_transmit(&self, budget: usize, out: &mut Vec<u8>) -> usize {
-        let mut wake = Vec::new();
-        let mut accept = false;
-        let n = {
-            let mut state = self.lock();
-            let n = state.mux.poll_transmit(budget, out);
-            state.dispatch(&mut wake, &mut accept);
-            n
-        };
-        self.after(wake, accept, false);
-        n
+        self.shared
+            .mutate(|state| state.mux.poll_transmit(budget, out))
     }
 
     /// Whether frames are waiting for [`Handle::poll_transmit`].
@@ -260,24 +240,43 @@ impl Handle {
     /// The link died (or the mux is being shut down): every stream gets an error carrying
     /// `reason`, after the bytes it already received.
     pub fn fail(&self, reason: impl fmt::Display) {
-        let mut wake = Vec::new();
-        {
-            let mut state = self.lock();
-            state.mux.fail(Failure::link(reason));
-            state.wake_all(&mut wake);
-        }
-        self.after(wake, true, false);
-        self.shared.transmit.notify_waiters();
+        self.shared
+            .mutate(|state| state.mux.fail(Failure::link(reason)));
+        self.wake_everyone();
     }
 
-    fn after(&self, wake: Vec<Waker>, accept: bool, transmit: bool) {
+    /// Wakes every stream, acceptor and the driver: the mux failed, each reports it.
+    fn wake_everyone(&self) {
+        let mut wake = Vec::new();
+        self.lock().wake_all(&mut wake);
+        wake.into_iter().for_each(Waker::wake);
+        self.shared.accept.notify_waiters();
+        self.shared.transmit.notify_waiters();
+    }
+}
+
+impl Shared {
+    /// Runs `f` on the core, then turns whatever events it made into wakeups, after the lock
+    /// is released. Every core mutation goes through here: an event left in the core wakes
+    /// nobody until the next link input, which may never come (review B1: a stream the peer
+    /// reopened on an id we held stayed unaccepted once our `Stream` dropped).
+    fn mutate<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut wake = Vec::new();
+        let mut accept = false;
+        let (result, transmit) = {
+            let mut state = lock(self);
+            let result = f(&mut state);
+            state.dispatch(&mut wake, &mut accept);
+            (result, state.mux.has_transmit())
+        };
         wake.into_iter().for_each(Waker::wake);
         if accept {
-            self.shared.accept.notify_waiters();
+            self.accept.notify_waiters();
         }
         if transmit {
-            self.shared.transmit.notify_one();
+            self.transmit.notify_one();
         }
+        result
     }
 }
 
@@ -433,15 +432,14 @@ impl Stream {
     }
 
     fn poll_write_mux(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<Result<usize, StreamError>> {
-        let mut state = lock(&self.shared);
-        let n = state.mux.write(self.id, buf)?;
-        if n == 0 && !buf.is_empty() {
-            state.wakers.entry(self.id.0).or_default().write = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        drop(state);
-        self.shared.transmit.notify_one();
-        Poll::Ready(Ok(n))
+        self.shared.mutate(|state| {
+            let n = state.mux.write(self.id, buf)?;
+            if n == 0 && !buf.is_empty() {
+                state.wakers.entry(self.id.0).or_default().write = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(n))
+        })
     }
 }
 
@@ -451,24 +449,20 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut state = lock(&self.shared);
-        match state.mux.read(self.id, buf.initialize_unfilled()) {
-            Ok(n) => {
-                buf.advance(n);
-                // Reading may have made a CFM due.
-                let transmit = state.mux.has_transmit();
-                drop(state);
-                if transmit {
-                    self.shared.transmit.notify_one();
+        // Reading may make a CFM due: `mutate` tells the driver.
+        self.shared.mutate(
+            |state| match state.mux.read(self.id, buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    Poll::Ready(Ok(()))
                 }
-                Poll::Ready(Ok(()))
-            }
-            Err(StreamError::WouldBlock) => {
-                state.wakers.entry(self.id.0).or_default().read = Some(cx.waker().clone());
-                Poll::Pending
-            }
-            Err(error) => Poll::Ready(Err(error.into())),
-        }
+                Err(StreamError::WouldBlock) => {
+                    state.wakers.entry(self.id.0).or_default().read = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                Err(error) => Poll::Ready(Err(error.into())),
+            },
+        )
     }
 }
 
@@ -487,19 +481,19 @@ impl AsyncWrite for Stream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        lock(&self.shared).mux.finish(self.id)?;
-        self.shared.transmit.notify_one();
+        self.shared.mutate(|state| state.mux.finish(self.id))?;
         Poll::Ready(Ok(()))
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        {
-            let mut state = lock(&self.shared);
-            state.mux.close(self.id);
+        // Closing can release the id and let in a stream the peer reopened on it: its
+        // `Incoming` must reach the acceptor. Our wakers go first so that events for that
+        // successor (same id) never wake this dead stream's tasks.
+        self.shared.mutate(|state| {
             state.wakers.remove(&self.id.0);
-        }
-        self.shared.transmit.notify_one();
+            state.mux.close(self.id);
+        });
     }
 }

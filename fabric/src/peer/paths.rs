@@ -17,8 +17,15 @@
 //! punched packet.
 //!
 //! Each side picks its own carrier from the links it has up and its own `--path` choice:
-//! punched UDP, then punched TCP, then Tox. KCP takes packets from any path, so the two sides
-//! need not switch at the same instant.
+//! punched UDP, then punched TCP, then Tox ([`pick`]). KCP takes packets from any path, so the
+//! two sides need not switch at the same instant. A UDP link that loses half its keepalives
+//! yields to a TCP link, or, with none, keeps carrying packets with Tox copies beside them.
+//!
+//! A round lasts while any of its links is up. Within it, a TCP link that dies, or a UDP link
+//! that turns lossy with no TCP link, makes both sides punch TCP again from the round's ports
+//! to the same candidates (each side sees the link die, or the loss, by itself, and a punch
+//! dials for seconds, so the two attempts meet); only when every link is gone does the client
+//! offer anew.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
@@ -53,9 +60,9 @@ pub(super) enum Carrier {
     /// Nothing: a forced punched path is not up yet (KCP retransmits once it is).
     Held,
     /// A punched UDP link.
-    Udp(UdpLinkSender),
+    Udp(Punched<UdpLinkSender>),
     /// A punched TCP link.
-    Tcp(TcpLinkSender),
+    Tcp(Punched<TcpLinkSender>),
 }
 
 impl Carrier {
@@ -65,42 +72,59 @@ impl Carrier {
     }
 
     /// Sends a session packet on a punched link; `false` means "send it by Tox" (the carrier
-    /// is Tox, or the link has closed and the agent is about to say so). When the link's
-    /// queue is full: Tox already has a copy if the link is suspect (`also_tox`); otherwise
-    /// wait for the link, but not for ever (a stalled TCP connection must not stall the
-    /// driver too).
+    /// is Tox, the link has closed and the agent is about to say so, its queue is full, or
+    /// the link is lossy and Tox carries copies). `also_tox` says the caller already sent a
+    /// copy by Tox. Never waits: the session driver stops reading, acknowledging and timing
+    /// while it waits, and it used to wait up to 250 ms for each packet on a full link
+    /// (review B10). A packet that finds the queue full goes by Tox alone: copying the
+    /// following ones to Tox as well would double a busy link's traffic into Tox, whose full
+    /// queue the driver does wait for; a link that stops delivering is `LinkWatch`'s to catch.
     pub(super) async fn send(&self, packet: &[u8], also_tox: bool) -> bool {
         match self {
             Self::Tox => false,
             // A forced punched path is not up: KCP sends it again later.
             Self::Held => true,
-            // The waiting sends are futures: nothing happens unless the queue was full.
-            Self::Udp(link) => settle(link.try_send(packet), also_tox, link.send(packet)).await,
-            Self::Tcp(link) => settle(link.try_send(packet), also_tox, link.send(packet)).await,
+            Self::Udp(link) => link.settle(link.sender.try_send(packet), also_tox),
+            Self::Tcp(link) => link.settle(link.sender.try_send(packet), also_tox),
         }
     }
 }
 
-/// What became of a packet offered to a link: `first` is the attempt without waiting, `wait`
-/// the send that waits for room (polled only when the queue was full and Tox has no copy).
-async fn settle(
-    first: Result<(), LinkSendError>,
-    also_tox: bool,
-    wait: impl Future<Output = Result<(), LinkSendError>>,
-) -> bool {
-    match first {
-        Ok(()) => true,
-        Err(LinkSendError::Full) if also_tox => true,
-        Err(LinkSendError::Full) => {
-            matches!(tokio::time::timeout(LINK_WAIT, wait).await, Ok(Ok(())))
-        }
-        Err(_) => false,
-    }
+/// A punched link as the session driver sends on it.
+#[derive(Debug, Clone)]
+pub(super) struct Punched<S> {
+    sender: S,
+    /// Every packet also by Tox: the link loses too much and there is nothing better.
+    tox_copies: bool,
+    /// Whether the session may send by Tox at all (`--path udp|tcp` forbid it).
+    allows_tox: bool,
 }
 
-/// The longest a session driver waits for room on a punched link before sending the packet
-/// by Tox instead.
-const LINK_WAIT: Duration = Duration::from_millis(250);
+impl<S> Punched<S> {
+    fn new(sender: S, tox_copies: bool, allows_tox: bool) -> Self {
+        Self {
+            sender,
+            tox_copies,
+            allows_tox,
+        }
+    }
+
+    /// What became of a packet offered to the link (`sent`, tried without waiting): `true`
+    /// when Tox needs no copy of it.
+    fn settle(&self, sent: Result<(), LinkSendError>, also_tox: bool) -> bool {
+        match sent {
+            // The agent moves the session off a closed link at once.
+            Err(LinkSendError::Closed) => false,
+            // Tox has a copy already, or must not get one (KCP resends what was lost).
+            _ if also_tox || !self.allows_tox => true,
+            Err(LinkSendError::Full) => {
+                tracing::trace!("punched link full: packet sent by tox");
+                false
+            }
+            Ok(()) => !self.tox_copies,
+        }
+    }
+}
 
 /// The kind of path a session packet arrived by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,8 +251,89 @@ struct Round {
     tcp_punch: Option<JoinHandle<Result<TlsStream<tokio::net::TcpStream>, TcpPunchError>>>,
     tcp: Option<TcpLink>,
     tcp_up: Option<SocketAddr>,
+    /// What punching TCP again within this round needs (none when TCP is not punched).
+    tcp_plan: Option<Arc<TcpPlan>>,
+    /// A TCP link came up in this round (so the peer can make one again).
+    tcp_was_up: bool,
+    /// When the current TCP link came up.
+    tcp_up_at: Option<tokio::time::Instant>,
+    /// When to punch TCP again, if scheduled.
+    tcp_repunch_at: Option<tokio::time::Instant>,
+    /// The pause before the next TCP punch (see [`next_tcp_gap`]).
+    tcp_gap: Duration,
     offer_id: u64,
     connected: bool,
+}
+
+/// Everything a TCP punch towards the peer needs; kept for the round so that a TCP link
+/// that dies is punched again at once, from the same port to the same candidates, without a
+/// new offer exchange (the peer, seeing the link die too, does the same).
+struct TcpPlan {
+    local: SocketAddr,
+    remotes: Vec<SocketAddr>,
+    controlling: bool,
+    identity: TlsIdentity,
+    fingerprint: [u8; 32],
+    config: crate::punch::tcp::TcpPunchConfig,
+    /// Holds the TCP port (and the UDP socket) for the round.
+    _gathered: Gathered,
+}
+
+impl TcpPlan {
+    fn punch(
+        self: &Arc<Self>,
+    ) -> JoinHandle<Result<TlsStream<tokio::net::TcpStream>, TcpPunchError>> {
+        let plan = self.clone();
+        tokio::spawn(async move {
+            punch_tcp(
+                plan.local,
+                &plan.remotes,
+                plan.controlling,
+                &plan.identity,
+                plan.fingerprint,
+                plan.config,
+            )
+            .await
+        })
+    }
+}
+
+/// The first pause before punching TCP again after a failed punch within a round.
+const TCP_REPUNCH_MIN: Duration = Duration::from_secs(1);
+/// A TCP link that lived this long was healthy: when it dies, punch again at once.
+const TCP_STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// The pause before the next TCP punch of a round, after the last one failed (`lived` is
+/// `None`) or its link died after `lived`. None after a healthy link died: the peer saw it
+/// die too and punches now. Otherwise from [`TCP_REPUNCH_MIN`], doubling up to `max`, so that
+/// a path that kills every connection soon after it is made costs a punch now and then, not
+/// a loop of handshakes.
+fn next_tcp_gap(gap: Duration, lived: Option<Duration>, max: Duration) -> Duration {
+    if lived.is_some_and(|l| l >= TCP_STABLE_AFTER) {
+        return Duration::ZERO;
+    }
+    (gap * 2).max(TCP_REPUNCH_MIN).min(max)
+}
+
+impl Round {
+    /// Whether the round should have a TCP punch going: it has none, and either a TCP link
+    /// was up before (it died: the peer punches again too) or the UDP link is lossy and a
+    /// TCP link would take over. A round whose UDP link is gone as well ends instead, and the
+    /// client offers anew.
+    fn wants_tcp_punch(&self) -> bool {
+        self.tcp_plan.is_some()
+            && self.tcp.is_none()
+            && self.tcp_punch.is_none()
+            && self.udp_up.is_some()
+            && (self.tcp_was_up || self.udp_lossy)
+    }
+
+    /// Schedules a TCP punch if the round wants one and none is scheduled.
+    fn schedule_tcp_punch(&mut self) {
+        if self.wants_tcp_punch() && self.tcp_repunch_at.is_none() {
+            self.tcp_repunch_at = Some(tokio::time::Instant::now() + self.tcp_gap);
+        }
+    }
 }
 
 impl Drop for Round {
@@ -517,25 +622,21 @@ impl Agent {
             }
             _ => None,
         };
-        let tcp_punch = match (gathered.tcp, identity, peer.tls_fingerprint) {
+        let tcp_plan = match (gathered.tcp, identity, peer.tls_fingerprint) {
             (Some(local), Some(identity), Some(fingerprint)) if !tcp_remotes.is_empty() => {
-                let config = self.config.tcp;
-                Some(tokio::spawn(async move {
-                    // `gathered` holds the port until this binds it again.
-                    let _hold = gathered;
-                    punch_tcp(
-                        local,
-                        &tcp_remotes,
-                        controlling,
-                        &identity,
-                        fingerprint,
-                        config,
-                    )
-                    .await
+                Some(Arc::new(TcpPlan {
+                    local,
+                    remotes: tcp_remotes,
+                    controlling,
+                    identity,
+                    fingerprint,
+                    config: self.config.tcp,
+                    _gathered: gathered,
                 }))
             }
             _ => None,
         };
+        let tcp_punch = tcp_plan.as_ref().map(TcpPlan::punch);
         if udp.is_none() && tcp_punch.is_none() {
             return Err("no candidate pair to punch".into());
         }
@@ -546,6 +647,11 @@ impl Agent {
             tcp_punch,
             tcp: None,
             tcp_up: None,
+            tcp_plan,
+            tcp_was_up: false,
+            tcp_up_at: None,
+            tcp_repunch_at: None,
+            tcp_gap: Duration::ZERO,
             offer_id,
             connected: false,
         })
@@ -580,6 +686,15 @@ impl Agent {
                 // Keepalives move the figures while no data comes by UDP (the peer may
                 // have moved its sending to TCP already).
                 _ = figures.tick() => self.refresh_udp_figures(&mut round, &why),
+                () = sleep_until_some(round.tcp_repunch_at) => {
+                    round.tcp_repunch_at = None;
+                    if round.wants_tcp_punch()
+                        && let Some(plan) = &round.tcp_plan
+                    {
+                        debug!(peer = %self.pk, "punching tcp again");
+                        round.tcp_punch = Some(plan.punch());
+                    }
+                }
                 r = join(&mut round.tcp_punch) => {
                     round.tcp_punch = None;
                     match r {
@@ -593,6 +708,8 @@ impl Agent {
                                 punch.dead_after,
                             ));
                             round.tcp_up = remote;
+                            round.tcp_was_up = true;
+                            round.tcp_up_at = Some(tokio::time::Instant::now());
                             round.connected = true;
                             self.choose(&round, &why);
                         }
@@ -601,6 +718,9 @@ impl Agent {
                             if round.udp_up.is_none() {
                                 why = format!("tcp punching failed: {e}");
                             }
+                            round.tcp_gap =
+                                next_tcp_gap(round.tcp_gap, None, self.config.retry_max);
+                            round.schedule_tcp_punch();
                             self.choose(&round, &why);
                         }
                     }
@@ -615,7 +735,12 @@ impl Agent {
                         info!(peer = %self.pk, "punched tcp path died");
                         round.tcp = None;
                         round.tcp_up = None;
+                        let lived = round.tcp_up_at.take().map(|t| t.elapsed());
+                        round.tcp_gap = next_tcp_gap(round.tcp_gap, lived, self.config.retry_max);
                         why = "the tcp link died".into();
+                        // Within the round: waiting for it to end could take for ever while
+                        // a UDP link answers some keepalives (review B3).
+                        round.schedule_tcp_punch();
                         self.choose(&round, &why);
                     }
                 },
@@ -657,6 +782,7 @@ impl Agent {
         };
         if lossy != round.udp_lossy {
             round.udp_lossy = lossy;
+            round.schedule_tcp_punch();
             self.choose(round, why);
         }
     }
@@ -691,25 +817,30 @@ impl Agent {
     /// chosen path is the one in use.
     fn choose(&self, round: &Round, why: &str) {
         let choice = self.config.choice;
-        // A UDP link that loses half its round trips (UDP throttled on the way) yields to a
-        // TCP link; KCP copes with random loss far below that.
-        let udp_yields = round.udp_lossy && round.tcp.is_some() && choice.wants_tcp();
-        let (carrier, active, remote, why) = match (&round.udp, round.udp_up, &round.tcp) {
-            (Some(link), Some(remote), _) if choice.wants_udp() && !udp_yields => (
-                Carrier::Udp(link.sender()),
+        let udp = round.udp.as_ref().zip(round.udp_up);
+        let tcp = round.tcp.as_ref();
+        let picked = pick(choice, udp.is_some(), round.udp_lossy, tcp.is_some());
+        let (carrier, active, remote, why) = match (picked, udp, tcp) {
+            (Pick::Udp { tox_copies }, Some((link, remote)), _) => (
+                Carrier::Udp(Punched::new(link.sender(), tox_copies, choice.allows_tox())),
                 ActivePath::Udp,
                 Some(remote),
-                "direct udp link up".to_owned(),
+                if tox_copies {
+                    "direct udp link up (it loses half its keepalives: tox carries copies)"
+                        .to_owned()
+                } else {
+                    "direct udp link up".to_owned()
+                },
             ),
-            (udp, _, Some(link)) if choice.wants_tcp() => {
-                let udp = match udp {
+            (Pick::Tcp { udp_yields }, _, Some(link)) => {
+                let udp = match &round.udp {
                     Some(_) if udp_yields => "the udp link loses half its keepalives",
                     Some(_) => "udp still punching",
                     None if choice.wants_udp() => why,
                     None => "udp not wanted",
                 };
                 (
-                    Carrier::Tcp(link.sender()),
+                    Carrier::Tcp(Punched::new(link.sender(), false, choice.allows_tox())),
                     ActivePath::Tcp,
                     round.tcp_up,
                     format!("direct tcp link up ({udp})"),
@@ -778,10 +909,47 @@ impl Agent {
     }
 }
 
+/// What a round's links make the session send on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    /// The punched UDP link; with `tox_copies`, Tox carries every packet too.
+    Udp { tox_copies: bool },
+    /// The punched TCP link; `udp_yields` when a lossy UDP link is up beside it.
+    Tcp { udp_yields: bool },
+    /// Tox (or hold, under a forced punched path).
+    Fallback,
+}
+
+/// The path for a round's state: punched UDP, then punched TCP, then Tox. A UDP link that
+/// loses half its keepalive round trips (UDP throttled on the way; KCP copes with random loss
+/// far below that) yields to a TCP link; with none, it keeps carrying packets but Tox carries
+/// copies of them (review B3: a lossy link alone used to be kept for ever), unless the choice
+/// forbids Tox.
+fn pick(choice: PathChoice, udp_up: bool, udp_lossy: bool, tcp_up: bool) -> Pick {
+    let udp = udp_up && choice.wants_udp();
+    let tcp = tcp_up && choice.wants_tcp();
+    match (udp, tcp) {
+        (true, true) if udp_lossy => Pick::Tcp { udp_yields: true },
+        (true, _) => Pick::Udp {
+            tox_copies: udp_lossy && choice.allows_tox(),
+        },
+        (false, true) => Pick::Tcp { udp_yields: false },
+        (false, false) => Pick::Fallback,
+    }
+}
+
 /// Events of the round's UDP link, a burst at a time (pending while there is no link).
 async fn next_batch(link: &mut Option<UdpLink>, out: &mut Vec<LinkEvent>) -> usize {
     match link {
         Some(l) => l.next_events(out, 256).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves at `at`; never without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
@@ -809,6 +977,81 @@ async fn join(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lossy_udp_link_yields_to_tcp_or_gets_tox_copies_never_kept_alone() {
+        use PathChoice::{Auto, Tcp, Udp};
+        let copies = |tox_copies| Pick::Udp { tox_copies };
+        // Healthy UDP first; a lossy one yields to TCP.
+        assert_eq!(pick(Auto, true, false, true), copies(false));
+        assert_eq!(pick(Auto, true, true, true), Pick::Tcp { udp_yields: true });
+        // Review B3: lossy UDP and no TCP link used to stay the only path.
+        assert_eq!(pick(Auto, true, true, false), copies(true));
+        // `--path udp` forbids Tox: the lossy link is all there is.
+        assert_eq!(pick(Udp, true, true, false), copies(false));
+        assert_eq!(pick(Udp, true, true, true), copies(false));
+        assert_eq!(
+            pick(Auto, false, false, true),
+            Pick::Tcp { udp_yields: false }
+        );
+        assert_eq!(
+            pick(Tcp, true, false, true),
+            Pick::Tcp { udp_yields: false }
+        );
+        assert_eq!(pick(Tcp, true, false, false), Pick::Fallback);
+        assert_eq!(pick(Auto, false, false, false), Pick::Fallback);
+    }
+
+    #[test]
+    fn tcp_is_punched_again_at_once_after_a_healthy_link_and_backs_off_otherwise() {
+        let max = Duration::from_secs(120);
+        let secs = Duration::from_secs;
+        assert_eq!(next_tcp_gap(secs(8), Some(secs(60)), max), Duration::ZERO);
+        // Failed punches and links that die young: 1 s, 2 s, 4 s ... up to the maximum.
+        assert_eq!(next_tcp_gap(Duration::ZERO, None, max), secs(1));
+        assert_eq!(next_tcp_gap(secs(1), Some(secs(2)), max), secs(2));
+        assert_eq!(next_tcp_gap(secs(2), None, max), secs(4));
+        assert_eq!(next_tcp_gap(secs(100), None, max), max);
+    }
+
+    #[test]
+    fn a_full_link_hands_its_packet_to_tox_and_a_lossy_one_gets_copies() {
+        let link = Punched::new((), false, true);
+        assert!(link.settle(Ok(()), false), "healthy: the link alone");
+        assert!(
+            !link.settle(Err(LinkSendError::Full), false),
+            "full: by Tox"
+        );
+        assert!(
+            !link.settle(Err(LinkSendError::Closed), false),
+            "closed: by Tox"
+        );
+        // The caller already sent a Tox copy: never a second one.
+        assert!(link.settle(Err(LinkSendError::Full), true));
+        assert!(link.settle(Ok(()), true));
+        // Tox copies of everything (lossy UDP, nothing better).
+        let lossy = Punched::new((), true, true);
+        assert!(!lossy.settle(Ok(()), false));
+        assert!(lossy.settle(Ok(()), true));
+        // No Tox allowed: a full link drops the packet (KCP resends), Tox gets nothing.
+        let forced = Punched::new((), true, false);
+        assert!(forced.settle(Err(LinkSendError::Full), false));
+        assert!(forced.settle(Ok(()), false));
+    }
+
+    /// Review B10: the session driver awaited up to 250 ms per packet on a full link.
+    #[tokio::test(start_paused = true)]
+    async fn sending_on_a_full_tcp_link_never_waits() {
+        // Nobody reads the other end: the link's queue fills and stays full.
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        let link = TcpLink::spawn(ours, Duration::from_secs(1), Duration::from_secs(60));
+        let sender = link.sender();
+        while sender.try_send([7u8; 100]).is_ok() {}
+        let carrier = Carrier::Tcp(Punched::new(sender, false, true));
+        let mut send = Box::pin(carrier.send(&[7u8; 100], false));
+        let sent = std::future::poll_fn(|cx| std::task::Poll::Ready(send.as_mut().poll(cx))).await;
+        assert_eq!(sent, std::task::Poll::Ready(false), "by Tox, at once");
+    }
 
     #[test]
     fn a_silent_link_is_suspected_only_while_acknowledgements_are_owed_or_the_peer_left() {

@@ -5,6 +5,7 @@
 //! from its handle, as every driver in `fabric` does. [`UdpLink`] is its handle; session
 //! packets are sealed and sent from the handle directly (no task hop per packet).
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -394,6 +395,11 @@ impl UdpLink {
         lock(&self.shared.punch).loss()
     }
 
+    /// Keepalive round trips decided so far (see [`UdpPunch::keepalive_rounds`]).
+    pub fn keepalive_rounds(&self) -> u64 {
+        lock(&self.shared.punch).keepalive_rounds()
+    }
+
     /// The next event; `None` once the task has ended and every event was read.
     pub async fn next_event(&mut self) -> Option<LinkEvent> {
         self.events.recv().await
@@ -469,7 +475,7 @@ async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
     let socket = &shared.socket;
     let mut rx = vec![0u8; 65536];
     let mut tx = Vec::with_capacity(2048);
-    let mut out = Vec::with_capacity(BATCH);
+    let mut out = VecDeque::with_capacity(BATCH);
     loop {
         // Flush what the core wants sent and said. Control packets that meet a full socket
         // buffer are dropped: probes and keepalives are retried by the core.
@@ -485,7 +491,7 @@ async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
                 }
             }
             while let Some(event) = punch.poll_event() {
-                out.push(match event {
+                out.push_back(match event {
                     Event::Connected { remote } => LinkEvent::Connected { remote },
                     Event::Failed => LinkEvent::Failed,
                     Event::Dead => LinkEvent::Dead,
@@ -496,12 +502,7 @@ async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
         let end = out
             .iter()
             .any(|e| matches!(e, LinkEvent::Failed | LinkEvent::Dead));
-        for event in out.drain(..) {
-            if events.send(event).await.is_err() {
-                return;
-            }
-        }
-        if end {
+        if !hand_over(shared, &events, &mut out, &mut rx, &mut tx).await || end {
             return;
         }
         tokio::select! {
@@ -510,37 +511,98 @@ async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
                     tracing::debug!(error = %e, "udp link socket failed");
                     return;
                 }
-                // Drain what is queued, one lock per packet so senders are never held up
-                // for longer than one open.
-                for _ in 0..BATCH {
-                    let (n, from) = match socket.try_recv_from(&mut rx) {
-                        Ok((n, from)) => (n, canonical(from)),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        // ICMP errors surface here on Linux; keepalives decide about the path.
-                        Err(e) => {
-                            tracing::trace!(error = %e, "recv error");
-                            continue;
-                        }
-                    };
-                    let packet = &mut rx[..n];
-                    if stun::is_stun(packet) {
-                        continue;
-                    }
-                    match lock(&shared.punch).handle_input(Instant::now(), from, packet) {
-                        Ok(Input::Data(data)) => out.push(LinkEvent::Data(data.to_vec())),
-                        Ok(_) => {}
-                        Err(e) => tracing::trace!(error = %e, %from, "dropped link packet"),
-                    }
-                }
-                for event in out.drain(..) {
-                    if events.send(event).await.is_err() {
-                        return;
-                    }
+                read_batch(shared, &mut rx, &mut out);
+                // Answer the keepalives of this batch before waiting for the consumer.
+                flush_transmits(shared, &mut tx);
+                if !hand_over(shared, &events, &mut out, &mut rx, &mut tx).await {
+                    return;
                 }
             }
             () = shared.wake.notified() => {}
             () = events.closed() => return,
             () = sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// Events beyond the channel's that the task holds while its consumer is behind, reading on
+/// meanwhile; with this many it stops reading until the consumer takes some (the socket's
+/// buffer holds the rest, as it did before).
+const BACKLOG: usize = 2 * BATCH;
+
+/// Hands `out` to the consumer; `false` once it is gone. While the consumer is behind, the
+/// task goes on reading the socket, holding up to [`BACKLOG`] events, so that keepalives are
+/// answered on time: a late answer counts as lost, and a consumer that is only slow made a
+/// healthy link read as lossy to the peer (review B15), which then left it.
+async fn hand_over(
+    shared: &Shared,
+    events: &mpsc::Sender<LinkEvent>,
+    out: &mut VecDeque<LinkEvent>,
+    rx: &mut [u8],
+    tx: &mut Vec<u8>,
+) -> bool {
+    while let Some(event) = out.pop_front() {
+        let event = match events.try_send(event) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+        };
+        out.push_front(event);
+        tokio::select! {
+            permit = events.reserve() => {
+                let Ok(permit) = permit else {
+                    return false;
+                };
+                if let Some(event) = out.pop_front() {
+                    permit.send(event);
+                }
+            }
+            // A socket error disables this branch; the main loop reports it.
+            Ok(()) = shared.socket.readable(), if out.len() < BACKLOG => {
+                read_batch(shared, rx, out);
+                flush_transmits(shared, tx);
+            }
+        }
+    }
+    true
+}
+
+/// Reads up to [`BATCH`] packets, one lock per packet so senders are never held up for
+/// longer than one open; data goes to `out`, the core answers the rest.
+fn read_batch(shared: &Shared, rx: &mut [u8], out: &mut VecDeque<LinkEvent>) {
+    for _ in 0..BATCH {
+        let (n, from) = match shared.socket.try_recv_from(rx) {
+            Ok((n, from)) => (n, canonical(from)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            // ICMP errors surface here on Linux; keepalives decide about the path.
+            Err(e) => {
+                tracing::trace!(error = %e, "recv error");
+                continue;
+            }
+        };
+        let packet = &mut rx[..n];
+        if stun::is_stun(packet) {
+            continue;
+        }
+        match lock(&shared.punch).handle_input(Instant::now(), from, packet) {
+            Ok(Input::Data(data)) => out.push_back(LinkEvent::Data(data.to_vec())),
+            Ok(_) => {}
+            Err(e) => tracing::trace!(error = %e, %from, "dropped link packet"),
+        }
+    }
+}
+
+/// Sends what the core has queued (probes, keepalives and their answers) without waiting:
+/// packets that meet a full socket buffer are dropped, the core retries what matters.
+fn flush_transmits(shared: &Shared, tx: &mut Vec<u8>) {
+    let now = Instant::now();
+    let mut punch = lock(&shared.punch);
+    while let Some(t) = punch.poll_transmit(now, tx) {
+        if let Err(e) = shared
+            .socket
+            .try_send_to(tx, wire_addr(shared.local, t.dst))
+        {
+            tracing::debug!(error = %e, dst = %t.dst, "punch send failed");
         }
     }
 }
@@ -847,6 +909,35 @@ mod tests {
         assert_eq!(ea, Some(LinkEvent::Connected { remote: cb }), "{ip}");
         assert_eq!(eb, Some(LinkEvent::Connected { remote: ca }), "{ip}");
         (la, lb)
+    }
+
+    /// Review B15: a consumer that is behind must not leave the peer's keepalives
+    /// unanswered (a late answer counts as lost), or a healthy link reads as lossy and the
+    /// session leaves it. `b`'s consumer takes nothing here: `a` fills its event queue, then
+    /// only keepalives flow, and every one must be answered.
+    #[tokio::test]
+    async fn keepalives_are_answered_while_the_consumer_is_behind() {
+        let config = PunchConfig {
+            // An answer is late after one interval: ample on loopback, even loaded.
+            keepalive_interval: Duration::from_millis(300),
+            ..PunchConfig::default()
+        };
+        let (la, _lb) = pair_with(config).await;
+        let sender = la.sender();
+        for i in 0..(EVENT_QUEUE + BATCH) as u32 {
+            sender.send(i.to_be_bytes()).await.unwrap();
+        }
+        // A full window of keepalive round trips after the burst.
+        let measured = async {
+            let first = la.keepalive_rounds();
+            while la.keepalive_rounds() < first + 16 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), measured)
+            .await
+            .expect("keepalives go out");
+        assert_eq!(la.loss(), Some(0.0), "every keepalive answered");
     }
 
     #[tokio::test]

@@ -7,15 +7,19 @@
 //!    P ── dial every remote candidate, again and again ──► simultaneous open through NATs
 //!  every TCP connection made ─► TLS 1.3, both sides pin the certificate fingerprint the other
 //!  sent in its LinkOffer over Tox
-//!  controlling side: first handshake done ─► sends SELECT on it ─► that is the link
+//!  controlling side: handshakes only; the punch loop takes the first one done, sends SELECT
+//!  on it alone ─► that is the link
 //!  controlled side: the connection on which SELECT arrives is the link; the rest are dropped
 //! ```
 //!
 //! Both sides dial and listen, so two connections can come up at once (A's dial accepted by
 //! B and B's dial accepted by A). The controlling side (lower X25519 key, see
 //! [`crate::link::LinkKeys::controlling`]) is the TLS client on every connection and alone
-//! chooses one; that makes both ends agree. Certificates are self-signed (`rcgen`); trust comes
-//! only from the SHA-256 fingerprint exchanged over the authenticated Tox channel.
+//! chooses one; that makes both ends agree. Only the punch loop writes SELECT, once: if each
+//! handshake wrote it, two finishing together would each send one, the controlled side could
+//! keep another connection than the controlling side, and both links would die (review B2).
+//! Certificates are self-signed (`rcgen`); trust comes only from the SHA-256 fingerprint
+//! exchanged over the authenticated Tox channel.
 
 use std::io;
 use std::net::SocketAddr;
@@ -248,10 +252,14 @@ fn tls(
             .with_client_auth_cert(vec![identity.cert.clone()], identity.key())?;
         Tls::Client(TlsConnector::from(Arc::new(config)))
     } else {
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)?
             .with_client_cert_verifier(pinned)
             .with_single_cert(vec![identity.cert.clone()], identity.key())?;
+        // Nobody resumes a pinned punch session. Tickets would also be bytes the client never
+        // reads on the connections it drops, and closing a socket with unread bytes sends a
+        // reset instead of a FIN.
+        config.send_tls13_tickets = 0;
         Tls::Server(TlsAcceptor::from(Arc::new(config)))
     })
 }
@@ -299,7 +307,7 @@ pub async fn punch_tcp(
             }
         }
     });
-    let mut handshakes: JoinSet<io::Result<TlsStream<TcpStream>>> = JoinSet::new();
+    let mut handshakes: JoinSet<io::Result<Handshaken>> = JoinSet::new();
     let work = async {
         loop {
             tokio::select! {
@@ -312,10 +320,8 @@ pub async fn punch_tcp(
                                 let _permit = permit;
                                 let name = ServerName::try_from("proxy.invalid")
                                     .map_err(io::Error::other)?;
-                                let mut s = c.connect(name, stream).await?;
-                                s.write_all(&[SELECT]).await?;
-                                s.flush().await?;
-                                Ok(s.into())
+                                // No SELECT here: the loop below sends it on one.
+                                Ok(Handshaken::Unselected(c.connect(name, stream).await?))
                             });
                         }
                         Tls::Server(a) => {
@@ -331,13 +337,25 @@ pub async fn punch_tcp(
                                         "bad select byte",
                                     ));
                                 }
-                                Ok(s.into())
+                                Ok(Handshaken::Selected(s.into()))
                             });
                         }
                     }
                 }
                 Some(done) = handshakes.join_next() => match done {
-                    Ok(Ok(stream)) => return stream,
+                    Ok(Ok(Handshaken::Selected(stream))) => return stream,
+                    Ok(Ok(Handshaken::Unselected(mut stream))) => {
+                        // The only SELECT this side sends; the other handshakes are dropped
+                        // with the set when this returns.
+                        let select = async {
+                            stream.write_all(&[SELECT]).await?;
+                            stream.flush().await
+                        };
+                        match select.await {
+                            Ok(()) => return stream.into(),
+                            Err(e) => tracing::debug!(error = %e, "tcp punch select failed"),
+                        }
+                    }
                     Ok(Err(e)) => tracing::debug!(error = %e, "tcp punch handshake failed"),
                     Err(e) => tracing::warn!(error = %e, "tcp punch handshake task"),
                 },
@@ -351,6 +369,14 @@ pub async fn punch_tcp(
         tracing::info!(peer = %canonical(peer), "punched tcp path connected");
     }
     Ok(stream)
+}
+
+/// A connection whose TLS handshake is done.
+enum Handshaken {
+    /// Controlling side: waits for the punch loop to choose it.
+    Unselected(tokio_rustls::client::TlsStream<TcpStream>),
+    /// Controlled side: the peer chose it.
+    Selected(TlsStream<TcpStream>),
 }
 
 /// Dials `remote` from `local` until a connection is made or the receiver is gone.
@@ -470,6 +496,124 @@ mod tests {
         let mut got = [0u8; 13];
         b.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"both families");
+    }
+
+    /// Runs the server side of one TLS handshake by hand up to its first flight, and returns
+    /// that flight unsent, so a test decides when the client sees it.
+    async fn server_flight(conn: &mut rustls::ServerConnection, tcp: &mut TcpStream) -> Vec<u8> {
+        let mut buf = vec![0u8; 16 * 1024];
+        while !conn.wants_write() {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the client closed before its hello");
+            conn.read_tls(&mut &buf[..n]).unwrap();
+            conn.process_new_packets().unwrap();
+        }
+        let mut flight = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut flight).unwrap();
+        }
+        flight
+    }
+
+    /// The first application byte on a connection whose server flight was sent: `Some` byte,
+    /// or `None` if the client closed (or reset) it without sending one.
+    async fn first_byte(conn: &mut rustls::ServerConnection, tcp: &mut TcpStream) -> Option<u8> {
+        use std::io::Read;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let mut byte = [0u8; 1];
+            match conn.reader().read(&mut byte) {
+                Ok(1) => return Some(byte[0]),
+                Ok(_) => return None,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
+            }
+            let n = match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => n,
+            };
+            conn.read_tls(&mut &buf[..n]).unwrap();
+            if conn.process_new_packets().is_err() {
+                return None;
+            }
+            let mut out = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut out).unwrap();
+            }
+            if tcp.write_all(&out).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Review B2: with two connections up, both handshakes may finish before the
+    /// controlling side picks one. Here the test is the controlled side and lets both
+    /// handshakes finish at the same moment (both server flights leave together): SELECT
+    /// must arrive on exactly one connection, the one the controlling side returns.
+    #[tokio::test]
+    async fn the_controlling_side_selects_exactly_one_of_several_connections() {
+        let (ia, ib) = (
+            TlsIdentity::generate().unwrap(),
+            TlsIdentity::generate().unwrap(),
+        );
+        let (fa, fb) = (ia.fingerprint(), ib.fingerprint());
+        let Tls::Server(acceptor) = tls(false, &ib, fa).unwrap() else {
+            unreachable!("the controlled side is the server");
+        };
+        let server_config = acceptor.config().clone();
+        let ours = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pb = ours.local_addr().unwrap();
+        let pa = free_port().await;
+        let a = tokio::spawn(async move {
+            punch_tcp(pa, &[pb], true, &ia, fb, TcpPunchConfig::default()).await
+        });
+        let connections = async {
+            // One connection the controlling side dialled, one it accepted.
+            let (dialled, _) = ours.accept().await.unwrap();
+            let accepted = loop {
+                match TcpStream::connect(pa).await {
+                    Ok(s) => break s,
+                    // Its listener is not up yet.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            };
+            let mut tcps = [dialled, accepted];
+            let mut conns = [
+                rustls::ServerConnection::new(server_config.clone()).unwrap(),
+                rustls::ServerConnection::new(server_config.clone()).unwrap(),
+            ];
+            let mut flights = Vec::new();
+            for (conn, tcp) in conns.iter_mut().zip(tcps.iter_mut()) {
+                flights.push(server_flight(conn, tcp).await);
+            }
+            for (flight, tcp) in flights.iter().zip(tcps.iter_mut()) {
+                tcp.write_all(flight).await.unwrap();
+            }
+            let [c0, c1] = &mut conns;
+            let [t0, t1] = &mut tcps;
+            let (b0, b1) = tokio::join!(first_byte(c0, t0), first_byte(c1, t1));
+            (tcps, [b0, b1])
+        };
+        let (stream, (tcps, bytes)) = tokio::time::timeout(Duration::from_secs(30), async {
+            let (tcps_bytes, stream) = tokio::join!(connections, a);
+            (stream.unwrap().unwrap(), tcps_bytes)
+        })
+        .await
+        .expect("punching and both handshakes finish");
+        // Both connections have the controlling side's punch port as their local end.
+        let chosen = stream.get_ref().0.peer_addr().unwrap();
+        for (tcp, byte) in tcps.iter().zip(bytes) {
+            if tcp.local_addr().unwrap() == chosen {
+                assert_eq!(byte, Some(SELECT), "SELECT on the connection returned");
+            } else {
+                assert_eq!(byte, None, "nothing on the connection not chosen");
+            }
+        }
+        assert_eq!(
+            bytes.iter().filter(|b| b.is_some()).count(),
+            1,
+            "exactly one SELECT: {bytes:?}"
+        );
     }
 
     #[tokio::test]

@@ -180,6 +180,8 @@ pub struct UdpPunch {
     /// [`LOSS_WINDOW`] bits hold one: the path's own loss, whatever the session sends over it.
     keepalive_outcomes: u32,
     keepalive_samples: u32,
+    /// Keepalive round trips decided (answered or lost) since the link came up.
+    keepalive_rounds: u64,
     /// Which addresses we may send to: remote candidates and sources of control messages.
     filter: AddressFilter,
 }
@@ -214,6 +216,7 @@ impl UdpPunch {
             rtt: None,
             keepalive_outcomes: 0,
             keepalive_samples: 0,
+            keepalive_rounds: 0,
             filter: AddressFilter::any(),
         };
         for &r in remotes {
@@ -269,9 +272,15 @@ impl UdpPunch {
         Some(f64::from(n - answered) / f64::from(n))
     }
 
+    /// How many keepalive round trips were decided, answered or lost: a figure's age.
+    pub fn keepalive_rounds(&self) -> u64 {
+        self.keepalive_rounds
+    }
+
     fn record_keepalive(&mut self, answered: bool) {
         self.keepalive_outcomes = (self.keepalive_outcomes << 1) | u32::from(answered);
         self.keepalive_samples = (self.keepalive_samples + 1).min(LOSS_WINDOW);
+        self.keepalive_rounds += 1;
     }
 
     /// Adds a remote candidate learned later (trickled over Tox). Unspecified addresses,
