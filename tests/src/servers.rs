@@ -594,6 +594,154 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// A `proxy exit` process on a private Tox network, killed on drop.
+#[derive(Debug)]
+pub struct ExitProcess {
+    child: Child,
+    /// Its Tox ID.
+    pub id: String,
+    /// The `--metrics` listener, when asked for.
+    pub metrics: Option<SocketAddr>,
+}
+
+impl ExitProcess {
+    /// Starts `proxy exit` on `dir` (test defaults: the private network's nodes, no public
+    /// bootstrap or STUN) with `extra` flags, and waits for its Tox ID (and metrics address).
+    /// `RUST_LOG` comes from `PROXY_LOG` (default `proxy=debug,fabric=info`); its log goes to
+    /// the file `PROXY_EXIT_LOG` names, or nowhere.
+    pub fn start(nodes: &[String], dir: &Path, extra: &[&str]) -> io::Result<Self> {
+        let mut args: Vec<String> = [
+            "exit",
+            "--data-dir",
+            &dir.display().to_string(),
+            "--no-public-bootstrap",
+            // Tests never reach the public STUN servers.
+            "--no-public-stun",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for node in nodes {
+            args.extend(["--bootstrap".to_owned(), node.clone()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = match std::env::var_os("PROXY_EXIT_LOG") {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+            None => Stdio::null(),
+        };
+        let mut child = Command::new(proxy_bin())
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("PROXY_LOG").unwrap_or_else(|_| "proxy=debug,fabric=info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let want_metrics = extra.contains(&"--metrics");
+        let mut me = Self {
+            child,
+            id: String::new(),
+            metrics: None,
+        };
+        while me.id.is_empty() || (want_metrics && me.metrics.is_none()) {
+            let line = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+                io::Error::other("proxy exit printed no tox id (and metrics address) in 30 s")
+            })?;
+            if let Some(rest) = line.strip_prefix("tox id: ") {
+                me.id = rest.to_owned();
+            } else if let Some(rest) = line.strip_prefix("metrics listening on ") {
+                me.metrics = rest.split(' ').next().and_then(|a| a.parse().ok());
+            }
+        }
+        if me.id.len() != 76 {
+            return Err(io::Error::other(format!("not a Tox ID: {}", me.id)));
+        }
+        Ok(me)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ExitProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Opens a SOCKS5 CONNECT to the IPv4 `target` through `socks` (no authentication) and
+/// returns the stream once the proxy said yes, everything bounded by `limit`.
+pub fn socks5_connect(
+    socks: SocketAddr,
+    target: SocketAddr,
+    limit: Duration,
+) -> io::Result<TcpStream> {
+    let SocketAddr::V4(target) = target else {
+        return Err(io::Error::other("IPv4 targets only"));
+    };
+    let mut s = TcpStream::connect_timeout(&socks, limit)?;
+    s.set_read_timeout(Some(limit))?;
+    s.set_write_timeout(Some(limit))?;
+    s.set_nodelay(true)?;
+    s.write_all(&[5, 1, 0])?;
+    let mut method = [0u8; 2];
+    s.read_exact(&mut method)?;
+    if method != [5, 0] {
+        return Err(io::Error::other(format!("method reply {method:?}")));
+    }
+    let mut request = vec![5, 1, 0, 1];
+    request.extend(target.ip().octets());
+    request.extend(target.port().to_be_bytes());
+    s.write_all(&request)?;
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head)?;
+    if head[1] != 0 {
+        return Err(io::Error::other(format!("connect reply {}", head[1])));
+    }
+    let rest = match head[3] {
+        1 => 4 + 2,
+        4 => 16 + 2,
+        atyp => return Err(io::Error::other(format!("reply address type {atyp}"))),
+    };
+    let mut bound = [0u8; 18];
+    s.read_exact(&mut bound[..rest])?;
+    Ok(s)
+}
+
+/// Resident set size of process `pid` in KiB (0 when unknown).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Runs `cmd` with a time limit, killing it when over; returns its output.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<std::process::Output> {
     let mut child = cmd

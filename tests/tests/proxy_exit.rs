@@ -2,81 +2,22 @@
 //! 127.0.0.1), `proxy exit` and a client `proxy --exit <id>` as real processes, curl through
 //! the client's SOCKS5 and HTTP listeners to a local HTTP server, and the exit's policy.
 
-use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tests::servers::{
-    DnsServer, HttpServer, PAGE, PAGE_RENDERED_TEXT, ProxyProcess, SocksUdp, big_byte,
+    DnsServer, ExitProcess, HttpServer, PAGE, PAGE_RENDERED_TEXT, ProxyProcess, SocksUdp, big_byte,
     chromium_dump_dom, http_get, proxy_bin, run_with_timeout,
 };
 use tests::toxnet::ToxNet;
 
-/// A `proxy exit` process, killed on drop.
-struct ExitProcess {
-    child: Child,
-    id: String,
-    /// The `--metrics` listener, when the test asked for one.
-    metrics: Option<std::net::SocketAddr>,
-}
-
-impl ExitProcess {
-    fn start(net: &ToxNet, name: &str, extra: &[&str]) -> Self {
-        let dir = net.scratch_dir(name).expect("scratch dir");
-        let mut args = vec![
-            "exit".to_owned(),
-            "--data-dir".to_owned(),
-            dir.display().to_string(),
-            "--no-public-bootstrap".to_owned(),
-            // Tests never reach the public STUN servers.
-            "--no-public-stun".to_owned(),
-        ];
-        for node in net.nodes() {
-            args.push("--bootstrap".into());
-            args.push(node.to_string());
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(proxy_bin())
-            .args(&args)
-            .env("RUST_LOG", "proxy=debug,fabric=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn proxy exit");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let want_metrics = extra.contains(&"--metrics");
-        let (mut id, mut metrics) = (None, None);
-        while id.is_none() || (want_metrics && metrics.is_none()) {
-            let line = rx
-                .recv_timeout(Duration::from_secs(20))
-                .expect("proxy exit prints its tox id (and metrics address)");
-            if let Some(rest) = line.strip_prefix("tox id: ") {
-                id = Some(rest.to_owned());
-            } else if let Some(rest) = line.strip_prefix("metrics listening on ") {
-                metrics = rest.split(' ').next().and_then(|a| a.parse().ok());
-            }
-        }
-        let id = id.expect("tox id");
-        assert_eq!(id.len(), 76, "a Tox ID is 76 hex digits: {id}");
-        Self { child, id, metrics }
-    }
-}
-
-impl Drop for ExitProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `proxy exit` on `net` with its data in `name`.
+fn start_exit(net: &ToxNet, name: &str, extra: &[&str]) -> ExitProcess {
+    let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
+    let dir = net.scratch_dir(name).expect("scratch dir");
+    ExitProcess::start(&nodes, &dir, extra).expect("proxy exit starts and prints its tox id")
 }
 
 fn client_with(net: &ToxNet, name: &str, exit: &ExitProcess, extra: &[&str]) -> ProxyProcess {
@@ -140,7 +81,7 @@ fn curl_through_an_exit_over_tox() {
     let net = ToxNet::start(4).expect("private tox network");
     let origin = HttpServer::start().expect("origin");
     // The origin is on loopback, which an exit refuses unless told otherwise.
-    let exit = ExitProcess::start(
+    let exit = start_exit(
         &net,
         "exit",
         &["--allow-any", "--allow-private", "--metrics", "127.0.0.1:0"],
@@ -268,7 +209,7 @@ fn curl_through_an_exit_over_tox() {
 fn without_udp_the_session_rides_tox_tcp_relays() {
     let net = ToxNet::start(4).expect("private tox network");
     let origin = HttpServer::start().expect("origin");
-    let exit = ExitProcess::start(
+    let exit = start_exit(
         &net,
         "exit",
         &["--allow-any", "--allow-private", "--tox-no-udp"],
@@ -300,7 +241,7 @@ fn without_udp_the_session_rides_tox_tcp_relays() {
 fn the_exit_policy_refuses_private_destinations() {
     let net = ToxNet::start(4).expect("private tox network");
     let origin = HttpServer::start().expect("origin");
-    let exit = ExitProcess::start(&net, "exit", &["--allow-any"]);
+    let exit = start_exit(&net, "exit", &["--allow-any"]);
     let proxy = client_with(&net, "client", &exit, &["--connect-timeout", "90"]);
     let http = format!("http://{}", proxy.http.expect("http"));
     // Made before the session is up: held for it, then refused by the exit's policy.

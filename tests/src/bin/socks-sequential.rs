@@ -9,19 +9,19 @@
 //! connections one after the other to a local echo server: CONNECT, 32 bytes each way, close.
 //! A connection with no answer within 10 s (the client-side timeout of issue 13, where 9 of
 //! 5,000 hung) counts as hung and is given up. Prints connections per second, failures, hangs
-//! and latency percentiles. Needs `PROXY_BIN` or builds `proxy` first.
+//! and latency percentiles, and both processes' RSS growth over the run. Needs `PROXY_BIN` or
+//! builds `proxy` first.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tests::servers::{ProxyProcess, proxy_bin};
+use tests::servers::{ExitProcess, ProxyProcess, rss_kib, socks5_connect};
 use tests::toxnet::ToxNet;
 
 /// How long one connection may go without an answer before it counts as hung.
@@ -37,21 +37,13 @@ fn main() -> Result<()> {
     let net = ToxNet::start(4).context("private tox network")?;
     let nodes: Vec<String> = net.nodes().iter().map(ToString::to_string).collect();
     let echo = echo_server()?;
-    let exit_dir = net.scratch_dir("exit")?.display().to_string();
-    let mut exit_args = vec![
-        "exit",
-        "--data-dir",
-        &exit_dir,
-        "--no-public-bootstrap",
-        "--no-public-stun",
-        "--allow-any",
-        "--allow-private",
-    ];
-    for node in &nodes {
-        exit_args.extend(["--bootstrap", node]);
-    }
-    let (exit, exit_id) = start_exit(&exit_args)?;
-    let _exit = KillOnDrop(exit);
+    let exit = ExitProcess::start(
+        &nodes,
+        &net.scratch_dir("exit")?,
+        &["--allow-any", "--allow-private"],
+    )
+    .context("proxy exit")?;
+    let exit_id = exit.id.clone();
     let client_dir = net.scratch_dir("client")?.display().to_string();
     let mut client_args = vec![
         "--exit",
@@ -75,6 +67,11 @@ fn main() -> Result<()> {
         }
     }
     println!("session up after {:?}", started.elapsed());
+    // Warm up the allocators before the first RSS reading.
+    for _ in 0..100 {
+        connection(socks, echo, HUNG_AFTER)?;
+    }
+    let rss_before = (rss_kib(client.pid()), rss_kib(exit.pid()));
 
     let (mut failed, mut hung) = (0u64, 0u64);
     let mut took = Vec::with_capacity(n as usize);
@@ -94,6 +91,7 @@ fn main() -> Result<()> {
         }
     }
     let elapsed = started.elapsed();
+    let rss_after = (rss_kib(client.pid()), rss_kib(exit.pid()));
     took.sort();
     let at = |q: f64| {
         took.get(((took.len() as f64 - 1.0) * q) as usize)
@@ -109,6 +107,15 @@ fn main() -> Result<()> {
         at(0.99),
         at(1.0),
     );
+    println!(
+        "RSS: client {} -> {} KiB ({:+}), exit {} -> {} KiB ({:+})",
+        rss_before.0,
+        rss_after.0,
+        rss_after.0 as i64 - rss_before.0 as i64,
+        rss_before.1,
+        rss_after.1,
+        rss_after.1 as i64 - rss_before.1 as i64,
+    );
     if failed + hung > 0 {
         bail!("{failed} failed, {hung} hung");
     }
@@ -121,35 +128,7 @@ fn is_timeout(error: &std::io::Error) -> bool {
 
 /// One SOCKS5 CONNECT to `target` through `socks`, 32 bytes echoed, then a clean close.
 fn connection(socks: SocketAddr, target: SocketAddr, limit: Duration) -> std::io::Result<()> {
-    let SocketAddr::V4(target) = target else {
-        return Err(std::io::Error::other("the echo server is on IPv4"));
-    };
-    let mut s = TcpStream::connect_timeout(&socks, limit)?;
-    s.set_read_timeout(Some(limit))?;
-    s.set_write_timeout(Some(limit))?;
-    s.set_nodelay(true)?;
-    s.write_all(&[5, 1, 0])?;
-    let mut method = [0u8; 2];
-    s.read_exact(&mut method)?;
-    if method != [5, 0] {
-        return Err(std::io::Error::other(format!("method reply {method:?}")));
-    }
-    let mut request = vec![5, 1, 0, 1];
-    request.extend(target.ip().octets());
-    request.extend(target.port().to_be_bytes());
-    s.write_all(&request)?;
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head)?;
-    if head[1] != 0 {
-        return Err(std::io::Error::other(format!("connect reply {}", head[1])));
-    }
-    let rest = match head[3] {
-        1 => 4 + 2,
-        4 => 16 + 2,
-        atyp => return Err(std::io::Error::other(format!("reply address type {atyp}"))),
-    };
-    let mut bound = [0u8; 18];
-    s.read_exact(&mut bound[..rest])?;
+    let mut s = socks5_connect(socks, target, limit)?;
     s.write_all(PAYLOAD)?;
     let mut echoed = [0u8; PAYLOAD.len()];
     s.read_exact(&mut echoed)?;
@@ -179,42 +158,4 @@ fn echo_server() -> Result<SocketAddr> {
         }
     });
     Ok(addr)
-}
-
-/// Starts `proxy exit` and reads its Tox ID from stdout.
-fn start_exit(args: &[&str]) -> Result<(Child, String)> {
-    let mut child = Command::new(proxy_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawn proxy exit")?;
-    let stdout = child.stdout.take().context("exit stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .context("proxy exit printed no tox id within 30 s")?;
-        if let Some(id) = line.strip_prefix("tox id: ") {
-            return Ok((child, id.to_owned()));
-        }
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
