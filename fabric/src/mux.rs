@@ -11,6 +11,20 @@
 //!  application ◄── poll_event/accept/read ─── Mux ◄── handle_input ──── link
 //! ```
 //!
+//! # Where things are
+//!
+//! This file holds [`Config`], [`Event`], [`Stats`], the [`Mux`] struct, the application
+//! calls and [`Mux::poll_event`]. The rest of the core is more `impl Mux` blocks in child
+//! modules:
+//!
+//! * `input`: [`Mux::handle_input`], the handler of each frame and of PSH payloads;
+//! * `output`: [`Mux::poll_transmit`] and the building of control and data frames;
+//! * `table`: the stream table: installing, admitting and releasing streams, and the
+//!   successor that takes over an id the peer re-opened;
+//! * `stream` (per-stream state), `buffer` (chunked buffers and their pool), `budget`
+//!   (receive budgets), `ids` (the id bitmap), [`frame`] (the wire format), `error`, and,
+//!   with the `tokio` feature, `io` (the tokio adapter).
+//!
 //! # Protocol
 //!
 //! Frames are `cmd u8 | id u16 | length u32`, big-endian (see [`frame`]).
@@ -102,20 +116,25 @@ mod buffer;
 mod error;
 pub mod frame;
 mod ids;
+mod input;
 #[cfg(feature = "tokio")]
 pub mod io;
+mod output;
 mod stream;
+mod table;
 
 use std::collections::VecDeque;
 
 use self::budget::Budgets;
 pub use self::budget::SharedBudget;
-use self::buffer::{Pool, idle_pool_size};
+use self::buffer::Pool;
 pub use self::error::{Failure, OpenError, ProtocolError, StreamError, VerifyError};
 pub use self::frame::StreamId;
-use self::frame::{CFM_GROWTH, Cmd, HEADER_LEN, Header, verify_code};
+use self::frame::{Cmd, HEADER_LEN, Header, verify_code};
 use self::ids::IdBitmap;
+use self::input::InputState;
 use self::stream::Stream;
+use self::table::Table;
 
 /// Largest credit of one stream by default, in bytes: seed 004's window.
 pub const DEFAULT_WINDOW: u32 = 512 * 1024;
@@ -223,15 +242,6 @@ pub struct Stats {
     pub frames_sent: u64,
     /// Frames received.
     pub frames_received: u64,
-}
-
-/// Where [`Mux::handle_input`] is inside the byte stream.
-#[derive(Debug, Clone, Copy)]
-enum InputState {
-    /// Collecting a header; `have` bytes of it are in `buf`.
-    Header { buf: [u8; HEADER_LEN], have: usize },
-    /// Inside a PSH payload whose header was validated; the bytes go to stream `id`.
-    Payload { id: u16, remaining: usize },
 }
 
 /// The sans-IO multiplexer. See the [module docs](self) for the protocol and call order.
@@ -484,485 +494,6 @@ impl Mux {
         }
     }
 
-    // ---- driver calls ------------------------------------------------------------------
-
-    /// The next event, if any.
-    pub fn poll_event(&mut self) -> Option<Event> {
-        let event = self.events.pop_front()?;
-        match event {
-            Event::Readable(id) => {
-                if let Some(s) = self.stream_mut(id.0) {
-                    s.readable_queued = false;
-                }
-            }
-            Event::Writable(id) => {
-                if let Some(s) = self.stream_mut(id.0) {
-                    s.writable_queued = false;
-                }
-            }
-            _ => {}
-        }
-        Some(event)
-    }
-
-    /// Whether [`Mux::poll_transmit`] has frames to emit.
-    pub fn has_transmit(&self) -> bool {
-        self.failure.is_none()
-            && !(self.vrm_out.is_empty()
-                && self.ctrl_queue.is_empty()
-                && self.data_queue.is_empty())
-    }
-
-    /// Appends whole frames to `out`, at most `budget` bytes, and returns how many bytes it
-    /// appended. VRM and control frames (SYN, CFM, FIN) go first, then data from the streams
-    /// round-robin in PSH frames of at most [`Config::max_frame`] payload bytes, cut to fit
-    /// the budget. The budget is never exceeded; a budget under 8 bytes may emit nothing.
-    pub fn poll_transmit(&mut self, budget: usize, out: &mut Vec<u8>) -> usize {
-        if self.failure.is_some() {
-            return 0;
-        }
-        let start = out.len();
-        let limit = start.saturating_add(budget);
-        while let Some(header) = self.vrm_out.front() {
-            if out.len() + HEADER_LEN > limit {
-                return out.len() - start;
-            }
-            self.emit_header(*header, out);
-            self.vrm_out.pop_front();
-        }
-        if !self.transmit_control(limit, out) {
-            // SYNs must precede their stream's data: no data until control is all out.
-            return out.len() - start;
-        }
-        self.transmit_data(limit, out);
-        if self.stats.send_buffered == 0 && self.stats.recv_buffered == 0 {
-            self.pool.trim(idle_pool_size(self.stats.streams));
-        }
-        out.len() - start
-    }
-
-    /// Feeds bytes from the link; frames may be split anywhere. An error is fatal: the mux
-    /// is failed, and this and every later call return it.
-    pub fn handle_input(&mut self, mut data: &[u8]) -> Result<(), ProtocolError> {
-        if let Some(failure) = &self.failure {
-            return Err(match failure {
-                Failure::Protocol(error) => error.clone(),
-                Failure::Link(_) => ProtocolError::Failed,
-            });
-        }
-        while !data.is_empty() {
-            match self.input {
-                InputState::Header { mut buf, mut have } => {
-                    let raw = if have == 0 && data.len() >= HEADER_LEN {
-                        let (raw, rest) = data.split_at(HEADER_LEN);
-                        data = rest;
-                        raw
-                    } else {
-                        let take = (HEADER_LEN - have).min(data.len());
-                        buf[have..have + take].copy_from_slice(&data[..take]);
-                        have += take;
-                        data = &data[take..];
-                        if have < HEADER_LEN {
-                            self.input = InputState::Header { buf, have };
-                            return Ok(());
-                        }
-                        &buf[..]
-                    };
-                    let result = match Header::parse(raw) {
-                        Ok(header) => self.on_header(header),
-                        Err(_) => Err(ProtocolError::UnknownCommand(raw[0])),
-                    };
-                    if let InputState::Header { .. } = self.input {
-                        self.input = InputState::Header {
-                            buf: [0; HEADER_LEN],
-                            have: 0,
-                        };
-                    }
-                    if let Err(error) = result {
-                        return Err(self.fail_protocol(error));
-                    }
-                }
-                InputState::Payload { id, remaining } => {
-                    let take = remaining.min(data.len());
-                    self.on_payload(id, &data[..take]);
-                    data = &data[take..];
-                    self.input = if take == remaining {
-                        InputState::Header {
-                            buf: [0; HEADER_LEN],
-                            have: 0,
-                        }
-                    } else {
-                        InputState::Payload {
-                            id,
-                            remaining: remaining - take,
-                        }
-                    };
-                }
-            }
-        }
-        Ok(())
-    }
-
-    // ---- input -------------------------------------------------------------------------
-
-    fn fail_protocol(&mut self, error: ProtocolError) -> ProtocolError {
-        tracing::debug!(%error, "protocol violation");
-        self.fail(Failure::Protocol(error.clone()));
-        error
-    }
-
-    fn on_header(&mut self, header: Header) -> Result<(), ProtocolError> {
-        self.stats.frames_received += 1;
-        let id = header.id;
-        match header.cmd {
-            Cmd::VrmRequest => {
-                if self.vrm_out.len() >= 1024 {
-                    return Err(ProtocolError::VerifyFlood);
-                }
-                let (r1, r2) = verify_code(id, header.length);
-                self.vrm_out.push_back(Header {
-                    cmd: Cmd::VrmReply,
-                    id: r1,
-                    length: r2,
-                });
-                return Ok(());
-            }
-            Cmd::VrmReply => {
-                let expected = self
-                    .challenges
-                    .pop_front()
-                    .ok_or(ProtocolError::UnexpectedVerifyReply)?;
-                if expected != (id, header.length) {
-                    return Err(ProtocolError::VerifyMismatch);
-                }
-                self.events.push_back(Event::Verified);
-                return Ok(());
-            }
-            _ => {}
-        }
-        if id == 0 {
-            return Err(ProtocolError::ReservedId(header.cmd));
-        }
-        match header.cmd {
-            Cmd::Syn => self.on_syn(id),
-            Cmd::Fin => self.on_fin(id),
-            Cmd::Psh => self.on_psh(id, header.length),
-            Cmd::Cfm => self.on_cfm(id, header.length),
-            Cmd::VrmRequest | Cmd::VrmReply => Ok(()),
-        }
-    }
-
-    fn on_syn(&mut self, id: u16) -> Result<(), ProtocolError> {
-        let initial = self.config.initial_window;
-        let Some(stream) = self.stream_mut(id) else {
-            self.ids.mark(id);
-            self.install(id, Stream::remote(initial));
-            self.admit(id);
-            return Ok(());
-        };
-        if stream.opened_locally && !stream.remote_seen {
-            // Both ends opened this id at once: the two halves make one stream.
-            stream.remote_seen = true;
-            tracing::debug!(stream = id, "simultaneous open bound");
-            return Ok(());
-        }
-        if stream.wire_done() && !stream.app_closed && stream.successor.is_none() {
-            // The peer released the id and reopened it; our application still holds the old
-            // stream, so the new one waits for it to let go.
-            let mut successor = Stream::remote(initial);
-            // One per stream our application holds: bounded by it, like our own opens.
-            successor.charged = initial;
-            stream.successor = Some(Box::new(successor));
-            self.budget.force(initial);
-            tracing::debug!(stream = id, "reopened while held: queued");
-            return Ok(());
-        }
-        Err(ProtocolError::DuplicateSyn(StreamId(id)))
-    }
-
-    /// A new peer stream enters the accept queue, or is refused when the backlog is full or
-    /// the budgets cannot cover its initial window: refused streams are closed at once (FIN,
-    /// data discarded and confirmed) and hold no budget.
-    fn admit(&mut self, id: u16) {
-        let full = self.accept_queue.len() >= self.config.accept_backlog;
-        let initial = self.config.initial_window;
-        let Some(stream) = self
-            .streams
-            .get_mut(usize::from(id))
-            .and_then(Option::as_deref_mut)
-        else {
-            return;
-        };
-        let mut refused = full.then_some("accept backlog full");
-        if refused.is_none() && stream.charged == 0 {
-            let got = self.budget.take_up_to(initial);
-            stream.charged = got;
-            if got < initial {
-                refused = Some("receive budget spent");
-            }
-        }
-        if let Some(why) = refused {
-            tracing::debug!(stream = id, why, "refused");
-            self.budget.give(std::mem::take(&mut stream.charged));
-            let discarded = stream.recv_buf.clear(&mut self.pool);
-            stream.cfm_pending += discarded as u32;
-            stream.app_closed = true;
-            stream.fin_queued = true;
-            self.stats.recv_buffered -= discarded;
-            self.queue_ctrl(id);
-            return;
-        }
-        stream.in_accept = true;
-        self.accept_queue.push_back(id);
-        self.events.push_back(Event::Incoming(StreamId(id)));
-    }
-
-    fn on_fin(&mut self, id: u16) -> Result<(), ProtocolError> {
-        let successor = self.is_successor_target(id);
-        let stream = input_stream(&mut self.streams, id, Cmd::Fin)?;
-        if stream.fin_recv {
-            return Err(ProtocolError::DuplicateFin(StreamId(id)));
-        }
-        stream.fin_recv = true;
-        stream.remote_seen = true;
-        if successor {
-            // Announced when the successor takes the id over.
-            return Ok(());
-        }
-        let notify = !stream.app_closed;
-        if stream.recv_buf.is_empty() && stream.cfm_pending > 0 {
-            self.queue_ctrl(id);
-        }
-        if notify {
-            self.events.push_back(Event::Finished(StreamId(id)));
-        }
-        self.maybe_release(id);
-        Ok(())
-    }
-
-    fn on_psh(&mut self, id: u16, length: u32) -> Result<(), ProtocolError> {
-        if length as usize > self.config.max_input_frame {
-            return Err(ProtocolError::FrameTooLarge {
-                len: length,
-                max: self.config.max_input_frame,
-            });
-        }
-        let stream = input_stream(&mut self.streams, id, Cmd::Psh)?;
-        if stream.fin_recv {
-            return Err(ProtocolError::DataAfterFin(StreamId(id)));
-        }
-        if u64::from(stream.recv_outstanding) + u64::from(length) > u64::from(stream.recv_limit) {
-            return Err(ProtocolError::CreditExceeded {
-                id: StreamId(id),
-                len: length,
-                outstanding: stream.recv_outstanding,
-                window: stream.recv_limit,
-            });
-        }
-        stream.remote_seen = true;
-        stream.recv_outstanding += length;
-        if length > 0 {
-            self.input = InputState::Payload {
-                id,
-                remaining: length as usize,
-            };
-        }
-        Ok(())
-    }
-
-    fn on_payload(&mut self, id: u16, bytes: &[u8]) {
-        self.stats.bytes_received += bytes.len() as u64;
-        let successor = self.is_successor_target(id);
-        let Some(stream) = input_stream(&mut self.streams, id, Cmd::Psh).ok() else {
-            return;
-        };
-        if stream.app_closed {
-            stream.cfm_pending += bytes.len() as u32;
-            self.queue_ctrl(id);
-            return;
-        }
-        let was_empty = stream.recv_buf.is_empty();
-        stream.recv_buf.push(bytes, &mut self.pool);
-        let notify = was_empty && !successor && !stream.readable_queued;
-        if notify {
-            stream.readable_queued = true;
-        }
-        self.stats.recv_buffered += bytes.len();
-        if notify {
-            self.events.push_back(Event::Readable(StreamId(id)));
-        }
-    }
-
-    fn on_cfm(&mut self, id: u16, amount: u32) -> Result<(), ProtocolError> {
-        let window = self.config.window;
-        let stream = input_stream(&mut self.streams, id, Cmd::Cfm)?;
-        if amount & CFM_GROWTH != 0 {
-            let grown = amount & !CFM_GROWTH;
-            if u64::from(stream.send_limit) + u64::from(grown) > u64::from(window) {
-                return Err(ProtocolError::CreditBeyondWindow {
-                    id: StreamId(id),
-                    grown,
-                    credit: stream.send_limit,
-                    window,
-                });
-            }
-            stream.send_limit += grown;
-        } else {
-            if amount > stream.unconfirmed {
-                return Err(ProtocolError::BogusConfirm {
-                    id: StreamId(id),
-                    amount,
-                    unconfirmed: stream.unconfirmed,
-                });
-            }
-            stream.unconfirmed -= amount;
-        }
-        stream.remote_seen = true;
-        let writable = stream.write_blocked
-            && !stream.fin_queued
-            && stream.send_space() > 0
-            && !stream.writable_queued;
-        if writable {
-            stream.write_blocked = false;
-            stream.writable_queued = true;
-            self.events.push_back(Event::Writable(StreamId(id)));
-        }
-        self.maybe_release(id);
-        Ok(())
-    }
-
-    // ---- output ------------------------------------------------------------------------
-
-    fn emit_header(&mut self, header: Header, out: &mut Vec<u8>) {
-        header.emit(out);
-        self.stats.frames_sent += 1;
-    }
-
-    /// Emits due control frames; false if the budget ran out first.
-    fn transmit_control(&mut self, limit: usize, out: &mut Vec<u8>) -> bool {
-        while let Some(&id) = self.ctrl_queue.front() {
-            let Some(stream) = self
-                .streams
-                .get_mut(usize::from(id))
-                .and_then(Option::as_mut)
-            else {
-                self.ctrl_queue.pop_front();
-                continue;
-            };
-            let mut frames = [None; 4];
-            if stream.syn_pending {
-                frames[0] = Some(Header {
-                    cmd: Cmd::Syn,
-                    id,
-                    length: 0,
-                });
-            }
-            if stream.grant_pending > 0 {
-                // Before the confirmation it was decided with (see "Credit").
-                frames[1] = Some(Header {
-                    cmd: Cmd::Cfm,
-                    id,
-                    // `grant_pending < window <= i32::MAX`: below the flag.
-                    length: CFM_GROWTH | stream.grant_pending,
-                });
-            }
-            if stream.cfm_pending > 0 {
-                frames[2] = Some(Header {
-                    cmd: Cmd::Cfm,
-                    id,
-                    length: stream.cfm_pending,
-                });
-            }
-            if stream.fin_ready() {
-                frames[3] = Some(Header {
-                    cmd: Cmd::Fin,
-                    id,
-                    length: 0,
-                });
-            }
-            for header in frames.into_iter().flatten() {
-                if out.len() + HEADER_LEN > limit {
-                    return false;
-                }
-                header.emit(out);
-                self.stats.frames_sent += 1;
-                match header.cmd {
-                    Cmd::Syn => stream.syn_pending = false,
-                    Cmd::Cfm if header.length & CFM_GROWTH != 0 => stream.grant_pending = 0,
-                    Cmd::Cfm => {
-                        stream.recv_outstanding -= stream.cfm_pending;
-                        stream.cfm_pending = 0;
-                    }
-                    _ => stream.fin_sent = true,
-                }
-            }
-            stream.in_ctrl = false;
-            self.ctrl_queue.pop_front();
-            self.maybe_release(id);
-        }
-        true
-    }
-
-    /// Emits PSH frames round-robin until the budget or the data runs out.
-    fn transmit_data(&mut self, limit: usize, out: &mut Vec<u8>) {
-        let max_frame = self.config.max_frame;
-        while let Some(&id) = self.data_queue.front() {
-            let room = limit.saturating_sub(out.len() + HEADER_LEN);
-            if room == 0 {
-                return;
-            }
-            let Some(stream) = self
-                .streams
-                .get_mut(usize::from(id))
-                .and_then(Option::as_deref_mut)
-            else {
-                self.data_queue.pop_front();
-                continue;
-            };
-            let n = stream.send_buf.len().min(max_frame).min(room);
-            self.data_queue.pop_front();
-            if n == 0 {
-                stream.in_data = false;
-                continue;
-            }
-            // `n <= max_frame <= window <= u32::MAX`.
-            Header {
-                cmd: Cmd::Psh,
-                id,
-                length: n as u32,
-            }
-            .emit(out);
-            stream.send_buf.append_to(n, out, &mut self.pool);
-            stream.unconfirmed += n as u32;
-            let more = !stream.send_buf.is_empty();
-            self.stats.frames_sent += 1;
-            self.stats.bytes_sent += n as u64;
-            self.stats.send_buffered -= n;
-            if more {
-                self.data_queue.push_back(id);
-                continue;
-            }
-            stream.in_data = false;
-            if !stream.fin_ready() {
-                continue;
-            }
-            if out.len() + HEADER_LEN <= limit {
-                // The FIN follows the stream's last byte directly.
-                Header {
-                    cmd: Cmd::Fin,
-                    id,
-                    length: 0,
-                }
-                .emit(out);
-                stream.fin_sent = true;
-                self.stats.frames_sent += 1;
-                self.maybe_release(id);
-            } else {
-                self.queue_ctrl(id);
-            }
-        }
-    }
-
     /// Grows the receive window of a stream the application holds to the full window, as far
     /// as the budgets allow (see "Credit" and "Memory" in the module docs).
     ///
@@ -993,83 +524,27 @@ impl Mux {
         self.queue_ctrl(id);
     }
 
-    // ---- stream table ------------------------------------------------------------------
+    // ---- driver calls ------------------------------------------------------------------
 
-    fn install(&mut self, id: u16, stream: Stream) {
-        let index = usize::from(id);
-        if self.streams.len() <= index {
-            self.streams.resize_with(index + 1, || None);
-        }
-        self.streams[index] = Some(Box::new(stream));
-        self.stats.streams += 1;
-    }
-
-    fn stream(&self, id: u16) -> Option<&Stream> {
-        self.streams.get(usize::from(id))?.as_deref()
-    }
-
-    fn stream_mut(&mut self, id: u16) -> Option<&mut Stream> {
-        self.streams.get_mut(usize::from(id))?.as_deref_mut()
-    }
-
-    /// Whether frames for `id` belong to a queued successor rather than the held stream.
-    fn is_successor_target(&self, id: u16) -> bool {
-        self.stream(id).is_some_and(|s| s.successor.is_some())
-    }
-
-    fn queue_ctrl(&mut self, id: u16) {
-        if let Some(stream) = self.stream_mut(id)
-            && !stream.in_ctrl
-        {
-            stream.in_ctrl = true;
-            self.ctrl_queue.push_back(id);
-        }
-    }
-
-    /// Releases `id` if the FIN handshake is complete and the application let go; a queued
-    /// successor then takes the id over.
-    fn maybe_release(&mut self, id: u16) {
-        let index = usize::from(id);
-        let Some(stream) = self.streams.get(index).and_then(Option::as_deref) else {
-            return;
-        };
-        let done = stream.app_closed && stream.wire_done() && !stream.in_ctrl && !stream.in_data;
-        if !done {
-            return;
-        }
-        let Some(mut stream) = self.streams[index].take() else {
-            return;
-        };
-        self.budget.give(stream.charged);
-        self.stats.streams -= 1;
-        self.events.push_back(Event::Released(StreamId(id)));
-        tracing::debug!(stream = id, "released");
-        match stream.successor.take() {
-            Some(successor) => {
-                self.streams[index] = Some(successor);
-                self.stats.streams += 1;
-                self.admit(id);
-                if let Some(s) = self.stream_mut(id)
-                    && !s.recv_buf.is_empty()
-                {
-                    s.readable_queued = true;
-                    self.events.push_back(Event::Readable(StreamId(id)));
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        let event = self.events.pop_front()?;
+        match event {
+            Event::Readable(id) => {
+                if let Some(s) = self.stream_mut(id.0) {
+                    s.readable_queued = false;
                 }
-                if self.stream(id).is_some_and(|s| s.fin_recv) {
-                    self.events.push_back(Event::Finished(StreamId(id)));
-                }
-                if self.stream(id).is_some_and(Stream::has_control) {
-                    self.queue_ctrl(id);
-                }
-                self.maybe_release(id);
             }
-            None => self.ids.free(id),
+            Event::Writable(id) => {
+                if let Some(s) = self.stream_mut(id.0) {
+                    s.writable_queued = false;
+                }
+            }
+            _ => {}
         }
+        Some(event)
     }
 }
-
-/// Streams by id.
-type Table = Vec<Option<Box<Stream>>>;
 
 /// The stream the application means by `id`: open and not closed by it.
 fn app_stream(streams: &mut Table, id: StreamId) -> Result<&mut Stream, StreamError> {
@@ -1080,21 +555,6 @@ fn app_stream(streams: &mut Table, id: StreamId) -> Result<&mut Stream, StreamEr
         Some(stream) if !stream.app_closed => Ok(stream),
         _ => Err(StreamError::UnknownStream(id)),
     }
-}
-
-/// The stream a frame from the peer for `id` addresses: the successor if one is queued.
-fn input_stream(streams: &mut Table, id: u16, cmd: Cmd) -> Result<&mut Stream, ProtocolError> {
-    let stream = streams
-        .get_mut(usize::from(id))
-        .and_then(Option::as_deref_mut)
-        .ok_or(ProtocolError::UnknownStream {
-            cmd,
-            id: StreamId(id),
-        })?;
-    Ok(match stream.successor {
-        Some(ref mut successor) => successor,
-        None => stream,
-    })
 }
 
 #[cfg(test)]

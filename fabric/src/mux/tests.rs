@@ -1,6 +1,6 @@
 //! Tests of the mux core: two `Mux`es joined by an in-memory, budgeted link.
 
-use super::frame::Frame;
+use super::frame::{CFM_GROWTH, Frame};
 use super::*;
 
 fn pair() -> (Mux, Mux) {
