@@ -1,0 +1,166 @@
+//! The router: one task takes every Tox event and hands it on. Session packets go to their
+//! session's driver (or, for a session this exit does not know, earn the client a Close),
+//! control messages to the opener or the acceptor, punched-link signals to the path agent, and
+//! friend connection changes to the peer's slot.
+
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use super::paths::{Role, Via};
+use super::{CONTROL_PACKET_ID, Input, SESSION_PACKET_ID, SIGNAL_PACKET_ID, Shared, lock};
+use crate::id::PublicKey;
+use crate::link::signal::Signal;
+use crate::session::control::Acceptor;
+use crate::session::{self, CloseReason, Control};
+use crate::time::{Duration, Instant};
+use crate::tox::ToxEvent;
+
+/// Routes Tox events to sessions and control handlers until the node or the fabric is gone.
+pub(super) async fn route(shared: Weak<Shared>, mut events: mpsc::Receiver<ToxEvent>) {
+    while let Some(event) = events.recv().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match event {
+            ToxEvent::Lossy { pk, data } if data.first() == Some(&SESSION_PACKET_ID) => {
+                shared.handle_session_packet(pk, data.slice(1..), Via::Tox);
+            }
+            ToxEvent::Lossless { pk, data } if data.first() == Some(&SIGNAL_PACKET_ID) => {
+                match Signal::parse(&data[1..]) {
+                    Ok(signal) => shared.handle_signal(pk, signal),
+                    Err(error) => debug!(peer = %pk, %error, "bad link signal"),
+                }
+            }
+            ToxEvent::Lossless { pk, data } if data.first() == Some(&CONTROL_PACKET_ID) => {
+                match Control::parse(&data[1..]) {
+                    Ok(msg) => shared.handle_control(pk, msg),
+                    Err(error) => debug!(peer = %pk, %error, "bad control message"),
+                }
+            }
+            ToxEvent::FriendConnection { pk, status } => {
+                debug!(peer = %pk, ?status, "friend connection");
+                shared.with_slot(pk, |slot| {
+                    slot.online.send_replace(status.is_online());
+                    let mut st = lock(&slot.status);
+                    st.online = status.is_online();
+                    st.path = status;
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Shared {
+    fn handle_control(self: &Arc<Self>, pk: PublicKey, msg: Control) {
+        match msg {
+            Control::Open { request, resume } => {
+                if !self.allow.allows(&pk) {
+                    debug!(peer = %pk, "session refused: not allowed");
+                    self.send_control(
+                        pk,
+                        Control::Reject {
+                            request,
+                            reason: CloseReason::NotAllowed,
+                        },
+                    );
+                    return;
+                }
+                let now = Instant::now();
+                let epoch = self.epoch;
+                let (answer, running_conv) = self.with_slot(pk, |slot| {
+                    let acceptor = slot
+                        .acceptor
+                        .get_or_insert_with(|| Acceptor::new(epoch, &pk.0));
+                    let (answer, _) = acceptor.handle_open(now, request, resume);
+                    (answer, slot.session.as_ref().map(|r| r.conv))
+                });
+                if let Control::Accept { conv, .. } = answer
+                    && running_conv != Some(conv)
+                {
+                    info!(peer = %pk, %conv, "session accepted");
+                    self.start_session(pk, conv, true);
+                }
+                self.send_control(pk, answer);
+            }
+            Control::Accept { .. } | Control::Reject { .. } => {
+                let opener = self.with_slot(pk, |slot| slot.opener.clone());
+                if let Some(tx) = opener {
+                    let _ = tx.try_send(msg);
+                }
+            }
+            Control::Close { conv, reason } => {
+                let input = self.with_slot(pk, |slot| {
+                    slot.session
+                        .as_ref()
+                        .filter(|r| r.conv == conv)
+                        .map(|r| r.input.clone())
+                });
+                if let Some(input) = input {
+                    let _ = input.try_send(Input::PeerClose(reason));
+                }
+            }
+        }
+    }
+
+    /// A punched-link signal from `pk`: for its path agent, which an exit starts on the first
+    /// signal of a client that has a session (signals from anyone else are dropped).
+    fn handle_signal(self: &Arc<Self>, pk: PublicKey, signal: Signal) {
+        let (has_session, exit_side) =
+            self.with_slot(pk, |slot| (slot.session.is_some(), slot.acceptor.is_some()));
+        if !has_session {
+            debug!(peer = %pk, "link signal without a session dropped");
+            return;
+        }
+        let inbox = if exit_side {
+            self.start_paths(pk, Role::Exit, None)
+        } else {
+            self.with_slot(pk, |slot| slot.paths.clone())
+        };
+        if let Some(inbox) = inbox {
+            let _ = inbox.try_send(signal);
+        }
+    }
+
+    /// A session packet (without any path's framing) from `pk`, from Tox or a punched link.
+    pub(super) fn handle_session_packet(self: &Arc<Self>, pk: PublicKey, data: Bytes, via: Via) {
+        let now = Instant::now();
+        let conv = session::conv_of(&data);
+        let (input, answer_unknown) = self.with_slot(pk, |slot| {
+            if let Some(r) = &slot.session
+                && conv == Some(r.conv)
+            {
+                return (Some(r.input.clone()), false);
+            }
+            // Only an exit (which holds an acceptor for this client, or allows it) tells a
+            // client its session is gone; a client ignores strays. A packet of another conv
+            // than the running one is answered too: a client that took an answer the exit
+            // has since replaced learns in a round trip, not after the idle timeout.
+            let due = slot
+                .last_unknown
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+            let exit_side = slot.acceptor.is_some() || self.allow.allows(&pk);
+            if due && exit_side {
+                slot.last_unknown = Some(now);
+                return (None, true);
+            }
+            (None, false)
+        });
+        if let Some(input) = input {
+            // A full queue drops the packet: it is lossy, KCP retransmits.
+            let _ = input.try_send(Input::Packet(data, via));
+        } else if answer_unknown && let Some(conv) = conv {
+            debug!(peer = %pk, %conv, "packets for an unknown session");
+            self.send_control(
+                pk,
+                Control::Close {
+                    conv,
+                    reason: CloseReason::UnknownSession,
+                },
+            );
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! The client side's session keeping: [`establish`] asks an exit for a session (or to resume
+//! one) and starts it, and [`supervise`] keeps it up for as long as the [`Peer`] lives,
+//! re-establishing after the session ends and resuming when the exit comes back online.
+//!
+//! [`Peer`]: super::Peer
+
+use std::sync::{Arc, Weak};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::{ConnectError, Shared, lock};
+use crate::id::PublicKey;
+use crate::session::ConvId;
+use crate::session::control::{OpenOutcome, Opener};
+use crate::time::{Duration, Instant};
+
+/// Client side: asks `pk` for a session until it answers, and starts it.
+pub(super) async fn establish(
+    shared: &Arc<Shared>,
+    pk: PublicKey,
+    resume: Option<ConvId>,
+) -> Result<ConvId, ConnectError> {
+    let timeout = shared.config.connect_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut online = shared.with_slot(pk, |slot| slot.online.subscribe());
+    tokio::time::timeout_at(deadline, online.wait_for(|o| *o))
+        .await
+        .map_err(|_| ConnectError::TimedOut(timeout))?
+        .map_err(|_| ConnectError::Shutdown)?;
+    let (tx, mut rx) = mpsc::channel(8);
+    shared.with_slot(pk, |slot| slot.opener = Some(tx));
+    let now = Instant::now();
+    let remaining = deadline.into_std().saturating_duration_since(now);
+    let mut opener = Opener::new(
+        now,
+        shared.next_request(),
+        resume,
+        Duration::from_secs(1),
+        remaining,
+    );
+    let outcome = loop {
+        let now = Instant::now();
+        opener.handle_timeout(now);
+        while let Some(msg) = opener.poll_transmit(now) {
+            shared.send_control(pk, msg);
+        }
+        if let Some(outcome) = opener.outcome() {
+            break outcome;
+        }
+        let wake = opener.poll_timeout().unwrap_or(now);
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(msg) => opener.handle_control(msg),
+                None => return Err(ConnectError::Shutdown),
+            },
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
+        }
+    };
+    shared.with_slot(pk, |slot| slot.opener = None);
+    match outcome {
+        OpenOutcome::Accepted(conv) => {
+            let running = shared.with_slot(pk, |slot| slot.session.as_ref().map(|r| r.conv));
+            if running != Some(conv) {
+                shared.start_session(pk, conv, false);
+            }
+            Ok(conv)
+        }
+        OpenOutcome::Rejected(reason) => Err(ConnectError::Rejected(reason)),
+        OpenOutcome::TimedOut => Err(ConnectError::TimedOut(timeout)),
+    }
+}
+
+/// Client side: keeps a session to `pk` up until the [`Peer`](super::Peer) is dropped.
+///
+/// It re-establishes when the session ends, and asks to resume whenever the exit comes back
+/// online, which keeps the conv (and the streams) when the exit still has the session and
+/// starts afresh when it restarted.
+pub(super) async fn supervise(
+    shared: Weak<Shared>,
+    pk: PublicKey,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let (mut online, ended, conv) = s.with_slot(pk, |slot| {
+            (
+                slot.online.subscribe(),
+                slot.session.as_ref().map(|r| r.ended.clone()),
+                slot.session.as_ref().map(|r| r.conv),
+            )
+        });
+        drop(s);
+        // Only a session that still runs may be resumed: one that ended here may live on at
+        // the exit, and a fresh KCP on its conv would be taken for duplicates there (B4).
+        let mut resume = None;
+        if let Some(mut ended) = ended {
+            // Wait for the session to end, or for any change in how Tox sees the exit: a
+            // `watch` keeps only the latest value, so offline-then-online may read as one
+            // change to "online", and that must count as the exit coming back.
+            online.mark_unchanged();
+            let back_online = async {
+                loop {
+                    if online.changed().await.is_err() {
+                        return;
+                    }
+                    if *online.borrow_and_update() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = ended.wait_for(|e| *e) => {}
+                () = back_online => resume = conv,
+            }
+        }
+        let Some(s) = shared.upgrade() else { return };
+        let result = tokio::select! {
+            _ = stop.changed() => return,
+            r = establish(&s, pk, resume) => r,
+        };
+        match result {
+            Ok(new) if Some(new) == resume => debug!(exit = %pk, conv = %new, "session resumed"),
+            Ok(new) => {
+                info!(exit = %pk, conv = %new, "session to exit re-established");
+                backoff = Duration::from_millis(500);
+            }
+            Err(error) => {
+                warn!(exit = %pk, %error, "reconnecting to exit failed");
+                drop(s);
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn next_request(&self) -> u32 {
+        let mut r = lock(&self.requests);
+        *r = r.wrapping_add(1);
+        // Mixed with the clock so that a restarted client does not reuse its requests.
+        *r ^ (self.epoch.elapsed().as_nanos() as u32).rotate_left(16)
+    }
+}
