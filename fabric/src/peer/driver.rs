@@ -9,7 +9,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, info, warn};
 
-use super::paths::{Carrier, LinkWatch};
+use super::paths::{Carrier, LinkWatch, suspect_after};
 use super::{Incoming, Input, PeerStatus, Running, SESSION_PACKET_ID, Shared, lock};
 use crate::connection::{feed, mux_config_for};
 use crate::id::PublicKey;
@@ -134,8 +134,10 @@ async fn drive(
         // A punched link that went silent while we wait for acknowledgements (or while the
         // peer already turned to Tox) gets Tox beside it until it speaks again: a stall of
         // about a second instead of the link's dead timeout.
-        let also_tox =
-            path.is_punched() && watch.suspect(now, || session.stats().waiting_segments > 0);
+        let also_tox = path.is_punched()
+            && watch.suspect(now, suspect_after(session.stats().srtt), || {
+                session.stats().waiting_segments > 0
+            });
         if also_tox && !was_suspect && session.stats().waiting_segments > 0 {
             // What went out on the silent link is presumed lost: send it again on Tox now.
             // Only data: an idle link turns suspect whenever the peer's keepalive came by

@@ -136,9 +136,18 @@ pub(super) enum Via {
 }
 
 /// How long a punched link may say nothing, while we wait for acknowledgements, before the
-/// session also sends on Tox. Longer than the keepalive interval would be too slow to matter;
-/// a healthy link under load carries acknowledgements every few milliseconds.
-const SUSPECT_AFTER: Duration = Duration::from_millis(1000);
+/// session also sends on Tox: four round trips of the session, within
+/// [`MIN_SUSPECT_AFTER`]..=[`MAX_SUSPECT_AFTER`]. A healthy link under load carries
+/// acknowledgements every few milliseconds, so four round trips of silence is a dead link far
+/// more often than a slow one; and a false alarm costs only duplicates on Tox.
+pub(super) fn suspect_after(srtt: Option<Duration>) -> Duration {
+    srtt.map_or(MAX_SUSPECT_AFTER, |s| s * 4)
+        .clamp(MIN_SUSPECT_AFTER, MAX_SUSPECT_AFTER)
+}
+/// Shortest silence taken for a dead link: a loaded machine's scheduling hiccups stay below it.
+const MIN_SUSPECT_AFTER: Duration = Duration::from_millis(200);
+/// Longest: the punched link's own keepalive interval is longer and would be too slow to matter.
+const MAX_SUSPECT_AFTER: Duration = Duration::from_millis(1000);
 /// How long after a packet came by Tox (the peer suspects the link) we answer on Tox too.
 const ECHO_TOX_FOR: Duration = Duration::from_secs(2);
 
@@ -181,8 +190,13 @@ impl LinkWatch {
     /// Whether to send on Tox beside the punched link now. `waiting` says whether the
     /// session has segments the peer has not acknowledged (asked only when the link is
     /// silent).
-    pub(super) fn suspect(&self, now: Instant, waiting: impl FnOnce() -> bool) -> bool {
-        if now.saturating_duration_since(self.last_link) < SUSPECT_AFTER {
+    pub(super) fn suspect(
+        &self,
+        now: Instant,
+        silent_after: Duration,
+        waiting: impl FnOnce() -> bool,
+    ) -> bool {
+        if now.saturating_duration_since(self.last_link) < silent_after {
             return false;
         }
         let peer_on_tox = self
@@ -1058,21 +1072,31 @@ mod tests {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
         let mut w = LinkWatch::new(t0);
+        let silent = suspect_after(None);
         // Fresh: never suspect, whatever is owed.
-        assert!(!w.suspect(ms(500), || true));
+        assert!(!w.suspect(ms(500), silent, || true));
         // Silent for over a second: suspect only while segments wait.
-        assert!(w.suspect(ms(1200), || true));
-        assert!(!w.suspect(ms(1200), || false));
+        assert!(w.suspect(ms(1200), silent, || true));
+        assert!(!w.suspect(ms(1200), silent, || false));
         // The link speaks: trusted again.
         w.on_input(ms(1300), Via::Link);
-        assert!(!w.suspect(ms(1400), || true));
+        assert!(!w.suspect(ms(1400), silent, || true));
         // The peer sends by Tox while our link is silent: answer on Tox too, even with
         // nothing owed (our acknowledgements must reach it), for two seconds.
         w.on_input(ms(2500), Via::Tox);
-        assert!(w.suspect(ms(2600), || false));
-        assert!(!w.suspect(ms(4600), || false));
+        assert!(w.suspect(ms(2600), silent, || false));
+        assert!(!w.suspect(ms(4600), silent, || false));
         // A new punched carrier starts with a grace period.
         w.on_carrier(ms(5000), true);
-        assert!(!w.suspect(ms(5500), || true));
+        assert!(!w.suspect(ms(5500), silent, || true));
+    }
+
+    #[test]
+    fn a_link_is_suspected_after_four_round_trips_of_silence_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(suspect_after(None), ms(1000));
+        assert_eq!(suspect_after(Some(ms(1))), ms(200));
+        assert_eq!(suspect_after(Some(ms(80))), ms(320));
+        assert_eq!(suspect_after(Some(ms(600))), ms(1000));
     }
 }
