@@ -483,6 +483,23 @@ pub fn proxy_bin() -> &'static Path {
     })
 }
 
+/// The lines `child` prints on stdout, read by a thread of their own.
+fn stdout_lines(child: &mut Child) -> io::Result<std::sync::mpsc::Receiver<String>> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| io::Error::other("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 /// A running `proxy` process, killed on drop. Listeners are started on port 0 and their
 /// real addresses read from its stdout.
 #[derive(Debug)]
@@ -522,18 +539,7 @@ impl ProxyProcess {
         if let Some(err) = child.stderr.take() {
             capture_lines(err, stderr.clone(), None);
         }
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| io::Error::other("no stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let rx = stdout_lines(&mut child)?;
         let mut me = Self {
             child,
             socks: None,
@@ -644,18 +650,7 @@ impl ExitProcess {
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| io::Error::other("no stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let rx = stdout_lines(&mut child)?;
         let want_metrics = extra.contains(&"--metrics");
         let mut me = Self {
             child,
