@@ -715,6 +715,97 @@ fn tun_exit_answers_dns_with_its_own_resolver() {
     );
 }
 
+/// Packets a server-namespace nft counter saw, from the table `nstudp`.
+fn server_counter(topo: &Topology, name: &str) -> u64 {
+    let out = run_ok(topo.in_server(&["nft", "list", "counter", "inet", "nstudp", name]));
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {out}"))
+}
+
+/// A UDP flow to a fake address (a QUIC connection, say) reaches one server for its whole
+/// life, although the exit's resolver gives a different address for every query, as a CDN's
+/// rotating answers do: the exit resolves the name once per flow, not per datagram.
+#[test]
+fn tun_fake_ip_udp_flow_keeps_one_server_address() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::routed().expect("namespaces");
+    let second = topo
+        .server_v4
+        .rsplit_once('.')
+        .map(|(net, _)| format!("{net}.3"))
+        .expect("an IPv4 server address");
+    run_ok(topo.in_server(&["ip", "addr", "add", &format!("{second}/32"), "dev", "lo"]));
+    // The exit's resolver answers the two addresses in turn.
+    let _servers = servers_answering(&topo, &format!("{},{second}", topo.server_v4));
+    let _exit_resolv = NetnsEtcFile::resolv_conf(&topo.server, &topo.server_v4);
+    let home_router = "192.168.77.1";
+    let _client_resolv = NetnsEtcFile::resolv_conf(&topo.client, home_router);
+    // Datagrams to either address on port 4433 are counted and dropped (no port unreachable
+    // comes back to disturb the flow).
+    let rules = format!(
+        "table inet nstudp {{
+            counter first {{ }}
+            counter second {{ }}
+            chain input {{
+                type filter hook input priority 0; policy accept;
+                ip daddr {} udp dport 4433 counter name \"first\" drop
+                ip daddr {second} udp dport 4433 counter name \"second\" drop
+            }}
+        }}",
+        topo.server_v4
+    );
+    run_ok(topo.in_server(&["nft", &rules]));
+
+    let wan = format!("{}/24", topo.server_v4);
+    let net = ExitOverTox::start(&topo, &["--allow-cidr", &wan]);
+    let mut extra = net.client_args();
+    extra.push("--fake-ip");
+    let proxy = start_proxy(&topo, &extra);
+    // Wait for the session: the first request by address is held until it is up.
+    let page = curl_first(
+        &topo,
+        &format!("http://{}/index.html", topo.server_v4),
+        &proxy,
+    );
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+
+    let router = format!("{home_router}:53");
+    let fake = run_ok(topo.in_client(&[TOOL, "dns", &router, "quic.test"]));
+    let fake = fake.trim();
+    assert!(fake.starts_with("198.1"), "not a fake address: {fake}");
+    let sent = run_ok(topo.in_client(&[TOOL, "blast", &format!("{fake}:4433"), "10000"]));
+    assert_eq!(sent.trim(), "sent 10000");
+    // Datagrams may be lost on the way (UDP, and a datagram queue that drops when full);
+    // every one that arrives must arrive at the one address.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (first, second) = loop {
+        let counts = (
+            server_counter(&topo, "first"),
+            server_counter(&topo, "second"),
+        );
+        if counts.0 + counts.1 >= 9_000 || Instant::now() > deadline {
+            break counts;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("datagrams at the first address: {first}, at the second: {second}");
+    assert!(
+        (first == 0) != (second == 0),
+        "the flow's datagrams went to both addresses (or none): {first} and {second}\nexit:\n{}",
+        net.exit.stderr()
+    );
+    assert!(
+        first + second > 0,
+        "no datagram arrived:\n{}",
+        proxy.stderr()
+    );
+}
+
 /// A flow to the TUN's own prefix would be dialed with the mark, routed by `main`'s connected
 /// route back into the TUN, and become a new flow again and again until file descriptors run
 /// out: it is refused at once, and the proxy holds no more descriptors after a burst of them.

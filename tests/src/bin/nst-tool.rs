@@ -1,8 +1,9 @@
 //! A helper the TUN tests run inside network namespaces (where the test process is not):
 //!
-//! - `nst-tool serve HTTP_ADDR... -- DNS_ANSWER`: the test HTTP server on each address, a DNS
-//!   responder on UDP and TCP port 53 of the same IPs answering every A query with
-//!   `DNS_ANSWER`, and a UDP echo on port 7; prints `ready` and serves until killed.
+//! - `nst-tool serve HTTP_ADDR... -- DNS_ANSWER[,DNS_ANSWER...]`: the test HTTP server on each
+//!   address, a DNS responder on UDP and TCP port 53 of the same IPs answering every A query
+//!   with `DNS_ANSWER` (several: each query the next, as a CDN's rotating answers), and a UDP
+//!   echo on port 7; prints `ready` and serves until killed.
 //! - `nst-tool dns [--dev IFACE] SERVER:PORT NAME [udp|tcp] [TYPE]`: one A query, prints the
 //!   answer's address; with another TYPE (28, 65, ...) prints `rcode R answers N` of the
 //!   response. `--dev` binds the socket to IFACE (`SO_BINDTODEVICE`, as resolvers with
@@ -14,6 +15,7 @@
 //!   systemd-resolved's 127.0.0.53 is), each query sent on to UPSTREAM from a socket of its
 //!   own; prints `ready`.
 //! - `nst-tool echo SERVER:PORT TEXT`: one UDP datagram, prints the echo.
+//! - `nst-tool blast SERVER:PORT N`: N datagrams from one socket, half a millisecond apart.
 //! - `nst-tool sink ADDR`: accepts TCP connections and holds them open (no thread each);
 //!   prints `ready`.
 //! - `nst-tool hold SERVER:PORT N SECONDS`: opens N connections, prints `held N`, keeps them
@@ -27,6 +29,8 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -41,10 +45,11 @@ fn main() -> ExitCode {
         Some("stub") => stub(&args[1..]),
         Some("lookups") => lookups(&args[1..]),
         Some("echo") => echo(&args[1..]),
+        Some("blast") => blast(&args[1..]),
         Some("sink") => sink(&args[1..]),
         Some("hold") => hold(&args[1..]),
         Some("toxnet") => toxnet(&args[1..]),
-        _ => Err("usage: nst-tool serve|dns|stub|echo|sink|hold|toxnet ...".into()),
+        _ => Err("usage: nst-tool serve|dns|lookups|stub|echo|blast|sink|hold|toxnet ...".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -68,25 +73,40 @@ where
 
 fn serve(args: &[String]) -> Res {
     let split = args.iter().position(|a| a == "--").ok_or("missing --")?;
-    let answer: Ipv4Addr = arg(args, split + 1, "DNS answer")?;
+    let answers: Vec<Ipv4Addr> = args
+        .get(split + 1)
+        .ok_or("DNS answer")?
+        .split(',')
+        .map(|a| a.parse().map_err(|e| format!("DNS answer {a:?}: {e}")))
+        .collect::<Result<_, String>>()?;
+    let queries = Arc::new(AtomicUsize::new(0));
+    // Each A query the next answer, whichever socket it came by (other types, such as the
+    // AAAA query a resolver sends beside the A, take the current one and do not advance).
+    let next_answer = move |query: &[u8]| {
+        let step = usize::from(question_type(query) == Some(1));
+        answers[queries.fetch_add(step, Ordering::Relaxed) % answers.len()]
+    };
     let mut keep = Vec::new();
     for a in &args[..split] {
         let addr: SocketAddr = a.parse().map_err(|e| format!("{a}: {e}"))?;
         keep.push(HttpServer::start_on(addr).map_err(|e| format!("http {addr}: {e}"))?);
         let dns = SocketAddr::new(addr.ip(), 53);
         let udp = UdpSocket::bind(dns).map_err(|e| format!("dns {dns}: {e}"))?;
+        let next = next_answer.clone();
         thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while let Ok((n, from)) = udp.recv_from(&mut buf) {
-                if let Some(r) = dns_answer(&buf[..n], answer) {
+                if let Some(r) = dns_answer(&buf[..n], next(&buf[..n])) {
                     let _ = udp.send_to(&r, from);
                 }
             }
         });
         let tcp = TcpListener::bind(dns).map_err(|e| format!("dns/tcp {dns}: {e}"))?;
+        let next = next_answer.clone();
         thread::spawn(move || {
             for conn in tcp.incoming() {
                 let Ok(mut c) = conn else { continue };
+                let next = next.clone();
                 thread::spawn(move || {
                     let mut len = [0u8; 2];
                     if c.read_exact(&mut len).is_err() {
@@ -96,7 +116,7 @@ fn serve(args: &[String]) -> Res {
                     if c.read_exact(&mut q).is_err() {
                         return;
                     }
-                    if let Some(r) = dns_answer(&q, answer) {
+                    if let Some(r) = dns_answer(&q, next(&q)) {
                         let mut msg = (r.len() as u16).to_be_bytes().to_vec();
                         msg.extend_from_slice(&r);
                         let _ = c.write_all(&msg);
@@ -235,7 +255,7 @@ fn lookups(args: &[String]) -> Res {
     let server: SocketAddr = arg(args, 0, "server")?;
     let n: usize = arg(args, 1, "n")?;
     let threads: usize = arg(args, 2, "threads")?;
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
     let started = std::time::Instant::now();
     let workers: Vec<_> = (0..threads.max(1))
         .map(|_| {
@@ -243,7 +263,7 @@ fn lookups(args: &[String]) -> Res {
             thread::spawn(move || {
                 let mut times = Vec::new();
                 loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
                         return times;
                     }
@@ -338,6 +358,32 @@ fn echo(args: &[String]) -> Res {
         }
     }
     Err("no echo".into())
+}
+
+/// The type of a DNS query's (first) question.
+fn question_type(query: &[u8]) -> Option<u16> {
+    let mut i = 12;
+    loop {
+        let len = usize::from(*query.get(i)?);
+        i += 1 + len;
+        if len == 0 {
+            break;
+        }
+    }
+    Some(u16::from_be_bytes([*query.get(i)?, *query.get(i + 1)?]))
+}
+
+fn blast(args: &[String]) -> Res {
+    let server: SocketAddr = arg(args, 0, "server")?;
+    let n: u32 = arg(args, 1, "count")?;
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    for i in 0..n {
+        s.send_to(&i.to_be_bytes(), server)
+            .map_err(|e| format!("datagram {i}: {e}"))?;
+        thread::sleep(Duration::from_micros(500));
+    }
+    println!("sent {n}");
+    Ok(())
 }
 
 fn sink(args: &[String]) -> Res {
