@@ -1,4 +1,4 @@
-//! A connection to a peer: the [`mux`](crate::mux) riding on a [`Session`], as one sans-IO
+//! A connection to a peer: the [`mux`] riding on a [`Session`], as one sans-IO
 //! endpoint.
 //!
 //! ```text

@@ -14,7 +14,7 @@
 //! Beside the streams, each session carries unreliable datagrams
 //! ([`Fabric::send_datagram`], [`Fabric::recv_datagram`]): what UDP flows ride on.
 //!
-//! Paths: right after a session starts, the client's path agent ([`paths`]) offers its
+//! Paths: right after a session starts, the client's path agent (`paths`) offers its
 //! candidates over Tox (lossless id 171); both sides punch UDP and TCP links and the session's
 //! packets move onto a punched link while it lives, and back to Tox when it dies (see
 //! [`crate::path`]). The session takes its packets from any path, so streams never notice.

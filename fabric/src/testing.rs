@@ -313,7 +313,7 @@ impl SimNet {
     }
 }
 
-/// Two endpoints ([`Session`]s, or [`Connection`](crate::connection::Connection)s with
+/// Two endpoints ([`Session`]s, or [`Connection`]s with
 /// their streams) joined by a [`SimNet`], driven in virtual time.
 ///
 /// Each [`Pair::step`] delivers every packet that has landed, runs due timers, lets the

@@ -133,7 +133,7 @@ pub async fn stun_udp(
 
 /// A TCP socket bound to `local` with `SO_REUSEADDR` and `SO_REUSEPORT`, so the same port can
 /// query STUN, listen and dial out at once (the basis of TCP simultaneous open). An IPv6
-/// `local` takes both families (dial IPv4 peers at [`wire_addr`]).
+/// `local` takes both families (dial IPv4 peers at `wire_addr`).
 pub fn reusable_tcp_socket(local: SocketAddr) -> io::Result<TcpSocket> {
     let domain = if local.is_ipv4() {
         socket2::Domain::IPV4
