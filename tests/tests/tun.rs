@@ -113,6 +113,17 @@ fn curl(topo: &Topology, url: &str) -> Vec<u8> {
 }
 
 /// Routes and rules this process's TUN mode leaves behind in the client namespace.
+/// Stops `proxy` as Ctrl-C would and checks that it exited with success within 15 s and left
+/// no rule, route or nft table behind.
+fn stop_cleanly(proxy: &mut Proc, topo: &Topology) {
+    let status = proxy
+        .interrupt(Duration::from_secs(15))
+        .expect("the proxy exits within 15 s of SIGINT");
+    assert!(status.success(), "exit status {status:?}");
+    let left = leftovers(topo);
+    assert!(left.is_empty(), "{left:#?}");
+}
+
 fn leftovers(topo: &Topology) -> Vec<String> {
     let mut left = Vec::new();
     for fam in ["-4", "-6"] {
@@ -246,12 +257,7 @@ fn tun_route_only_and_exclude() {
     assert!(String::from_utf8_lossy(&page).contains("static text"));
     let v6 = format!("dst=[{}]:80", topo.server_v6);
     assert!(log_once(&proxy, |l| l.contains(&v6)).contains(&v6));
-    assert!(
-        proxy
-            .interrupt(Duration::from_secs(15))
-            .is_some_and(|s| s.success())
-    );
-    assert!(leftovers(&topo).is_empty());
+    stop_cleanly(&mut proxy, &topo);
 
     // Route only the IPv6 server network: IPv4 traffic goes straight out, DNS is still captured.
     install_dns_counters(&topo);
@@ -272,12 +278,7 @@ fn tun_route_only_and_exclude() {
     let got = run_ok(topo.in_client(&[TOOL, "dns", &dns4, "routed.test"]));
     assert_eq!(got.trim(), "192.0.2.77");
     assert_eq!(counter(&topo, "leak"), 0, "DNS escaped a route-only tun");
-    assert!(
-        proxy
-            .interrupt(Duration::from_secs(15))
-            .is_some_and(|s| s.success())
-    );
-    assert!(leftovers(&topo).is_empty());
+    stop_cleanly(&mut proxy, &topo);
 }
 
 /// Counters in the client namespace for the Tox traffic to the private network's ports: by
@@ -627,11 +628,7 @@ fn tun_fake_ip_dials_names() {
     let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("curl");
     assert!(!out.status.success(), "an unknown fake address was dialed");
 
-    let status = proxy
-        .interrupt(Duration::from_secs(15))
-        .expect("proxy exits");
-    assert!(status.success(), "exit status {status:?}");
-    assert!(leftovers(&topo).is_empty());
+    stop_cleanly(&mut proxy, &topo);
     let pid = proxy.child.id();
     assert!(cgroups_of(pid).trim().is_empty(), "cgroup left behind");
 }
@@ -1095,12 +1092,7 @@ fn tun_keeps_the_lan_local_unless_tun_lan() {
     ] {
         assert!(status.contains(&line), "{line:?} missing:\n{status}");
     }
-    assert!(
-        proxy
-            .interrupt(Duration::from_secs(15))
-            .is_some_and(|s| s.success())
-    );
-    assert!(leftovers(&topo).is_empty(), "{:#?}", leftovers(&topo));
+    stop_cleanly(&mut proxy, &topo);
 
     // --tun-lan: the LAN is captured and dialed by the proxy.
     run_ok(topo.in_client(&["nft", "reset", "counters", "table", "inet", "nstlan"]));
@@ -1132,12 +1124,7 @@ fn tun_keeps_the_lan_local_unless_tun_lan() {
         table_counter(&topo, "nstlan", "proxied") > 0,
         "the proxy did not dial the LAN"
     );
-    assert!(
-        proxy
-            .interrupt(Duration::from_secs(15))
-            .is_some_and(|s| s.success())
-    );
-    assert!(leftovers(&topo).is_empty(), "{:#?}", leftovers(&topo));
+    stop_cleanly(&mut proxy, &topo);
 }
 
 /// The router's link-local IPv6 address on the client's LAN.
@@ -1213,12 +1200,7 @@ fn tun_strict_route_rejects_queries_bound_to_the_uplink() {
         bound_query(&topo, &dns4, "udp").as_deref(),
         Some("192.0.2.66")
     );
-    assert!(
-        proxy
-            .interrupt(Duration::from_secs(15))
-            .is_some_and(|s| s.success())
-    );
-    assert!(leftovers(&topo).is_empty(), "{:#?}", leftovers(&topo));
+    stop_cleanly(&mut proxy, &topo);
     run_ok(topo.in_client(&["nft", "reset", "counters", "table", "inet", "nstleak"]));
 
     // Through an exit: rejected, UDP and TCP, never out by the uplink.
