@@ -241,12 +241,22 @@ impl Session {
         Stats {
             retransmits: q.retransmits,
             segments_sent: q.segments_sent,
-            waiting_segments: self.lanes.wait_snd(),
+            waiting_segments: self.waiting_segments(),
             lanes: self.lanes.open_lanes(),
             delivery_rate: self.pacer.bandwidth(),
             pacing_rate: self.pacer.pacing_rate(),
             ..self.stats
         }
+    }
+
+    /// The smoothed round-trip time, as in [`Stats::srtt`] (without building all of them).
+    pub fn srtt(&self) -> Option<Duration> {
+        self.stats.srtt
+    }
+
+    /// Segments queued or in flight, as in [`Stats::waiting_segments`].
+    pub fn waiting_segments(&self) -> usize {
+        self.lanes.wait_snd()
     }
 
     /// Largest payload [`Session::send_datagram`] takes.
@@ -612,12 +622,10 @@ impl Session {
         // At least a millisecond ahead: KCP's clock has no finer grain. An idle session has
         // no KCP deadline at all: KCP's `check` never says more than its interval (10 ms),
         // which woke every idle session a hundred times a second (B13).
-        let kcp_at = if self.lanes.is_idle() {
-            self.now + self.config.idle_timeout
-        } else {
+        let kcp_at = (!self.lanes.is_idle()).then(|| {
             let kcp_wait = self.lanes.check(now_ms).max(1);
             self.now + Duration::from_millis(u64::from(kcp_wait))
-        };
+        });
         let idle_at = self.last_rx + self.config.idle_timeout;
         let keepalive = self.config.keepalive;
         let ping_at = match self.unanswered_since {
@@ -628,7 +636,10 @@ impl Session {
             None => (self.last_tx.min(self.last_rx) + keepalive)
                 .max(self.last_ping.map_or(self.epoch, |t| t + keepalive / 2)),
         };
-        let mut at = kcp_at.min(idle_at).min(ping_at);
+        let mut at = idle_at.min(ping_at);
+        if let Some(kcp_at) = kcp_at {
+            at = at.min(kcp_at);
+        }
         if let Some(quiet) = self.quiet_check_at() {
             at = at.min(quiet);
         }

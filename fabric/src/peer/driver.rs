@@ -135,10 +135,10 @@ async fn drive(
         // peer already turned to Tox) gets Tox beside it until it speaks again: a stall of
         // about a second instead of the link's dead timeout.
         let also_tox = path.is_punched()
-            && watch.suspect(now, suspect_after(session.stats().srtt), || {
-                session.stats().waiting_segments > 0
+            && watch.suspect(now, suspect_after(session.srtt()), || {
+                session.waiting_segments() > 0
             });
-        if also_tox && !was_suspect && session.stats().waiting_segments > 0 {
+        if also_tox && !was_suspect && session.waiting_segments() > 0 {
             // What went out on the silent link is presumed lost: send it again on Tox now.
             // Only data: an idle link turns suspect whenever the peer's keepalive came by
             // Tox, and restarting the pacer then would only slow the next transfer.
