@@ -310,6 +310,16 @@ fn canonical_v6(addr: &str) -> String {
         .map_or_else(|_| addr.to_owned(), |a| a.to_string())
 }
 
+/// The packet count in what `nft list counter ...` printed.
+pub fn nft_counter_packets(listing: &str) -> u64 {
+    listing
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {listing}"))
+}
+
 /// Deletes these network namespaces (with their devices, routes and rules), ignoring any
 /// that is gone already.
 pub fn delete(names: &[&str]) {

@@ -523,6 +523,25 @@ impl ProxyProcess {
         Self::start_raw(&args)
     }
 
+    /// Starts a client of the exit `exit_id` on a private Tox network (`nodes`), with its
+    /// data in `dir` and no public bootstrap or STUN, plus `extra` flags.
+    pub fn client(nodes: &[String], dir: &Path, exit_id: &str, extra: &[&str]) -> io::Result<Self> {
+        let dir = dir.display().to_string();
+        let mut args = vec![
+            "--exit",
+            exit_id,
+            "--data-dir",
+            &dir,
+            "--no-public-bootstrap",
+            "--no-public-stun",
+        ];
+        for n in nodes {
+            args.extend(["--bootstrap", n]);
+        }
+        args.extend_from_slice(extra);
+        Self::start(&args)
+    }
+
     /// Starts `proxy <args>` and waits for its "listening" lines (at most 10 s).
     pub fn start_raw(args: &[&str]) -> io::Result<Self> {
         let mut child = Command::new(proxy_bin())

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use tests::netns::{Proc, Scratch, sh};
+use tests::netns::{Proc, Scratch, nft_counter_packets, sh};
 use tests::servers::{PAGE, proxy_bin, run_with_timeout};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
@@ -212,12 +212,7 @@ impl Lab {
             name,
         ])
         .expect("nft list counter");
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no packet count in {text}"))
+        nft_counter_packets(&String::from_utf8_lossy(&out.stdout))
     }
 
     /// A curl run in the exit's namespace (at most 60 s: the hang guard).

@@ -22,22 +22,8 @@ fn start_exit(net: &ToxNet, name: &str, extra: &[&str]) -> ExitProcess {
 
 fn client_with(net: &ToxNet, name: &str, exit: &ExitProcess, extra: &[&str]) -> ProxyProcess {
     let dir = net.scratch_dir(name).expect("scratch dir");
-    let dir = dir.display().to_string();
     let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
-    let mut args = vec![
-        "--exit",
-        &exit.id,
-        "--data-dir",
-        &dir,
-        "--no-public-bootstrap",
-        "--no-public-stun",
-    ];
-    for n in &nodes {
-        args.push("--bootstrap");
-        args.push(n);
-    }
-    args.extend_from_slice(extra);
-    ProxyProcess::start(&args).expect("client proxy starts")
+    ProxyProcess::client(&nodes, &dir, &exit.id, extra).expect("client proxy starts")
 }
 
 /// Runs the `proxy` binary to completion (at most 20 s).

@@ -11,7 +11,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::netns::{Proc, Scratch, Topology, unavailable};
+use tests::netns::{Proc, Scratch, Topology, nft_counter_packets, unavailable};
 use tests::servers::{check_big, proxy_bin, run_with_timeout};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
@@ -79,12 +79,7 @@ fn install_dns_counters(topo: &Topology) {
 }
 
 fn counter(topo: &Topology, name: &str) -> u64 {
-    let out = run_ok(topo.in_client(&["nft", "list", "counter", "inet", "nstleak", name]));
-    out.split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no packet count in {out}"))
+    table_counter(topo, "nstleak", name)
 }
 
 /// `proc`'s stderr once `what` holds for it (at most 30 s; then as it is, for the assertion
@@ -308,12 +303,9 @@ fn install_tox_counters(topo: &Topology, ports: &[u16]) {
 }
 
 fn table_counter(topo: &Topology, table: &str, name: &str) -> u64 {
-    let out = run_ok(topo.in_client(&["nft", "list", "counter", "inet", table, name]));
-    out.split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no packet count in {out}"))
+    nft_counter_packets(&run_ok(
+        topo.in_client(&["nft", "list", "counter", "inet", table, name]),
+    ))
 }
 
 /// A request made right after the client starts, while its session to the exit is still
@@ -329,6 +321,17 @@ fn curl_first(topo: &Topology, url: &str, proxy: &Proc) -> Vec<u8> {
         proxy.stderr()
     );
     out.stdout
+}
+
+/// The first request through an exit, the server's page by address: held until the session
+/// is up, then served whole.
+fn first_page_by_address(topo: &Topology, proxy: &Proc) {
+    let page = curl_first(
+        topo,
+        &format!("http://{}/index.html", topo.server_v4),
+        proxy,
+    );
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
 }
 
 /// A private Tox network of four daemons and a `proxy exit --allow-any` in the server
@@ -447,12 +450,7 @@ fn tun_through_an_exit_over_tox() {
     );
 
     // HTTP through the TUN and the exit, small and large, content checked.
-    let page = curl_first(
-        &topo,
-        &format!("http://{}/index.html", topo.server_v4),
-        &proxy,
-    );
-    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    first_page_by_address(&topo, &proxy);
     // Bulk speed over Tox is the fabric benches' business; this checks the content.
     let n = 512 * 1024 + 5;
     let started = Instant::now();
@@ -660,12 +658,7 @@ fn tun_exit_answers_dns_with_its_own_resolver() {
 
     // The first request, by address, waits for the session. (A lookup made before the
     // session is up is given up after the resolver's own few seconds, as resolvers do.)
-    let page = curl_first(
-        &topo,
-        &format!("http://{}/index.html", topo.server_v4),
-        &proxy,
-    );
-    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    first_page_by_address(&topo, &proxy);
     // By name, through the system resolver of the client namespace (the home router).
     let page = curl_first(&topo, "http://web.test/index.html", &proxy);
     assert!(String::from_utf8_lossy(&page).contains("static text"));
@@ -714,12 +707,9 @@ fn tun_exit_answers_dns_with_its_own_resolver() {
 
 /// Packets a server-namespace nft counter saw, from the table `nstudp`.
 fn server_counter(topo: &Topology, name: &str) -> u64 {
-    let out = run_ok(topo.in_server(&["nft", "list", "counter", "inet", "nstudp", name]));
-    out.split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no packet count in {out}"))
+    nft_counter_packets(&run_ok(
+        topo.in_server(&["nft", "list", "counter", "inet", "nstudp", name]),
+    ))
 }
 
 /// A UDP flow to a fake address (a QUIC connection, say) reaches one server for its whole
@@ -764,12 +754,7 @@ fn tun_fake_ip_udp_flow_keeps_one_server_address() {
     extra.push("--fake-ip");
     let proxy = start_proxy(&topo, &extra);
     // Wait for the session: the first request by address is held until it is up.
-    let page = curl_first(
-        &topo,
-        &format!("http://{}/index.html", topo.server_v4),
-        &proxy,
-    );
-    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    first_page_by_address(&topo, &proxy);
 
     let router = format!("{home_router}:53");
     let fake = run_ok(topo.in_client(&[TOOL, "dns", &router, "quic.test"]));
@@ -1212,12 +1197,7 @@ fn tun_strict_route_rejects_queries_bound_to_the_uplink() {
     let extra = net.client_args();
     let mut proxy = start_proxy(&topo, &extra);
     // The first request waits for the session to the exit.
-    let page = curl_first(
-        &topo,
-        &format!("http://{}/index.html", topo.server_v4),
-        &proxy,
-    );
-    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    first_page_by_address(&topo, &proxy);
     for (server, proto) in [
         (&dns4, "udp"),
         (&dns4, "tcp"),

@@ -23,6 +23,7 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -37,7 +38,7 @@ fn start_exit(nodes: &[String], dir: &str, client: Option<&str>) -> ExitProcess 
         Some(id) => extra.extend(["--allow", id]),
         None => extra.push("--allow-any"),
     }
-    ExitProcess::start(nodes, std::path::Path::new(dir), &extra).expect("proxy exit starts")
+    ExitProcess::start(nodes, Path::new(dir), &extra).expect("proxy exit starts")
 }
 
 /// The Tox ID of the identity in `dir` (created if missing).
@@ -51,21 +52,8 @@ fn identity(dir: &str) -> String {
 }
 
 fn start_client(nodes: &[String], dir: &str, exit: &str) -> ProxyProcess {
-    let mut args = vec![
-        "--exit",
-        exit,
-        "--data-dir",
-        dir,
-        "--no-public-bootstrap",
-        "--no-public-stun",
-        "--connect-timeout",
-        "90",
-    ];
-    for n in nodes {
-        args.push("--bootstrap");
-        args.push(n);
-    }
-    ProxyProcess::start(&args).expect("client starts")
+    ProxyProcess::client(nodes, Path::new(dir), exit, &["--connect-timeout", "90"])
+        .expect("client starts")
 }
 
 /// One HTTP exchange with `target` through the SOCKS5 proxy at `socks`, within `limit`.

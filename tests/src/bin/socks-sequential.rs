@@ -43,20 +43,8 @@ fn main() -> Result<()> {
         &["--allow-any", "--allow-private"],
     )
     .context("proxy exit")?;
-    let exit_id = exit.id.clone();
-    let client_dir = net.scratch_dir("client")?.display().to_string();
-    let mut client_args = vec![
-        "--exit",
-        &exit_id,
-        "--data-dir",
-        &client_dir,
-        "--no-public-bootstrap",
-        "--no-public-stun",
-    ];
-    for node in &nodes {
-        client_args.extend(["--bootstrap", node]);
-    }
-    let client = ProxyProcess::start(&client_args).context("client proxy")?;
+    let client = ProxyProcess::client(&nodes, &net.scratch_dir("client")?, &exit.id, &[])
+        .context("client proxy")?;
     let socks = client.socks.context("no socks listener")?;
 
     // The first connection is held while the session comes up.
