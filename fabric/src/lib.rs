@@ -23,6 +23,7 @@ pub mod path;
 #[cfg(feature = "tox")]
 pub mod peer;
 pub mod punch;
+pub mod resume;
 pub mod session;
 pub mod target;
 #[cfg(feature = "test-util")]

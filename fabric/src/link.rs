@@ -177,6 +177,16 @@ impl LinkKeys {
 }
 
 impl LinkKeys {
+    /// Keys agreed by another exchange (the direct handshake); `controlling` must be true on
+    /// exactly one side.
+    pub(crate) fn from_parts(send: [u8; 32], recv: [u8; 32], controlling: bool) -> Self {
+        Self {
+            send,
+            recv,
+            controlling,
+        }
+    }
+
     /// Whether our public key was the lower one: the side that nominates the punched pair.
     /// Both sides compute opposite answers from the same two public keys.
     pub fn controlling(&self) -> bool {

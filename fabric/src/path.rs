@@ -345,7 +345,7 @@ fn offered(
 ///
 /// Each comes with its prefix length (from the interface's netmask; a full-length prefix when
 /// the system gives none).
-fn interface_networks() -> Vec<LocalNetwork> {
+pub(crate) fn interface_networks() -> Vec<LocalNetwork> {
     let mut outside = Vec::new();
     let mut loopback = Vec::new();
     let mut v6 = Vec::new();

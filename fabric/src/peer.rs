@@ -46,11 +46,10 @@ use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info};
 
-use self::paths::{Agent, Carrier, Role, Via};
+use self::paths::{Agent, AgentInput, Carrier, Role, Via};
 use self::router::route;
 use self::supervisor::{establish, supervise};
 use crate::id::{PublicKey, ToxId};
-use crate::link::signal::Signal;
 use crate::mux::io::{Handle, Stream};
 use crate::mux::{self, SharedBudget};
 use crate::path::{PathChoice, PathConfig, PathStatus};
@@ -66,6 +65,7 @@ pub const CONTROL_PACKET_ID: u8 = 170;
 /// First byte of a lossless Tox packet carrying a punched-link signal.
 pub const SIGNAL_PACKET_ID: u8 = 171;
 
+mod direct;
 mod driver;
 mod paths;
 mod router;
@@ -172,6 +172,8 @@ struct Shared {
     sessions: watch::Sender<u64>,
     /// What every session's mux draws its receive credit from.
     mux_budget: SharedBudget,
+    /// The direct socket, for resuming sessions without Tox (none with `--path tox`).
+    direct: Option<Arc<direct::Direct>>,
 }
 
 /// Everything known about one peer.
@@ -189,8 +191,12 @@ struct Slot {
     status: Arc<Mutex<PeerStatus>>,
     /// What the session sends on; the path agent changes it.
     carrier: watch::Sender<Carrier>,
-    /// The path agent's signal inbox, once it runs.
-    paths: Option<mpsc::Sender<Signal>>,
+    /// The path agent's inbox, once it runs.
+    paths: Option<mpsc::Sender<AgentInput>>,
+    /// A direct link made before the path agent ran, for it to take at start.
+    pending_direct: Option<direct::DirectLink>,
+    /// We dial this peer (it is our exit): its direct handshakes are answered.
+    dialed: bool,
 }
 
 #[derive(Debug)]
@@ -215,6 +221,8 @@ impl Slot {
         Self {
             carrier: watch::channel(paths::initial_carrier(choice)).0,
             paths: None,
+            pending_direct: None,
+            dialed: false,
             online: watch::channel(false).0,
             session: None,
             opener: None,
@@ -237,7 +245,9 @@ impl Fabric {
         let (incoming_tx, incoming_rx) = mpsc::channel(1024);
         let (datagrams_tx, datagrams_rx) = mpsc::channel(DATAGRAM_QUEUE);
         let mux_budget = SharedBudget::new(config.mux_budget);
+        let direct = direct::bind(&config, tox.secret_key().0);
         let shared = Arc::new(Shared {
+            direct: direct.clone(),
             tox,
             config,
             mux_budget,
@@ -250,6 +260,9 @@ impl Fabric {
             sessions: watch::channel(0).0,
         });
         tokio::spawn(route(Arc::downgrade(&shared), events));
+        if let Some(direct) = &direct {
+            direct::run(&shared, direct);
+        }
         Ok(Self {
             shared,
             incoming: tokio::sync::Mutex::new(incoming_rx),
@@ -281,7 +294,10 @@ impl Fabric {
             // Already a friend (saved from an earlier run) is the common case.
             debug!(%error, "friend request not sent");
         }
-        let status = self.shared.slot_status(pk);
+        let status = self.shared.with_slot(pk, |slot| {
+            slot.dialed = true;
+            slot.status.clone()
+        });
         let conv = establish(&self.shared, pk, None).await?;
         info!(exit = %pk, %conv, "session to exit established");
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -350,6 +366,9 @@ impl Fabric {
                 debug!(peer = %pk, %conv, "could not tell the peer of the shutdown");
             }
             let _ = input.try_send(Input::PeerClose(CloseReason::Shutdown));
+        }
+        if let Some(direct) = &self.shared.direct {
+            direct.close();
         }
         self.shared.tox.shutdown().await;
     }
@@ -454,8 +473,9 @@ impl Shared {
         f(routes.entry(pk).or_insert_with(|| Slot::new(choice)))
     }
 
-    fn slot_status(&self, pk: PublicKey) -> Arc<Mutex<PeerStatus>> {
-        self.with_slot(pk, |slot| slot.status.clone())
+    /// Like [`Shared::with_slot`] for a peer that may have none, without making one.
+    fn with_slot_if<R>(&self, pk: PublicKey, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
+        lock(&self.routes).get_mut(&pk).map(f)
     }
 
     /// Sends a control message without blocking the caller.
@@ -484,17 +504,21 @@ impl Shared {
         pk: PublicKey,
         role: Role,
         stop: Option<watch::Receiver<bool>>,
-    ) -> Option<mpsc::Sender<Signal>> {
+    ) -> Option<mpsc::Sender<AgentInput>> {
         self.with_slot(pk, |slot| {
             if slot.paths.is_none()
                 && (role == Role::Exit || self.config.path.choice != PathChoice::Tox)
             {
                 let (tx, rx) = mpsc::channel(16);
+                if let Some(link) = slot.pending_direct.take() {
+                    let _ = tx.try_send(AgentInput::Direct(link));
+                }
                 let agent = Agent {
                     shared: Arc::downgrade(self),
                     pk,
                     config: self.config.path.clone(),
                     signals: rx,
+                    pending_direct: None,
                     carrier: slot.carrier.clone(),
                     status: slot.status.clone(),
                 };

@@ -6,6 +6,8 @@
 //!                 | flags u8 (bit 0: TLS fingerprint follows) | [sha-256 fingerprint [32]]
 //!                 | count u8 | candidate × count
 //! candidates  'C' | offer id u64 BE | count u8 | candidate × count      (trickled later)
+//! direct      'D' | count u8 | candidate × count   (where our direct socket may be reached:
+//!                 the endpoints a resume tries; see `crate::resume`)
 //! candidate   kind u8 (bits 0-1: 0 host, 1 server-reflexive, 2 peer-reflexive;
 //!                      bit 7: TCP, else UDP)
 //!             | family u8 (4 or 6) | address [4 or 16] | port u16 BE
@@ -24,6 +26,7 @@ pub const VERSION: u8 = 1;
 
 const TAG_OFFER: u8 = b'O';
 const TAG_CANDIDATES: u8 = b'C';
+const TAG_DIRECT: u8 = b'D';
 
 /// Why bytes are not a signalling message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +111,11 @@ pub enum Signal {
         /// The candidates.
         candidates: Vec<Candidate>,
     },
+    /// Where the sender's direct socket may be reached (UDP candidates).
+    Direct {
+        /// The candidates.
+        candidates: Vec<Candidate>,
+    },
 }
 
 impl Signal {
@@ -147,6 +155,9 @@ impl Signal {
                     candidates,
                 }
             }
+            TAG_DIRECT => Self::Direct {
+                candidates: r.candidates()?,
+            },
             other => return Err(SignalError::UnknownTag(other)),
         };
         if !r.0.is_empty() {
@@ -180,6 +191,11 @@ impl Signal {
                 check_count(candidates)?;
                 out.push(TAG_CANDIDATES);
                 out.extend_from_slice(&offer_id.to_be_bytes());
+                emit_candidates(candidates, out);
+            }
+            Self::Direct { candidates } => {
+                check_count(candidates)?;
+                out.push(TAG_DIRECT);
                 emit_candidates(candidates, out);
             }
         }
@@ -326,6 +342,7 @@ mod tests {
                 offer_id,
                 candidates
             }),
+            candidates().prop_map(|candidates| Signal::Direct { candidates }),
         ]
     }
 

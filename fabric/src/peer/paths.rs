@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsStream;
 use tracing::{debug, info};
 
+use super::direct::DirectLink;
 use super::{PeerStatus, SIGNAL_PACKET_ID, Shared, lock};
 use crate::id::PublicKey;
 use crate::link::LinkSecret;
@@ -206,6 +207,26 @@ impl LinkWatch {
     }
 }
 
+/// A round made of one direct link (already connected: the handshake proved the path).
+fn direct_round(direct: DirectLink) -> Round {
+    info!(remote = %direct.remote, "session carried by a direct link");
+    Round {
+        udp: Some(direct.link),
+        udp_up: None,
+        udp_lossy: false,
+        tcp_punch: None,
+        tcp: None,
+        tcp_up: None,
+        tcp_plan: None,
+        tcp_was_up: false,
+        tcp_up_at: None,
+        tcp_repunch_at: None,
+        tcp_gap: Duration::ZERO,
+        offer_id: 0,
+        connected: false,
+    }
+}
+
 /// The carrier a session starts on under `choice`.
 pub(super) fn initial_carrier(choice: PathChoice) -> Carrier {
     if choice.allows_tox() {
@@ -213,6 +234,15 @@ pub(super) fn initial_carrier(choice: PathChoice) -> Carrier {
     } else {
         Carrier::Held
     }
+}
+
+/// What reaches a path agent.
+#[derive(Debug)]
+pub(super) enum AgentInput {
+    /// A signal from the peer, over Tox.
+    Signal(Signal),
+    /// A direct link a handshake just made: the session moves onto it.
+    Direct(DirectLink),
 }
 
 /// Which side of the exchange an agent plays.
@@ -230,8 +260,10 @@ pub(super) struct Agent {
     pub(super) shared: Weak<Shared>,
     pub(super) pk: PublicKey,
     pub(super) config: PathConfig,
-    /// Signals from the peer, routed here by the fabric.
-    pub(super) signals: mpsc::Receiver<Signal>,
+    /// Signals from the peer and direct links, routed here by the fabric.
+    pub(super) signals: mpsc::Receiver<AgentInput>,
+    /// A direct link that came while the agent was busy, to run next.
+    pub(super) pending_direct: Option<DirectLink>,
     /// What the session driver sends on.
     pub(super) carrier: watch::Sender<Carrier>,
     pub(super) status: Arc<Mutex<PeerStatus>>,
@@ -253,6 +285,8 @@ enum RoundEnd {
     Replaced(LinkOffer),
     /// The fabric or the peer is gone.
     Stopped,
+    /// A direct handshake made a link: run it instead.
+    Direct(DirectLink),
 }
 
 /// The links of one offer exchange.
@@ -389,16 +423,21 @@ impl Agent {
             if !self.wait_for_session().await {
                 return;
             }
-            let end = match self.offer().await {
-                Ok(round) => self.run_round(round).await,
-                Err(why) => RoundEnd::Ended {
-                    connected: false,
-                    why,
-                },
+            let end = if let Some(direct) = self.pending_direct.take() {
+                self.run_round(direct_round(direct)).await
+            } else {
+                match self.offer().await {
+                    Ok(round) => self.run_round(round).await,
+                    Err(why) => RoundEnd::Ended {
+                        connected: false,
+                        why,
+                    },
+                }
             };
             match end {
                 RoundEnd::Stopped => return,
                 RoundEnd::Replaced(_) => {}
+                RoundEnd::Direct(direct) => self.pending_direct = Some(direct),
                 RoundEnd::Ended { connected, why } => {
                     if connected {
                         backoff = self.config.retry_min;
@@ -406,6 +445,9 @@ impl Agent {
                     self.fall_back(format!("{why}; punching again in {backoff:?}"));
                     debug!(peer = %self.pk, %why, ?backoff, %choice, "no punched path");
                 }
+            }
+            if self.pending_direct.is_some() {
+                continue;
             }
             if !self.sleep(backoff).await {
                 return;
@@ -417,13 +459,28 @@ impl Agent {
     async fn run_exit(&mut self) {
         let mut next: Option<LinkOffer> = None;
         let mut last_answer: Option<tokio::time::Instant> = None;
-        loop {
+        'next: loop {
+            if let Some(direct) = self.pending_direct.take() {
+                match self.run_round(direct_round(direct)).await {
+                    RoundEnd::Stopped => return,
+                    RoundEnd::Replaced(offer) => next = Some(offer),
+                    RoundEnd::Direct(direct) => self.pending_direct = Some(direct),
+                    RoundEnd::Ended { why, .. } => {
+                        self.fall_back(format!("{why}; waiting for the client's next offer"));
+                    }
+                }
+                continue;
+            }
             let mut offer = match next.take() {
                 Some(offer) => offer,
                 None => loop {
                     match self.signals.recv().await {
-                        Some(Signal::Offer(offer)) => break offer,
-                        Some(Signal::Candidates { .. }) => {}
+                        Some(AgentInput::Signal(Signal::Offer(offer))) => break offer,
+                        Some(AgentInput::Signal(_)) => {}
+                        Some(AgentInput::Direct(direct)) => {
+                            self.pending_direct = Some(direct);
+                            continue 'next;
+                        }
                         None => return,
                     }
                 },
@@ -437,8 +494,12 @@ impl Agent {
                     tokio::select! {
                         () = tokio::time::sleep_until(until) => break,
                         s = self.signals.recv() => match s {
-                            Some(Signal::Offer(newer)) => offer = newer,
-                            Some(Signal::Candidates { .. }) => {}
+                            Some(AgentInput::Signal(Signal::Offer(newer))) => offer = newer,
+                            Some(AgentInput::Signal(_)) => {}
+                            Some(AgentInput::Direct(direct)) => {
+                                self.pending_direct = Some(direct);
+                                continue 'next;
+                            }
                             None => return,
                         },
                     }
@@ -456,6 +517,7 @@ impl Agent {
             match self.run_round(round).await {
                 RoundEnd::Stopped => return,
                 RoundEnd::Replaced(offer) => next = Some(offer),
+                RoundEnd::Direct(direct) => self.pending_direct = Some(direct),
                 RoundEnd::Ended { why, .. } => {
                     self.fall_back(format!("{why}; waiting for the client's next offer"));
                 }
@@ -488,7 +550,15 @@ impl Agent {
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(until) => return true,
-                s = self.signals.recv() => if s.is_none() { return false },
+                s = self.signals.recv() => match s {
+                    None => return false,
+                    // A direct link does not wait for the pause to end.
+                    Some(AgentInput::Direct(direct)) => {
+                        self.pending_direct = Some(direct);
+                        return true;
+                    }
+                    Some(AgentInput::Signal(_)) => {}
+                },
             }
         }
     }
@@ -509,6 +579,7 @@ impl Agent {
         };
         self.fall_back("offered candidates, waiting for the exit".into());
         debug!(peer = %self.pk, candidates = offer.candidates.len(), "link offer sent");
+        self.send_direct_candidates(&gathered);
         let deadline = tokio::time::Instant::now() + self.config.answer_timeout;
         let answer = loop {
             self.send(&Signal::Offer(offer.clone()));
@@ -516,10 +587,16 @@ impl Agent {
             let got = loop {
                 tokio::select! {
                     s = self.signals.recv() => match s {
-                        Some(Signal::Offer(answer)) if answer.offer_id == offer.offer_id => {
+                        Some(AgentInput::Signal(Signal::Offer(answer)))
+                            if answer.offer_id == offer.offer_id =>
+                        {
                             break Some(answer);
                         }
-                        Some(_) => {}
+                        Some(AgentInput::Direct(direct)) => {
+                            self.pending_direct = Some(direct);
+                            return Err("a direct link came up".into());
+                        }
+                        Some(AgentInput::Signal(_)) => {}
                         None => return Err("fabric stopped".into()),
                     },
                     () = tokio::time::sleep_until(resend) => break None,
@@ -569,6 +646,9 @@ impl Agent {
                 .unwrap_or_default(),
         };
         self.send(&Signal::Offer(answer));
+        if let Some(gathered) = &gathered {
+            self.send_direct_candidates(gathered);
+        }
         let Some(gathered) = gathered else {
             debug!(peer = %self.pk, %choice, "link offer answered without candidates");
             return Ok(None);
@@ -760,10 +840,13 @@ impl Agent {
                 },
                 s = self.signals.recv() => match s {
                     None => return RoundEnd::Stopped,
-                    Some(Signal::Offer(offer)) if offer.offer_id != round.offer_id => {
+                    Some(AgentInput::Direct(direct)) => return RoundEnd::Direct(direct),
+                    Some(AgentInput::Signal(Signal::Offer(offer))) if offer.offer_id != round.offer_id => {
                         return RoundEnd::Replaced(offer);
                     }
-                    Some(Signal::Candidates { offer_id, candidates }) if offer_id == round.offer_id => {
+                    Some(AgentInput::Signal(Signal::Candidates { offer_id, candidates }))
+                        if offer_id == round.offer_id =>
+                    {
                         if let Some(udp) = &round.udp {
                             for c in candidates.iter().filter(|c| c.protocol == Protocol::Udp) {
                                 let _ = udp.add_remote(c.addr).await;
@@ -867,6 +950,18 @@ impl Agent {
         };
         self.carrier.send_replace(carrier);
         self.set_status(active, remote, why);
+    }
+
+    /// Tells the peer where our direct socket may be reached, with the addresses just
+    /// gathered: it probes them, and both sides remember what answers for the next start.
+    fn send_direct_candidates(&self, gathered: &Gathered) {
+        let Some(direct) = self.shared.upgrade().and_then(|s| s.direct.clone()) else {
+            return;
+        };
+        let candidates = direct.candidates(&gathered.candidates);
+        if !candidates.is_empty() {
+            self.send(&Signal::Direct { candidates });
+        }
     }
 
     /// Falls back to Tox (or holds, when Tox is not allowed).

@@ -9,12 +9,12 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use super::paths::{Role, Via};
+use super::paths::{AgentInput, Role, Via};
 use super::{CONTROL_PACKET_ID, Input, SESSION_PACKET_ID, SIGNAL_PACKET_ID, Shared, lock};
 use crate::id::PublicKey;
 use crate::link::signal::Signal;
 use crate::session::control::Acceptor;
-use crate::session::{self, CloseReason, Control};
+use crate::session::{self, CloseReason, Control, ConvId};
 use crate::time::{Duration, Instant};
 use crate::tox::ToxEvent;
 
@@ -58,40 +58,10 @@ impl Shared {
     fn handle_control(self: &Arc<Self>, pk: PublicKey, msg: Control) {
         match msg {
             Control::Open { request, resume } => {
-                if !self.allow.allows(&pk) {
-                    debug!(peer = %pk, "session refused: not allowed");
-                    self.send_control(
-                        pk,
-                        Control::Reject {
-                            request,
-                            reason: CloseReason::NotAllowed,
-                        },
-                    );
-                    return;
-                }
-                let now = Instant::now();
-                let epoch = self.epoch;
-                let (answer, running_conv) = self.with_slot(pk, |slot| {
-                    let acceptor = slot
-                        .acceptor
-                        .get_or_insert_with(|| Acceptor::new(epoch, &pk.0));
-                    let (answer, _) = acceptor.handle_open(now, request, resume);
-                    (answer, slot.session.as_ref().map(|r| r.conv))
-                });
-                if let Control::Accept { conv, .. } = answer
-                    && running_conv != Some(conv)
-                {
-                    info!(peer = %pk, %conv, "session accepted");
-                    self.start_session(pk, conv, true);
-                }
+                let answer = self.answer_open(pk, request, resume);
                 self.send_control(pk, answer);
             }
-            Control::Accept { .. } | Control::Reject { .. } => {
-                let opener = self.with_slot(pk, |slot| slot.opener.clone());
-                if let Some(tx) = opener {
-                    let _ = tx.try_send(msg);
-                }
-            }
+            Control::Accept { .. } | Control::Reject { .. } => self.deliver_answer(pk, msg),
             Control::Close { conv, reason } => {
                 let input = self.with_slot(pk, |slot| {
                     slot.session
@@ -106,6 +76,47 @@ impl Shared {
         }
     }
 
+    /// Answers a client's Open (come by Tox or by a direct handshake): refused unless the
+    /// client is allowed, else the acceptor's conv, whose session starts here and now.
+    pub(super) fn answer_open(
+        self: &Arc<Self>,
+        pk: PublicKey,
+        request: u32,
+        resume: Option<ConvId>,
+    ) -> Control {
+        if !self.allow.allows(&pk) {
+            debug!(peer = %pk, "session refused: not allowed");
+            return Control::Reject {
+                request,
+                reason: CloseReason::NotAllowed,
+            };
+        }
+        let now = Instant::now();
+        let epoch = self.epoch;
+        let (answer, running_conv) = self.with_slot(pk, |slot| {
+            let acceptor = slot
+                .acceptor
+                .get_or_insert_with(|| Acceptor::new(epoch, &pk.0));
+            let (answer, _) = acceptor.handle_open(now, request, resume);
+            (answer, slot.session.as_ref().map(|r| r.conv))
+        });
+        if let Control::Accept { conv, .. } = answer
+            && running_conv != Some(conv)
+        {
+            info!(peer = %pk, %conv, "session accepted");
+            self.start_session(pk, conv, true);
+        }
+        answer
+    }
+
+    /// An exit's answer to our Open, for the opener waiting for it.
+    pub(super) fn deliver_answer(&self, pk: PublicKey, msg: Control) {
+        let opener = self.with_slot(pk, |slot| slot.opener.clone());
+        if let Some(tx) = opener {
+            let _ = tx.try_send(msg);
+        }
+    }
+
     /// A punched-link signal from `pk`: for its path agent, which an exit starts on the first
     /// signal of a client that has a session (signals from anyone else are dropped).
     fn handle_signal(self: &Arc<Self>, pk: PublicKey, signal: Signal) {
@@ -115,13 +126,17 @@ impl Shared {
             debug!(peer = %pk, "link signal without a session dropped");
             return;
         }
+        if let Signal::Direct { candidates } = &signal {
+            self.on_direct_candidates(pk, candidates);
+            return;
+        }
         let inbox = if exit_side {
             self.start_paths(pk, Role::Exit, None)
         } else {
             self.with_slot(pk, |slot| slot.paths.clone())
         };
         if let Some(inbox) = inbox {
-            let _ = inbox.try_send(signal);
+            let _ = inbox.try_send(AgentInput::Signal(signal));
         }
     }
 

@@ -24,10 +24,15 @@ pub(super) async fn establish(
     let timeout = shared.config.connect_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut online = shared.with_slot(pk, |slot| slot.online.subscribe());
-    tokio::time::timeout_at(deadline, online.wait_for(|o| *o))
-        .await
-        .map_err(|_| ConnectError::TimedOut(timeout))?
-        .map_err(|_| ConnectError::Shutdown)?;
+    // With endpoints where the exit answered before, ask there at once, beside Tox (which
+    // may take seconds to come online): whichever answers first carries the session.
+    let direct = shared.direct.clone().filter(|d| !d.cached(&pk).is_empty());
+    if direct.is_none() {
+        tokio::time::timeout_at(deadline, online.wait_for(|o| *o))
+            .await
+            .map_err(|_| ConnectError::TimedOut(timeout))?
+            .map_err(|_| ConnectError::Shutdown)?;
+    }
     let (tx, mut rx) = mpsc::channel(8);
     shared.with_slot(pk, |slot| slot.opener = Some(tx));
     let now = Instant::now();
@@ -39,11 +44,18 @@ pub(super) async fn establish(
         Duration::from_secs(1),
         remaining,
     );
+    let mut attempt = 0;
     let outcome = loop {
         let now = Instant::now();
         opener.handle_timeout(now);
         while let Some(msg) = opener.poll_transmit(now) {
-            shared.send_control(pk, msg);
+            if let Some(direct) = &direct {
+                direct.send_control(pk, msg, attempt);
+                attempt += 1;
+            }
+            if *online.borrow() {
+                shared.send_control(pk, msg);
+            }
         }
         if let Some(outcome) = opener.outcome() {
             break outcome;

@@ -66,6 +66,11 @@ pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
 /// A UDP socket for punching: both families on one port (`[::]`, not v6-only) where the
 /// host has IPv6, else IPv4 only.
 pub fn bind_punch_udp() -> io::Result<UdpSocket> {
+    bind_udp_port(0)
+}
+
+/// A UDP socket on `port` (0: any free port), both families where the host has IPv6.
+pub fn bind_udp_port(port: u16) -> io::Result<UdpSocket> {
     let dual = || -> io::Result<std::net::UdpSocket> {
         let socket = socket2::Socket::new(
             socket2::Domain::IPV6,
@@ -73,14 +78,14 @@ pub fn bind_punch_udp() -> io::Result<UdpSocket> {
             Some(socket2::Protocol::UDP),
         )?;
         socket.set_only_v6(false)?;
-        socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
         Ok(socket.into())
     };
     let socket = match dual() {
         Ok(socket) => socket,
         Err(error) => {
             tracing::debug!(%error, "no dual-stack udp socket, ipv4 only");
-            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?
+            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, port))?
         }
     };
     socket.set_nonblocking(true)?;
@@ -304,6 +309,30 @@ impl UdpLink {
     /// Spawns the task that punches with `punch` on `socket` and then carries packets.
     /// Enlarges the socket's buffers to [`SOCKET_BUFFER`] (as far as the kernel allows).
     pub fn spawn(socket: Arc<UdpSocket>, punch: UdpPunch) -> Self {
+        Self::start(socket, punch, Inbound::Socket)
+    }
+
+    /// Spawns a link on a socket it shares with other links (a node's direct socket): it
+    /// sends on `socket` and takes its packets from `inbound`, where the socket's one reader
+    /// puts what came from `remote`. The link ends when that reader drops the sender.
+    pub fn spawn_demuxed(
+        socket: Arc<UdpSocket>,
+        punch: UdpPunch,
+        remote: SocketAddr,
+        inbound: mpsc::Receiver<Vec<u8>>,
+    ) -> Self {
+        Self::start(
+            socket,
+            punch,
+            Inbound::Demuxed {
+                rx: inbound,
+                remote,
+                first: None,
+            },
+        )
+    }
+
+    fn start(socket: Arc<UdpSocket>, punch: UdpPunch, mut inbound: Inbound) -> Self {
         let sock = socket2::SockRef::from(&*socket);
         for (what, r) in [
             ("rcvbuf", sock.set_recv_buffer_size(SOCKET_BUFFER)),
@@ -332,7 +361,7 @@ impl UdpLink {
         let task_shared = shared.clone();
         tokio::spawn(
             async move {
-                run(&task_shared, event_tx).await;
+                run(&task_shared, &mut inbound, event_tx).await;
                 task_shared.ended.store(true, Ordering::Release);
             }
             .instrument(span),
@@ -471,7 +500,52 @@ impl UdpLinkSender {
     }
 }
 
-async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
+/// Where a link's packets come from.
+enum Inbound {
+    /// Its own socket.
+    Socket,
+    /// A shared socket's reader hands over what came from `remote`.
+    Demuxed {
+        rx: mpsc::Receiver<Vec<u8>>,
+        remote: SocketAddr,
+        /// A packet taken while waiting, not yet read.
+        first: Option<Vec<u8>>,
+    },
+}
+
+impl Inbound {
+    /// Waits until a packet can be read (cancel-safe).
+    async fn readable(&mut self, socket: &UdpSocket) -> io::Result<()> {
+        match self {
+            Self::Socket => socket.readable().await,
+            Self::Demuxed { first: Some(_), .. } => Ok(()),
+            Self::Demuxed { rx, first, .. } => match rx.recv().await {
+                Some(packet) => {
+                    *first = Some(packet);
+                    Ok(())
+                }
+                None => Err(io::ErrorKind::BrokenPipe.into()),
+            },
+        }
+    }
+
+    fn try_recv(&mut self, socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match self {
+            Self::Socket => socket.try_recv_from(buf),
+            Self::Demuxed { rx, remote, first } => {
+                let packet = match first.take() {
+                    Some(p) => p,
+                    None => rx.try_recv().map_err(|_| io::ErrorKind::WouldBlock)?,
+                };
+                let n = packet.len().min(buf.len());
+                buf[..n].copy_from_slice(&packet[..n]);
+                Ok((n, *remote))
+            }
+        }
+    }
+}
+
+async fn run(shared: &Shared, inbound: &mut Inbound, events: mpsc::Sender<LinkEvent>) {
     let socket = &shared.socket;
     let mut rx = vec![0u8; 65536];
     let mut tx = Vec::with_capacity(2048);
@@ -502,19 +576,19 @@ async fn run(shared: &Shared, events: mpsc::Sender<LinkEvent>) {
         let end = out
             .iter()
             .any(|e| matches!(e, LinkEvent::Failed | LinkEvent::Dead));
-        if !hand_over(shared, &events, &mut out, &mut rx, &mut tx).await || end {
+        if !hand_over(shared, inbound, &events, &mut out, &mut rx, &mut tx).await || end {
             return;
         }
         tokio::select! {
-            r = socket.readable() => {
+            r = inbound.readable(socket) => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "udp link socket failed");
                     return;
                 }
-                read_batch(shared, &mut rx, &mut out);
+                read_batch(shared, inbound, &mut rx, &mut out);
                 // Answer the keepalives of this batch before waiting for the consumer.
                 flush_transmits(shared, &mut tx);
-                if !hand_over(shared, &events, &mut out, &mut rx, &mut tx).await {
+                if !hand_over(shared, inbound, &events, &mut out, &mut rx, &mut tx).await {
                     return;
                 }
             }
@@ -536,6 +610,7 @@ const BACKLOG: usize = 2 * BATCH;
 /// healthy link read as lossy to the peer (review B15), which then left it.
 async fn hand_over(
     shared: &Shared,
+    inbound: &mut Inbound,
     events: &mpsc::Sender<LinkEvent>,
     out: &mut VecDeque<LinkEvent>,
     rx: &mut [u8],
@@ -558,8 +633,8 @@ async fn hand_over(
                 }
             }
             // A socket error disables this branch; the main loop reports it.
-            Ok(()) = shared.socket.readable(), if out.len() < BACKLOG => {
-                read_batch(shared, rx, out);
+            Ok(()) = inbound.readable(&shared.socket), if out.len() < BACKLOG => {
+                read_batch(shared, inbound, rx, out);
                 flush_transmits(shared, tx);
             }
         }
@@ -569,9 +644,14 @@ async fn hand_over(
 
 /// Reads up to [`BATCH`] packets, one lock per packet so senders are never held up for
 /// longer than one open; data goes to `out`, the core answers the rest.
-fn read_batch(shared: &Shared, rx: &mut [u8], out: &mut VecDeque<LinkEvent>) {
+fn read_batch(
+    shared: &Shared,
+    inbound: &mut Inbound,
+    rx: &mut [u8],
+    out: &mut VecDeque<LinkEvent>,
+) {
     for _ in 0..BATCH {
-        let (n, from) = match shared.socket.try_recv_from(rx) {
+        let (n, from) = match inbound.try_recv(&shared.socket, rx) {
             Ok((n, from)) => (n, canonical(from)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             // ICMP errors surface here on Linux; keepalives decide about the path.

@@ -227,6 +227,21 @@ impl UdpPunch {
         punch
     }
 
+    /// A link already agreed on `remote` by other means (a direct handshake that reached the
+    /// peer there): connected from the start, with keepalives and the dead timer running. Its
+    /// first event is [`Event::Connected`].
+    pub fn established(
+        now: Instant,
+        keys: LinkKeys,
+        remote: SocketAddr,
+        config: PunchConfig,
+    ) -> Self {
+        // No filter: the driver's socket is connected to `remote`, so nothing else reaches it.
+        let mut punch = Self::new(now, keys, &[remote], config);
+        punch.connect(now, remote);
+        punch
+    }
+
     /// Restricts the addresses it sends to (see [`super::filter`]): remote candidates already
     /// given that the filter refuses are dropped, later ones and the sources of control
     /// messages are checked. [`UdpPunch::new`] filters nothing, for tests that punch on

@@ -112,6 +112,7 @@ unsafe extern "C" {
 
     fn tox_self_get_address(tox: *const Tox, address: *mut u8);
     fn tox_self_get_public_key(tox: *const Tox, public_key: *mut u8);
+    fn tox_self_get_secret_key(tox: *const Tox, secret_key: *mut u8);
     fn tox_self_get_connection_status(tox: *const Tox) -> u32;
     fn tox_self_get_udp_port(tox: *const Tox, error: *mut u32) -> u16;
     fn tox_self_set_name(tox: *mut Tox, name: *const u8, length: usize, error: *mut u32) -> bool;
@@ -483,6 +484,15 @@ impl Instance {
         // SAFETY: `pk` is TOX_PUBLIC_KEY_SIZE (32) bytes.
         unsafe { tox_self_get_public_key(self.ptr(), pk.as_mut_ptr()) };
         PublicKey(pk)
+    }
+
+    /// Our long-term secret key: the X25519 half of the identity, which lets a direct
+    /// handshake authenticate us to a peer that knows only our public key.
+    pub fn secret_key(&self) -> [u8; PUBLIC_KEY_SIZE] {
+        let mut sk = [0u8; PUBLIC_KEY_SIZE];
+        // SAFETY: `sk` is TOX_SECRET_KEY_SIZE (32) bytes.
+        unsafe { tox_self_get_secret_key(self.ptr(), sk.as_mut_ptr()) };
+        sk
     }
 
     /// Our DHT connection as of the last iterate.

@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -184,8 +185,13 @@ impl ToxNode {
             .name("tox".into())
             .spawn(move || thread_main(config, cmd_rx, ev_tx, ready_tx))
             .map_err(ToxError::Thread)?;
-        let id = ready_rx.recv().map_err(|_| ToxError::NodeGone)??;
-        Ok((ToxHandle { tx: cmd_tx, id }, ev_rx))
+        let (id, secret) = ready_rx.recv().map_err(|_| ToxError::NodeGone)??;
+        let handle = ToxHandle {
+            tx: cmd_tx,
+            id,
+            secret: Arc::new(StaticKey(secret)),
+        };
+        Ok((handle, ev_rx))
     }
 
     /// Loads or creates the identity in `data_dir` and returns its Tox ID without going online
@@ -208,6 +214,16 @@ impl ToxNode {
 pub struct ToxHandle {
     tx: mpsc::Sender<Command>,
     id: ToxId,
+    secret: Arc<StaticKey>,
+}
+
+/// The node's long-term secret key, kept out of `Debug` output.
+pub(crate) struct StaticKey(pub(crate) [u8; 32]);
+
+impl std::fmt::Debug for StaticKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StaticKey(..)")
+    }
 }
 
 impl ToxHandle {
@@ -219,6 +235,11 @@ impl ToxHandle {
     /// Our public key.
     pub fn public_key(&self) -> PublicKey {
         self.id.public_key()
+    }
+
+    /// Our long-term secret key, for the direct handshake (never logged, never sent).
+    pub(crate) fn secret_key(&self) -> &StaticKey {
+        &self.secret
     }
 
     /// Adds `id` as a friend and sends it a friend request carrying `message` (1..=1016 bytes).
@@ -340,7 +361,7 @@ fn thread_main(
     config: ToxConfig,
     cmd_rx: mpsc::Receiver<Command>,
     ev_tx: mpsc::Sender<ToxEvent>,
-    ready: std::sync::mpsc::SyncSender<Result<ToxId, ToxError>>,
+    ready: std::sync::mpsc::SyncSender<Result<(ToxId, [u8; 32]), ToxError>>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -368,7 +389,7 @@ fn thread_main(
     let span = tracing::info_span!("tox", pk = %node.id.public_key().short());
     let _enter = span.enter();
     info!(id = %node.id, port = ?node.tox.udp_port(), "tox node started");
-    let _ = ready.send(Ok(node.id));
+    let _ = ready.send(Ok((node.id, node.tox.secret_key())));
     rt.block_on(node.run(cmd_rx));
 }
 

@@ -1,0 +1,571 @@
+//! The node's direct socket: where peers that met us before find us again without Tox.
+//!
+//! ```text
+//!  client start / session lost ─► HELLO{Open} to cached endpoints ─┐   (beside Open over Tox)
+//!                                                                  ▼
+//!  exit: acceptor answers ─► WELCOME{Accept conv} ─► direct link ─► session carried at once
+//!  exit start ─► HELLO{Knock} to cached endpoints: "I restarted" ─► client re-opens now
+//!  session up over Tox ─► Signal::Direct (our endpoints) ─► HELLO{Probe} both ways
+//!                          ─► WELCOME{Probe}: both caches learn where the other answers
+//! ```
+//!
+//! One UDP socket per node, on the port of the last run when it is free (so a restarted node
+//! is where its peers remember it, NAT mappings included). One reader task takes everything:
+//! handshake messages (see [`crate::resume::handshake`]) it answers itself, link packets go
+//! to the link of their source address ([`UdpLink::spawn_demuxed`]).
+//!
+//! Only peers we allow (exit role) or dial (client role) are answered; anyone else costs a
+//! table lookup, never a Diffie-Hellman.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use super::{FabricConfig, Input, Shared, lock};
+use crate::id::PublicKey;
+use crate::link::LinkKeys;
+use crate::link::signal::{Candidate, CandidateKind, Protocol};
+use crate::path::PathChoice;
+use crate::punch::driver::{UdpLink, bind_udp_port, canonical, wire_addr};
+use crate::punch::filter::AddressFilter;
+use crate::punch::udp::{PunchConfig, UdpPunch};
+use crate::resume::cache::PeerCache;
+use crate::resume::handshake::{
+    self, HELLO, Identity, PendingHello, Responder, WELCOME, hello_sender,
+};
+use crate::session::{CloseReason, Control};
+use crate::time::{Duration, Instant};
+
+/// The first byte of a handshake body: what the message is about.
+mod kind {
+    /// A session control message (Open in a HELLO, Accept or Reject in a WELCOME).
+    pub(super) const CONTROL: u8 = 1;
+    /// "Can you hear me here?": answered with an empty WELCOME of the same kind.
+    pub(super) const PROBE: u8 = 2;
+    /// "I (re)started": not answered; a client whose exit this is opens a session now.
+    pub(super) const KNOCK: u8 = 3;
+}
+
+/// The cache file in the data dir.
+pub(super) const CACHE_FILE: &str = "peers.cache";
+/// HELLOs we remember while waiting for their WELCOME.
+const MAX_PENDING: usize = 64;
+/// How long a HELLO waits for its WELCOME.
+const PENDING_FOR: Duration = Duration::from_secs(10);
+/// Link packets queued for one direct link before its task takes them; more are dropped.
+const LINK_QUEUE: usize = 1024;
+/// Peers knocked at start (the most recently seen).
+const KNOCK_PEERS: usize = 64;
+
+/// A direct link made by a handshake, for the peer's path agent to carry the session on.
+#[derive(Debug)]
+pub(super) struct DirectLink {
+    pub(super) link: UdpLink,
+    pub(super) remote: SocketAddr,
+}
+
+/// The node's direct socket and what it knows.
+#[derive(Debug)]
+pub(super) struct Direct {
+    socket: Arc<UdpSocket>,
+    local: SocketAddr,
+    identity: Identity,
+    /// Drawn at each start: a peer that sees it change knows we restarted.
+    boot: u64,
+    cache_path: PathBuf,
+    punch: PunchConfig,
+    state: Mutex<State>,
+    /// Set by [`Direct::close`]: the reader stops.
+    closed: tokio::sync::watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    responder: Responder,
+    pending: VecDeque<Pending>,
+    cache: PeerCache,
+    /// The last time we put in a HELLO: each is later than the one before.
+    last_timestamp: u64,
+    /// Each peer's boot number, as its last handshake said.
+    boots: HashMap<PublicKey, u64>,
+    /// The links on this socket, by remote address.
+    links: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    /// Peers whose probe was answered in this run.
+    confirmed: HashSet<PublicKey>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    hello: PendingHello,
+    sent: Instant,
+}
+
+impl Direct {
+    /// Binds the direct socket, on the port of the last run when it is free.
+    pub(super) fn bind(secret: [u8; 32], data_dir: &Path, punch: PunchConfig) -> io::Result<Self> {
+        let cache_path = data_dir.join(CACHE_FILE);
+        let cache = match std::fs::read_to_string(&cache_path) {
+            Ok(text) => {
+                let (cache, skipped) = PeerCache::parse(&text);
+                if skipped > 0 {
+                    debug!(skipped, "damaged lines in the peer cache skipped");
+                }
+                cache
+            }
+            Err(_) => PeerCache::default(),
+        };
+        let socket = match cache.port.map(bind_udp_port) {
+            Some(Ok(socket)) => socket,
+            Some(Err(error)) => {
+                debug!(port = ?cache.port, %error, "last run's direct port is taken");
+                bind_udp_port(0)?
+            }
+            None => bind_udp_port(0)?,
+        };
+        let local = socket.local_addr()?;
+        let direct = Self {
+            socket: Arc::new(socket),
+            local,
+            identity: Identity::from_secret(secret),
+            boot: rand::random(),
+            cache_path,
+            punch,
+            state: Mutex::new(State {
+                cache,
+                ..State::default()
+            }),
+            closed: tokio::sync::watch::channel(false).0,
+        };
+        let mut st = lock(&direct.state);
+        if st.cache.port != Some(local.port()) {
+            st.cache.port = Some(local.port());
+            direct.save(&st.cache);
+        }
+        drop(st);
+        info!(port = local.port(), "direct socket bound");
+        Ok(direct)
+    }
+
+    /// Stops the reader and ends every direct link (the fabric is shutting down).
+    pub(super) fn close(&self) {
+        self.closed.send_replace(true);
+        lock(&self.state).links.clear();
+    }
+
+    /// The direct socket's port.
+    pub(super) fn port(&self) -> u16 {
+        self.local.port()
+    }
+
+    /// The endpoints where `pk` answered last, newest first.
+    pub(super) fn cached(&self, pk: &PublicKey) -> Vec<SocketAddr> {
+        lock(&self.state).cache.endpoints(pk).to_vec()
+    }
+
+    /// Our direct candidates for a peer: the addresses of `gathered` (interfaces and what
+    /// STUN saw, UDP) on the direct socket's port. A NAT that keeps ports (most do, Linux's
+    /// among them) maps our direct port to the same public port as it maps any other.
+    pub(super) fn candidates(&self, gathered: &[Candidate]) -> Vec<Candidate> {
+        let mut out: Vec<Candidate> = Vec::new();
+        for c in gathered.iter().filter(|c| c.protocol == Protocol::Udp) {
+            let addr = SocketAddr::new(c.addr.ip(), self.port());
+            if !out.iter().any(|o| o.addr == addr) {
+                out.push(Candidate {
+                    kind: c.kind,
+                    protocol: Protocol::Udp,
+                    addr,
+                });
+            }
+        }
+        out.truncate(crate::link::signal::MAX_CANDIDATES);
+        out
+    }
+
+    /// Sends a session control message (an Open) to one cached endpoint of `pk`: the newest
+    /// on the first `attempt`, the next on the next. One at a time, because each WELCOME
+    /// makes a link with keys of its own, and the two sides must end on the same one: the
+    /// exit keeps the link of the latest Open, the client takes the first answer, and with
+    /// one Open a second in flight those are the same.
+    pub(super) fn send_control(&self, pk: PublicKey, msg: Control, attempt: usize) -> bool {
+        let endpoints = self.cached(&pk);
+        let Some(&to) = endpoints.get(attempt % endpoints.len().max(1)) else {
+            return false;
+        };
+        let mut body = vec![kind::CONTROL];
+        msg.emit(&mut body);
+        self.send_hello(pk, to, &body);
+        true
+    }
+
+    fn send_hello(&self, pk: PublicKey, to: SocketAddr, body: &[u8]) {
+        let mut packet = Vec::with_capacity(128 + body.len());
+        let mut st = lock(&self.state);
+        let timestamp = wall_ms().max(st.last_timestamp + 1);
+        st.last_timestamp = timestamp;
+        let pending = match handshake::hello(
+            &self.identity,
+            pk,
+            rand::random(),
+            timestamp,
+            self.boot,
+            body,
+            &mut packet,
+        ) {
+            Ok(p) => p,
+            Err(error) => {
+                debug!(peer = %pk, %error, "no hello");
+                return;
+            }
+        };
+        let now = Instant::now();
+        st.pending
+            .retain(|p| now.saturating_duration_since(p.sent) < PENDING_FOR);
+        if st.pending.len() >= MAX_PENDING {
+            st.pending.pop_front();
+        }
+        st.pending.push_back(Pending {
+            hello: pending,
+            sent: now,
+        });
+        drop(st);
+        self.send_to(&packet, to);
+    }
+
+    fn send_to(&self, packet: &[u8], to: SocketAddr) {
+        if let Err(error) = self.socket.try_send_to(packet, wire_addr(self.local, to)) {
+            debug!(%to, %error, "direct send failed");
+        }
+    }
+
+    /// Notes that `pk` answered at `from`, writing the cache when that is news.
+    fn record(&self, pk: PublicKey, from: SocketAddr) {
+        let mut st = lock(&self.state);
+        if st.cache.record(pk, from, wall_ms() / 1000) {
+            self.save(&st.cache);
+        }
+    }
+
+    /// Writes the cache atomically (a new file renamed over the old), readable only by us.
+    fn save(&self, cache: &PeerCache) {
+        if let Err(error) = write_private(&self.cache_path, cache.emit().as_bytes()) {
+            debug!(path = %self.cache_path.display(), %error, "peer cache not written");
+        }
+    }
+
+    /// Starts a link to `remote` with `keys` on this socket, replacing any link there.
+    fn start_link(&self, keys: LinkKeys, remote: SocketAddr) -> DirectLink {
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        // Replacing the sender ends the old link's task: its peer restarted.
+        lock(&self.state).links.insert(remote, tx);
+        let punch = UdpPunch::established(Instant::now(), keys, remote, self.punch);
+        DirectLink {
+            link: UdpLink::spawn_demuxed(self.socket.clone(), punch, remote, rx),
+            remote,
+        }
+    }
+
+    /// Probes `pk` at `candidates` a few times, until one answers: both sides do it at once
+    /// when they learn each other's candidates, which opens NAT mappings both ways.
+    pub(super) fn probe(self: &Arc<Self>, pk: PublicKey, candidates: Vec<SocketAddr>) {
+        let direct = Arc::downgrade(self);
+        tokio::spawn(async move {
+            for round in 0..8u32 {
+                let Some(d) = direct.upgrade() else { return };
+                if lock(&d.state).confirmed.contains(&pk) {
+                    return;
+                }
+                for &to in &candidates {
+                    d.send_hello(pk, to, &[kind::PROBE]);
+                }
+                drop(d);
+                tokio::time::sleep(Duration::from_millis(250) * (round + 1).min(4)).await;
+            }
+        });
+    }
+
+    /// Tells every recently seen peer that we (re)started, three times over a second.
+    fn knock(self: &Arc<Self>) {
+        let mut peers: Vec<(PublicKey, u64, Vec<SocketAddr>)> = lock(&self.state)
+            .cache
+            .peers
+            .iter()
+            .map(|(pk, e)| (*pk, e.seen, e.endpoints.clone()))
+            .collect();
+        peers.sort_by_key(|(_, seen, _)| std::cmp::Reverse(*seen));
+        peers.truncate(KNOCK_PEERS);
+        if peers.is_empty() {
+            return;
+        }
+        let direct = Arc::downgrade(self);
+        tokio::spawn(async move {
+            for pause in [0, 300, 700] {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                let Some(d) = direct.upgrade() else { return };
+                for (pk, _, endpoints) in &peers {
+                    for &to in endpoints {
+                        d.send_hello(*pk, to, &[kind::KNOCK]);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Binds the direct socket; `None` (the node works over Tox alone) when `--path tox` says
+/// so or no socket can be bound.
+pub(super) fn bind(config: &FabricConfig, secret: [u8; 32]) -> Option<Arc<Direct>> {
+    if config.path.choice == PathChoice::Tox {
+        return None;
+    }
+    match Direct::bind(secret, &config.tox.data_dir, config.path.punch) {
+        Ok(d) => Some(Arc::new(d)),
+        Err(error) => {
+            info!(%error, "no direct socket: sessions start over tox only");
+            None
+        }
+    }
+}
+
+/// Starts the reader of the direct socket and tells the peers we remember that we started.
+pub(super) fn run(shared: &Arc<Shared>, direct: &Arc<Direct>) {
+    tokio::spawn(read(Arc::downgrade(shared), direct.clone()));
+    direct.knock();
+}
+
+/// The reader: every packet of the direct socket.
+async fn read(shared: Weak<Shared>, direct: Arc<Direct>) {
+    let mut buf = vec![0u8; 65536];
+    let mut closed = direct.closed.subscribe();
+    loop {
+        tokio::select! {
+            r = direct.socket.readable() => if let Err(error) = r {
+                debug!(%error, "direct socket failed");
+                return;
+            },
+            _ = closed.wait_for(|c| *c) => return,
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        for _ in 0..256 {
+            let (n, from) = match direct.socket.try_recv_from(&mut buf) {
+                Ok((n, from)) => (n, canonical(from)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => continue,
+            };
+            let packet = &buf[..n];
+            match packet.first() {
+                Some(&HELLO) => on_hello(&shared, &direct, from, packet),
+                Some(&WELCOME) => on_welcome(&shared, &direct, from, packet),
+                Some(_) => {
+                    let mut st = lock(&direct.state);
+                    if let Some(tx) = st.links.get(&from)
+                        && let Err(mpsc::error::TrySendError::Closed(_)) =
+                            tx.try_send(packet.to_vec())
+                    {
+                        st.links.remove(&from);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+fn on_hello(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet: &[u8]) {
+    let Some(pk) = hello_sender(packet) else {
+        return;
+    };
+    let exit_side = shared.allow.allows(&pk);
+    let dialed = shared.with_slot_if(pk, |slot| slot.dialed).unwrap_or(false);
+    if !exit_side && !dialed {
+        debug!(%from, "hello from a peer we neither allow nor dial");
+        return;
+    }
+    let mut st = lock(&direct.state);
+    let received = match st.responder.open_hello(&direct.identity, packet, wall_ms()) {
+        Ok(r) => r,
+        Err(error) => {
+            debug!(peer = %pk, %from, %error, "hello refused");
+            return;
+        }
+    };
+    let before = st.boots.insert(pk, received.hello.boot);
+    drop(st);
+    let body = &received.hello.body;
+    match body.first() {
+        Some(&kind::CONTROL) if exit_side => {
+            let Ok(Control::Open { request, resume }) = Control::parse(&body[1..]) else {
+                return;
+            };
+            let answer = shared.answer_open(pk, request, resume);
+            let mut reply = vec![kind::CONTROL];
+            answer.emit(&mut reply);
+            let mut packet = Vec::new();
+            let keys = match received.welcome(
+                &direct.identity,
+                rand::random(),
+                direct.boot,
+                &reply,
+                &mut packet,
+            ) {
+                Ok(k) => k,
+                Err(error) => {
+                    debug!(peer = %pk, %error, "no welcome");
+                    return;
+                }
+            };
+            if matches!(answer, Control::Accept { .. }) {
+                info!(peer = %pk, %from, "session opened directly");
+                let link = direct.start_link(keys, from);
+                shared.hand_direct_link(pk, link);
+            }
+            direct.send_to(&packet, from);
+            direct.record(pk, from);
+        }
+        Some(&kind::PROBE) => {
+            let mut packet = Vec::new();
+            if received
+                .welcome(
+                    &direct.identity,
+                    rand::random(),
+                    direct.boot,
+                    &[kind::PROBE],
+                    &mut packet,
+                )
+                .is_ok()
+            {
+                direct.send_to(&packet, from);
+                direct.record(pk, from);
+            }
+        }
+        Some(&kind::KNOCK) => {
+            direct.record(pk, from);
+            if before != Some(received.hello.boot) && dialed {
+                info!(peer = %pk, %from, "the exit restarted: opening a session directly");
+                shared.peer_restarted(pk);
+            }
+        }
+        _ => debug!(peer = %pk, "hello with an unknown body"),
+    }
+}
+
+fn on_welcome(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet: &[u8]) {
+    let mut st = lock(&direct.state);
+    let Some(at) = st.pending.iter().position(|p| p.hello.matches(packet)) else {
+        return;
+    };
+    let (welcome, keys) = match st.pending[at].hello.open_welcome(&direct.identity, packet) {
+        Ok(w) => w,
+        Err(error) => {
+            debug!(%from, %error, "welcome refused");
+            return;
+        }
+    };
+    let pk = st.pending[at].hello.peer();
+    // One answer per hello: a copy of this welcome finds nothing.
+    st.pending.remove(at);
+    st.boots.insert(pk, welcome.boot);
+    let body = welcome.body;
+    match body.first() {
+        Some(&kind::CONTROL) => {
+            st.pending.retain(|p| p.hello.peer() != pk);
+            drop(st);
+            let Ok(msg) = Control::parse(&body[1..]) else {
+                return;
+            };
+            if matches!(msg, Control::Accept { .. }) {
+                let link = direct.start_link(keys, from);
+                shared.hand_direct_link(pk, link);
+            }
+            direct.record(pk, from);
+            shared.deliver_answer(pk, msg);
+        }
+        Some(&kind::PROBE) => {
+            st.confirmed.insert(pk);
+            drop(st);
+            debug!(peer = %pk, %from, "direct endpoint confirmed");
+            direct.record(pk, from);
+        }
+        _ => {}
+    }
+}
+
+impl Shared {
+    /// A direct link to `pk` is up: its path agent carries the session on it (the agent
+    /// takes it at start when it does not run yet).
+    fn hand_direct_link(self: &Arc<Self>, pk: PublicKey, link: DirectLink) {
+        let inbox = self.with_slot(pk, |slot| {
+            if slot.paths.is_none() {
+                slot.pending_direct = Some(link);
+                return None;
+            }
+            slot.paths.clone().map(|tx| (tx, link))
+        });
+        if let Some((tx, link)) = inbox {
+            let _ = tx.try_send(super::paths::AgentInput::Direct(link));
+        }
+    }
+
+    /// Our exit said it restarted: the session we hold is gone there, so end it now and let
+    /// the supervisor open another instead of waiting for the answer timeout.
+    fn peer_restarted(self: &Arc<Self>, pk: PublicKey) {
+        let input = self.with_slot(pk, |slot| {
+            slot.session
+                .as_ref()
+                .filter(|_| slot.acceptor.is_none())
+                .map(|r| r.input.clone())
+        });
+        if let Some(input) = input {
+            let _ = input.try_send(Input::PeerClose(CloseReason::UnknownSession));
+        }
+    }
+
+    /// Probes the direct candidates `pk` sent us (they come over Tox while a session runs).
+    pub(super) fn on_direct_candidates(self: &Arc<Self>, pk: PublicKey, candidates: &[Candidate]) {
+        let Some(direct) = self.direct.clone() else {
+            return;
+        };
+        let filter = AddressFilter::new(crate::path::interface_networks());
+        let addrs: Vec<SocketAddr> = candidates
+            .iter()
+            .filter(|c| c.protocol == Protocol::Udp && c.kind != CandidateKind::PeerReflexive)
+            .map(|c| c.addr)
+            .filter(|&a| filter.check(a).is_ok())
+            .collect();
+        if !addrs.is_empty() {
+            direct.probe(pk, addrs);
+        }
+    }
+}
+
+/// The wall clock in milliseconds since the Unix epoch (0 before it: a broken clock only
+/// makes our hellos look stale to the peer).
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed over it, mode 0600.
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
