@@ -343,7 +343,7 @@ impl Proc {
     /// Spawns `cmd` and waits (at most 60 s) for a line of its output containing `ready`.
     pub fn spawn(mut cmd: Command, ready: &str) -> Self {
         let mut child = cmd
-            .env("RUST_LOG", "proxy=debug,netstack=debug")
+            .env("RUST_LOG", "proxy=debug,netstack=debug,fabric=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

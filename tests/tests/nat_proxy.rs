@@ -167,3 +167,134 @@ fn both_behind_symmetric_nat_stay_on_tox() {
         &["tox-udp", "tox-tcp-relay"],
     );
 }
+
+/// Resume at a cached endpoint with the exit behind a NAT: after a first session over Tox
+/// (which teaches both sides where the other's direct socket answers), a killed and
+/// restarted client, and then a killed and restarted exit, each get their next request
+/// served through a session that a direct handshake opened (`proxy status` says so), with the
+/// request made at once and held. Prints the times.
+#[test]
+fn exit_behind_cone_nat_resumes_directly_after_either_side_restarts() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let topo = NatTopology::new(Nat::Cone, Nat::Cone).expect("namespaces");
+    let toxnet = Proc::spawn(topo.in_public(&[TOOL, "toxnet", "4"]), "ready");
+    let nodes: Vec<String> = toxnet
+        .ready_list()
+        .iter()
+        .map(|n| n.replace("127.0.0.1", PUBLIC))
+        .collect();
+    let _origin = Proc::spawn(
+        topo.in_peer(0, &[TOOL, "serve", "127.0.0.1:80", "--", "192.0.2.77"]),
+        "ready",
+    );
+    let stun = topo.stun().to_string();
+    let bin = proxy_bin().to_string_lossy().into_owned();
+    let client_dir = Scratch::new("client");
+    let exit_dir = Scratch::new("exit");
+    let id = |dir: &Scratch| {
+        let out = run_in(&topo, 1, &[&bin, "id", "--data-dir", &dir.path()]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let client_id = id(&client_dir);
+    let mut common = vec!["--no-public-bootstrap".to_owned(), "--stun".into(), stun];
+    for n in &nodes {
+        common.extend(["--bootstrap".into(), n.clone()]);
+    }
+    let start_exit = || {
+        let mut args = vec![
+            bin.clone(),
+            "exit".into(),
+            "--allow".into(),
+            client_id.clone(),
+        ];
+        args.extend([
+            "--allow-private".into(),
+            "--data-dir".into(),
+            exit_dir.path(),
+        ]);
+        args.extend(common.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::spawn(topo.in_peer(0, &args), "tox id:")
+    };
+    let mut exit = start_exit();
+    let exit_id = exit.ready_value("tox id:");
+    let start_client = || {
+        let mut args = vec![bin.clone(), "--exit".into(), exit_id.clone()];
+        args.extend([
+            "--socks".into(),
+            ":1080".into(),
+            "--http".into(),
+            ":8080".into(),
+        ]);
+        args.extend(["--connect-timeout".into(), "90".into()]);
+        args.extend(["--data-dir".into(), client_dir.path()]);
+        args.extend(common.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::spawn(topo.in_peer(1, &args), "http listening on")
+    };
+    let fetch = |what: &str, client: &Proc, exit: &Proc| {
+        let started = Instant::now();
+        let out = run_in(
+            &topo,
+            1,
+            &[
+                "curl",
+                "--silent",
+                "--show-error",
+                "--max-time",
+                "55",
+                "--socks5-hostname",
+                "127.0.0.1:1080",
+                "http://127.0.0.1/big/65536",
+            ],
+        );
+        assert!(
+            out.status.success() && out.stdout.len() == 65536,
+            "{what}: {}\nclient:\n{}\nexit:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            client.stderr(),
+            exit.stderr()
+        );
+        eprintln!("{what}: first request served after {:?}", started.elapsed());
+    };
+    let status = || {
+        let out = run_in(&topo, 1, &[&bin, "status", "--from", "127.0.0.1:8080"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let resumed = "resumed at a cached endpoint";
+
+    // First contact over Tox; then both caches learn the other's direct endpoint.
+    let mut client = start_client();
+    fetch("cold start", &client, &exit);
+    let exit_pk = &exit_id[..64].to_ascii_lowercase();
+    let cache = std::path::Path::new(&client_dir.path()).join("peers.cache");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&cache).is_ok_and(|t| t.contains(exit_pk)) {
+        assert!(
+            Instant::now() < deadline,
+            "the client never cached the exit\nclient:\n{}\nexit:\n{}",
+            client.stderr(),
+            exit.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The client killed and started again: the request made at once is served over a
+    // session opened at the cached endpoint.
+    drop(client);
+    client = start_client();
+    fetch("client restart", &client, &exit);
+    let text = status();
+    assert!(text.contains(resumed), "not resumed directly:\n{text}");
+
+    // The exit killed and started again on its identity: it knocks at the client's
+    // endpoint, and the client opens a new session there.
+    drop(exit);
+    exit = start_exit();
+    fetch("exit restart", &client, &exit);
+    let text = status();
+    assert!(text.contains(resumed), "not resumed directly:\n{text}");
+}

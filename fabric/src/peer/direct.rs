@@ -99,6 +99,13 @@ struct State {
     links: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
     /// Peers whose probe was answered in this run.
     confirmed: HashSet<PublicKey>,
+    /// Our own addresses as last gathered (interfaces and what STUN saw): a peer's
+    /// candidate in a reserved block is probed only when one of these is in it, as for
+    /// punching.
+    own: Vec<std::net::IpAddr>,
+    /// The direct candidates each peer sent last: probed again once we know our own
+    /// addresses (a peer's candidates may come before we gathered ours).
+    heard: HashMap<PublicKey, Vec<Candidate>>,
 }
 
 #[derive(Debug)]
@@ -173,6 +180,7 @@ impl Direct {
     /// STUN saw, UDP) on the direct socket's port. A NAT that keeps ports (most do, Linux's
     /// among them) maps our direct port to the same public port as it maps any other.
     pub(super) fn candidates(&self, gathered: &[Candidate]) -> Vec<Candidate> {
+        lock(&self.state).own = gathered.iter().map(|c| c.addr.ip()).collect();
         let mut out: Vec<Candidate> = Vec::new();
         for c in gathered.iter().filter(|c| c.protocol == Protocol::Udp) {
             let addr = SocketAddr::new(c.addr.ip(), self.port());
@@ -389,6 +397,7 @@ fn on_hello(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet
         debug!(%from, "hello from a peer we neither allow nor dial");
         return;
     }
+    debug!(peer = %pk, %from, "hello");
     let mut st = lock(&direct.state);
     let received = match st.responder.open_hello(&direct.identity, packet, wall_ms()) {
         Ok(r) => r,
@@ -499,18 +508,33 @@ fn on_welcome(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, pack
 }
 
 impl Shared {
+    /// Probes `pk`'s direct candidates again, now that we gathered our own addresses.
+    pub(super) fn reprobe(self: &Arc<Self>, pk: PublicKey) {
+        let heard = self
+            .direct
+            .as_ref()
+            .and_then(|d| lock(&d.state).heard.get(&pk).cloned());
+        if let Some(candidates) = heard {
+            self.on_direct_candidates(pk, &candidates);
+        }
+    }
+
     /// A direct link to `pk` is up: its path agent carries the session on it (the agent
     /// takes it at start when it does not run yet).
     fn hand_direct_link(self: &Arc<Self>, pk: PublicKey, link: DirectLink) {
-        let inbox = self.with_slot(pk, |slot| {
-            if slot.paths.is_none() {
+        let (inbox, exit_side) = self.with_slot(pk, |slot| match slot.paths.clone() {
+            Some(tx) => (Some((tx, link)), false),
+            None => {
                 slot.pending_direct = Some(link);
-                return None;
+                (None, slot.acceptor.is_some())
             }
-            slot.paths.clone().map(|tx| (tx, link))
         });
         if let Some((tx, link)) = inbox {
             let _ = tx.try_send(super::paths::AgentInput::Direct(link));
+        } else if exit_side {
+            // An exit starts a client's agent on its first signal; a session opened
+            // directly may never see one (Tox may be down): the link starts it.
+            self.start_paths(pk, super::paths::Role::Exit, None);
         }
     }
 
@@ -533,13 +557,28 @@ impl Shared {
         let Some(direct) = self.direct.clone() else {
             return;
         };
-        let filter = AddressFilter::new(crate::path::interface_networks());
+        let own = {
+            let mut st = lock(&direct.state);
+            if st.heard.len() >= MAX_PENDING && !st.heard.contains_key(&pk) {
+                st.heard.clear();
+            }
+            st.heard.insert(pk, candidates.to_vec());
+            st.own.clone()
+        };
+        let filter = AddressFilter::new(crate::path::interface_networks()).with_own(own);
         let addrs: Vec<SocketAddr> = candidates
             .iter()
             .filter(|c| c.protocol == Protocol::Udp && c.kind != CandidateKind::PeerReflexive)
             .map(|c| c.addr)
-            .filter(|&a| filter.check(a).is_ok())
+            .filter(|&addr| match filter.check(addr) {
+                Ok(()) => true,
+                Err(why) => {
+                    debug!(peer = %pk, %addr, %why, "direct candidate refused");
+                    false
+                }
+            })
             .collect();
+        debug!(peer = %pk, ?addrs, "probing the peer's direct candidates");
         if !addrs.is_empty() {
             direct.probe(pk, addrs);
         }

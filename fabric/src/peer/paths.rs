@@ -222,10 +222,14 @@ fn direct_round(direct: DirectLink) -> Round {
         tcp_up_at: None,
         tcp_repunch_at: None,
         tcp_gap: Duration::ZERO,
-        offer_id: 0,
+        offer_id: DIRECT_ROUND,
         connected: false,
     }
 }
+
+/// The offer id of a round made by a direct handshake (offers draw theirs at random: a
+/// clash only mislabels the status line).
+const DIRECT_ROUND: u64 = 0;
 
 /// The carrier a session starts on under `choice`.
 pub(super) fn initial_carrier(choice: PathChoice) -> Carrier {
@@ -922,11 +926,13 @@ impl Agent {
                 Carrier::Udp(Punched::new(link.sender(), tox_copies, choice.allows_tox())),
                 ActivePath::Udp,
                 Some(remote),
-                if tox_copies {
-                    "direct udp link up (it loses half its keepalives: tox carries copies)"
-                        .to_owned()
-                } else {
-                    "direct udp link up".to_owned()
+                match (tox_copies, round.offer_id == DIRECT_ROUND) {
+                    (true, _) => {
+                        "direct udp link up (it loses half its keepalives: tox carries copies)"
+                            .to_owned()
+                    }
+                    (false, true) => "direct udp link up (resumed at a cached endpoint)".to_owned(),
+                    (false, false) => "direct udp link up".to_owned(),
                 },
             ),
             (Pick::Tcp { udp_yields }, _, Some(link)) => {
@@ -955,13 +961,18 @@ impl Agent {
     /// Tells the peer where our direct socket may be reached, with the addresses just
     /// gathered: it probes them, and both sides remember what answers for the next start.
     fn send_direct_candidates(&self, gathered: &Gathered) {
-        let Some(direct) = self.shared.upgrade().and_then(|s| s.direct.clone()) else {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let Some(direct) = shared.direct.clone() else {
             return;
         };
         let candidates = direct.candidates(&gathered.candidates);
         if !candidates.is_empty() {
             self.send(&Signal::Direct { candidates });
         }
+        // What the peer sent before we knew our own addresses may pass the filter now.
+        shared.reprobe(self.pk);
     }
 
     /// Falls back to Tox (or holds, when Tox is not allowed).
