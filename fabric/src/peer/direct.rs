@@ -63,6 +63,11 @@ const PENDING_FOR: Duration = Duration::from_secs(10);
 const LINK_QUEUE: usize = 1024;
 /// Peers knocked at start (the most recently seen).
 const KNOCK_PEERS: usize = 64;
+/// How often a peer with a session is probed at its cached endpoint: NATs drop an idle UDP
+/// mapping after 30 s or more, and the next start resumes only through a live one.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(25);
+/// HELLOs opened per peer and second (see `State::hello_budget`).
+const HELLOS_PER_SECOND: u32 = 16;
 
 /// A direct link made by a handshake, for the peer's path agent to carry the session on.
 #[derive(Debug)]
@@ -103,6 +108,11 @@ struct State {
     /// candidate in a reserved block is probed only when one of these is in it, as for
     /// punching.
     own: Vec<std::net::IpAddr>,
+    /// Peers whose NAT mappings a keepalive loop holds open.
+    kept_alive: HashSet<PublicKey>,
+    /// HELLOs opened per peer in the current second: a flood of forged ones claiming a
+    /// peer we know costs at most this many Diffie-Hellmans a second.
+    hello_budget: HashMap<PublicKey, (Instant, u32)>,
     /// The direct candidates each peer sent last: probed again once we know our own
     /// addresses (a peer's candidates may come before we gathered ours).
     heard: HashMap<PublicKey, Vec<Candidate>>,
@@ -399,6 +409,20 @@ fn on_hello(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet
     }
     debug!(peer = %pk, %from, "hello");
     let mut st = lock(&direct.state);
+    let now = Instant::now();
+    if st.hello_budget.len() >= MAX_PENDING {
+        st.hello_budget
+            .retain(|_, (since, _)| now.saturating_duration_since(*since) < Duration::from_secs(1));
+    }
+    let (since, count) = st.hello_budget.entry(pk).or_insert((now, 0));
+    if now.saturating_duration_since(*since) >= Duration::from_secs(1) {
+        (*since, *count) = (now, 0);
+    }
+    *count += 1;
+    if *count > HELLOS_PER_SECOND {
+        debug!(peer = %pk, %from, "too many hellos: dropped");
+        return;
+    }
     let received = match st.responder.open_hello(&direct.identity, packet, wall_ms()) {
         Ok(r) => r,
         Err(error) => {
@@ -502,6 +526,7 @@ fn on_welcome(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, pack
             drop(st);
             debug!(peer = %pk, %from, "direct endpoint confirmed");
             direct.record(pk, from);
+            shared.keep_direct_alive(pk);
         }
         _ => {}
     }
@@ -536,6 +561,43 @@ impl Shared {
             // directly may never see one (Tox may be down): the link starts it.
             self.start_paths(pk, super::paths::Role::Exit, None);
         }
+    }
+
+    /// Probes `pk` at its newest cached endpoint every [`KEEPALIVE_EVERY`] while a session
+    /// to it runs (one loop per peer), so that the NAT mappings on both sides stay open for
+    /// the next start; the answers also keep the cache fresh.
+    pub(super) fn keep_direct_alive(self: &Arc<Self>, pk: PublicKey) {
+        let Some(direct) = self.direct.clone() else {
+            return;
+        };
+        if !lock(&direct.state).kept_alive.insert(pk) {
+            return;
+        }
+        let shared = Arc::downgrade(self);
+        // Weak: a node shutting down must not keep its socket open for a keepalive's sake.
+        let direct = Arc::downgrade(&direct);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(KEEPALIVE_EVERY).await;
+                let Some(d) = direct.upgrade() else { return };
+                let alive = shared
+                    .upgrade()
+                    .and_then(|s| s.with_slot_if(pk, |slot| slot.session.is_some()))
+                    .unwrap_or(false);
+                match d.cached(&pk).first().copied() {
+                    Some(to) if alive && !*d.closed.borrow() => {
+                        d.send_hello(pk, to, &[kind::PROBE]);
+                    }
+                    _ => {
+                        // The next session probes again (and keeps alive again) afresh.
+                        let mut st = lock(&d.state);
+                        st.kept_alive.remove(&pk);
+                        st.confirmed.remove(&pk);
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// Our exit said it restarted: the session we hold is gone there, so end it now and let

@@ -24,9 +24,15 @@ pub(super) async fn establish(
     let timeout = shared.config.connect_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut online = shared.with_slot(pk, |slot| slot.online.subscribe());
-    // With endpoints where the exit answered before, ask there at once, beside Tox (which
-    // may take seconds to come online): whichever answers first carries the session.
-    let direct = shared.direct.clone().filter(|d| !d.cached(&pk).is_empty());
+    // With no session (at start, or after one ended) and endpoints where the exit answered
+    // before, ask there at once, beside Tox (which may take seconds to come online):
+    // whichever answers first carries the session. A resume of a session that still runs
+    // goes by Tox alone: the session keeps the path it has (a direct link's answer would
+    // take it off a punched round, TCP fallback and all).
+    let direct = shared
+        .direct
+        .clone()
+        .filter(|d| resume.is_none() && !d.cached(&pk).is_empty());
     if direct.is_none() {
         tokio::time::timeout_at(deadline, online.wait_for(|o| *o))
             .await
