@@ -4,24 +4,38 @@
 
 #![no_main]
 
+use std::sync::OnceLock;
+
 use fabric::resume::cache::PeerCache;
-use fabric::resume::handshake::{Identity, Responder, hello, hello_sender};
+use fabric::resume::handshake::{Identity, PendingHello, Responder, hello, hello_sender};
 use libfuzzer_sys::fuzz_target;
 
+const NOW: u64 = 1_800_000_000_000;
+
+/// The two identities and a HELLO of ours waiting for its WELCOME: made once, as key
+/// generation would otherwise dominate every run.
+fn setup() -> &'static (Identity, Identity, PendingHello) {
+    static SETUP: OnceLock<(Identity, Identity, PendingHello)> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        let initiator = Identity::from_secret([1; 32]);
+        let responder = Identity::from_secret([2; 32]);
+        let mut buf = Vec::new();
+        let pending = hello(&initiator, responder.public(), [7; 32], NOW, 1, b"x", &mut buf)
+            .expect("a hello");
+        (initiator, responder, pending)
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
-    let responder_id = Identity::from_secret([2; 32]);
-    let initiator_id = Identity::from_secret([1; 32]);
-    let now = 1_800_000_000_000;
+    let (initiator_id, responder_id, pending) = setup();
+    let now = NOW;
     // As a HELLO: a forgery under keys nobody else has can only fail.
-    let opened = Responder::default().open_hello(&responder_id, data, now);
+    let opened = Responder::default().open_hello(responder_id, data, now);
     if let Ok(h) = &opened {
         assert_eq!(Some(h.hello.peer), hello_sender(data));
     }
     // As a WELCOME to a HELLO of ours.
-    let mut buf = Vec::new();
-    let pending = hello(&initiator_id, responder_id.public(), [7; 32], now, 1, b"x", &mut buf)
-        .expect("a hello");
-    let _ = pending.open_welcome(&initiator_id, data);
+    let _ = pending.open_welcome(initiator_id, data);
     // As a cache file.
     if let Ok(text) = std::str::from_utf8(data) {
         let (cache, _) = PeerCache::parse(text);
