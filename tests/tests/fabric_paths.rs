@@ -73,11 +73,11 @@ async fn traffic_during<T, F: Future<Output = Result<T>>>(
     until: F,
 ) -> Result<T> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // The longest wait for one 512 KiB stream, logged (not asserted: timing is the bench's
-    // business) to show how long a move stalls the streams.
-    let longest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    // How long each 512 KiB stream took, logged (not asserted: timing is the bench's
+    // business): the longest less the median is how long the move stalled the streams.
+    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
     let workers = (0..4u64).map(|w| {
-        let (peer, stop, longest) = (peer.clone(), stop.clone(), longest.clone());
+        let (peer, stop, times) = (peer.clone(), stop.clone(), times.clone());
         async move {
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -85,8 +85,10 @@ async fn traffic_during<T, F: Future<Output = Result<T>>>(
                 send_and_verify(&peer, 512 << 10, seed * 1000 + w * 100 + n)
                     .await
                     .with_context(|| format!("worker {w}, stream {n}"))?;
-                let mut l = longest.lock().unwrap_or_else(|e| e.into_inner());
-                *l = (*l).max(started.elapsed());
+                times
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(started.elapsed());
                 n += 1;
             }
             Ok(())
@@ -101,8 +103,18 @@ async fn traffic_during<T, F: Future<Output = Result<T>>>(
     {
         r?;
     }
-    let longest = *longest.lock().unwrap_or_else(|e| e.into_inner());
-    tracing::info!(?longest, "longest stream during this phase");
+    let mut times = std::mem::take(&mut *times.lock().unwrap_or_else(|e| e.into_inner()));
+    times.sort();
+    if let (Some(median), Some(longest)) = (times.get(times.len() / 2), times.last()) {
+        let stall = longest.saturating_sub(*median);
+        tracing::info!(
+            streams = times.len(),
+            ?median,
+            ?longest,
+            ?stall,
+            "streams during this phase"
+        );
+    }
     result
 }
 
