@@ -18,6 +18,7 @@ pub mod connection;
 pub mod id;
 pub mod link;
 pub mod mux;
+pub mod overlay;
 #[cfg(feature = "tokio")]
 pub mod path;
 #[cfg(feature = "tox")]

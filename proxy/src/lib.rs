@@ -24,6 +24,7 @@ pub mod guard;
 pub mod http;
 pub mod relay;
 pub mod server;
+pub mod share;
 pub mod socks;
 pub mod status;
 #[cfg(target_os = "linux")]
