@@ -377,11 +377,11 @@ fn resolve_at_exit(dialer: &Arc<dyn Dialer>, reply: &UdpReply, dst: SocketAddr, 
     tokio::spawn(async move {
         let _permit = permit;
         let exchange = async {
+            // The query travels with the request for the stream: one round trip, not two.
             let resolver = dialer
-                .resolver()
+                .resolver_with(dns::framed(&query)?)
                 .ok_or_else(|| io::Error::other("no resolver"))?;
             let mut stream = resolver.await?;
-            dns::write_framed(&mut stream, &query).await?;
             dns::read_framed(&mut stream).await
         };
         match tokio::time::timeout(DNS_TIMEOUT, exchange).await {
