@@ -344,6 +344,7 @@ fn thread_main(
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
+        .enable_io()
         .build()
     {
         Ok(rt) => rt,
@@ -486,15 +487,35 @@ impl Node {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut next_iterate =
             Instant::now() + ffi::toxcore_subsec().map_or(Duration::ZERO, first_iteration_delay);
+        if !self.tox.watch_udp() {
+            debug!("c-toxcore's udp socket not watched: iterating on its interval only");
+        }
         let shutdown_ack = loop {
             if Instant::now() >= next_iterate {
                 self.iterate().await;
                 next_iterate = Instant::now() + self.interval();
             }
-            let cmd = tokio::select! {
+            // Between slow iterations a packet that arrives wakes the thread at once; at the
+            // busy pace the timer comes soon enough and waking per packet would only cost
+            // iterations.
+            let quiet = next_iterate.saturating_duration_since(Instant::now()) > BUSY_INTERVAL;
+            let woke = tokio::select! {
                 biased;
-                cmd = rx.recv() => cmd,
+                cmd = rx.recv() => Wake::Command(cmd),
+                arrived = self.tox.udp_readable(), if quiet => Wake::Packet(arrived),
                 () = tokio::time::sleep_until(next_iterate.into()) => continue,
+            };
+            let cmd = match woke {
+                Wake::Command(cmd) => cmd,
+                Wake::Packet(Ok(())) => {
+                    next_iterate = Instant::now();
+                    continue;
+                }
+                Wake::Packet(Err(error)) => {
+                    debug!(%error, "c-toxcore's udp socket cannot be watched any more");
+                    self.tox.unwatch_udp();
+                    continue;
+                }
             };
             let Some(cmd) = cmd else { break None };
             if let Some(done) = self.handle(cmd) {
@@ -690,6 +711,7 @@ impl Node {
                 };
                 if sent {
                     self.lossy_sent += 1;
+                    trace!(peer = %pk.short(), len = data.len(), "lossy packet sent");
                 } else {
                     self.lossy_send_failed += 1;
                     trace!(peer = %pk.short(), "lossy packet not sent");
@@ -917,6 +939,14 @@ impl Node {
     }
 }
 
+/// What woke the tox thread between iterations.
+enum Wake {
+    /// A command, or `None` when every handle is gone.
+    Command(Option<Command>),
+    /// A packet in c-toxcore's socket, or the error that ends watching it.
+    Packet(std::io::Result<()>),
+}
+
 /// How long to wait after bootstrapping before the first `tox_iterate`, given how far
 /// c-toxcore's clock is into its current second (see [`ffi::toxcore_subsec`]).
 ///
@@ -1053,6 +1083,7 @@ impl Callbacks for Inbox {
         self.lossy_received += 1;
         self.received_last_iteration += 1;
         self.last_packet = Some(Instant::now());
+        trace!(peer = %pk.short(), len = data.len(), "lossy packet received");
         let ev = ToxEvent::Lossy {
             pk,
             data: self.copy(data),
