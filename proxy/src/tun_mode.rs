@@ -393,6 +393,10 @@ fn resolve_at_exit(dialer: &Arc<dyn Dialer>, reply: &UdpReply, dst: SocketAddr, 
     });
 }
 
+/// How long a UDP flow that only carried DNS queries (answered by the exit's resolver or the
+/// fake-IP table) lives after its last query.
+const DNS_FLOW_IDLE: Duration = Duration::from_secs(1);
+
 /// How long a query through the exit may take before it is given up (the application's
 /// resolver has retried by then).
 const DNS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -465,6 +469,11 @@ async fn serve_udp(mut flow: UdpFlow, dialer: Arc<dyn Dialer>, fake: Option<Arc<
                     debug!(%src, %dst, %err, "udp send failed");
                 }
             }
+            // A flow that only carried DNS answered here or at the exit (a resolver's socket,
+            // new for every lookup) holds no upstream: end it soon, or a burst of lookups
+            // would fill the table of UDP flows for a minute. Answers still reach the socket,
+            // and a later query from it starts a new flow.
+            () = tokio::time::sleep(DNS_FLOW_IDLE), if upstream.is_none() => return,
             got = received => match got {
                 Ok((n, from)) => {
                     let from = match fake_peers.get(&from.port()) {
