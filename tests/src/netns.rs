@@ -500,7 +500,16 @@ impl ExitOverTox {
             "--data-dir",
             &exit_data,
         ]);
-        for n in &nodes {
+        // The exit, too, reaches the daemons at the server's address, not at 127.0.0.1: the
+        // DHT then knows it by an address the client can reach, as a real exit's neighbours
+        // know it, and Tox finds the direct UDP path between them at once. (Known by
+        // 127.0.0.1, the exit was reached directly only once it had found the client itself,
+        // so sessions rode a TCP relay for a while or for good.)
+        let bootstrap: Vec<String> = nodes
+            .iter()
+            .map(|n| n.replace("127.0.0.1", &topo.server_v4))
+            .collect();
+        for n in &bootstrap {
             exit_args.extend(["--bootstrap", n.as_str()]);
         }
         let exit = Proc::spawn(topo.in_server(&exit_args), "tox id:");
