@@ -490,15 +490,21 @@ impl Node {
         if !self.tox.watch_udp() {
             debug!("c-toxcore's udp socket not watched: iterating on its interval only");
         }
+        // Packets wake the thread only once the first iteration ran: answers to the bootstrap
+        // requests must not pull it before the moment `first_iteration_delay` chose.
+        let mut last_iterate: Option<Instant> = None;
         let shutdown_ack = loop {
             if Instant::now() >= next_iterate {
                 self.iterate().await;
-                next_iterate = Instant::now() + self.interval();
+                let now = Instant::now();
+                last_iterate = Some(now);
+                next_iterate = now + self.interval();
             }
             // Between slow iterations a packet that arrives wakes the thread at once; at the
             // busy pace the timer comes soon enough and waking per packet would only cost
             // iterations.
-            let quiet = next_iterate.saturating_duration_since(Instant::now()) > BUSY_INTERVAL;
+            let quiet = last_iterate.is_some()
+                && next_iterate.saturating_duration_since(Instant::now()) > BUSY_INTERVAL;
             let woke = tokio::select! {
                 biased;
                 cmd = rx.recv() => Wake::Command(cmd),
@@ -508,7 +514,11 @@ impl Node {
             let cmd = match woke {
                 Wake::Command(cmd) => cmd,
                 Wake::Packet(Ok(())) => {
-                    next_iterate = Instant::now();
+                    // At most one iteration per BUSY_INTERVAL however fast packets come (a
+                    // flood of them costs no more than the busy pace does).
+                    if let Some(last) = last_iterate {
+                        next_iterate = next_iterate.min(last + BUSY_INTERVAL);
+                    }
                     continue;
                 }
                 Wake::Packet(Err(error)) => {
