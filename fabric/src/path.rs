@@ -206,6 +206,9 @@ pub struct Gathered {
     /// The networks our host candidates are on: what a peer's private candidates must be
     /// inside (see [`crate::punch::filter`]).
     pub networks: Vec<LocalNetwork>,
+    /// The destinations of this host's specific routes (main table, default route excluded):
+    /// private networks there are reachable too (see [`crate::punch::filter`]).
+    pub routes: Vec<LocalNetwork>,
 }
 
 /// Binds what punching needs and learns our candidates: the addresses of our interfaces, and
@@ -276,6 +279,7 @@ pub async fn gather(config: &PathConfig, udp: bool, tcp: bool) -> io::Result<Gat
         _tcp_hold: tcp_hold,
         candidates,
         networks,
+        routes: routed_networks(),
     })
 }
 
@@ -387,6 +391,63 @@ pub(crate) fn interface_networks() -> Vec<LocalNetwork> {
     out
 }
 
+/// The destinations of the specific routes of the main routing table: `/proc/net/route` and
+/// `/proc/net/ipv6_route` on Linux, nothing elsewhere (or when they cannot be read).
+pub(crate) fn routed_networks() -> Vec<LocalNetwork> {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = proc_routes_v4(&read("/proc/net/route"));
+    out.extend(proc_routes_v6(&read("/proc/net/ipv6_route")));
+    out
+}
+
+/// Linux's `RTF_UP`: the route is usable.
+const RTF_UP: u32 = 0x0001;
+/// Linux's `RTF_REJECT`: the route rejects (unreachable, prohibit, blackhole).
+const RTF_REJECT: u32 = 0x0200;
+
+/// The usable, specific routes of `/proc/net/route` text (`Iface Destination Gateway Flags
+/// RefCnt Use Metric Mask ...`; an address is its network-order bytes printed as a
+/// native-endian `u32` in hex): prefix 0 (a default route), loopback and rejecting routes
+/// left out.
+fn proc_routes_v4(text: &str) -> Vec<LocalNetwork> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (iface, dest, flags, mask) = (f.first()?, f.get(1)?, f.get(3)?, f.get(7)?);
+            let flags = u32::from_str_radix(flags, 16).ok()?;
+            let dest = Ipv4Addr::from(u32::from_str_radix(dest, 16).ok()?.to_ne_bytes());
+            let mask = Ipv4Addr::from(u32::from_str_radix(mask, 16).ok()?.to_ne_bytes());
+            let prefix = mask.to_bits().leading_ones() as u8;
+            let usable = flags & RTF_UP != 0 && flags & RTF_REJECT == 0 && *iface != "lo";
+            (usable && prefix > 0).then_some(LocalNetwork {
+                addr: IpAddr::V4(dest),
+                prefix,
+            })
+        })
+        .collect()
+}
+
+/// The usable, specific routes of `/proc/net/ipv6_route` text (`dest prefix src prefix
+/// next-hop metric refcnt use flags iface`, addresses in hex): prefix 0, loopback and
+/// rejecting routes left out.
+fn proc_routes_v6(text: &str) -> Vec<LocalNetwork> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (dest, prefix, flags, iface) = (f.first()?, f.get(1)?, f.get(8)?, f.get(9)?);
+            let dest = u128::from_str_radix(dest, 16).ok()?;
+            let prefix = u8::from_str_radix(prefix, 16).ok()?;
+            let flags = u32::from_str_radix(flags, 16).ok()?;
+            let usable = flags & RTF_UP != 0 && flags & RTF_REJECT == 0 && *iface != "lo";
+            (usable && prefix > 0 && prefix <= 128).then_some(LocalNetwork {
+                addr: IpAddr::V6(std::net::Ipv6Addr::from_bits(dest)),
+                prefix,
+            })
+        })
+        .collect()
+}
+
 /// Whether an interface's IPv6 address can be offered to a peer elsewhere.
 fn usable_v6(ip: std::net::Ipv6Addr) -> bool {
     let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
@@ -427,6 +488,41 @@ async fn resolve(servers: &[String]) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn specific_routes_are_read_from_the_proc_tables() {
+        // An office host: its LAN, a route to the site's 10.20.0.0/16, a default route, an
+        // unreachable route and a loopback one.
+        let v4 =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t0100010A\t0003\t0\t0\t0\t00000000\t0\t0\t0
+eth0\t0000010A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+eth0\t0000140A\t0100010A\t0003\t0\t0\t0\t0000FFFF\t0\t0\t0
+eth0\t0000150A\t00000000\t0201\t0\t0\t0\t0000FFFF\t0\t0\t0
+lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0
+";
+        let net = |a: &str, prefix| LocalNetwork {
+            addr: a.parse().unwrap(),
+            prefix,
+        };
+        assert_eq!(
+            proc_routes_v4(v4),
+            vec![net("10.1.0.0", 24), net("10.20.0.0", 16)]
+        );
+        let v6 = "\
+fd123456789a00000000000000000000 30 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000001 00000000 00000003     eth0
+fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000002 00000000 00000001     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000003 00000000 00000003     eth0
+00000000000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000002 00000000 80200001       lo
+fd990000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00200201     eth0
+";
+        assert_eq!(
+            proc_routes_v6(v6),
+            vec![net("fd12:3456:789a::", 48), net("fe80::", 64)]
+        );
+        assert!(proc_routes_v4("").is_empty() && proc_routes_v6("garbage\n").is_empty());
+    }
 
     #[test]
     fn only_global_ipv6_addresses_are_offered() {

@@ -28,6 +28,7 @@ use crate::id::{BootstrapNode, PublicKey};
 pub mod ffi;
 mod node;
 mod save;
+mod socket;
 mod strangers;
 #[cfg(feature = "test-util")]
 pub mod testnet;

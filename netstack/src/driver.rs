@@ -252,7 +252,17 @@ async fn drive(
                 }
                 Event::Udp { key, payload } => {
                     let now = shared.now();
-                    let sent = match udp.lookup(now, key.src) {
+                    let mut lookup = udp.lookup(now, key.src);
+                    if let Lookup::Existing(id) = lookup
+                        && udp_tx.get(&id).is_none_or(mpsc::Sender::is_closed)
+                    {
+                        // The application ended this flow (an answered DNS socket, say): this
+                        // datagram starts a new one rather than being lost.
+                        udp.remove(key.src);
+                        udp_tx.remove(&id);
+                        lookup = udp.lookup(now, key.src);
+                    }
+                    let sent = match lookup {
                         Lookup::Existing(id) => match udp_tx.get(&id) {
                             Some(tx) => match tx.try_send((key.dst, payload)) {
                                 Ok(()) => true,

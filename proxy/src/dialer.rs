@@ -190,6 +190,25 @@ pub trait Dialer: Send + Sync + fmt::Debug + 'static {
     fn resolver(&self) -> Option<BoxFuture<'_, Result<BoxedStream, DialError>>> {
         None
     }
+
+    /// [`Dialer::resolver`] with `first` (framed queries) already sent on it. A dialer that
+    /// can send them in the same flight as its request saves the round trip of waiting for
+    /// the stream to be accepted: a lookup then costs one round trip, not two.
+    fn resolver_with(
+        &self,
+        first: Vec<u8>,
+    ) -> Option<BoxFuture<'_, Result<BoxedStream, DialError>>> {
+        let open = self.resolver()?;
+        Some(Box::pin(async move {
+            let mut stream = open.await?;
+            let sent = async {
+                tokio::io::AsyncWriteExt::write_all(&mut stream, &first).await?;
+                tokio::io::AsyncWriteExt::flush(&mut stream).await
+            };
+            sent.await.map_err(DialError::Other)?;
+            Ok(stream)
+        }))
+    }
 }
 
 /// One client's UDP association (SOCKS5 UDP ASSOCIATE, a TUN UDP flow). Datagrams keep their

@@ -250,18 +250,22 @@ impl FabricDialer {
         Ok(())
     }
 
+    /// A stream to `target` through `link`, `first` sent right behind the request header in
+    /// the same write (the exit hands those bytes on once it accepted the stream).
     async fn connect_via(
         &self,
         link: &dyn ExitLink,
         target: &WireTarget,
+        first: &[u8],
     ) -> Result<BoxedStream, ViaError> {
-        let mut header = Vec::with_capacity(64);
+        let mut header = Vec::with_capacity(64 + first.len());
         target.emit(&mut header).map_err(|e| {
             ViaError::Final(DialError::Other(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 e,
             )))
         })?;
+        header.extend_from_slice(first);
         let exchange = async {
             let mut stream = link.open()?;
             stream.write_all(&header).await?;
@@ -302,14 +306,14 @@ impl FabricDialer {
 impl FabricDialer {
     /// A stream to `target` through the first exit that answers, in failover order, once a
     /// session to one is up (waiting for one up to the connect timeout).
-    async fn open(&self, target: WireTarget) -> Result<BoxedStream, DialError> {
+    async fn open(&self, target: WireTarget, first: &[u8]) -> Result<BoxedStream, DialError> {
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
         if !self.ready(deadline).await {
             return Err(no_session(self.connect_timeout));
         }
         let mut last = None;
         for link in self.exits.failover_order() {
-            match self.connect_via(link.as_ref(), &target).await {
+            match self.connect_via(link.as_ref(), &target, first).await {
                 Ok(stream) => return Ok(stream),
                 Err(ViaError::Final(e)) => return Err(e),
                 Err(ViaError::TryNext(e)) => {
@@ -335,11 +339,20 @@ fn no_session(waited: Duration) -> DialError {
 
 impl Dialer for FabricDialer {
     fn connect(&self, target: Target) -> BoxFuture<'_, Result<BoxedStream, DialError>> {
-        Box::pin(self.open(to_wire(&target)))
+        Box::pin(self.open(to_wire(&target), &[]))
     }
 
     fn resolver(&self) -> Option<BoxFuture<'_, Result<BoxedStream, DialError>>> {
-        Some(Box::pin(self.open(WireTarget::Resolver)))
+        Some(Box::pin(self.open(WireTarget::Resolver, &[])))
+    }
+
+    fn resolver_with(
+        &self,
+        first: Vec<u8>,
+    ) -> Option<BoxFuture<'_, Result<BoxedStream, DialError>>> {
+        Some(Box::pin(async move {
+            self.open(WireTarget::Resolver, &first).await
+        }))
     }
 
     fn udp_associate(&self) -> BoxFuture<'_, Result<Box<dyn UdpFlow>, DialError>> {
@@ -610,6 +623,8 @@ mod tests {
         reply: Option<Reply>,
         opened: AtomicUsize,
         datagrams: Mutex<Vec<Vec<u8>>>,
+        /// Every byte it read before answering (all of them, when it never answers).
+        before_reply: Arc<Mutex<Vec<u8>>>,
     }
 
     impl FakeExit {
@@ -620,6 +635,7 @@ mod tests {
                 reply,
                 opened: AtomicUsize::new(0),
                 datagrams: Mutex::default(),
+                before_reply: Arc::default(),
             })
         }
 
@@ -641,6 +657,7 @@ mod tests {
             self.opened.fetch_add(1, Ordering::SeqCst);
             let (client, mut exit) = tokio::io::duplex(4096);
             let reply = self.reply;
+            let before_reply = self.before_reply.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 256];
@@ -650,9 +667,15 @@ mod tests {
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
-                if let Some(reply) = reply {
-                    let _ = exit.write_all(&[reply.to_byte()]).await;
-                }
+                before_reply.lock().unwrap().extend_from_slice(&buf);
+                let Some(reply) = reply else {
+                    // Never answers: keeps what comes until the client drops the stream.
+                    while let Ok(n @ 1..) = exit.read(&mut chunk).await {
+                        before_reply.lock().unwrap().extend_from_slice(&chunk[..n]);
+                    }
+                    return;
+                };
+                let _ = exit.write_all(&[reply.to_byte()]).await;
                 // Hold the stream until the client drops it.
                 let _ = exit.read(&mut chunk).await;
             });
@@ -742,6 +765,32 @@ mod tests {
 
     fn target() -> Target {
         "example.test:443".parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resolver_query_travels_with_the_request_for_the_stream() {
+        // The exit never answers the request, and still gets the query: the client does not
+        // wait for the stream to be accepted before sending it (one round trip per lookup).
+        let exit = FakeExit::new(1, None);
+        let dialer = dialer(&[&exit]);
+        add(&dialer, &exit);
+        let query = dns::framed(b"a query").unwrap();
+        let pending = tokio::spawn({
+            let dialer = dialer.clone();
+            let query = query.clone();
+            async move { dialer.resolver_with(query).unwrap().await.map(|_| ()) }
+        });
+        let mut expected = Vec::new();
+        WireTarget::Resolver.emit(&mut expected).unwrap();
+        expected.extend_from_slice(&query);
+        for _ in 0..1000 {
+            if exit.before_reply.lock().unwrap().len() >= expected.len() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*exit.before_reply.lock().unwrap(), expected);
+        pending.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -377,11 +377,11 @@ fn resolve_at_exit(dialer: &Arc<dyn Dialer>, reply: &UdpReply, dst: SocketAddr, 
     tokio::spawn(async move {
         let _permit = permit;
         let exchange = async {
+            // The query travels with the request for the stream: one round trip, not two.
             let resolver = dialer
-                .resolver()
+                .resolver_with(dns::framed(&query)?)
                 .ok_or_else(|| io::Error::other("no resolver"))?;
             let mut stream = resolver.await?;
-            dns::write_framed(&mut stream, &query).await?;
             dns::read_framed(&mut stream).await
         };
         match tokio::time::timeout(DNS_TIMEOUT, exchange).await {
@@ -392,6 +392,10 @@ fn resolve_at_exit(dialer: &Arc<dyn Dialer>, reply: &UdpReply, dst: SocketAddr, 
         }
     });
 }
+
+/// How long a UDP flow that only carried DNS queries (answered by the exit's resolver or the
+/// fake-IP table) lives after its last query.
+const DNS_FLOW_IDLE: Duration = Duration::from_secs(1);
 
 /// How long a query through the exit may take before it is given up (the application's
 /// resolver has retried by then).
@@ -465,6 +469,11 @@ async fn serve_udp(mut flow: UdpFlow, dialer: Arc<dyn Dialer>, fake: Option<Arc<
                     debug!(%src, %dst, %err, "udp send failed");
                 }
             }
+            // A flow that only carried DNS answered here or at the exit (a resolver's socket,
+            // new for every lookup) holds no upstream: end it soon, or a burst of lookups
+            // would fill the table of UDP flows for a minute. Answers still reach the socket,
+            // and a later query from it starts a new flow.
+            () = tokio::time::sleep(DNS_FLOW_IDLE), if upstream.is_none() => return,
             got = received => match got {
                 Ok((n, from)) => {
                     let from = match fake_peers.get(&from.port()) {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::servers::{capture_lines, run_with_timeout};
+use crate::servers::{capture_lines, proxy_bin, run_with_timeout};
 
 /// Why a namespace test cannot run here, or `None` when it can (root, `ip`, `/dev/net/tun`).
 pub fn unavailable() -> Option<String> {
@@ -341,9 +341,13 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `cmd` and waits (at most 60 s) for a line of its output containing `ready`.
+    /// Its `RUST_LOG` is `PROXY_LOG`, else `proxy=debug,netstack=debug,fabric=debug` (what
+    /// the tests read, and what a failure needs shown).
     pub fn spawn(mut cmd: Command, ready: &str) -> Self {
+        let log = std::env::var("PROXY_LOG")
+            .unwrap_or_else(|_| "proxy=debug,netstack=debug,fabric=debug".into());
         let mut child = cmd
-            .env("RUST_LOG", "proxy=debug,netstack=debug,fabric=debug")
+            .env("RUST_LOG", log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -449,6 +453,122 @@ impl Scratch {
 }
 
 impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A private Tox network of four daemons and a `proxy exit --allow-any` in the server
+/// namespace (files in /etc/netns/SERVER must exist before this starts it), and the client
+/// arguments that reach that exit over the veth link (which a looping Tox socket would
+/// miss).
+#[derive(Debug)]
+pub struct ExitOverTox {
+    _toxnet: Proc,
+    /// The exit.
+    pub exit: Proc,
+    /// The daemons' ports.
+    pub ports: Vec<u16>,
+    client: Vec<String>,
+    _dirs: (Scratch, Scratch),
+}
+
+impl ExitOverTox {
+    /// Starts them; `tool` is the `nst-tool` binary (which runs the daemons), `exit_extra`
+    /// more flags for the exit.
+    pub fn start(topo: &Topology, tool: &str, exit_extra: &[&str]) -> Self {
+        let toxnet = Proc::spawn(topo.in_server(&[tool, "toxnet", "4"]), "ready");
+        let nodes = toxnet.ready_list();
+        assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
+        let ports = nodes
+            .iter()
+            .map(|n| {
+                n.rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("port")
+            })
+            .collect();
+        let bin = proxy_bin().to_string_lossy().into_owned();
+        let exit_dir = Scratch::new("exit");
+        let exit_data = exit_dir.path();
+        let mut exit_args = vec![bin.as_str(), "exit", "--allow-any"];
+        exit_args.extend_from_slice(exit_extra);
+        // Tests never reach the public bootstrap nodes or STUN servers.
+        exit_args.extend([
+            "--no-public-bootstrap",
+            "--no-public-stun",
+            "--data-dir",
+            &exit_data,
+        ]);
+        // The exit, too, reaches the daemons at the server's address, not at 127.0.0.1: the
+        // DHT then knows it by an address the client can reach, as a real exit's neighbours
+        // know it, and Tox finds the direct UDP path between them at once. (Known by
+        // 127.0.0.1, the exit was reached directly only once it had found the client itself,
+        // so sessions rode a TCP relay for a while or for good.)
+        let bootstrap: Vec<String> = nodes
+            .iter()
+            .map(|n| n.replace("127.0.0.1", &topo.server_v4))
+            .collect();
+        for n in &bootstrap {
+            exit_args.extend(["--bootstrap", n.as_str()]);
+        }
+        let exit = Proc::spawn(topo.in_server(&exit_args), "tox id:");
+        let client_dir = Scratch::new("client");
+        let mut client = vec![
+            "--exit".to_owned(),
+            exit.ready_value("tox id:"),
+            "--no-public-bootstrap".into(),
+            "--no-public-stun".into(),
+            "--data-dir".into(),
+            client_dir.path(),
+            // Requests made while the session comes up (about 9 s on a quiet machine) are
+            // held for it: room for a loaded machine.
+            "--connect-timeout".into(),
+            "90".into(),
+        ];
+        for n in &nodes {
+            client.extend([
+                "--bootstrap".into(),
+                n.replace("127.0.0.1", &topo.server_v4),
+            ]);
+        }
+        Self {
+            _toxnet: toxnet,
+            exit,
+            ports,
+            client,
+            _dirs: (exit_dir, client_dir),
+        }
+    }
+
+    /// The client's flags: `--exit ID`, the bootstrap nodes, a private network only.
+    pub fn client_args(&self) -> Vec<&str> {
+        self.client.iter().map(String::as_str).collect()
+    }
+}
+
+/// `/etc/netns/NS/FILE`, which `ip netns exec NS` shows as `/etc/FILE` (`resolv.conf`,
+/// `hosts`); the namespace's directory is removed on drop.
+#[derive(Debug)]
+pub struct EtcFile(std::path::PathBuf);
+
+impl EtcFile {
+    /// Writes `contents` to `/etc/netns/NS/FILE`.
+    pub fn new(ns: &str, file: &str, contents: &str) -> Self {
+        let dir = Path::new("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir).expect("/etc/netns/NS");
+        std::fs::write(dir.join(file), contents).expect("/etc/netns/NS/FILE");
+        Self(dir)
+    }
+
+    /// A `resolv.conf` naming one nameserver.
+    pub fn resolv_conf(ns: &str, nameserver: &str) -> Self {
+        Self::new(ns, "resolv.conf", &format!("nameserver {nameserver}\n"))
+    }
+}
+
+impl Drop for EtcFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }

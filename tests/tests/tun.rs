@@ -11,7 +11,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::netns::{Proc, Scratch, Topology, nft_counter_packets, unavailable};
+use tests::netns::{
+    EtcFile, ExitOverTox, Proc, Scratch, Topology, nft_counter_packets, unavailable,
+};
 use tests::servers::{check_big, proxy_bin, run_with_timeout};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
@@ -334,82 +336,6 @@ fn first_page_by_address(topo: &Topology, proxy: &Proc) {
     assert!(String::from_utf8_lossy(&page).contains("static text"));
 }
 
-/// A private Tox network of four daemons and a `proxy exit --allow-any` in the server
-/// namespace (files in /etc/netns/SERVER must exist before this starts it), and the client
-/// arguments that reach that exit over the veth link (which a looping Tox socket would
-/// miss).
-struct ExitOverTox {
-    _toxnet: Proc,
-    exit: Proc,
-    /// The daemons' ports.
-    ports: Vec<u16>,
-    client: Vec<String>,
-    _dirs: (Scratch, Scratch),
-}
-
-impl ExitOverTox {
-    fn start(topo: &Topology, exit_extra: &[&str]) -> Self {
-        let toxnet = Proc::spawn(topo.in_server(&[TOOL, "toxnet", "4"]), "ready");
-        let nodes = toxnet.ready_list();
-        assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
-        let ports = nodes
-            .iter()
-            .map(|n| {
-                n.rsplit(':')
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .expect("port")
-            })
-            .collect();
-        let bin = proxy_bin().to_string_lossy().into_owned();
-        let exit_dir = Scratch::new("exit");
-        let exit_data = exit_dir.path();
-        let mut exit_args = vec![bin.as_str(), "exit", "--allow-any"];
-        exit_args.extend_from_slice(exit_extra);
-        // Tests never reach the public bootstrap nodes or STUN servers.
-        exit_args.extend([
-            "--no-public-bootstrap",
-            "--no-public-stun",
-            "--data-dir",
-            &exit_data,
-        ]);
-        for n in &nodes {
-            exit_args.extend(["--bootstrap", n.as_str()]);
-        }
-        let exit = Proc::spawn(topo.in_server(&exit_args), "tox id:");
-        let client_dir = Scratch::new("client");
-        let mut client = vec![
-            "--exit".to_owned(),
-            exit.ready_value("tox id:"),
-            "--no-public-bootstrap".into(),
-            "--no-public-stun".into(),
-            "--data-dir".into(),
-            client_dir.path(),
-            // Requests made while the session comes up (about 9 s on a quiet machine) are
-            // held for it: room for a loaded machine.
-            "--connect-timeout".into(),
-            "90".into(),
-        ];
-        for n in &nodes {
-            client.extend([
-                "--bootstrap".into(),
-                n.replace("127.0.0.1", &topo.server_v4),
-            ]);
-        }
-        Self {
-            _toxnet: toxnet,
-            exit,
-            ports,
-            client,
-            _dirs: (exit_dir, client_dir),
-        }
-    }
-
-    fn client_args(&self) -> Vec<&str> {
-        self.client.iter().map(String::as_str).collect()
-    }
-}
-
 /// The cgroups named after `pid` in the cgroup v2 hierarchy, seen from a private mount.
 fn cgroups_of(pid: u32) -> String {
     let script = format!(
@@ -431,14 +357,14 @@ fn tun_through_an_exit_over_tox() {
     let _servers = servers(&topo);
     // `ip netns exec` mounts /etc/netns/NS/hosts over /etc/hosts when the exit starts; the
     // fake-IP part below needs the exit to resolve web.test.
-    let _hosts = NetnsEtcFile::new(
+    let _hosts = EtcFile::new(
         &topo.server,
         "hosts",
         &format!("127.0.0.1 localhost\n{} web.test\n", topo.server_v4),
     );
     // The exit answers its clients' DNS with the server's resolver (never the machine's own).
     let exit_dns = topo.server_v4.clone();
-    let net = ExitOverTox::start(&topo, &["--allow-private", "--dns", &exit_dns]);
+    let net = ExitOverTox::start(&topo, TOOL, &["--allow-private", "--dns", &exit_dns]);
     install_dns_counters(&topo);
     install_tox_counters(&topo, &net.ports);
     let extra = net.client_args();
@@ -509,7 +435,7 @@ fn tun_through_an_exit_over_tox() {
     // Fake-IP through the exit: the client answers the lookup with a fake address and sends
     // the name; the exit resolves it itself (its hosts file, made before it started, knows
     // web.test; the client's world does not).
-    let _resolv = NetnsEtcFile::resolv_conf(&topo.client, &topo.server_v4);
+    let _resolv = EtcFile::resolv_conf(&topo.client, &topo.server_v4);
     let mut fake_args = extra.clone();
     fake_args.push("--fake-ip");
     let mut proxy = start_proxy(&topo, &fake_args);
@@ -542,29 +468,6 @@ fn tun_through_an_exit_over_tox() {
     drop(net);
 }
 
-/// `/etc/netns/NS/FILE`, which `ip netns exec NS` shows as `/etc/FILE` (`resolv.conf`,
-/// `hosts`); the namespace's directory is removed on drop.
-struct NetnsEtcFile(std::path::PathBuf);
-
-impl NetnsEtcFile {
-    fn new(ns: &str, file: &str, contents: &str) -> Self {
-        let dir = std::path::Path::new("/etc/netns").join(ns);
-        std::fs::create_dir_all(&dir).expect("/etc/netns/NS");
-        std::fs::write(dir.join(file), contents).expect("/etc/netns/NS/FILE");
-        Self(dir)
-    }
-
-    fn resolv_conf(ns: &str, nameserver: &str) -> Self {
-        Self::new(ns, "resolv.conf", &format!("nameserver {nameserver}\n"))
-    }
-}
-
-impl Drop for NetnsEtcFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn tun_fake_ip_dials_names() {
     if skip() {
@@ -573,7 +476,7 @@ fn tun_fake_ip_dials_names() {
     let topo = Topology::routed().expect("namespaces");
     // The server's DNS answers every name with the server's own address.
     let _servers = servers_answering(&topo, &topo.server_v4);
-    let _resolv = NetnsEtcFile::resolv_conf(&topo.client, &topo.server_v4);
+    let _resolv = EtcFile::resolv_conf(&topo.client, &topo.server_v4);
     install_dns_counters(&topo);
     let mut proxy = start_proxy(&topo, &["--fake-ip"]);
 
@@ -646,12 +549,12 @@ fn tun_exit_answers_dns_with_its_own_resolver() {
     // The web server; its DNS, the exit's resolver, answers every name with its address.
     let _servers = servers_answering(&topo, &topo.server_v4);
     // Written before the processes start: `ip netns exec` mounts them at start.
-    let _exit_resolv = NetnsEtcFile::resolv_conf(&topo.server, &topo.server_v4);
+    let _exit_resolv = EtcFile::resolv_conf(&topo.server, &topo.server_v4);
     let home_router = "192.168.77.1";
-    let _client_resolv = NetnsEtcFile::resolv_conf(&topo.client, home_router);
+    let _client_resolv = EtcFile::resolv_conf(&topo.client, home_router);
 
     let web_only = format!("{}/32", topo.server_v4);
-    let net = ExitOverTox::start(&topo, &["--allow-cidr", &web_only]);
+    let net = ExitOverTox::start(&topo, TOOL, &["--allow-cidr", &web_only]);
     install_dns_counters(&topo);
     let extra = net.client_args();
     let proxy = start_proxy(&topo, &extra);
@@ -729,9 +632,9 @@ fn tun_fake_ip_udp_flow_keeps_one_server_address() {
     run_ok(topo.in_server(&["ip", "addr", "add", &format!("{second}/32"), "dev", "lo"]));
     // The exit's resolver answers the two addresses in turn.
     let _servers = servers_answering(&topo, &format!("{},{second}", topo.server_v4));
-    let _exit_resolv = NetnsEtcFile::resolv_conf(&topo.server, &topo.server_v4);
+    let _exit_resolv = EtcFile::resolv_conf(&topo.server, &topo.server_v4);
     let home_router = "192.168.77.1";
-    let _client_resolv = NetnsEtcFile::resolv_conf(&topo.client, home_router);
+    let _client_resolv = EtcFile::resolv_conf(&topo.client, home_router);
     // Datagrams to either address on port 4433 are counted and dropped (no port unreachable
     // comes back to disturb the flow).
     let rules = format!(
@@ -749,7 +652,7 @@ fn tun_fake_ip_udp_flow_keeps_one_server_address() {
     run_ok(topo.in_server(&["nft", &rules]));
 
     let wan = format!("{}/24", topo.server_v4);
-    let net = ExitOverTox::start(&topo, &["--allow-cidr", &wan]);
+    let net = ExitOverTox::start(&topo, TOOL, &["--allow-cidr", &wan]);
     let mut extra = net.client_args();
     extra.push("--fake-ip");
     let proxy = start_proxy(&topo, &extra);
@@ -1192,6 +1095,7 @@ fn tun_strict_route_rejects_queries_bound_to_the_uplink() {
     let web_only = format!("{}/32", topo.server_v4);
     let net = ExitOverTox::start(
         &topo,
+        TOOL,
         &["--allow-cidr", &web_only, "--dns", &topo.server_v4],
     );
     let extra = net.client_args();

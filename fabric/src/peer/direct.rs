@@ -627,7 +627,11 @@ impl Shared {
             st.heard.insert(pk, candidates.to_vec());
             st.own.clone()
         };
-        let filter = AddressFilter::new(crate::path::interface_networks()).with_own(own);
+        // The same rule as for punching (B12): no loopback, nothing reserved, private hosts
+        // only on our networks or those we route to.
+        let filter = AddressFilter::new(crate::path::interface_networks())
+            .with_own(own)
+            .with_routes(crate::path::routed_networks());
         let addrs: Vec<SocketAddr> = candidates
             .iter()
             .filter(|c| c.protocol == Protocol::Udp && c.kind != CandidateKind::PeerReflexive)

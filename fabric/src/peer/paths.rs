@@ -693,9 +693,10 @@ impl Agent {
             .is_some_and(|a| a.is_ipv6());
         let tcp_v6 = gathered.tcp.is_some_and(|a| a.is_ipv6());
         // Only addresses a peer elsewhere can have (B12): never our loopback, nor hosts of a
-        // network we are not on.
+        // private network we are neither on nor have a route to.
         let filter = AddressFilter::new(gathered.networks.clone())
-            .with_own(gathered.candidates.iter().map(|c| c.addr.ip()));
+            .with_own(gathered.candidates.iter().map(|c| c.addr.ip()))
+            .with_routes(gathered.routes.iter().copied());
         let remotes = |protocol, v6: bool| -> Vec<SocketAddr> {
             peer.candidates
                 .iter()

@@ -564,13 +564,7 @@ async fn run(shared: &Shared, inbound: &mut Inbound, events: mpsc::Sender<LinkEv
                     tracing::debug!(error = %e, dst = %t.dst, "punch send failed");
                 }
             }
-            while let Some(event) = punch.poll_event() {
-                out.push_back(match event {
-                    Event::Connected { remote } => LinkEvent::Connected { remote },
-                    Event::Failed => LinkEvent::Failed,
-                    Event::Dead => LinkEvent::Dead,
-                });
-            }
+            take_events(&mut punch, &mut out);
             punch.poll_timeout()
         };
         let end = out
@@ -664,11 +658,28 @@ fn read_batch(
         if stun::is_stun(packet) {
             continue;
         }
-        match lock(&shared.punch).handle_input(Instant::now(), from, packet) {
+        let mut punch = lock(&shared.punch);
+        let input = punch.handle_input(Instant::now(), from, packet);
+        // What the packet made of the link (a nomination that connects it) goes before its
+        // data: a consumer must never see data from a link it has not seen connect.
+        take_events(&mut punch, out);
+        drop(punch);
+        match input {
             Ok(Input::Data(data)) => out.push_back(LinkEvent::Data(data.to_vec())),
             Ok(_) => {}
             Err(e) => tracing::trace!(error = %e, %from, "dropped link packet"),
         }
+    }
+}
+
+/// Moves the core's events to `out`, in order.
+fn take_events(punch: &mut UdpPunch, out: &mut VecDeque<LinkEvent>) {
+    while let Some(event) = punch.poll_event() {
+        out.push_back(match event {
+            Event::Connected { remote } => LinkEvent::Connected { remote },
+            Event::Failed => LinkEvent::Failed,
+            Event::Dead => LinkEvent::Dead,
+        });
     }
 }
 

@@ -13,8 +13,15 @@
 //! | multicast (`224.0.0.0/4`, `ff00::/8`), limited broadcast, the broadcast address of one of our networks | refused |
 //! | link-local (`169.254.0.0/16`, `fe80::/10`) | refused: a peer on our link also has a routable address, and we never offer link-local ones ourselves |
 //! | documentation, benchmarking, reserved (`192.0.0.0/24`, `192.0.2.0/24`, `198.18.0.0/15`, `198.51.100.0/24`, `203.0.113.0/24`, `240.0.0.0/4`, `2001:db8::/32`, `100::/64`, `64:ff9b::/96`, `fec0::/10`, v4-mapped and v4-compatible IPv6) | refused |
-//! | loopback, private (`10/8`, `172.16/12`, `192.168/16`), CGNAT (`100.64/10`), ULA (`fc00::/7`) | only inside a network one of our own host candidates is on (same prefix as that interface) |
+//! | loopback, private (`10/8`, `172.16/12`, `192.168/16`), CGNAT (`100.64/10`), ULA (`fc00::/7`) | only inside a network one of our own host candidates is on (same prefix as that interface), or (not loopback, not one of our own addresses) inside a private network this host has a route to |
 //! | anything else (global unicast) | allowed |
+//!
+//! A route to a private network (a specific route of the main table, say `10.20.0.0/16 via
+//! 10.1.0.1` in an office, or a VPN's) says that hosts there are reachable from here without
+//! the default route: homes, offices and VPNs have such routed private networks, and a peer
+//! on one has only its private address to offer. Only routes that lie inside one private,
+//! CGNAT or ULA block count: the default route, and wide routes such as a VPN's `0.0.0.0/1`
+//! halves, say nothing about where private hosts are.
 //!
 //! A reserved block is allowed after all when one of our own candidates (host or
 //! server-reflexive) is inside it: then we live in a lab whose "Internet" is that block, as in
@@ -107,6 +114,8 @@ impl fmt::Display for Refusal {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AddressFilter {
     networks: Vec<LocalNetwork>,
+    /// Private networks this host routes to (not by its default route).
+    routed: Vec<LocalNetwork>,
     /// All our own candidate addresses, server-reflexive ones included.
     own: Vec<IpAddr>,
     /// No filtering at all: for tests and benches that punch on loopback with cores built
@@ -120,9 +129,20 @@ impl AddressFilter {
         let own = networks.iter().map(|n| n.addr).collect();
         Self {
             networks,
+            routed: Vec::new(),
             own,
             any: false,
         }
+    }
+
+    /// Adds the destinations of this host's specific routes (the main table's, default route
+    /// excluded): a candidate inside one of them that lies within one private, CGNAT or ULA
+    /// block is allowed, unless it is loopback or one of our own addresses. Other routes are
+    /// ignored.
+    pub fn with_routes(mut self, routes: impl IntoIterator<Item = LocalNetwork>) -> Self {
+        self.routed
+            .extend(routes.into_iter().filter(|r| is_private_network(*r)));
+        self
     }
 
     /// Adds our server-reflexive addresses: a reserved block one of them is in is allowed.
@@ -135,6 +155,7 @@ impl AddressFilter {
     pub fn any() -> Self {
         Self {
             networks: Vec::new(),
+            routed: Vec::new(),
             own: Vec::new(),
             any: true,
         }
@@ -167,9 +188,33 @@ impl AddressFilter {
         match scope {
             Scope::Global => Ok(()),
             Scope::Local if self.networks.iter().any(|n| n.contains(ip)) => Ok(()),
+            Scope::Local if self.is_routed(ip) => Ok(()),
             Scope::Local => Err(Refusal::NotOurNetwork),
         }
     }
+
+    /// Whether `ip` is a host of a private network we route to (never loopback, never one of
+    /// our own addresses: a peer must not aim our punching at our own services).
+    fn is_routed(&self, ip: IpAddr) -> bool {
+        !ip.is_loopback() && !self.own.contains(&ip) && self.routed.iter().any(|r| r.contains(ip))
+    }
+}
+
+/// Whether `net` lies within one private (`10/8`, `172.16/12`, `192.168/16`), CGNAT
+/// (`100.64/10`) or ULA (`fc00::/7`) block: its prefix is at least as long as the block's.
+fn is_private_network(net: LocalNetwork) -> bool {
+    let block = match net.addr {
+        IpAddr::V4(v4) => match v4.octets() {
+            [10, ..] => 8,
+            [172, 16..=31, ..] => 12,
+            [192, 168, ..] => 16,
+            [100, 64..=127, ..] => 10,
+            _ => return false,
+        },
+        IpAddr::V6(v6) if v6.segments()[0] & 0xfe00 == 0xfc00 => 7,
+        IpAddr::V6(_) => return false,
+    };
+    net.prefix >= block
 }
 
 /// Where an address that is not refused outright may be reached.
@@ -349,6 +394,63 @@ mod tests {
         assert_eq!(
             AddressFilter::any().check("127.0.0.1:0".parse().unwrap()),
             Ok(())
+        );
+    }
+
+    #[test]
+    fn private_hosts_we_route_to_are_allowed_and_nothing_else_is() {
+        // An office host on 10.1.0.0/24 with a route to the site's 10.20.0.0/16, a VPN's ULA
+        // /48 and its 100.64/10 overlay; the default route and a VPN's 0.0.0.0/1 halves come
+        // along with them, as a routing table lists them.
+        let filter = AddressFilter::new(vec![net("10.1.0.7", 24)])
+            .with_own(["10.20.0.5".parse().unwrap()])
+            .with_routes([
+                net("10.20.0.0", 16),
+                net("fd12:3456:789a::", 48),
+                net("100.64.0.0", 10),
+                net("0.0.0.0", 0),
+                net("0.0.0.0", 1),
+                net("128.0.0.0", 1),
+                net("::", 0),
+                net("fc00::", 6),
+                net("8.8.8.0", 24),
+                net("127.0.0.0", 8),
+                net("192.168.0.0", 15),
+                net("172.16.0.0", 12),
+            ]);
+        let cases: &[(&str, Result<(), Refusal>)] = &[
+            // On a network we are on, as before.
+            ("10.1.0.9:4000", Ok(())),
+            // Routed private networks.
+            ("10.20.3.4:4000", Ok(())),
+            ("[fd12:3456:789a:1::2]:4000", Ok(())),
+            ("100.100.1.1:4000", Ok(())),
+            ("172.20.1.1:4000", Ok(())),
+            // Private, but no route of ours leads there other than a wide or default one.
+            ("10.21.0.1:4000", Err(Refusal::NotOurNetwork)),
+            ("192.168.1.1:4000", Err(Refusal::NotOurNetwork)),
+            ("[fd99::1]:4000", Err(Refusal::NotOurNetwork)),
+            // Our own address inside a routed network: never through a route.
+            ("10.20.0.5:22", Err(Refusal::NotOurNetwork)),
+            // Loopback and link-local stay refused whatever the routes say.
+            ("127.0.0.1:22", Err(Refusal::NotOurNetwork)),
+            ("[::1]:22", Err(Refusal::NotOurNetwork)),
+            ("169.254.1.1:4000", Err(Refusal::LinkLocal)),
+            ("[fe80::1]:4000", Err(Refusal::LinkLocal)),
+            // Reserved ones too.
+            ("192.0.2.1:4000", Err(Refusal::Reserved)),
+            // Public addresses need no route.
+            ("8.8.4.4:53", Ok(())),
+        ];
+        for &(addr, expected) in cases {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(filter.check(addr), expected, "{addr}");
+        }
+        // Without routes, the routed hosts are refused as before.
+        let plain = AddressFilter::new(vec![net("10.1.0.7", 24)]);
+        assert_eq!(
+            plain.check("10.20.3.4:4000".parse().unwrap()),
+            Err(Refusal::NotOurNetwork)
         );
     }
 

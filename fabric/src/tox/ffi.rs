@@ -19,6 +19,10 @@ use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::NonNull;
 
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use super::socket::Watched;
 use crate::id::{PUBLIC_KEY_SIZE, PublicKey, TOX_ID_SIZE, ToxId};
 
 /// Largest custom packet c-toxcore sends, id byte included (`TOX_MAX_CUSTOM_PACKET_SIZE`).
@@ -331,6 +335,9 @@ pub trait Callbacks {
 #[derive(Debug)]
 pub struct Instance {
     tox: NonNull<Tox>,
+    /// Its UDP socket registered for readiness ([`Instance::watch_udp`]); deregistered before
+    /// the instance (and with it the socket) goes.
+    udp_watch: Option<AsyncFd<Watched>>,
 }
 
 impl Instance {
@@ -380,7 +387,10 @@ impl Instance {
                 c => NewError::Other(c),
             });
         };
-        let instance = Self { tox };
+        let instance = Self {
+            tox,
+            udp_watch: None,
+        };
         if err != 0 {
             // A partial load still returns an instance: refuse it rather than silently run
             // with a different identity than the one saved.
@@ -509,6 +519,49 @@ impl Instance {
         (err == 0).then_some(port)
     }
 
+    /// Registers c-toxcore's UDP socket with the current tokio runtime, so that
+    /// [`Instance::udp_readable`] can tell when a packet waits in it (see
+    /// [`super::socket`]). `false` when the socket cannot be found or registered. Must be
+    /// called inside a runtime with I/O enabled.
+    pub fn watch_udp(&mut self) -> bool {
+        if self.udp_watch.is_some() {
+            return true;
+        }
+        let Some(fd) = self.udp_port().and_then(super::socket::udp_socket) else {
+            return false;
+        };
+        // SAFETY: `fd` is this instance's own UDP socket (the one on its port), which c-toxcore
+        // keeps open until tox_kill; the registration lives in `self` and is dropped before
+        // tox_kill (see Drop), and `Watched` always returns the same descriptor.
+        match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+            Ok(watch) => {
+                self.udp_watch = Some(watch);
+                true
+            }
+            Err(error) => {
+                tracing::debug!(error = %error, "cannot watch c-toxcore's udp socket");
+                false
+            }
+        }
+    }
+
+    /// Stops watching the UDP socket.
+    pub fn unwatch_udp(&mut self) {
+        self.udp_watch = None;
+    }
+
+    /// Waits until a packet waits in the UDP socket (pending forever when it is not watched).
+    /// The readiness is cleared before this returns, so a packet that arrives while the
+    /// following `tox_iterate` runs is reported again rather than missed (at worst an
+    /// iteration then finds nothing).
+    pub async fn udp_readable(&self) -> std::io::Result<()> {
+        let Some(watch) = &self.udp_watch else {
+            return std::future::pending().await;
+        };
+        watch.readable().await?.clear_ready();
+        Ok(())
+    }
+
     /// Sets the display name other clients show (truncated to 128 bytes).
     pub fn set_name(&mut self, name: &str) {
         let bytes = &name.as_bytes()[..name.len().min(128)];
@@ -628,6 +681,8 @@ impl Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
+        // The socket closes with the instance: deregister it first.
+        self.udp_watch = None;
         // SAFETY: `self.tox` came from tox_new and is killed exactly once, here; nothing uses
         // it afterwards because `self` is gone.
         unsafe { tox_kill(self.ptr()) };

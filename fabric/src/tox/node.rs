@@ -365,6 +365,7 @@ fn thread_main(
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
+        .enable_io()
         .build()
     {
         Ok(rt) => rt,
@@ -507,15 +508,45 @@ impl Node {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut next_iterate =
             Instant::now() + ffi::toxcore_subsec().map_or(Duration::ZERO, first_iteration_delay);
+        if !self.tox.watch_udp() {
+            debug!("c-toxcore's udp socket not watched: iterating on its interval only");
+        }
+        // Packets wake the thread only once the first iteration ran: answers to the bootstrap
+        // requests must not pull it before the moment `first_iteration_delay` chose.
+        let mut last_iterate: Option<Instant> = None;
         let shutdown_ack = loop {
             if Instant::now() >= next_iterate {
                 self.iterate().await;
-                next_iterate = Instant::now() + self.interval();
+                let now = Instant::now();
+                last_iterate = Some(now);
+                next_iterate = now + self.interval();
             }
-            let cmd = tokio::select! {
+            // Between slow iterations a packet that arrives wakes the thread at once; at the
+            // busy pace the timer comes soon enough and waking per packet would only cost
+            // iterations.
+            let quiet = last_iterate.is_some()
+                && next_iterate.saturating_duration_since(Instant::now()) > BUSY_INTERVAL;
+            let woke = tokio::select! {
                 biased;
-                cmd = rx.recv() => cmd,
+                cmd = rx.recv() => Wake::Command(cmd),
+                arrived = self.tox.udp_readable(), if quiet => Wake::Packet(arrived),
                 () = tokio::time::sleep_until(next_iterate.into()) => continue,
+            };
+            let cmd = match woke {
+                Wake::Command(cmd) => cmd,
+                Wake::Packet(Ok(())) => {
+                    // At most one iteration per BUSY_INTERVAL however fast packets come (a
+                    // flood of them costs no more than the busy pace does).
+                    if let Some(last) = last_iterate {
+                        next_iterate = next_iterate.min(last + BUSY_INTERVAL);
+                    }
+                    continue;
+                }
+                Wake::Packet(Err(error)) => {
+                    debug!(%error, "c-toxcore's udp socket cannot be watched any more");
+                    self.tox.unwatch_udp();
+                    continue;
+                }
             };
             let Some(cmd) = cmd else { break None };
             if let Some(done) = self.handle(cmd) {
@@ -711,6 +742,7 @@ impl Node {
                 };
                 if sent {
                     self.lossy_sent += 1;
+                    trace!(peer = %pk.short(), len = data.len(), "lossy packet sent");
                 } else {
                     self.lossy_send_failed += 1;
                     trace!(peer = %pk.short(), "lossy packet not sent");
@@ -938,6 +970,14 @@ impl Node {
     }
 }
 
+/// What woke the tox thread between iterations.
+enum Wake {
+    /// A command, or `None` when every handle is gone.
+    Command(Option<Command>),
+    /// A packet in c-toxcore's socket, or the error that ends watching it.
+    Packet(std::io::Result<()>),
+}
+
 /// How long to wait after bootstrapping before the first `tox_iterate`, given how far
 /// c-toxcore's clock is into its current second (see [`ffi::toxcore_subsec`]).
 ///
@@ -1074,6 +1114,7 @@ impl Callbacks for Inbox {
         self.lossy_received += 1;
         self.received_last_iteration += 1;
         self.last_packet = Some(Instant::now());
+        trace!(peer = %pk.short(), len = data.len(), "lossy packet received");
         let ev = ToxEvent::Lossy {
             pk,
             data: self.copy(data),

@@ -191,13 +191,18 @@ pub async fn read_framed<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Opt
 
 /// Writes one framed message.
 pub async fn write_framed<S: AsyncWrite + Unpin>(stream: &mut S, msg: &[u8]) -> io::Result<()> {
+    stream.write_all(&framed(msg)?).await?;
+    stream.flush().await
+}
+
+/// `msg` framed as over TCP: its length (two bytes, big-endian), then the message.
+pub fn framed(msg: &[u8]) -> io::Result<Vec<u8>> {
     let len = u16::try_from(msg.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "DNS message over 64 KiB"))?;
     let mut framed = Vec::with_capacity(2 + msg.len());
     framed.extend_from_slice(&len.to_be_bytes());
     framed.extend_from_slice(msg);
-    stream.write_all(&framed).await?;
-    stream.flush().await
+    Ok(framed)
 }
 
 #[cfg(test)]
