@@ -26,6 +26,26 @@ fn run_in(topo: &NatTopology, i: usize, args: &[&str]) -> std::process::Output {
     run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("run in namespace")
 }
 
+/// `curl` in the client's namespace (side 1) through its SOCKS5 listener, names resolved at
+/// the exit, at most `max_secs`.
+fn curl_socks(topo: &NatTopology, url: &str, max_secs: u32) -> std::process::Output {
+    let max = max_secs.to_string();
+    run_in(
+        topo,
+        1,
+        &[
+            "curl",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            &max,
+            "--socks5-hostname",
+            "127.0.0.1:1080",
+            url,
+        ],
+    )
+}
+
 fn cell(exit_side: Nat, client_side: Nat, want: &[&str]) {
     if let Some(why) = unavailable() {
         eprintln!("skipped: {why}");
@@ -91,20 +111,7 @@ fn cell(exit_side: Nat, client_side: Nat, want: &[&str]) {
     let url = format!("http://127.0.0.1/big/{BYTES}");
     let deadline = Instant::now() + Duration::from_secs(120);
     let body = loop {
-        let out = run_in(
-            &topo,
-            1,
-            &[
-                "curl",
-                "--silent",
-                "--show-error",
-                "--max-time",
-                "40",
-                "--socks5-hostname",
-                "127.0.0.1:1080",
-                &url,
-            ],
-        );
+        let out = curl_socks(&topo, &url, 40);
         if out.status.success() {
             break out.stdout;
         }
@@ -237,20 +244,7 @@ fn exit_behind_cone_nat_resumes_directly_after_either_side_restarts() {
     };
     let fetch = |what: &str, client: &Proc, exit: &Proc| {
         let started = Instant::now();
-        let out = run_in(
-            &topo,
-            1,
-            &[
-                "curl",
-                "--silent",
-                "--show-error",
-                "--max-time",
-                "55",
-                "--socks5-hostname",
-                "127.0.0.1:1080",
-                "http://127.0.0.1/big/65536",
-            ],
-        );
+        let out = curl_socks(&topo, "http://127.0.0.1/big/65536", 55);
         assert!(
             out.status.success() && out.stdout.len() == 65536,
             "{what}: {}\nclient:\n{}\nexit:\n{}",
