@@ -32,7 +32,6 @@ use super::{FabricConfig, Input, Shared, lock};
 use crate::id::PublicKey;
 use crate::link::LinkKeys;
 use crate::link::signal::{Candidate, CandidateKind, Protocol};
-use crate::path::PathChoice;
 use crate::punch::driver::{UdpLink, bind_udp_port, canonical, wire_addr};
 use crate::punch::filter::AddressFilter;
 use crate::punch::udp::{PunchConfig, UdpPunch};
@@ -336,10 +335,10 @@ impl Direct {
     }
 }
 
-/// Binds the direct socket; `None` (the node works over Tox alone) when `--path tox` says
-/// so or no socket can be bound.
+/// Binds the direct socket; `None` (sessions start over Tox alone) when the path choice
+/// rules UDP out (`--path tox`, `--path tcp`) or no socket can be bound.
 pub(super) fn bind(config: &FabricConfig, secret: [u8; 32]) -> Option<Arc<Direct>> {
-    if config.path.choice == PathChoice::Tox {
+    if !config.path.choice.wants_udp() {
         return None;
     }
     match Direct::bind(secret, &config.tox.data_dir, config.path.punch) {
