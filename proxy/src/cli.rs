@@ -59,6 +59,9 @@ pub struct CommonArgs {
     /// Where the identity (Tox savedata, mode 0600) lives.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// A peer known by name, usable wherever a Tox ID is (`--exit NAME`); repeatable.
+    #[arg(long, value_name = "NAME=TOXID")]
+    pub peer: Vec<String>,
     /// Extra Tox bootstrap node, as PK@HOST:PORT (repeatable).
     #[arg(long, value_name = "PK@HOST:PORT")]
     pub bootstrap: Vec<String>,
@@ -154,8 +157,8 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub socks_pass: Option<String>,
-    /// Send traffic through this exit peer, by its Tox ID (repeatable).
-    #[arg(long, value_name = "TOXID")]
+    /// Send traffic through this exit peer, by its Tox ID or its name (`--peer`); repeatable.
+    #[arg(long, value_name = "TOXID|NAME")]
     pub exit: Vec<String>,
     /// Capture all traffic of this host with a TUN device.
     #[arg(long)]

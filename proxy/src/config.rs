@@ -9,7 +9,7 @@
 //! allow-lan = false             # true: ":PORT" listeners take clients from the network
 //! socks-user = "alice"          # SOCKS5 and HTTP proxy clients must log in
 //! socks-pass = "secret"
-//! exit = ["<76 hex digits>"]
+//! exit = ["<76 hex digits>"]      # or a peer's name
 //! tun = false
 //! tun-lan = false               # true: the TUN captures the LAN (connected networks) too
 //! data-dir = "/var/lib/proxy"
@@ -27,6 +27,9 @@
 //! max-connections = 1024        # 1 to 1,000,000
 //! direct-policy = false         # apply [policy] to direct dials too
 //!
+//! [[peer]]                      # a peer known by name (repeat the table for more)
+//! name = "home"
+//! id = "<76 hex digits>"
 //! [policy]                      # destination rules (exit role, or direct-policy)
 //! allow-private = false
 //! allow-ports = [80, "443", "8000-8999"]
@@ -45,6 +48,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fabric::id::ToxId;
 use fabric::path::{PUBLIC_STUN_SERVERS, PathChoice, PathChoiceError};
 use serde::Deserialize;
 
@@ -52,6 +56,7 @@ use crate::cli::{
     CommonArgs, DnsServer, ExitArgs, LimitArgs, Listen, PolicyArgs, RunArgs, StatusArgs,
 };
 use crate::exit_policy::{Cidr, ExitPolicy, PortRange};
+use crate::peers::{PeerEntry, PeerTable};
 use crate::socks::Credentials;
 
 /// Default SOCKS5 listener port (this machine only).
@@ -165,6 +170,8 @@ pub struct ConfigFile {
     socks_pass: Option<String>,
     #[serde(default)]
     exit: Vec<String>,
+    #[serde(default)]
+    peer: Vec<PeerEntry>,
     tun: Option<bool>,
     tun_lan: Option<bool>,
     data_dir: Option<PathBuf>,
@@ -316,6 +323,8 @@ pub struct CommonSettings {
     /// STUN servers (`host:port`) for punching: the configured ones, else the public
     /// defaults unless turned off.
     pub stun: Vec<String>,
+    /// The peers known by name (`--peer`, else the file's `[[peer]]` tables).
+    pub peers: PeerTable,
 }
 
 /// The client role's settings, resolved from flags over file over defaults.
@@ -328,7 +337,7 @@ pub struct RunSettings {
     /// Credentials SOCKS5 and HTTP proxy clients must present.
     pub auth: Option<Credentials>,
     /// Exit peers' Tox IDs, unchecked (the Tox binding validates them).
-    pub exits: Vec<String>,
+    pub exits: Vec<ToxId>,
     /// TUN mode.
     pub tun: bool,
     /// Apply `common.policy` to direct dials.
@@ -400,11 +409,20 @@ impl RunSettings {
             (Some(_), None) => return Err(missing("socks-pass", "socks-user")),
             (None, Some(_)) => return Err(missing("socks-user", "socks-pass")),
         };
+        let common = common(&args.common, &args.limits, &args.policy, &file)?;
         let exits = if args.exit.is_empty() {
-            file.exit.clone()
+            &file.exit
         } else {
-            args.exit.clone()
+            &args.exit
         };
+        let exits = exits
+            .iter()
+            .map(|e| common.peers.resolve(e))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::Invalid {
+                key: "exit",
+                message: e.to_string(),
+            })?;
         let tun = args.tun || file.tun.unwrap_or(false);
         let tun_lan = args.tun_lan || file.tun_lan.unwrap_or(false);
         // TUN options without TUN mode would be accepted and do nothing.
@@ -428,7 +446,7 @@ impl RunSettings {
             exits,
             tun,
             direct_policy: args.direct_policy || file.direct_policy.unwrap_or(false),
-            common: common(&args.common, &args.limits, &args.policy, &file)?,
+            common,
             tun_options: TunOptions {
                 route: args.tun_route.clone(),
                 exclude: args.tun_exclude.clone(),
@@ -518,6 +536,19 @@ fn common(
     };
     let fp = &file.policy;
     let allow_lan = args.allow_lan || file.allow_lan.unwrap_or(false);
+    let peers = if args.peer.is_empty() {
+        PeerTable::new(file.peer.iter().map(|p| (p.name.as_str(), p.id.as_str())))
+    } else {
+        args.peer
+            .iter()
+            .map(|f| PeerTable::split_flag(f))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(PeerTable::new)
+    }
+    .map_err(|e| ConfigError::Invalid {
+        key: "peer",
+        message: e.to_string(),
+    })?;
     let path = match (args.path, &file.path) {
         (Some(path), _) => path,
         (None, Some(text)) => text
@@ -543,6 +574,7 @@ fn common(
     Ok(CommonSettings {
         path,
         stun,
+        peers,
         data_dir: args.data_dir.clone().or(file.data_dir.clone()),
         bootstrap: if args.bootstrap.is_empty() {
             file.bootstrap.clone()
@@ -692,6 +724,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("tun-lan"), "{err}");
+    }
+
+    #[test]
+    fn exits_are_named_by_peers_of_the_file_or_the_flags() {
+        let nas = ToxId::new(fabric::id::PublicKey([1; 32]), [0; 4]).to_string();
+        let pc = ToxId::new(fabric::id::PublicKey([2; 32]), [0; 4]).to_string();
+        let (_dir, path) = write(&format!(
+            "exit = [\"NAS\"]\n[[peer]]\nname = \"nas\"\nid = \"{nas}\"\n"
+        ));
+        let p = path.to_str().unwrap();
+        let s = RunSettings::resolve(&run_args(&["--config", p])).unwrap();
+        assert_eq!(s.exits.len(), 1);
+        assert_eq!(s.exits[0].to_string(), nas);
+        // Flags replace the file's peers: "nas" is no longer known.
+        let peer = format!("pc={pc}");
+        let err = RunSettings::resolve(&run_args(&["--config", p, "--peer", &peer]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"NAS\" is neither"), "{err}");
+        let s = RunSettings::resolve(&run_args(&["--peer", &peer, "--exit", "PC"])).unwrap();
+        assert_eq!(s.exits[0].to_string(), pc);
+        // Two names for one key, or a bad table, are errors at start.
+        let twice = format!("other={pc}");
+        let err = RunSettings::resolve(&run_args(&["--peer", &peer, "--peer", &twice]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("same key"), "{err}");
+        let (_dir, path) = write("[[peer]]\nname = \"x\"\n");
+        assert!(RunSettings::resolve(&run_args(&["--config", path.to_str().unwrap()])).is_err());
     }
 
     #[test]

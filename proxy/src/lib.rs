@@ -22,6 +22,7 @@ pub mod exit;
 pub mod exit_policy;
 pub mod guard;
 pub mod http;
+pub mod peers;
 pub mod relay;
 pub mod server;
 pub mod share;

@@ -176,14 +176,8 @@ async fn start_frontends(
 /// The Tox node of the client role, and a dialer reaching the `--exit` peers through it
 /// (connecting to them in the background).
 fn start_client_fabric(settings: &RunSettings) -> Result<(Arc<Fabric>, FabricDialer), Failure> {
-    let exits = settings
-        .exits
-        .iter()
-        .map(|s| {
-            s.parse::<ToxId>()
-                .map_err(|e| Failure::Usage(format!("--exit {s:?}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // Resolved (Tox IDs, or names of --peer) and checked with the rest of the settings.
+    let exits = settings.exits.clone();
     let config = fabric_config(&settings.common)?;
     let fabric = Arc::new(Fabric::start(config).context("starting the Tox node")?);
     println!("tox id: {}", fabric.id());

@@ -229,7 +229,15 @@ fn exit_behind_cone_nat_resumes_directly_after_either_side_restarts() {
     let mut exit = start_exit();
     let exit_id = exit.ready_value("tox id:");
     let start_client = || {
-        let mut args = vec![bin.clone(), "--exit".into(), exit_id.clone()];
+        // The exit by name, as a user who gave it one would write it.
+        let peer = format!("home={exit_id}");
+        let mut args = vec![
+            bin.clone(),
+            "--peer".into(),
+            peer,
+            "--exit".into(),
+            "home".into(),
+        ];
         args.extend([
             "--socks".into(),
             ":1080".into(),
