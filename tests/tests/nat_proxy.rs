@@ -26,6 +26,19 @@ fn run_in(topo: &NatTopology, i: usize, args: &[&str]) -> std::process::Output {
     run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("run in namespace")
 }
 
+/// The private Tox network (4 daemons) in the public namespace, and its nodes as the peers
+/// reach them (`PK@198.51.100.1:PORT`).
+fn tox_network(topo: &NatTopology) -> (Proc, Vec<String>) {
+    let toxnet = Proc::spawn(topo.in_public(&[TOOL, "toxnet", "4"]), "ready");
+    let nodes: Vec<String> = toxnet
+        .ready_list()
+        .iter()
+        .map(|n| n.replace("127.0.0.1", PUBLIC))
+        .collect();
+    assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
+    (toxnet, nodes)
+}
+
 /// `curl` in the client's namespace (side 1) through its SOCKS5 listener, names resolved at
 /// the exit, at most `max_secs`.
 fn curl_socks(topo: &NatTopology, url: &str, max_secs: u32) -> std::process::Output {
@@ -52,13 +65,7 @@ fn cell(exit_side: Nat, client_side: Nat, want: &[&str]) {
         return;
     }
     let topo = NatTopology::new(exit_side, client_side).expect("namespaces");
-    let toxnet = Proc::spawn(topo.in_public(&[TOOL, "toxnet", "4"]), "ready");
-    let nodes: Vec<String> = toxnet
-        .ready_list()
-        .iter()
-        .map(|n| n.replace("127.0.0.1", PUBLIC))
-        .collect();
-    assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
+    let (_toxnet, nodes) = tox_network(&topo);
     let _origin = Proc::spawn(
         topo.in_peer(0, &[TOOL, "serve", "127.0.0.1:80", "--", "192.0.2.77"]),
         "ready",
@@ -187,12 +194,7 @@ fn exit_behind_cone_nat_resumes_directly_after_either_side_restarts() {
         return;
     }
     let topo = NatTopology::new(Nat::Cone, Nat::Cone).expect("namespaces");
-    let toxnet = Proc::spawn(topo.in_public(&[TOOL, "toxnet", "4"]), "ready");
-    let nodes: Vec<String> = toxnet
-        .ready_list()
-        .iter()
-        .map(|n| n.replace("127.0.0.1", PUBLIC))
-        .collect();
+    let (_toxnet, nodes) = tox_network(&topo);
     let _origin = Proc::spawn(
         topo.in_peer(0, &[TOOL, "serve", "127.0.0.1:80", "--", "192.0.2.77"]),
         "ready",
