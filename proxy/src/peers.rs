@@ -66,8 +66,15 @@ pub enum PeerError {
     #[error("peers {0} and {1} have the same key")]
     DuplicateKey(PeerName, PeerName),
     /// `--exit` names neither a Tox ID nor a known peer.
-    #[error("{0:?} is neither a Tox ID (76 hex digits) nor the name of a peer (--peer NAME=TOXID)")]
-    Unknown(String),
+    #[error(
+        "{value:?} is neither a Tox ID ({id_error}) nor the name of a peer (--peer NAME=TOXID)"
+    )]
+    Unknown {
+        /// The value given.
+        value: String,
+        /// Why it is no Tox ID.
+        id_error: IdError,
+    },
 }
 
 /// The peers a node knows by name.
@@ -133,7 +140,10 @@ impl PeerTable {
             Ok(name) => self
                 .by_name(&name)
                 .map(|p| p.id)
-                .ok_or_else(|| PeerError::Unknown(value.to_owned())),
+                .ok_or_else(|| PeerError::Unknown {
+                    value: value.to_owned(),
+                    id_error,
+                }),
             Err(_) => Err(PeerError::Id {
                 name: value.to_owned(),
                 error: id_error,
@@ -183,10 +193,11 @@ mod tests {
             a,
             "an ID stays an ID"
         );
-        assert_eq!(
+        assert!(matches!(
             table.resolve("desktop"),
-            Err(PeerError::Unknown("desktop".into()))
-        );
+            Err(PeerError::Unknown { value, id_error: IdError::WrongLength { .. } })
+                if value == "desktop"
+        ));
         // What cannot be a name is a Tox ID with something wrong in it, and said so.
         assert!(matches!(
             table.resolve("1234"),
