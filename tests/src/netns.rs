@@ -407,6 +407,22 @@ impl Proc {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Waits (at most `limit`) until its stderr holds `needle`; `false` if it never did. The
+    /// ready line comes by stdout, and a thread of its own reads stderr: a line written
+    /// before the ready one may not have been read yet when `spawn` returns.
+    pub fn wait_stderr(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.stderr().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGINT, then the exit status within `limit`.
     pub fn interrupt(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")

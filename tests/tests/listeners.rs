@@ -142,9 +142,10 @@ fn lan_clients_are_held_to_the_destination_rules() {
         ],
     );
     assert!(
-        proxy
-            .stderr()
-            .contains("is open to the network without credentials"),
+        proxy.wait_stderr(
+            "is open to the network without credentials",
+            Duration::from_secs(10)
+        ),
         "one clear line at start:\n{}",
         proxy.stderr()
     );
@@ -169,7 +170,7 @@ fn lan_clients_are_held_to_the_destination_rules() {
         assert!(!out.status.success(), "CONNECT {target}: {}", text(&out));
     }
     assert!(
-        proxy.stderr().contains("destination refused by policy"),
+        proxy.wait_stderr("destination refused by policy", Duration::from_secs(10)),
         "{}",
         proxy.stderr()
     );
