@@ -270,7 +270,7 @@ impl FromStr for DnsServer {
 pub enum Listen {
     /// Do not run this listener.
     Off,
-    /// `:PORT` or `PORT`: this machine only (127.0.0.1 and [::1]), every interface with
+    /// `:PORT` or `PORT`: this machine only (127.0.0.1 and `[::1]`), every interface with
     /// `--allow-lan` (Clash's `mixed-port` with `allow-lan`).
     Port(u16),
     /// Listen on exactly this address.

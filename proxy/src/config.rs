@@ -74,7 +74,7 @@ pub const MAX_CONNECTIONS: usize = 1_000_000;
 /// Where a listener binds, resolved from a [`Listen`] and `allow-lan`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenAddr {
-    /// 127.0.0.1 and [::1] (where the host has IPv6) on this port.
+    /// 127.0.0.1 and `[::1]` (where the host has IPv6) on this port.
     Loopback(u16),
     /// Every interface, IPv4 and IPv6, on this port (`:PORT` with `allow-lan`).
     AllInterfaces(u16),

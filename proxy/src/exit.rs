@@ -8,7 +8,7 @@
 //!
 //! A stream starts with the exit-request header (`fabric::target`): the target, names
 //! unresolved. The exit answers one byte (connected, or why not, in SOCKS5's codes) and then
-//! relays bytes both ways. UDP flows travel as session datagrams (see [`udp`]). A stream to
+//! relays bytes both ways. UDP flows travel as session datagrams (see `exit::udp`). A stream to
 //! `Target::Resolver` carries the client's DNS queries to the exit's own resolvers
 //! ([`dns`]).
 

@@ -136,7 +136,7 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// Binds a listener at `at`: one socket, or two for `:PORT` on loopback (127.0.0.1 and, where
-/// the host has IPv6, [::1] on the same port).
+/// the host has IPv6, `[::1]` on the same port).
 pub async fn bind(what: &'static str, at: ListenAddr) -> Result<Vec<TcpListener>, BindError> {
     let err = |addr, source| BindError { what, addr, source };
     match at {

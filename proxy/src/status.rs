@@ -710,7 +710,7 @@ pub enum HeadError {
     /// The head has not ended yet (read more).
     #[error("request head incomplete")]
     Incomplete,
-    /// Longer than [`MAX_HEAD`] bytes.
+    /// Longer than `MAX_HEAD` bytes.
     #[error("request head too long")]
     TooLong,
     /// Not an HTTP/1 request line, or not text.

@@ -521,7 +521,7 @@ impl Instance {
 
     /// Registers c-toxcore's UDP socket with the current tokio runtime, so that
     /// [`Instance::udp_readable`] can tell when a packet waits in it (see
-    /// [`super::socket`]). `false` when the socket cannot be found or registered. Must be
+    /// `tox::socket`). `false` when the socket cannot be found or registered. Must be
     /// called inside a runtime with I/O enabled.
     pub fn watch_udp(&mut self) -> bool {
         if self.udp_watch.is_some() {

@@ -11,7 +11,7 @@ use serde::Deserialize;
 /// or /128).
 ///
 /// An IPv4 network also contains the IPv6 forms of its addresses that a packet would really
-/// deliver to them: IPv4-mapped, NAT64 and 6to4 (see [`embedded_v4`]). An exit behind DNS64
+/// deliver to them: IPv4-mapped, NAT64 and 6to4 (see `embedded_v4`). An exit behind DNS64
 /// only ever sees synthesised AAAA records, so a rule about an IPv4 network must hold for
 /// those too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
