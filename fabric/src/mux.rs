@@ -134,7 +134,7 @@ use self::frame::{Cmd, HEADER_LEN, Header, verify_code};
 use self::ids::IdBitmap;
 use self::input::InputState;
 use self::stream::Stream;
-use self::table::Table;
+use self::table::{Table, stream_in};
 
 /// Largest credit of one stream by default, in bytes: seed 004's window.
 pub const DEFAULT_WINDOW: u32 = 512 * 1024;
@@ -503,11 +503,7 @@ impl Mux {
     /// which goes out right behind the growth.
     fn grow(&mut self, id: u16) {
         let window = self.config.window;
-        let Some(stream) = self
-            .streams
-            .get_mut(usize::from(id))
-            .and_then(Option::as_deref_mut)
-        else {
+        let Some(stream) = stream_in(&mut self.streams, id) else {
             return;
         };
         if !stream.may_grow(window) || (stream.fin_sent && stream.cfm_pending == 0) {
@@ -548,10 +544,7 @@ impl Mux {
 
 /// The stream the application means by `id`: open and not closed by it.
 fn app_stream(streams: &mut Table, id: StreamId) -> Result<&mut Stream, StreamError> {
-    match streams
-        .get_mut(usize::from(id.0))
-        .and_then(Option::as_deref_mut)
-    {
+    match stream_in(streams, id.0) {
         Some(stream) if !stream.app_closed => Ok(stream),
         _ => Err(StreamError::UnknownStream(id)),
     }

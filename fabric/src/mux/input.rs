@@ -4,7 +4,7 @@
 
 use super::frame::{CFM_GROWTH, Cmd, HEADER_LEN, Header, verify_code};
 use super::stream::Stream;
-use super::table::Table;
+use super::table::{Table, stream_in};
 use super::{Event, Failure, Mux, ProtocolError, StreamId};
 
 /// Where [`Mux::handle_input`] is inside the byte stream.
@@ -271,13 +271,10 @@ impl Mux {
 
 /// The stream a frame from the peer for `id` addresses: the successor if one is queued.
 fn input_stream(streams: &mut Table, id: u16, cmd: Cmd) -> Result<&mut Stream, ProtocolError> {
-    let stream = streams
-        .get_mut(usize::from(id))
-        .and_then(Option::as_deref_mut)
-        .ok_or(ProtocolError::UnknownStream {
-            cmd,
-            id: StreamId(id),
-        })?;
+    let stream = stream_in(streams, id).ok_or(ProtocolError::UnknownStream {
+        cmd,
+        id: StreamId(id),
+    })?;
     Ok(match stream.successor {
         Some(ref mut successor) => successor,
         None => stream,

@@ -4,6 +4,7 @@
 use super::Mux;
 use super::buffer::idle_pool_size;
 use super::frame::{CFM_GROWTH, Cmd, HEADER_LEN, Header};
+use super::table::stream_in;
 
 impl Mux {
     /// Whether [`Mux::poll_transmit`] has frames to emit.
@@ -122,11 +123,7 @@ impl Mux {
             if room == 0 {
                 return;
             }
-            let Some(stream) = self
-                .streams
-                .get_mut(usize::from(id))
-                .and_then(Option::as_deref_mut)
-            else {
+            let Some(stream) = stream_in(&mut self.streams, id) else {
                 self.data_queue.pop_front();
                 continue;
             };

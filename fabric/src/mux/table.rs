@@ -9,6 +9,12 @@ use super::{Event, Mux, StreamId};
 /// Streams by id.
 pub(super) type Table = Vec<Option<Box<Stream>>>;
 
+/// The stream `id` of `streams`: what [`Mux::stream_mut`] is for callers that also hold other
+/// fields of the mux (the budgets, the queues) at the same time.
+pub(super) fn stream_in(streams: &mut Table, id: u16) -> Option<&mut Stream> {
+    streams.get_mut(usize::from(id))?.as_deref_mut()
+}
+
 impl Mux {
     pub(super) fn install(&mut self, id: u16, stream: Stream) {
         let index = usize::from(id);
@@ -24,7 +30,7 @@ impl Mux {
     }
 
     pub(super) fn stream_mut(&mut self, id: u16) -> Option<&mut Stream> {
-        self.streams.get_mut(usize::from(id))?.as_deref_mut()
+        stream_in(&mut self.streams, id)
     }
 
     /// Whether frames for `id` belong to a queued successor rather than the held stream.
@@ -88,11 +94,7 @@ impl Mux {
     pub(super) fn admit(&mut self, id: u16) {
         let full = self.accept_queue.len() >= self.config.accept_backlog;
         let initial = self.config.initial_window;
-        let Some(stream) = self
-            .streams
-            .get_mut(usize::from(id))
-            .and_then(Option::as_deref_mut)
-        else {
+        let Some(stream) = stream_in(&mut self.streams, id) else {
             return;
         };
         let mut refused = full.then_some("accept backlog full");
