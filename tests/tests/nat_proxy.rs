@@ -26,9 +26,16 @@ fn run_in(topo: &NatTopology, i: usize, args: &[&str]) -> std::process::Output {
     run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("run in namespace")
 }
 
-/// The private Tox network (4 daemons) in the public namespace, and its nodes as the peers
-/// reach them (`PK@198.51.100.1:PORT`).
-fn tox_network(topo: &NatTopology) -> (Proc, Vec<String>) {
+/// The NAT topology with the private Tox network (4 daemons) in its public namespace and the
+/// origin server on the exit side's loopback: the topology, the Tox nodes as the peers reach
+/// them (`PK@198.51.100.1:PORT`), and the processes to keep. `None` (said) where namespaces
+/// are impossible.
+fn lab(exit_side: Nat, client_side: Nat) -> Option<(NatTopology, Vec<String>, [Proc; 2])> {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let topo = NatTopology::new(exit_side, client_side).expect("namespaces");
     let toxnet = Proc::spawn(topo.in_public(&[TOOL, "toxnet", "4"]), "ready");
     let nodes: Vec<String> = toxnet
         .ready_list()
@@ -36,7 +43,11 @@ fn tox_network(topo: &NatTopology) -> (Proc, Vec<String>) {
         .map(|n| n.replace("127.0.0.1", PUBLIC))
         .collect();
     assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
-    (toxnet, nodes)
+    let origin = Proc::spawn(
+        topo.in_peer(0, &[TOOL, "serve", "127.0.0.1:80", "--", "192.0.2.77"]),
+        "ready",
+    );
+    Some((topo, nodes, [toxnet, origin]))
 }
 
 /// `curl` in the client's namespace (side 1) through its SOCKS5 listener, names resolved at
@@ -60,16 +71,9 @@ fn curl_socks(topo: &NatTopology, url: &str, max_secs: u32) -> std::process::Out
 }
 
 fn cell(exit_side: Nat, client_side: Nat, want: &[&str]) {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
+    let Some((topo, nodes, _running)) = lab(exit_side, client_side) else {
         return;
-    }
-    let topo = NatTopology::new(exit_side, client_side).expect("namespaces");
-    let (_toxnet, nodes) = tox_network(&topo);
-    let _origin = Proc::spawn(
-        topo.in_peer(0, &[TOOL, "serve", "127.0.0.1:80", "--", "192.0.2.77"]),
-        "ready",
-    );
+    };
     let stun = topo.stun().to_string();
     let bin = proxy_bin().to_string_lossy().into_owned();
     let with_network = |mut args: Vec<String>| {
@@ -189,16 +193,9 @@ fn both_behind_symmetric_nat_stay_on_tox() {
 /// request made at once and held. Prints the times.
 #[test]
 fn exit_behind_cone_nat_resumes_directly_after_either_side_restarts() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
+    let Some((topo, nodes, _running)) = lab(Nat::Cone, Nat::Cone) else {
         return;
-    }
-    let topo = NatTopology::new(Nat::Cone, Nat::Cone).expect("namespaces");
-    let (_toxnet, nodes) = tox_network(&topo);
-    let _origin = Proc::spawn(
-        topo.in_peer(0, &[TOOL, "serve", "127.0.0.1:80", "--", "192.0.2.77"]),
-        "ready",
-    );
+    };
     let stun = topo.stun().to_string();
     let bin = proxy_bin().to_string_lossy().into_owned();
     let client_dir = Scratch::new("client");
