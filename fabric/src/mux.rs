@@ -174,6 +174,37 @@ pub struct Config {
     pub accept_backlog: usize,
     /// Peer verification challenges we may have outstanding. Default 16.
     pub max_verify_outstanding: usize,
+    /// Which ids this end opens streams with. Default [`StreamIds::Any`] (seed 004).
+    pub stream_ids: StreamIds,
+}
+
+/// Which stream ids an end opens with.
+///
+/// In seed 004 both ends take the lowest free id, and two opens of the same id at once bind
+/// into one stream: fine when one side only opens. When both do (a mesh session, where each
+/// end is client and server), that would join two unrelated requests, so the ends split the
+/// ids: the end that opened the session takes odd ids, the other even ones, and a peer's
+/// SYN in our own space is a protocol error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamIds {
+    /// Any free id, lowest first; the peer may open any id (seed 004).
+    #[default]
+    Any,
+    /// Odd ids (1, 3, …, 65535: 32,768 of them); the peer opens even ones.
+    Odd,
+    /// Even ids (2, 4, …, 65534: 32,767 of them); the peer opens odd ones.
+    Even,
+}
+
+impl StreamIds {
+    /// Whether an id is one this end opens with (and so the peer must not).
+    pub(crate) fn is_ours(self, id: u16) -> bool {
+        match self {
+            Self::Any => false,
+            Self::Odd => !id.is_multiple_of(2),
+            Self::Even => id.is_multiple_of(2),
+        }
+    }
 }
 
 impl Default for Config {
@@ -187,6 +218,7 @@ impl Default for Config {
             max_input_frame: 64 * 1024,
             accept_backlog: 1024,
             max_verify_outstanding: 16,
+            stream_ids: StreamIds::Any,
         }
     }
 }
@@ -282,7 +314,7 @@ impl Mux {
         Self {
             streams: Vec::new(),
             pool: Pool::default(),
-            ids: IdBitmap::new(),
+            ids: IdBitmap::new(config.stream_ids),
             ctrl_queue: VecDeque::new(),
             data_queue: VecDeque::new(),
             vrm_out: VecDeque::new(),

@@ -174,6 +174,8 @@ struct Shared {
     mux_budget: SharedBudget,
     /// The direct socket, for resuming sessions without Tox (none with `--path tox`).
     direct: Option<Arc<direct::Direct>>,
+    /// Our own key: the tie-break of crossed Opens compares it with the peer's.
+    own_key: PublicKey,
 }
 
 /// Everything known about one peer.
@@ -181,8 +183,8 @@ struct Shared {
 struct Slot {
     online: watch::Sender<bool>,
     session: Option<Running>,
-    /// A client's open in progress waits for the answer here.
-    opener: Option<mpsc::Sender<Control>>,
+    /// Our open in progress waits for the answer here.
+    opener: Option<mpsc::Sender<OpenerInput>>,
     /// The exit's conv assignment for this client.
     acceptor: Option<Acceptor>,
     /// When an "unknown session" close was last sent, to answer a stream of stale packets once
@@ -193,15 +195,29 @@ struct Slot {
     carrier: watch::Sender<Carrier>,
     /// The path agent's inbox, once it runs.
     paths: Option<mpsc::Sender<AgentInput>>,
+    /// The running agent's role, and what stops it when it is replaced.
+    paths_role: Option<(Role, watch::Sender<bool>)>,
     /// A direct link made before the path agent ran, for it to take at start.
     pending_direct: Option<direct::DirectLink>,
     /// We dial this peer (it is our exit): its direct handshakes are answered.
     dialed: bool,
 }
 
+/// What reaches an open in progress.
+#[derive(Debug, Clone, Copy)]
+enum OpenerInput {
+    /// The peer's answer to an Open (ours, or one it ignores).
+    Answer(Control),
+    /// The peer's Open crossed ours and we answered it: its session is ours too.
+    OpenedByPeer(ConvId),
+}
+
 #[derive(Debug)]
 struct Running {
     conv: ConvId,
+    /// Whether this end opened the session (it takes odd stream ids, offers links and asks to
+    /// resume) or answered the peer's Open.
+    opened_here: bool,
     input: mpsc::Sender<Input>,
     handle: Handle,
     ended: watch::Receiver<bool>,
@@ -221,6 +237,7 @@ impl Slot {
         Self {
             carrier: watch::channel(paths::initial_carrier(choice)).0,
             paths: None,
+            paths_role: None,
             pending_direct: None,
             dialed: false,
             online: watch::channel(false).0,
@@ -247,6 +264,7 @@ impl Fabric {
         let mux_budget = SharedBudget::new(config.mux_budget);
         let direct = direct::bind(&config, tox.secret_key().0);
         let shared = Arc::new(Shared {
+            own_key: tox.public_key(),
             direct: direct.clone(),
             tox,
             config,
@@ -286,23 +304,25 @@ impl Fabric {
         &self.shared.tox
     }
 
-    /// Dials the exit `exit`: befriends it, waits for it to come online, asks for a session.
+    /// Dials the peer `peer`: befriends it, waits for it to come online, asks for a session
+    /// (unless one it opened runs already: a pair holds one session, whoever opened it).
     /// The returned [`Peer`] keeps the session up (reconnecting by itself) until dropped.
-    pub async fn connect(&self, exit: ToxId) -> Result<Peer, ConnectError> {
-        let pk = exit.public_key();
-        if let Err(error) = self.shared.tox.add_friend(exit, b"proxy session").await {
+    pub async fn connect(&self, peer: ToxId) -> Result<Peer, ConnectError> {
+        let pk = peer.public_key();
+        if let Err(error) = self.shared.tox.add_friend(peer, b"proxy session").await {
             // Already a friend (saved from an earlier run) is the common case.
             debug!(%error, "friend request not sent");
         }
-        let status = self.shared.with_slot(pk, |slot| {
+        let (status, running) = self.shared.with_slot(pk, |slot| {
             slot.dialed = true;
-            slot.status.clone()
+            (slot.status.clone(), slot.session.as_ref().map(|r| r.conv))
         });
-        let conv = establish(&self.shared, pk, None).await?;
-        info!(exit = %pk, %conv, "session to exit established");
+        let conv = match running {
+            Some(conv) => conv,
+            None => establish(&self.shared, pk, None).await?,
+        };
+        info!(peer = %pk, %conv, "session to peer established");
         let (stop_tx, stop_rx) = watch::channel(false);
-        self.shared
-            .start_paths(pk, Role::Client, Some(stop_tx.subscribe()));
         tokio::spawn(supervise(Arc::downgrade(&self.shared), pk, stop_rx));
         Ok(Peer {
             shared: self.shared.clone(),
@@ -312,7 +332,9 @@ impl Fabric {
         })
     }
 
-    /// The next stream a client opened to this node (exit role). `None` once the fabric is
+    /// The next stream a peer opened to this node, on any session. Every session takes its
+    /// peer's streams, so a node must read them (and refuse what it does not serve); those
+    /// not read wait in a bounded queue, holding their credit. `None` once the fabric is
     /// shutting down.
     pub async fn accept(&self) -> Option<Incoming> {
         self.incoming.lock().await.recv().await
@@ -498,17 +520,20 @@ impl Shared {
         self.tox.send_lossless(pk, packet.freeze()).await
     }
 
-    /// Starts the path agent of `pk` unless it runs or `--path tox` says never to punch.
-    fn start_paths(
-        self: &Arc<Self>,
-        pk: PublicKey,
-        role: Role,
-        stop: Option<watch::Receiver<bool>>,
-    ) -> Option<mpsc::Sender<AgentInput>> {
+    /// Starts the path agent of `pk` in `role` (the end that opened the session offers,
+    /// the other answers) unless one runs in that role already, replacing one in the other
+    /// role; none for an offerer when `--path tox` says never to punch.
+    fn start_paths(self: &Arc<Self>, pk: PublicKey, role: Role) {
         self.with_slot(pk, |slot| {
+            if slot.paths_role.as_ref().is_some_and(|(r, _)| *r != role) {
+                // Dropping the stop sender and the inbox ends the old agent.
+                slot.paths_role = None;
+                slot.paths = None;
+            }
             if slot.paths.is_none()
                 && (role == Role::Exit || self.config.path.choice != PathChoice::Tox)
             {
+                let (stop_tx, stop) = watch::channel(false);
                 let (tx, rx) = mpsc::channel(16);
                 if let Some(link) = slot.pending_direct.take() {
                     let _ = tx.try_send(AgentInput::Direct(link));
@@ -522,11 +547,11 @@ impl Shared {
                     carrier: slot.carrier.clone(),
                     status: slot.status.clone(),
                 };
-                let span = tracing::info_span!("paths", peer = %pk);
-                tokio::spawn(agent.run(role, stop).instrument(span));
+                let span = tracing::info_span!("paths", peer = %pk, ?role);
+                tokio::spawn(agent.run(role, Some(stop)).instrument(span));
                 slot.paths = Some(tx);
+                slot.paths_role = Some((role, stop_tx));
             }
-            slot.paths.clone()
-        })
+        });
     }
 }

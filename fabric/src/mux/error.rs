@@ -51,6 +51,11 @@ pub enum ProtocolError {
     /// A second FIN.
     #[error("duplicate fin on stream {0}")]
     DuplicateFin(StreamId),
+    /// SYN for an id of the space this end opens from ([`Config::stream_ids`]).
+    ///
+    /// [`Config::stream_ids`]: super::Config::stream_ids
+    #[error("syn for stream {0}, an id of this end's own space")]
+    OpenInOurIdSpace(StreamId),
     /// SYN for an id that is in use and cannot be a simultaneous open.
     #[error("syn for stream {0}, which is in use")]
     DuplicateSyn(StreamId),

@@ -1,4 +1,7 @@
-//! The stream-id bitmap (seed 004): one bit per id, lowest free id first, no wrap-around.
+//! The stream-id bitmap (seed 004): one bit per id, lowest free id of this end's space
+//! first, no wrap-around.
+
+use super::StreamIds;
 
 /// Number of `u64` words covering every `u16` id.
 const WORDS: usize = (u16::MAX as usize + 1) / 64;
@@ -9,33 +12,43 @@ pub(crate) struct IdBitmap {
     words: Box<[u64; WORDS]>,
     /// Ids in use, not counting the reserved 0.
     used: u32,
-    /// Index of the lowest word that may have a free bit: every word below it is full.
+    /// Index of the lowest word that may have a free bit of our space: every word below it
+    /// has none.
     hint: usize,
+    /// The bits of each word this end allocates.
+    ours: u64,
 }
 
 impl IdBitmap {
     /// Usable ids: 1 ..= 65535.
     pub(crate) const CAPACITY: u32 = u16::MAX as u32;
 
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(space: StreamIds) -> Self {
         let mut words = Box::new([0u64; WORDS]);
         words[0] = 1;
+        let ours = match space {
+            StreamIds::Any => u64::MAX,
+            // Bit `b` of a word is id `64 * index + b`: odd ids are the odd bits.
+            StreamIds::Odd => 0xAAAA_AAAA_AAAA_AAAA,
+            StreamIds::Even => 0x5555_5555_5555_5555,
+        };
         Self {
             words,
             used: 0,
             hint: 0,
+            ours,
         }
     }
 
-    /// Takes the lowest free id, or `None` when all 65,535 are in use.
+    /// Takes the lowest free id of our space, or `None` when all of them are in use.
     pub(crate) fn alloc(&mut self) -> Option<u16> {
         if self.used >= Self::CAPACITY {
             return None;
         }
         for index in self.hint..WORDS {
-            let word = self.words[index];
-            if word != u64::MAX {
-                let bit = word.trailing_ones() as usize;
+            let free = !self.words[index] & self.ours;
+            if free != 0 {
+                let bit = free.trailing_zeros() as usize;
                 self.words[index] |= 1 << bit;
                 self.used += 1;
                 self.hint = index;
@@ -79,7 +92,7 @@ mod tests {
 
     #[test]
     fn allocates_lowest_first_and_never_zero() {
-        let mut ids = IdBitmap::new();
+        let mut ids = IdBitmap::new(StreamIds::Any);
         assert_eq!(ids.alloc(), Some(1));
         assert_eq!(ids.alloc(), Some(2));
         assert!(ids.mark(3));
@@ -93,7 +106,7 @@ mod tests {
 
     #[test]
     fn exhausts_after_65535_then_reuses_freed() {
-        let mut ids = IdBitmap::new();
+        let mut ids = IdBitmap::new(StreamIds::Any);
         for expected in 1..=u16::MAX {
             assert_eq!(ids.alloc(), Some(expected));
         }

@@ -128,6 +128,9 @@ impl Mux {
 
     fn on_syn(&mut self, id: u16) -> Result<(), ProtocolError> {
         let initial = self.config.initial_window;
+        if self.config.stream_ids.is_ours(id) {
+            return Err(ProtocolError::OpenInOurIdSpace(StreamId(id)));
+        }
         let Some(stream) = self.stream_mut(id) else {
             self.ids.mark(id);
             self.install(id, Stream::remote(initial));

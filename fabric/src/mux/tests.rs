@@ -184,6 +184,65 @@ fn simultaneous_open_binds_one_stream() {
     assert_eq!((a.stats().streams, b.stats().streams), (1, 1));
 }
 
+/// Two ends that both open streams (a mesh session: each side is client and server) each
+/// take ids of their own parity, so a simultaneous open makes two streams, never one bound
+/// from two requests.
+#[test]
+fn ends_with_id_spaces_never_bind_two_opens_into_one_stream() {
+    let mut a = Mux::new(Config {
+        stream_ids: StreamIds::Odd,
+        ..Config::default()
+    });
+    let mut b = Mux::new(Config {
+        stream_ids: StreamIds::Even,
+        ..Config::default()
+    });
+    let ida = a.open().unwrap();
+    let idb = b.open().unwrap();
+    assert_ne!(ida, idb);
+    assert_eq!((ida.0 % 2, idb.0 % 2), (1, 0));
+    a.write(ida, b"from a").unwrap();
+    b.write(idb, b"from b").unwrap();
+    settle(&mut a, &mut b);
+    assert_eq!(a.accept(), Some(idb));
+    assert_eq!(b.accept(), Some(ida));
+    assert_eq!(read_all(&mut a, idb), b"from b");
+    assert_eq!(read_all(&mut b, ida), b"from a");
+    assert_eq!((a.stats().streams, b.stats().streams), (2, 2));
+}
+
+/// A peer that opens an id of our space breaks the rule both ends agreed on: the mux fails
+/// rather than bind the stream to one of ours.
+#[test]
+fn a_peer_open_in_our_id_space_is_a_protocol_error() {
+    let mut a = Mux::new(Config {
+        stream_ids: StreamIds::Odd,
+        ..Config::default()
+    });
+    let mut b = Mux::new(Config::default());
+    b.open().unwrap();
+    let mut wire = Vec::new();
+    b.poll_transmit(usize::MAX, &mut wire);
+    assert_eq!(
+        a.handle_input(&wire),
+        Err(ProtocolError::OpenInOurIdSpace(StreamId(1)))
+    );
+}
+
+#[test]
+fn each_id_space_has_half_the_ids_and_no_wrap_around() {
+    for (ids, first, count) in [(StreamIds::Odd, 1, 32_768), (StreamIds::Even, 2, 32_767)] {
+        let mut a = Mux::new(Config {
+            stream_ids: ids,
+            ..Config::default()
+        });
+        for n in 0..count {
+            assert_eq!(a.open(), Ok(StreamId(first + 2 * n)), "{ids:?}");
+        }
+        assert_eq!(a.open(), Err(OpenError::IdsExhausted), "{ids:?}");
+    }
+}
+
 #[test]
 fn id_exhaustion_is_an_error() {
     let mut a = Mux::new(Config::default());

@@ -437,7 +437,10 @@ fn on_hello(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet
             let Ok(Control::Open { request, resume }) = Control::parse(&body[1..]) else {
                 return;
             };
-            let answer = shared.answer_open(pk, request, resume);
+            // Crossed with our own Open, which wins: left unanswered, as over Tox.
+            let Some(answer) = shared.answer_open(pk, request, resume) else {
+                return;
+            };
             let mut reply = vec![kind::CONTROL];
             answer.emit(&mut reply);
             let mut packet = Vec::new();
@@ -543,22 +546,18 @@ impl Shared {
         }
     }
 
-    /// A direct link to `pk` is up: its path agent carries the session on it (the agent
-    /// takes it at start when it does not run yet).
+    /// A direct link to `pk` is up: its path agent carries the session on it (the agent,
+    /// which starts with the session, takes it at start when it does not run yet).
     fn hand_direct_link(self: &Arc<Self>, pk: PublicKey, link: DirectLink) {
-        let (inbox, exit_side) = self.with_slot(pk, |slot| match slot.paths.clone() {
-            Some(tx) => (Some((tx, link)), false),
+        let inbox = self.with_slot(pk, |slot| match slot.paths.clone() {
+            Some(tx) => Some((tx, link)),
             None => {
                 slot.pending_direct = Some(link);
-                (None, slot.acceptor.is_some())
+                None
             }
         });
         if let Some((tx, link)) = inbox {
             let _ = tx.try_send(super::paths::AgentInput::Direct(link));
-        } else if exit_side {
-            // An exit starts a client's agent on its first signal; a session opened
-            // directly may never see one (Tox may be down): the link starts it.
-            self.start_paths(pk, super::paths::Role::Exit, None);
         }
     }
 
@@ -603,9 +602,10 @@ impl Shared {
     /// the supervisor open another instead of waiting for the answer timeout.
     fn peer_restarted(self: &Arc<Self>, pk: PublicKey) {
         let input = self.with_slot(pk, |slot| {
+            // Those it opened, it opens again; ours it lost.
             slot.session
                 .as_ref()
-                .filter(|_| slot.acceptor.is_none())
+                .filter(|r| r.opened_here)
                 .map(|r| r.input.clone())
         });
         if let Some(input) = input {

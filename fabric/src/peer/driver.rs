@@ -9,29 +9,35 @@ use bytes::{BufMut, BytesMut};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, info, warn};
 
-use super::paths::{Carrier, LinkWatch, suspect_after};
+use super::paths::{Carrier, LinkWatch, Role, suspect_after};
 use super::{Incoming, Input, PeerStatus, Running, SESSION_PACKET_ID, Shared, lock};
-use crate::connection::{feed, mux_config_for};
+use crate::connection::{feed, mux_config};
 use crate::id::PublicKey;
-use crate::mux;
 use crate::mux::io::Handle;
+use crate::mux::{self, StreamIds};
 use crate::session::{CloseReason, Control, ConvId, Event, Session};
 use crate::time::{Duration, Instant};
 use crate::tox::ToxError;
 
 impl Shared {
-    /// Starts a session with `pk` on `conv`, replacing any other.
+    /// Starts a session with `pk` on `conv`, replacing any other, and its path agent.
+    /// `opened_here`: this end asked for it (it then opens odd stream ids and offers links);
+    /// else it answered the peer's Open (even ids, answers offers). Either end opens streams
+    /// and takes the peer's, which go to [`Fabric::accept`](super::Fabric::accept).
     pub(super) fn start_session(
         self: &Arc<Self>,
         pk: PublicKey,
         conv: ConvId,
-        exit_role: bool,
+        opened_here: bool,
     ) -> Handle {
-        // Only the exit role accepts the peer's streams; a client refuses them at once rather
-        // than let them wait, holding credit, in a queue nobody reads.
         let handle = Handle::new(mux::Config {
             shared_budget: Some(self.mux_budget.clone()),
-            ..mux_config_for(exit_role)
+            stream_ids: if opened_here {
+                StreamIds::Odd
+            } else {
+                StreamIds::Even
+            },
+            ..mux_config()
         });
         let (input_tx, input_rx) = mpsc::channel(4096);
         let (ended_tx, ended_rx) = watch::channel(false);
@@ -39,6 +45,7 @@ impl Shared {
             // Dropping the old session's input ends its driver.
             slot.session = Some(Running {
                 conv,
+                opened_here,
                 input: input_tx,
                 handle: handle.clone(),
                 ended: ended_rx,
@@ -63,17 +70,25 @@ impl Shared {
             )
             .instrument(span),
         );
-        if exit_role {
+        tokio::spawn({
             let handle = handle.clone();
             let incoming = self.incoming.clone();
-            tokio::spawn(async move {
+            async move {
                 while let Some(stream) = handle.accept().await {
                     if incoming.send(Incoming { peer: pk, stream }).await.is_err() {
                         break;
                     }
                 }
-            });
-        }
+            }
+        });
+        self.start_paths(
+            pk,
+            if opened_here {
+                Role::Client
+            } else {
+                Role::Exit
+            },
+        );
         handle
     }
 }

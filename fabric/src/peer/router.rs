@@ -9,11 +9,13 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use super::paths::{AgentInput, Role, Via};
-use super::{CONTROL_PACKET_ID, Input, SESSION_PACKET_ID, SIGNAL_PACKET_ID, Shared, lock};
+use super::paths::{AgentInput, Via};
+use super::{
+    CONTROL_PACKET_ID, Input, OpenerInput, SESSION_PACKET_ID, SIGNAL_PACKET_ID, Shared, lock,
+};
 use crate::id::PublicKey;
 use crate::link::signal::Signal;
-use crate::session::control::Acceptor;
+use crate::session::control::{Acceptor, answers_crossed_open};
 use crate::session::{self, CloseReason, Control, ConvId};
 use crate::time::{Duration, Instant};
 use crate::tox::ToxEvent;
@@ -58,8 +60,9 @@ impl Shared {
     fn handle_control(self: &Arc<Self>, pk: PublicKey, msg: Control) {
         match msg {
             Control::Open { request, resume } => {
-                let answer = self.answer_open(pk, request, resume);
-                self.send_control(pk, answer);
+                if let Some(answer) = self.answer_open(pk, request, resume) {
+                    self.send_control(pk, answer);
+                }
             }
             Control::Accept { .. } | Control::Reject { .. } => self.deliver_answer(pk, msg),
             Control::Close { conv, reason } => {
@@ -76,52 +79,70 @@ impl Shared {
         }
     }
 
-    /// Answers a client's Open (come by Tox or by a direct handshake): refused unless the
-    /// client is allowed, else the acceptor's conv, whose session starts here and now.
+    /// Answers a peer's Open (come by Tox or by a direct handshake): refused unless the peer
+    /// is allowed, else the acceptor's conv, whose session starts here and now. `None` when
+    /// the Open crossed one of ours that wins the tie-break
+    /// ([`answers_crossed_open`]): the peer takes the answer to ours instead.
     pub(super) fn answer_open(
         self: &Arc<Self>,
         pk: PublicKey,
         request: u32,
         resume: Option<ConvId>,
-    ) -> Control {
+    ) -> Option<Control> {
         if !self.allow.allows(&pk) {
             debug!(peer = %pk, "session refused: not allowed");
-            return Control::Reject {
+            return Some(Control::Reject {
                 request,
                 reason: CloseReason::NotAllowed,
-            };
+            });
         }
         let now = Instant::now();
         let epoch = self.epoch;
-        let (answer, running_conv) = self.with_slot(pk, |slot| {
+        let answers_crossed = answers_crossed_open(&self.own_key.0, &pk.0);
+        let answered = self.with_slot(pk, |slot| {
+            if slot.opener.is_some() && !answers_crossed {
+                return None;
+            }
             let acceptor = slot
                 .acceptor
                 .get_or_insert_with(|| Acceptor::new(epoch, &pk.0));
             let (answer, _) = acceptor.handle_open(now, request, resume);
-            (answer, slot.session.as_ref().map(|r| r.conv))
+            Some((
+                answer,
+                slot.session.as_ref().map(|r| r.conv),
+                slot.opener.clone(),
+            ))
         });
-        if let Control::Accept { conv, .. } = answer
-            && running_conv != Some(conv)
-        {
-            info!(peer = %pk, %conv, "session accepted");
-            self.start_session(pk, conv, true);
+        let Some((answer, running_conv, opener)) = answered else {
+            debug!(peer = %pk, "crossed open left unanswered: ours wins");
+            return None;
+        };
+        if let Control::Accept { conv, .. } = answer {
+            if running_conv != Some(conv) {
+                info!(peer = %pk, %conv, "session accepted");
+                self.start_session(pk, conv, false);
+            }
+            if let Some(opener) = opener {
+                debug!(peer = %pk, %conv, "crossed open answered: its session is ours too");
+                let _ = opener.try_send(OpenerInput::OpenedByPeer(conv));
+            }
         }
-        answer
+        Some(answer)
     }
 
-    /// An exit's answer to our Open, for the opener waiting for it.
+    /// A peer's answer to our Open, for the opener waiting for it.
     pub(super) fn deliver_answer(&self, pk: PublicKey, msg: Control) {
         let opener = self.with_slot(pk, |slot| slot.opener.clone());
         if let Some(tx) = opener {
-            let _ = tx.try_send(msg);
+            let _ = tx.try_send(OpenerInput::Answer(msg));
         }
     }
 
-    /// A punched-link signal from `pk`: for its path agent, which an exit starts on the first
-    /// signal of a client that has a session (signals from anyone else are dropped).
+    /// A punched-link signal from `pk`: for its path agent, which runs while a session does
+    /// (signals from anyone else are dropped).
     fn handle_signal(self: &Arc<Self>, pk: PublicKey, signal: Signal) {
-        let (has_session, exit_side) =
-            self.with_slot(pk, |slot| (slot.session.is_some(), slot.acceptor.is_some()));
+        let (has_session, inbox) =
+            self.with_slot(pk, |slot| (slot.session.is_some(), slot.paths.clone()));
         if !has_session {
             debug!(peer = %pk, "link signal without a session dropped");
             return;
@@ -130,11 +151,6 @@ impl Shared {
             self.on_direct_candidates(pk, candidates);
             return;
         }
-        let inbox = if exit_side {
-            self.start_paths(pk, Role::Exit, None)
-        } else {
-            self.with_slot(pk, |slot| slot.paths.clone())
-        };
         if let Some(inbox) = inbox {
             let _ = inbox.try_send(AgentInput::Signal(signal));
         }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Weak};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::{ConnectError, Shared, lock};
+use super::{ConnectError, OpenerInput, Shared, lock};
 use crate::id::PublicKey;
 use crate::session::ConvId;
 use crate::session::control::{OpenOutcome, Opener};
@@ -69,7 +69,8 @@ pub(super) async fn establish(
         let wake = opener.poll_timeout().unwrap_or(now);
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(msg) => opener.handle_control(msg),
+                Some(OpenerInput::Answer(msg)) => opener.handle_control(msg),
+                Some(OpenerInput::OpenedByPeer(conv)) => opener.handle_opened_by_peer(conv),
                 None => return Err(ConnectError::Shutdown),
             },
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
@@ -80,10 +81,12 @@ pub(super) async fn establish(
         OpenOutcome::Accepted(conv) => {
             let running = shared.with_slot(pk, |slot| slot.session.as_ref().map(|r| r.conv));
             if running != Some(conv) {
-                shared.start_session(pk, conv, false);
+                shared.start_session(pk, conv, true);
             }
             Ok(conv)
         }
+        // Started when we answered the peer's crossing Open.
+        OpenOutcome::OpenedByPeer(conv) => Ok(conv),
         OpenOutcome::Rejected(reason) => Err(ConnectError::Rejected(reason)),
         OpenOutcome::TimedOut => Err(ConnectError::TimedOut(timeout)),
     }
@@ -102,11 +105,15 @@ pub(super) async fn supervise(
     let mut backoff = Duration::from_millis(500);
     loop {
         let Some(s) = shared.upgrade() else { return };
+        // The peer asks to resume the sessions it opened; we ask for ours.
         let (mut online, ended, conv) = s.with_slot(pk, |slot| {
             (
                 slot.online.subscribe(),
                 slot.session.as_ref().map(|r| r.ended.clone()),
-                slot.session.as_ref().map(|r| r.conv),
+                slot.session
+                    .as_ref()
+                    .filter(|r| r.opened_here)
+                    .map(|r| r.conv),
             )
         });
         drop(s);
@@ -131,10 +138,14 @@ pub(super) async fn supervise(
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = ended.wait_for(|e| *e) => {}
-                () = back_online => resume = conv,
+                () = back_online, if conv.is_some() => resume = conv,
             }
         }
         let Some(s) = shared.upgrade() else { return };
+        if resume.is_none() && s.with_slot(pk, |slot| slot.session.is_some()) {
+            // The peer opened a session while ours ended: a pair holds one, keep it.
+            continue;
+        }
         let result = tokio::select! {
             _ = stop.changed() => return,
             r = establish(&s, pk, resume) => r,

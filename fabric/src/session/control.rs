@@ -224,6 +224,24 @@ pub enum OpenOutcome {
     Rejected(CloseReason),
     /// No answer came before the connect timeout.
     TimedOut,
+    /// The peer's own Open crossed ours and this end answered it (see
+    /// [`answers_crossed_open`]): the session it made, on this conv, is the one both ends use.
+    OpenedByPeer(ConvId),
+}
+
+/// Both ends asked for a session at the same time (each has an [`Opener`] running when the
+/// other's Open arrives): whether this end answers the peer's Open, or leaves it unanswered
+/// and waits for the answer to its own.
+///
+/// Seed 003 leaves this open. Ours: **the Open of the end with the lower public key wins.** The
+/// end with the higher key answers the Open it received, as it would any other, and takes
+/// the session that answer made as the outcome of its own attempt
+/// ([`Opener::handle_opened_by_peer`]); the lower end ignores the crossing Open, its own
+/// being answered. The rule depends on nothing but the two keys, so the two ends always
+/// agree, and a pair that opens at once ends with one session, not two that replace each
+/// other.
+pub fn answers_crossed_open(own_key: &[u8; 32], peer_key: &[u8; 32]) -> bool {
+    own_key > peer_key
 }
 
 /// The client side of the conv assignment: asks until the exit answers or time runs out.
@@ -287,6 +305,14 @@ impl Opener {
                 self.outcome = Some(OpenOutcome::Rejected(reason));
             }
             _ => {}
+        }
+    }
+
+    /// The peer's Open crossed ours and was answered here (this end has the higher key):
+    /// the session on `conv` is the outcome of this attempt too.
+    pub fn handle_opened_by_peer(&mut self, conv: ConvId) {
+        if self.outcome.is_none() {
+            self.outcome = Some(OpenOutcome::OpenedByPeer(conv));
         }
     }
 
@@ -408,6 +434,53 @@ impl Acceptor {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        /// Of two ends with different keys exactly one answers a crossed Open, whichever end
+        /// asks.
+        #[test]
+        fn exactly_one_end_answers_a_crossed_open(a in any::<[u8; 32]>(), b in any::<[u8; 32]>()) {
+            prop_assume!(a != b);
+            prop_assert!(answers_crossed_open(&a, &b) != answers_crossed_open(&b, &a));
+        }
+    }
+
+    #[test]
+    fn the_lower_keys_open_wins() {
+        let (low, high) = ([1u8; 32], [2u8; 32]);
+        assert!(answers_crossed_open(&high, &low), "the higher end answers");
+        assert!(
+            !answers_crossed_open(&low, &high),
+            "the lower end waits for its answer"
+        );
+    }
+
+    #[test]
+    fn an_opener_whose_peer_opened_first_ends_with_that_session() {
+        let now = Instant::now();
+        let mut opener = Opener::new(now, 7, None, Duration::from_secs(1), Duration::from_secs(5));
+        assert!(opener.poll_transmit(now).is_some());
+        opener.handle_opened_by_peer(ConvId(42));
+        assert_eq!(
+            opener.outcome(),
+            Some(OpenOutcome::OpenedByPeer(ConvId(42)))
+        );
+        assert_eq!(
+            opener.poll_transmit(now + Duration::from_secs(2)),
+            None,
+            "asks no more"
+        );
+        assert_eq!(opener.poll_timeout(), None);
+        // A late answer to its own Open changes nothing.
+        opener.handle_control(Control::Accept {
+            request: 7,
+            conv: ConvId(9),
+        });
+        assert_eq!(
+            opener.outcome(),
+            Some(OpenOutcome::OpenedByPeer(ConvId(42)))
+        );
+    }
 
     fn any_reason() -> impl Strategy<Value = CloseReason> {
         any::<u8>().prop_map(CloseReason::from_byte)
