@@ -6,6 +6,8 @@
 //!          kind 1: IPv4, 4 bytes; kind 3: name, length u8 then 1..=255 bytes; kind 4: IPv6, 16
 //!          kind 16: the exit's own DNS resolver, no address and no port: the stream then
 //!          carries DNS messages framed as over TCP (RFC 1035 §4.2.2: length u16 BE, message)
+//!          kind 18: a TCP port this peer shares, on its own loopback: port u16 BE only (a
+//!          share names no host: the peer dials 127.0.0.1 or [::1], nothing else)
 //! reply    code u8: 0 connected, then as SOCKS5 (RFC 1928 §6): 1 general failure,
 //!          2 not allowed by policy, 3 network unreachable, 4 host unreachable,
 //!          5 connection refused, 6 timed out
@@ -38,6 +40,7 @@ const KIND_NAME: u8 = 3;
 const KIND_V6: u8 = 4;
 const KIND_RESOLVER: u8 = 16;
 const KIND_END: u8 = 17;
+const KIND_SHARE: u8 = 18;
 
 /// Where the exit should connect.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -51,6 +54,10 @@ pub enum Target {
     /// where they are dialed, and the exit's destination policy is neither needed nor
     /// bypassed.
     Resolver,
+    /// A TCP port the peer shares (`--share`), dialed on its own loopback: how `NAME.tox:PORT`
+    /// and a peer's overlay addresses are reached. The peer checks it against what it shares
+    /// with us, never against its exit policy, and it never leaves the peer's host.
+    Share(u16),
 }
 
 /// A request header that cannot be decoded.
@@ -89,6 +96,11 @@ impl Target {
         };
         let (addr_len, start) = match kind {
             KIND_RESOLVER => return Ok(Some((Self::Resolver, 2))),
+            KIND_SHARE => {
+                return Ok(b
+                    .get(2..4)
+                    .map(|p| (Self::Share(u16::from_be_bytes([p[0], p[1]])), 4)));
+            }
             KIND_V4 => (4, 2),
             KIND_V6 => (16, 2),
             KIND_NAME => match b.get(2) {
@@ -147,6 +159,10 @@ impl Target {
                 out.extend_from_slice(&port.to_be_bytes());
             }
             Self::Resolver => out.push(KIND_RESOLVER),
+            Self::Share(port) => {
+                out.push(KIND_SHARE);
+                out.extend_from_slice(&port.to_be_bytes());
+            }
         }
         Ok(())
     }
@@ -158,6 +174,7 @@ impl std::fmt::Display for Target {
             Self::Ip(a) => a.fmt(f),
             Self::Name(n, p) => write!(f, "{n}:{p}"),
             Self::Resolver => f.write_str("the exit's resolver"),
+            Self::Share(port) => write!(f, "shared port {port}"),
         }
     }
 }
@@ -300,6 +317,7 @@ mod tests {
                 .prop_map(|(ip, port)| Target::Ip(SocketAddr::new(ip, port))),
             ("[a-z0-9.-]{1,255}", any::<u16>()).prop_map(|(n, p)| Target::Name(n, p)),
             Just(Target::Resolver),
+            any::<u16>().prop_map(Target::Share),
         ]
     }
 
@@ -344,6 +362,11 @@ mod tests {
         assert_eq!(Target::parse(&[2]), Err(TargetError::Version(2)));
         assert_eq!(Target::parse(&[1, 9]), Err(TargetError::Kind(9)));
         assert_eq!(Target::parse(&[1, 16, 7]), Ok(Some((Target::Resolver, 2))));
+        assert_eq!(Target::parse(&[1, 18, 0x1f]), Ok(None), "half a port");
+        assert_eq!(
+            Target::parse(&[1, 18, 0x1f, 0x90, 9]),
+            Ok(Some((Target::Share(8080), 4)))
+        );
         assert_eq!(Target::parse(&[1, 3, 0]), Err(TargetError::EmptyName));
         assert_eq!(
             Target::parse(&[1, 3, 1, 0xff, 0, 80]),

@@ -59,9 +59,17 @@ pub struct CommonArgs {
     /// Where the identity (Tox savedata, mode 0600) lives.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// A peer known by name, usable wherever a Tox ID is (`--exit NAME`); repeatable.
+    /// A peer known by name, usable wherever a Tox ID is (`--exit NAME`) and reachable as
+    /// NAME.tox; repeatable.
     #[arg(long, value_name = "NAME=TOXID")]
     pub peer: Vec<String>,
+    /// Let this peer use this node as its exit, by Tox ID, public key or name (repeatable).
+    #[arg(long, value_name = "TOXID|PK|NAME")]
+    pub allow: Vec<String>,
+    /// Let the peer called NAME reach these ports of this host's loopback, as NAME.tox:PORT
+    /// from its side: 8080, 22,8000-8100, 53/udp, or * (repeatable).
+    #[arg(long, value_name = "NAME:PORTS")]
+    pub share: Vec<String>,
     /// Extra Tox bootstrap node, as PK@HOST:PORT (repeatable).
     #[arg(long, value_name = "PK@HOST:PORT")]
     pub bootstrap: Vec<String>,
@@ -198,9 +206,6 @@ pub struct RunArgs {
 /// `proxy exit`.
 #[derive(Debug, Args, Default, Clone)]
 pub struct ExitArgs {
-    /// Serve this peer, by Tox ID or public key (repeatable).
-    #[arg(long, value_name = "TOXID|PK")]
-    pub allow: Vec<String>,
     /// Serve any peer that asks (an open exit: think twice).
     #[arg(long)]
     pub allow_any: bool,
@@ -368,7 +373,7 @@ mod tests {
         let Some(Command::Exit(exit)) = cli.command else {
             panic!("not exit")
         };
-        assert_eq!(exit.allow, ["PK1"]);
+        assert_eq!(exit.common.allow, ["PK1"]);
         assert!(exit.allow_any && exit.policy.allow_private);
         let cli = Cli::try_parse_from(["proxy", "exit", "--dns", "9.9.9.9", "--dns", "[::1]:5353"])
             .unwrap();

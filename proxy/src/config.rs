@@ -27,9 +27,14 @@
 //! max-connections = 1024        # 1 to 1,000,000
 //! direct-policy = false         # apply [policy] to direct dials too
 //!
+//! allow = ["<Tox ID, public key or name>"]  # peers that may use this node as their exit
+//! share = ["laptop:22,8080"]    # ports of this host's loopback a peer may reach
+//!
 //! [[peer]]                      # a peer known by name (repeat the table for more)
 //! name = "home"
 //! id = "<76 hex digits>"
+//! exit = false                  # true: it may use this node as its exit
+//! share = "22,8080"             # ports of this host's loopback it may reach
 //! [policy]                      # destination rules (exit role, or direct-policy)
 //! allow-private = false
 //! allow-ports = [80, "443", "8000-8999"]
@@ -38,7 +43,7 @@
 //! deny-cidrs = ["203.0.113.0/24"]
 //!
 //! [exit-role]                   # for `proxy exit`
-//! allow = ["<Tox ID or public key>"]
+//! allow = ["<Tox ID or public key>"]  # as the top-level allow
 //! allow-any = false
 //! dns = ["9.9.9.9"]             # clients' DNS goes here (default: /etc/resolv.conf's)
 //! ```
@@ -57,6 +62,8 @@ use crate::cli::{
 };
 use crate::exit_policy::{Cidr, ExitPolicy, PortRange};
 use crate::peers::{PeerEntry, PeerTable};
+use crate::rights::RightsTable;
+use crate::share::{PortSet, Share, ShareError};
 use crate::socks::Credentials;
 
 /// Default SOCKS5 listener port (this machine only).
@@ -172,6 +179,10 @@ pub struct ConfigFile {
     exit: Vec<String>,
     #[serde(default)]
     peer: Vec<PeerEntry>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    share: Vec<String>,
     tun: Option<bool>,
     tun_lan: Option<bool>,
     data_dir: Option<PathBuf>,
@@ -325,6 +336,8 @@ pub struct CommonSettings {
     pub stun: Vec<String>,
     /// The peers known by name (`--peer`, else the file's `[[peer]]` tables).
     pub peers: PeerTable,
+    /// What each peer may do here (`--allow`, `--share`, the peers' tables).
+    pub rights: RightsTable,
 }
 
 /// The client role's settings, resolved from flags over file over defaults.
@@ -366,10 +379,6 @@ pub struct TunOptions {
 /// The exit role's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExitSettings {
-    /// Peers allowed to use this exit.
-    pub allow: Vec<String>,
-    /// Serve anyone.
-    pub allow_any: bool,
     /// Resolvers for the clients' DNS (empty: the system's).
     pub dns: Vec<SocketAddr>,
     /// The rest.
@@ -462,22 +471,92 @@ impl ExitSettings {
     /// Resolves the exit role's settings.
     pub fn resolve(args: &ExitArgs) -> Result<Self, ConfigError> {
         let file = ConfigFile::load_opt(args.common.config.as_deref())?;
-        let allow = if args.allow.is_empty() {
-            file.exit_role.allow.clone()
-        } else {
-            args.allow.clone()
-        };
+        let mut common = common(&args.common, &args.limits, &args.policy, &file)?;
+        if args.common.allow.is_empty() {
+            for value in &file.exit_role.allow {
+                let pk = common
+                    .peers
+                    .resolve_key(value)
+                    .map_err(|e| ConfigError::Invalid {
+                        key: "allow",
+                        message: e.to_string(),
+                    })?;
+                common.rights.grant_exit(pk);
+            }
+        }
+        if args.allow_any || file.exit_role.allow_any.unwrap_or(false) {
+            common.rights.allow_any_exit();
+        }
         Ok(Self {
-            allow,
-            allow_any: args.allow_any || file.exit_role.allow_any.unwrap_or(false),
             dns: if args.dns.is_empty() {
                 file.exit_role.dns.iter().map(|d| d.0.0).collect()
             } else {
                 args.dns.iter().map(|d| d.0).collect()
             },
-            common: common(&args.common, &args.limits, &args.policy, &file)?,
+            common,
         })
     }
+}
+
+/// The peers' rights: `--allow` and `--share` (else the file's `allow` and `share`), and the
+/// `exit` and `share` of each `[[peer]]` table (when the file's peers are the ones in use).
+fn rights(
+    args: &CommonArgs,
+    file: &ConfigFile,
+    peers: &PeerTable,
+) -> Result<RightsTable, ConfigError> {
+    let mut rights = RightsTable::default();
+    let allow = if args.allow.is_empty() {
+        &file.allow
+    } else {
+        &args.allow
+    };
+    for value in allow {
+        let pk = peers.resolve_key(value).map_err(|e| ConfigError::Invalid {
+            key: "allow",
+            message: e.to_string(),
+        })?;
+        rights.grant_exit(pk);
+    }
+    let shares = if args.share.is_empty() {
+        &file.share
+    } else {
+        &args.share
+    };
+    let bad_share = |message: String| ConfigError::Invalid {
+        key: "share",
+        message,
+    };
+    for value in shares {
+        let share: Share = value
+            .parse()
+            .map_err(|e: ShareError| bad_share(format!("{value:?}: {e}")))?;
+        let peer = peers.by_name(&share.peer).ok_or_else(|| {
+            bad_share(format!(
+                "{value:?}: no peer is called {} (add it with --peer {}=TOXID)",
+                share.peer, share.peer
+            ))
+        })?;
+        rights.grant_share(peer.id.public_key(), &share.ports);
+    }
+    if args.peer.is_empty() {
+        for entry in &file.peer {
+            let Some(peer) = entry.name.parse().ok().and_then(|n| peers.by_name(&n)) else {
+                continue;
+            };
+            let pk = peer.id.public_key();
+            if entry.exit == Some(true) {
+                rights.grant_exit(pk);
+            }
+            if let Some(ports) = &entry.share {
+                let ports: PortSet = ports.parse().map_err(|e: ShareError| {
+                    bad_share(format!("peer {}: {ports:?}: {e}", peer.name))
+                })?;
+                rights.grant_share(pk, &ports);
+            }
+        }
+    }
+    Ok(rights)
 }
 
 fn missing(key: &'static str, other: &str) -> ConfigError {
@@ -549,6 +628,7 @@ fn common(
         key: "peer",
         message: e.to_string(),
     })?;
+    let rights = rights(args, file, &peers)?;
     let path = match (args.path, &file.path) {
         (Some(path), _) => path,
         (None, Some(text)) => text
@@ -575,6 +655,7 @@ fn common(
         path,
         stun,
         peers,
+        rights,
         data_dir: args.data_dir.clone().or(file.data_dir.clone()),
         bootstrap: if args.bootstrap.is_empty() {
             file.bootstrap.clone()
@@ -770,7 +851,7 @@ mod tests {
             deny-ports = [25, "6000-6010"]
             deny-cidrs = ["10.0.0.0/8"]
             [exit-role]
-            allow = ["PK"]
+            allow = ["0101010101010101010101010101010101010101010101010101010101010101"]
             dns = ["10.0.0.53", "[::1]:5353"]
             "#,
         );
@@ -817,8 +898,9 @@ mod tests {
             panic!()
         };
         let e = ExitSettings::resolve(&exit).unwrap();
-        assert_eq!(e.allow, ["PK"]);
-        assert!(!e.allow_any);
+        let allowed = fabric::id::PublicKey([1; 32]);
+        assert!(e.common.rights.may_exit(&allowed));
+        assert!(!e.common.rights.any_exit());
         assert_eq!(
             e.dns,
             vec![

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
+use crate::rights::RightsTable;
+use crate::share::Transport;
 
 pub mod dns;
 mod udp;
@@ -244,6 +246,19 @@ impl FabricDialer {
         self.add_link(Arc::new(peer))
     }
 
+    /// [`FabricDialer::add_exit`] for a session shared with other dialers (a peer that is
+    /// both an exit and reachable by name has one session). A peer that is not one of this
+    /// dialer's is ignored.
+    pub fn add_peer(&self, peer: Arc<Peer>) {
+        let _ = self.add_link(peer);
+    }
+
+    /// A stream to port `port` that the peer shares on its loopback (`NAME.tox:PORT`), once
+    /// its session is up.
+    pub async fn open_share(&self, port: u16) -> Result<BoxedStream, DialError> {
+        self.open(WireTarget::Share(port), &[]).await
+    }
+
     fn add_link(&self, link: Arc<dyn ExitLink>) -> Result<(), UnknownExit> {
         self.exits.fill(link)?;
         self.changes.send_modify(|n| *n += 1);
@@ -382,6 +397,12 @@ pub struct ExitOptions {
     pub header_timeout: Duration,
     /// Where the clients' DNS queries go (`--dns`, else the system's resolvers).
     pub resolvers: Arc<Upstreams>,
+    /// What each peer may ask for (none by default: every stream is refused).
+    pub rights: Arc<RightsTable>,
+    /// Streams refused because the peer had no right to what it asked for.
+    pub refused: Arc<AtomicU64>,
+    /// Dials shared ports (on loopback, no policy).
+    pub loopback: crate::dialer::DirectDialer,
 }
 
 impl Default for ExitOptions {
@@ -392,6 +413,9 @@ impl Default for ExitOptions {
             streams_per_client: 256,
             header_timeout: Duration::from_secs(30),
             resolvers: Arc::new(Upstreams::new(Vec::new())),
+            rights: Arc::default(),
+            refused: Arc::default(),
+            loopback: crate::dialer::DirectDialer::new(Duration::from_secs(10)),
         }
     }
 }
@@ -485,8 +509,10 @@ impl Refusals {
     }
 }
 
-/// Serves streams opened by allowed clients until the fabric shuts down: reads each stream's
-/// request, dials it with `dialer` (which applies the exit policy), answers, relays.
+/// Serves the streams peers open until the fabric shuts down: reads each stream's request,
+/// checks it against what the peer may do (`options.rights`), dials it (an exit request with
+/// `dialer`, which applies the exit policy; a shared port on this host's loopback), answers,
+/// relays.
 pub async fn serve(fabric: Arc<Fabric>, dialer: Arc<dyn Dialer>, options: ExitOptions) {
     let mut limits = StreamLimits::new(&options);
     let mut refusals = Refusals::default();
@@ -548,7 +574,30 @@ async fn serve_stream(
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let Some(target) = from_wire(target) else {
+    if let Err(why) = permitted(&options.rights, &peer, &target) {
+        options.refused.fetch_add(1, Ordering::Relaxed);
+        info!(peer = %peer, %target, "refused: {why}");
+        stream.write_all(&[Reply::NotAllowed.to_byte()]).await?;
+        stream.shutdown().await?;
+        return Ok(());
+    }
+    let target = match target {
+        WireTarget::Share(port) => {
+            let upstream = match dial_loopback(port, options).await {
+                Ok(s) => s,
+                Err(e) => {
+                    info!(peer = %peer, port, error = %e, "shared port did not answer");
+                    stream.write_all(&[reply_for(&e).to_byte()]).await?;
+                    stream.shutdown().await?;
+                    return Ok(());
+                }
+            };
+            debug!(peer = %peer, port, "shared port connected");
+            return answer_and_relay(stream, upstream, &buf[used..], options).await;
+        }
+        other => from_wire(other),
+    };
+    let Some(target) = target else {
         // The exit's own resolvers: no destination policy applies (the client names no
         // destination) and none is bypassed (queries go only where the exit's own do).
         debug!(peer = %peer, "dns through the exit's resolvers");
@@ -560,7 +609,7 @@ async fn serve_stream(
         debug!(peer = %peer, answered, "dns stream done");
         return Ok(());
     };
-    let mut upstream = match dialer.connect(target.clone()).await {
+    let upstream = match dialer.connect(target.clone()).await {
         Ok(s) => s,
         Err(e) => {
             info!(peer = %peer, %target, error = %e, "exit refused or failed");
@@ -570,11 +619,51 @@ async fn serve_stream(
         }
     };
     debug!(peer = %peer, %target, "exit connected");
+    answer_and_relay(stream, upstream, &buf[used..], options).await
+}
+
+/// Says "connected", hands the target what the peer sent behind its header, and relays.
+async fn answer_and_relay(
+    mut stream: fabric::mux::io::Stream,
+    mut upstream: BoxedStream,
+    early: &[u8],
+    options: &ExitOptions,
+) -> io::Result<()> {
     stream.write_all(&[Reply::Connected.to_byte()]).await?;
-    // Bytes the client sent right behind its header belong to the target.
-    upstream.write_all(&buf[used..]).await?;
+    upstream.write_all(early).await?;
     crate::relay::relay(&mut stream, &mut upstream, options.idle_timeout).await?;
     Ok(())
+}
+
+/// Whether `peer` may ask for `target`: exit requests (addresses, names, the resolver) need
+/// the exit right, a shared port the share of that port. A `.tox` name is refused even to an
+/// exit's peers: it names a peer of theirs, and this node never forwards to a third peer
+/// (nor asks DNS about it).
+fn permitted(rights: &RightsTable, peer: &PublicKey, target: &WireTarget) -> Result<(), String> {
+    match target {
+        WireTarget::Share(port) if rights.may_reach(peer, *port, Transport::Tcp) => Ok(()),
+        WireTarget::Share(port) => Err(format!("port {port} is not shared with this peer")),
+        _ if !rights.may_exit(peer) => Err("this peer may not use this node as its exit".into()),
+        WireTarget::Name(name, _) if fabric::overlay::TargetName::parse(name).is_some() => {
+            Err("a .tox name is a peer of the client's: no transit through this node".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A shared port, on this host's loopback: IPv4 first, then IPv6 (a service may listen on
+/// either). No exit policy applies: the user shared this port by its number.
+async fn dial_loopback(port: u16, options: &ExitOptions) -> Result<BoxedStream, DialError> {
+    let v4 = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+    match options.loopback.connect(Target::Ip(v4)).await {
+        Ok(s) => Ok(s),
+        Err(first) => options
+            .loopback
+            .connect(Target::Ip(v6))
+            .await
+            .map_err(|_| first),
+    }
 }
 
 /// A target as the exit-request header carries it (names unresolved).
@@ -591,7 +680,7 @@ fn from_wire(target: WireTarget) -> Option<Target> {
     match target {
         WireTarget::Ip(a) => Some(Target::Ip(a)),
         WireTarget::Name(n, p) => Some(Target::Domain(n, p)),
-        WireTarget::Resolver => None,
+        WireTarget::Resolver | WireTarget::Share(_) => None,
     }
 }
 

@@ -58,6 +58,17 @@ impl Dialers {
         }
     }
 
+    /// Requests that name a peer (`NAME.tox`, overlay addresses) go to `mesh`'s peers ahead
+    /// of either dialer: ahead of the destination rules too, which would refuse overlay
+    /// addresses as private and, direct, ask DNS about `.tox` names.
+    pub fn with_mesh(self, mesh: &crate::route::MeshDialer) -> Self {
+        Self {
+            local: Arc::new(mesh.in_front_of(self.local)),
+            lan: Arc::new(mesh.in_front_of(self.lan)),
+            resolve_here: self.resolve_here,
+        }
+    }
+
     /// Both dialers behind a [`LoopGuard`] for `own`.
     pub fn guarded(self, own: Arc<OwnListeners>, counters: Arc<Counters>) -> Self {
         let resolve = self.resolve_here;

@@ -24,6 +24,8 @@ pub mod guard;
 pub mod http;
 pub mod peers;
 pub mod relay;
+pub mod rights;
+pub mod route;
 pub mod server;
 pub mod share;
 pub mod socks;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use fabric::id::{BootstrapNode, PeerRef, ToxId};
+use fabric::id::{BootstrapNode, ToxId};
 use fabric::path::PathConfig;
 use fabric::peer::{Fabric, FabricConfig};
 use fabric::tox::{ToxConfig, ToxNode};
@@ -113,19 +113,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if settings.tun {
                 return run_tun(settings, signals).await;
             }
-            // Keep the fabric alive as long as the listeners.
-            let mut client_fabric = None;
+            // Keep the node alive as long as the listeners.
+            let node = start_node(&settings, None)?;
             let mut held = None;
-            let dialers = if settings.exits.is_empty() {
-                Proxy::direct_dialers(&settings)
-            } else {
-                let (fabric, dialer) = start_client_fabric(&settings)?;
-                client_fabric = Some(fabric);
-                held = Some(dialer.held());
-                Dialers::through_exits(Arc::new(dialer), &settings.common.policy)
+            let mut dialers = match node.as_ref().and_then(|n| n.exits.clone()) {
+                Some(exits) => {
+                    held = Some(exits.held());
+                    Dialers::through_exits(Arc::new(exits), &settings.common.policy)
+                }
+                None => Proxy::direct_dialers(&settings),
             };
-            let proxy = start_frontends(&settings, dialers, client_fabric, held, None).await?;
+            if let Some(node) = &node {
+                dialers = dialers.with_mesh(&node.mesh);
+            }
+            let fabric = node.as_ref().map(|n| n.fabric.clone());
+            let proxy = start_frontends(&settings, dialers, fabric.clone(), held, None).await?;
             proxy.run(shutdown_signal(signals), GRACE).await;
+            if let Some(fabric) = fabric {
+                fabric.shutdown().await;
+            }
             Ok(())
         }
     }
@@ -173,26 +179,120 @@ async fn start_frontends(
     Ok(proxy)
 }
 
-/// The Tox node of the client role, and a dialer reaching the `--exit` peers through it
-/// (connecting to them in the background).
-fn start_client_fabric(settings: &RunSettings) -> Result<(Arc<Fabric>, FabricDialer), Failure> {
-    // Resolved (Tox IDs, or names of --peer) and checked with the rest of the settings.
-    let exits = settings.exits.clone();
-    let config = fabric_config(&settings.common)?;
+/// The default mode's Tox node, when it has anything to do (exits to use, peers to reach,
+/// rights to serve): its fabric, a dialer through the `--exit` peers, and the peers by name.
+struct Node {
+    fabric: Arc<Fabric>,
+    /// Through the exits, when there are any.
+    exits: Option<FabricDialer>,
+    /// To the known peers' shares (its onward dialer is a placeholder: use
+    /// [`proxy::route::MeshDialer::in_front_of`]).
+    mesh: proxy::route::MeshDialer,
+}
+
+/// Starts the node (see [`Node`]) unless there is nothing for it to do: it connects to every
+/// exit and known peer in the background, one session per peer, and serves what the peers
+/// may ask of it. `mark`: the TUN's socket mark for what it dials for peers.
+fn start_node(settings: &RunSettings, mark: Option<u32>) -> Result<Option<Node>, Failure> {
+    let common = &settings.common;
+    if settings.exits.is_empty() && common.peers.is_empty() && common.rights.is_empty() {
+        return Ok(None);
+    }
+    let mut config = fabric_config(common)?;
+    config.tox.allow.allow_any = common.rights.any_exit();
+    // Anyone we know or gave a right may hold a session with us (what flows on it is checked
+    // per stream), and so may the exits we dial (a pair holds one session, whoever opens).
+    config.tox.allow.keys.extend(
+        common
+            .rights
+            .session_peers(&common.peers)
+            .into_iter()
+            .chain(settings.exits.iter().map(ToxId::public_key)),
+    );
     let fabric = Arc::new(Fabric::start(config).context("starting the Tox node")?);
     println!("tox id: {}", fabric.id());
     // The dialer knows every exit and its place from the start, so the failover order is the
     // order given here, whichever session comes up first.
-    let dialer = FabricDialer::new(
-        settings.common.connect_timeout,
-        exits.iter().map(ToxId::public_key),
-    );
-    tokio::spawn(dialer.deliver_datagrams(fabric.clone()));
-    tokio::spawn(dialer.follow_sessions(&fabric));
-    for exit in exits {
-        tokio::spawn(connect_exit(fabric.clone(), dialer.clone(), exit));
+    let exits = (!settings.exits.is_empty()).then(|| {
+        FabricDialer::new(
+            common.connect_timeout,
+            settings.exits.iter().map(ToxId::public_key),
+        )
+    });
+    if let Some(exits) = &exits {
+        tokio::spawn(exits.deliver_datagrams(fabric.clone()));
+        tokio::spawn(exits.follow_sessions(&fabric));
     }
-    Ok((fabric, dialer))
+    let routes = Arc::new(proxy::route::PeerRoutes::new(
+        common.peers.clone(),
+        fabric.id().public_key(),
+    ));
+    let placeholder: Arc<dyn Dialer> = Arc::new(DirectDialer::new(common.connect_timeout));
+    let mesh = proxy::route::MeshDialer::new(routes, common.connect_timeout, placeholder);
+    tokio::spawn(mesh.follow_sessions(&fabric));
+    // One session per peer: the exits and the known peers, each once.
+    let mut dial: Vec<ToxId> = settings.exits.clone();
+    for peer in common.peers.iter() {
+        if dial.iter().all(|d| d.public_key() != peer.id.public_key()) {
+            dial.push(peer.id);
+        }
+    }
+    for id in dial {
+        tokio::spawn(connect_peer(
+            fabric.clone(),
+            exits.clone(),
+            mesh.clone(),
+            id,
+        ));
+    }
+    serve_peers(&fabric, common, Vec::new(), mark);
+    Ok(Some(Node {
+        fabric,
+        exits,
+        mesh,
+    }))
+}
+
+/// Serves what peers ask of this node, under their rights: exit requests through the exit
+/// policy, shared ports on this host's loopback.
+fn serve_peers(
+    fabric: &Arc<Fabric>,
+    common: &CommonSettings,
+    dns: Vec<std::net::SocketAddr>,
+    mark: Option<u32>,
+) {
+    let mut direct = DirectDialer::new(common.connect_timeout);
+    if let Some(mark) = mark {
+        direct = direct.with_mark(mark);
+    }
+    let dialer: Arc<dyn Dialer> =
+        Arc::new(PolicyDialer::new(direct.clone(), common.policy.clone()));
+    let rights = Arc::new(common.rights.clone());
+    let resolvers = if !dns.is_empty() {
+        Upstreams::new(dns)
+    } else if rights.is_empty() {
+        Upstreams::new(Vec::new())
+    } else {
+        Upstreams::system().unwrap_or_else(|err| {
+            tracing::warn!(%err, "no resolver for peers' DNS (they get SERVFAIL): pass --dns ADDR");
+            Upstreams::new(Vec::new())
+        })
+    };
+    tracing::debug!(servers = ?resolvers.servers(), "peers' DNS resolvers");
+    let options = ExitOptions {
+        idle_timeout: common.idle_timeout,
+        max_streams: common.max_connections,
+        resolvers: Arc::new(resolvers),
+        rights: rights.clone(),
+        loopback: direct,
+        ..ExitOptions::default()
+    };
+    let udp = UdpOptions {
+        rights,
+        ..UdpOptions::default()
+    };
+    tokio::spawn(proxy::exit::serve(fabric.clone(), dialer.clone(), options));
+    tokio::spawn(proxy::exit::serve_udp(fabric.clone(), dialer, udp));
 }
 
 /// `proxy --tun`: the TUN device in front of the same dialers as the listeners.
@@ -201,33 +301,44 @@ async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure>
     // c-toxcore's sockets (with --exit) and the system resolver's (fake-IP mode resolves names
     // here when direct) cannot be marked one by one: mark the whole process's, before any of
     // them exists.
-    let _own = if !settings.exits.is_empty() || settings.tun_options.fake_ip {
+    let has_node = !settings.exits.is_empty()
+        || !settings.common.peers.is_empty()
+        || !settings.common.rights.is_empty();
+    let _own = if has_node || settings.tun_options.fake_ip {
         Some(proxy::tun_mode::OwnSockets::install().context("tun mode")?)
     } else {
         None
     };
     // The same dialers serve the TUN and the listeners; direct ones carry the mark, so what
     // they dial leaves by the real link instead of coming back into the TUN.
-    let (fabric, tun_dialer, dialers, held) = if settings.exits.is_empty() {
-        let direct =
-            DirectDialer::new(settings.common.connect_timeout).with_mark(proxy::tun_mode::MARK);
-        let dialer: Arc<dyn Dialer> = if settings.direct_policy {
-            Arc::new(PolicyDialer::new(
-                direct.clone(),
-                settings.common.policy.clone(),
-            ))
-        } else {
-            Arc::new(direct.clone())
-        };
-        let dialers = Dialers::direct(dialer.clone(), direct, &settings.common.policy);
-        (None, dialer, dialers, None)
-    } else {
-        let (fabric, dialer) = start_client_fabric(&settings)?;
-        let held = dialer.held();
-        let dialer: Arc<dyn Dialer> = Arc::new(dialer);
-        let dialers = Dialers::through_exits(dialer.clone(), &settings.common.policy);
-        (Some(fabric), dialer, dialers, Some(held))
+    let node = start_node(&settings, Some(proxy::tun_mode::MARK))?;
+    let (mut tun_dialer, mut dialers, held) = match node.as_ref().and_then(|n| n.exits.clone()) {
+        None => {
+            let direct =
+                DirectDialer::new(settings.common.connect_timeout).with_mark(proxy::tun_mode::MARK);
+            let dialer: Arc<dyn Dialer> = if settings.direct_policy {
+                Arc::new(PolicyDialer::new(
+                    direct.clone(),
+                    settings.common.policy.clone(),
+                ))
+            } else {
+                Arc::new(direct.clone())
+            };
+            let dialers = Dialers::direct(dialer.clone(), direct, &settings.common.policy);
+            (dialer, dialers, None)
+        }
+        Some(exits) => {
+            let held = exits.held();
+            let dialer: Arc<dyn Dialer> = Arc::new(exits);
+            let dialers = Dialers::through_exits(dialer.clone(), &settings.common.policy);
+            (dialer, dialers, Some(held))
+        }
     };
+    if let Some(node) = &node {
+        tun_dialer = Arc::new(node.mesh.in_front_of(tun_dialer));
+        dialers = dialers.with_mesh(&node.mesh);
+    }
+    let fabric = node.map(|n| n.fabric);
     let capture = Arc::new(std::sync::OnceLock::new());
     let listeners = start_frontends(
         &settings,
@@ -271,22 +382,28 @@ async fn run_tun(_settings: RunSettings, _signals: Signals) -> Result<(), Failur
     Err(anyhow::anyhow!("TUN mode is only available on Linux").into())
 }
 
-/// Keeps trying to reach `exit` until it answers, then hands its session to the dialer (the
-/// session then reconnects by itself).
-async fn connect_exit(fabric: Arc<Fabric>, dialer: FabricDialer, exit: ToxId) {
+/// Keeps trying to reach `id` until it answers, then hands its session to the dialers that
+/// use it (the exits', the peers by name; the session then reconnects by itself).
+async fn connect_peer(
+    fabric: Arc<Fabric>,
+    exits: Option<FabricDialer>,
+    mesh: proxy::route::MeshDialer,
+    id: ToxId,
+) {
     let mut backoff = Duration::from_secs(1);
     loop {
-        match fabric.connect(exit).await {
+        match fabric.connect(id).await {
             Ok(peer) => {
-                tracing::info!(exit = %exit.public_key(), "connected to exit");
-                if let Err(err) = dialer.add_exit(peer) {
-                    // Cannot happen: the dialer was made from the same list.
-                    tracing::error!(%err, "exit session not used");
+                tracing::info!(peer = %id.public_key(), "connected to peer");
+                let peer = Arc::new(peer);
+                if let Some(exits) = &exits {
+                    exits.add_peer(peer.clone());
                 }
+                mesh.add_peer(peer);
                 return;
             }
             Err(err) => {
-                tracing::warn!(exit = %exit.public_key(), %err, "exit not reached yet, retrying");
+                tracing::warn!(peer = %id.public_key(), %err, "peer not reached yet, retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(60));
             }
@@ -296,16 +413,14 @@ async fn connect_exit(fabric: Arc<Fabric>, dialer: FabricDialer, exit: ToxId) {
 
 /// The exit role: serves allowed clients until Ctrl-C.
 async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failure> {
-    let mut tox = tox_config(&settings.common)?;
-    tox.allow.allow_any = settings.allow_any;
-    for peer in &settings.allow {
-        let peer: PeerRef = peer
-            .parse()
-            .map_err(|e| Failure::Usage(format!("--allow {peer:?}: {e}")))?;
-        tox.allow.keys.insert(peer.public_key());
-    }
-    if !tox.allow.allow_any && tox.allow.keys.is_empty() {
-        tracing::warn!("no client is allowed: pass --allow <TOXID|KEY> or --allow-any");
+    let common = &settings.common;
+    let mut tox = tox_config(common)?;
+    tox.allow.allow_any = common.rights.any_exit();
+    tox.allow
+        .keys
+        .extend(common.rights.session_peers(&common.peers));
+    if common.rights.is_empty() {
+        tracing::warn!("no peer is allowed: pass --allow <TOXID|KEY|NAME> or --allow-any");
     }
     let mut config = FabricConfig::new(tox);
     config.path = path_config(&settings.common);
@@ -319,29 +434,8 @@ async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failur
         Arc::new(Counters::default()),
     ));
     serve_metrics(&settings.common, status, stop_metrics.clone()).await?;
-    let direct = DirectDialer::new(settings.common.connect_timeout);
-    let dialer: Arc<dyn Dialer> =
-        Arc::new(PolicyDialer::new(direct, settings.common.policy.clone()));
-    let resolvers = if settings.dns.is_empty() {
-        Upstreams::system().unwrap_or_else(|err| {
-            tracing::warn!(%err, "no resolver for clients' DNS (they get SERVFAIL): pass --dns ADDR");
-            Upstreams::new(Vec::new())
-        })
-    } else {
-        Upstreams::new(settings.dns.clone())
-    };
-    tracing::debug!(servers = ?resolvers.servers(), "clients' DNS resolvers");
-    let options = ExitOptions {
-        idle_timeout: settings.common.idle_timeout,
-        max_streams: settings.common.max_connections,
-        resolvers: Arc::new(resolvers),
-        ..ExitOptions::default()
-    };
-    tokio::select! {
-        () = proxy::exit::serve(fabric.clone(), dialer.clone(), options) => {}
-        () = proxy::exit::serve_udp(fabric.clone(), dialer, UdpOptions::default()) => {}
-        () = shutdown_signal(signals) => {}
-    }
+    serve_peers(&fabric, common, settings.dns.clone(), None);
+    shutdown_signal(signals).await;
     stop_metrics.cancel();
     fabric.shutdown().await;
     Ok(())

@@ -34,6 +34,10 @@ pub struct PeerEntry {
     pub name: String,
     /// Its Tox ID (76 hex digits).
     pub id: String,
+    /// Whether it may use this node as its exit.
+    pub exit: Option<bool>,
+    /// Ports of this node's loopback it may reach (as `--share` takes them after the colon).
+    pub share: Option<String>,
 }
 
 /// Why a peer list is refused.
@@ -148,6 +152,16 @@ impl PeerTable {
                 name: value.to_owned(),
                 error: id_error,
             }),
+        }
+    }
+
+    /// What `--allow VALUE` means: a Tox ID, a public key (64 hex digits), or the key of the
+    /// peer of that name.
+    pub fn resolve_key(&self, value: &str) -> Result<PublicKey, PeerError> {
+        let value = value.trim();
+        match value.parse::<fabric::id::PeerRef>() {
+            Ok(peer) => Ok(peer.public_key()),
+            Err(_) => self.resolve(value).map(|id| id.public_key()),
         }
     }
 

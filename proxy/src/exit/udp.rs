@@ -29,6 +29,7 @@ use tracing::{debug, warn};
 
 use super::{ExitLink, Exits};
 use crate::dialer::{BoxFuture, DialError, Dialer, Target, UdpFlow};
+use crate::rights::RightsTable;
 
 /// Datagrams waiting for one flow's reader (client) or socket (exit); more are dropped.
 const FLOW_QUEUE: usize = 256;
@@ -239,6 +240,8 @@ pub struct UdpOptions {
     pub idle_timeout: Duration,
     /// Flows one client may have open at once; a new one beyond closes its oldest.
     pub flows_per_client: usize,
+    /// Who may send UDP through this node: peers with the exit right (none by default).
+    pub rights: Arc<RightsTable>,
 }
 
 impl Default for UdpOptions {
@@ -248,6 +251,7 @@ impl Default for UdpOptions {
             // flows are done in a second. Two minutes is what conntrack gives replied UDP.
             idle_timeout: Duration::from_secs(120),
             flows_per_client: 256,
+            rights: Arc::default(),
         }
     }
 }
@@ -332,6 +336,11 @@ pub async fn serve_udp(fabric: Arc<Fabric>, dialer: Arc<dyn Dialer>, options: Ud
     let table: Arc<Mutex<FlowTable>> = Arc::default();
     let epoch = Instant::now();
     while let Some((peer, datagram)) = fabric.recv_datagram().await {
+        if !options.rights.may_exit(&peer) {
+            // UDP flows are exit traffic only (shares are TCP for now).
+            debug!(%peer, "datagram from a peer without the exit right dropped");
+            continue;
+        }
         if let Some(flow) = UdpHeader::parse_end(&datagram) {
             if lock(&table).end(&(peer, flow)) {
                 debug!(%peer, %flow, "udp flow ended by the client");

@@ -1,0 +1,304 @@
+//! Where a front-end's request goes when it names a peer (issue "Mesh"): `NAME.tox:PORT`,
+//! `<76 hex>.tox:PORT`, or a peer's overlay address. Such a request becomes a share request
+//! on that peer's session, never a request to an exit or a DNS query; anything else goes on
+//! to the mode's dialer (direct, or through exits).
+//!
+//! ```text
+//!  front-end ─► MeshDialer ─┬─ names a known peer ───► that peer's session: Share(port)
+//!                           ├─ .tox / fd74:6f78:7078:: but no known peer ─► refused here
+//!                           └─ anything else ─────────► the mode's dialer
+//! ```
+//!
+//! `100.64.0.0/10` addresses that are no known peer's pass on: the block is also carrier NAT
+//! and other overlays' (Tailscale's), so only our peers' own addresses in it are ours. The
+//! project's IPv6 prefix is ours alone: an address in it that is no known peer's is refused.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use fabric::id::PublicKey;
+use fabric::overlay::{OverlayTable, TargetName, is_overlay};
+use fabric::peer::Peer;
+
+use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
+use crate::exit::FabricDialer;
+use crate::peers::PeerTable;
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// To this known peer's shared port.
+    Peer(PublicKey, u16),
+    /// Nowhere: it names a peer this node does not know (the reason says which).
+    Refused(String),
+    /// On to the mode's dialer.
+    Onward,
+}
+
+/// The peers this node knows, by name, key and overlay address.
+#[derive(Debug, Clone)]
+pub struct PeerRoutes {
+    peers: PeerTable,
+    overlay: OverlayTable,
+}
+
+impl PeerRoutes {
+    /// The routes to the peers of `peers`; `own` is this node's key (its overlay addresses
+    /// take part in collisions, as every node's table holds itself).
+    pub fn new(peers: PeerTable, own: PublicKey) -> Self {
+        let overlay = OverlayTable::new(
+            peers
+                .iter()
+                .map(|p| p.id.public_key())
+                .chain(std::iter::once(own)),
+        );
+        Self { peers, overlay }
+    }
+
+    /// Where `target` goes.
+    pub fn route(&self, target: &Target) -> Route {
+        match target {
+            Target::Domain(host, port) => match TargetName::parse(host) {
+                None => Route::Onward,
+                Some(Err(e)) => Route::Refused(format!("{host}: {e}")),
+                Some(Ok(TargetName::Name(name))) => match self.peers.by_name(&name) {
+                    Some(p) => Route::Peer(p.id.public_key(), *port),
+                    None => Route::Refused(format!(
+                        "{host}: no peer is called {name} (add it with --peer {name}=TOXID)"
+                    )),
+                },
+                Some(Ok(TargetName::Key(pk))) => {
+                    if self.peers.name_of(&pk).is_some() {
+                        Route::Peer(pk, *port)
+                    } else {
+                        Route::Refused(format!("{host}: not a known peer (--peer NAME=TOXID)"))
+                    }
+                }
+            },
+            Target::Ip(addr) => self.route_addr(*addr),
+        }
+    }
+
+    fn route_addr(&self, addr: SocketAddr) -> Route {
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr.ip(), IpAddr::V4),
+            v4 => v4,
+        };
+        match self.overlay.peer_of(ip) {
+            Some(pk) if self.peers.name_of(&pk).is_some() => Route::Peer(pk, addr.port()),
+            Some(_) => Route::Refused(format!("{ip} is this node's own overlay address")),
+            None if ip.is_ipv6() && is_overlay(ip) => {
+                Route::Refused(format!("{ip} is no known peer's overlay address"))
+            }
+            None => Route::Onward,
+        }
+    }
+
+    /// The known peers.
+    pub fn peers(&self) -> &PeerTable {
+        &self.peers
+    }
+
+    /// The overlay addresses of this node and its peers.
+    pub fn overlay(&self) -> &OverlayTable {
+        &self.overlay
+    }
+}
+
+/// Sends requests that name a peer to that peer's session, the rest to `onward`. Clones share
+/// the peers' sessions.
+#[derive(Debug, Clone)]
+pub struct MeshDialer {
+    routes: Arc<PeerRoutes>,
+    /// One dialer per known peer: it holds a request while the peer's session comes up.
+    links: HashMap<PublicKey, FabricDialer>,
+    onward: Arc<dyn Dialer>,
+}
+
+impl MeshDialer {
+    /// A dialer over `routes`' peers (none connected yet: hand each session over with
+    /// [`MeshDialer::add_peer`]) in front of `onward`.
+    pub fn new(
+        routes: Arc<PeerRoutes>,
+        connect_timeout: std::time::Duration,
+        onward: Arc<dyn Dialer>,
+    ) -> Self {
+        let links = routes
+            .peers()
+            .iter()
+            .map(|p| {
+                let pk = p.id.public_key();
+                (pk, FabricDialer::new(connect_timeout, [pk]))
+            })
+            .collect();
+        Self {
+            routes,
+            links,
+            onward,
+        }
+    }
+
+    /// The same peers in front of another dialer (the listeners' dialer for clients from
+    /// elsewhere, the TUN's).
+    pub fn in_front_of(&self, onward: Arc<dyn Dialer>) -> Self {
+        Self {
+            onward,
+            ..self.clone()
+        }
+    }
+
+    /// Makes the session to `peer` (a known peer) carry requests for it.
+    pub fn add_peer(&self, peer: Arc<Peer>) {
+        if let Some(link) = self.links.get(&peer.public_key()) {
+            link.add_peer(peer);
+        }
+    }
+
+    /// Wakes the requests held for a session whenever one of `fabric`'s sessions changes.
+    pub fn follow_sessions(
+        &self,
+        fabric: &fabric::peer::Fabric,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let follows: Vec<_> = self
+            .links
+            .values()
+            .map(|l| l.follow_sessions(fabric))
+            .collect();
+        async move {
+            for f in follows {
+                tokio::spawn(f);
+            }
+        }
+    }
+
+    /// The routes it follows.
+    pub fn routes(&self) -> &Arc<PeerRoutes> {
+        &self.routes
+    }
+}
+
+impl Dialer for MeshDialer {
+    fn connect(&self, target: Target) -> BoxFuture<'_, Result<BoxedStream, DialError>> {
+        match self.routes.route(&target) {
+            Route::Onward => self.onward.connect(target),
+            Route::Refused(why) => Box::pin(async move { Err(DialError::Resolve(why)) }),
+            Route::Peer(pk, port) => match self.links.get(&pk) {
+                Some(link) => Box::pin(link.open_share(port)),
+                None => Box::pin(async move {
+                    Err(DialError::Resolve(format!(
+                        "{target}: no session to that peer"
+                    )))
+                }),
+            },
+        }
+    }
+
+    fn udp_associate(&self) -> BoxFuture<'_, Result<Box<dyn UdpFlow>, DialError>> {
+        Box::pin(async {
+            let inner = self.onward.udp_associate().await?;
+            Ok(Box::new(MeshUdpFlow {
+                routes: self.routes.clone(),
+                inner,
+            }) as Box<dyn UdpFlow>)
+        })
+    }
+
+    fn resolver(&self) -> Option<BoxFuture<'_, Result<BoxedStream, DialError>>> {
+        self.onward.resolver()
+    }
+
+    fn resolver_with(
+        &self,
+        first: Vec<u8>,
+    ) -> Option<BoxFuture<'_, Result<BoxedStream, DialError>>> {
+        self.onward.resolver_with(first)
+    }
+}
+
+/// A UDP flow that never sends a datagram meant for a peer onward (to an exit or the
+/// Internet): UDP shares are not carried yet, so such datagrams are dropped here.
+#[derive(Debug)]
+struct MeshUdpFlow {
+    routes: Arc<PeerRoutes>,
+    inner: Box<dyn UdpFlow>,
+}
+
+impl UdpFlow for MeshUdpFlow {
+    fn send_to<'a>(
+        &'a self,
+        payload: &'a [u8],
+        target: &'a Target,
+    ) -> BoxFuture<'a, Result<(), DialError>> {
+        match self.routes.route(target) {
+            Route::Onward => self.inner.send_to(payload, target),
+            Route::Refused(why) => Box::pin(async move { Err(DialError::Resolve(why)) }),
+            Route::Peer(..) => Box::pin(async move {
+                Err(DialError::PolicyDenied(format!(
+                    "{target}: UDP to peers is not carried (TCP shares only)"
+                )))
+            }),
+        }
+    }
+
+    fn recv_from<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, std::io::Result<(usize, SocketAddr)>> {
+        self.inner.recv_from(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fabric::id::ToxId;
+    use fabric::overlay::overlay_v6;
+
+    use super::*;
+
+    fn routes() -> (PeerRoutes, PublicKey, PublicKey) {
+        let (nas, own) = (PublicKey([7; 32]), PublicKey([9; 32]));
+        let id = ToxId::new(nas, [0; 4]).to_string();
+        let peers = PeerTable::new([("nas", id.as_str())]).unwrap();
+        (PeerRoutes::new(peers, own), nas, own)
+    }
+
+    #[test]
+    fn names_and_overlay_addresses_of_known_peers_go_to_them() {
+        let (r, nas, _) = routes();
+        let by_name = Target::Domain("NAS.tox".into(), 8080);
+        assert_eq!(r.route(&by_name), Route::Peer(nas, 8080));
+        let by_key = Target::Domain(format!("{nas}.tox"), 22);
+        assert_eq!(r.route(&by_key), Route::Peer(nas, 22));
+        let v6 = SocketAddr::new(overlay_v6(&nas).into(), 80);
+        assert_eq!(r.route(&Target::Ip(v6)), Route::Peer(nas, 80));
+        let v4 = r.overlay().addrs(&nas).unwrap().v4.unwrap();
+        assert_eq!(
+            r.route(&Target::Ip(SocketAddr::new(v4.into(), 443))),
+            Route::Peer(nas, 443)
+        );
+    }
+
+    #[test]
+    fn unknown_peers_are_refused_here_and_the_rest_goes_on() {
+        let (r, _, own) = routes();
+        for host in ["desktop.tox", "-bad.tox", "desktop.tox."] {
+            assert!(
+                matches!(r.route(&Target::Domain(host.into(), 80)), Route::Refused(_)),
+                "{host}"
+            );
+        }
+        let stranger = SocketAddr::new(overlay_v6(&PublicKey([1; 32])).into(), 80);
+        assert!(matches!(r.route(&Target::Ip(stranger)), Route::Refused(_)));
+        let me = SocketAddr::new(overlay_v6(&own).into(), 80);
+        assert!(matches!(r.route(&Target::Ip(me)), Route::Refused(_)));
+        for onward in [
+            Target::Domain("example.com".into(), 443),
+            Target::Domain("tox.example".into(), 443),
+            Target::Ip("100.64.0.1:80".parse().unwrap()),
+            Target::Ip("192.0.2.1:80".parse().unwrap()),
+        ] {
+            assert_eq!(r.route(&onward), Route::Onward, "{onward:?}");
+        }
+    }
+}
