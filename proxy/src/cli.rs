@@ -48,6 +48,9 @@ pub enum Command {
     Id(IdArgs),
     /// Show a running proxy's exits, paths, round-trip times, loss, streams and bytes.
     Status(StatusArgs),
+    /// List a running proxy's peers: names, keys, overlay addresses, what each may do there,
+    /// what it served them, their sessions.
+    Peers(StatusArgs),
 }
 
 /// Flags every role has.

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument as _, debug, debug_span, info, warn};
 
+use crate::accounts::{PeerAccounts, Served};
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
 use crate::rights::RightsTable;
 use crate::share::Transport;
@@ -399,8 +400,8 @@ pub struct ExitOptions {
     pub resolvers: Arc<Upstreams>,
     /// What each peer may ask for (none by default: every stream is refused).
     pub rights: Arc<RightsTable>,
-    /// Streams refused because the peer had no right to what it asked for.
-    pub refused: Arc<AtomicU64>,
+    /// What was served for each peer, and refused.
+    pub accounts: Arc<PeerAccounts>,
     /// Dials shared ports (on loopback, no policy).
     pub loopback: crate::dialer::DirectDialer,
 }
@@ -414,7 +415,7 @@ impl Default for ExitOptions {
             header_timeout: Duration::from_secs(30),
             resolvers: Arc::new(Upstreams::new(Vec::new())),
             rights: Arc::default(),
-            refused: Arc::default(),
+            accounts: Arc::default(),
             loopback: crate::dialer::DirectDialer::new(Duration::from_secs(10)),
         }
     }
@@ -575,7 +576,7 @@ async fn serve_stream(
         buf.extend_from_slice(&chunk[..n]);
     };
     if let Err(why) = permitted(&options.rights, &peer, &target) {
-        options.refused.fetch_add(1, Ordering::Relaxed);
+        options.accounts.refused(peer);
         info!(peer = %peer, %target, "refused: {why}");
         stream.write_all(&[Reply::NotAllowed.to_byte()]).await?;
         stream.shutdown().await?;
@@ -593,7 +594,14 @@ async fn serve_stream(
                 }
             };
             debug!(peer = %peer, port, "shared port connected");
-            return answer_and_relay(stream, upstream, &buf[used..], options).await;
+            return answer_and_relay(
+                stream,
+                upstream,
+                &buf[used..],
+                options,
+                (peer, Served::Share),
+            )
+            .await;
         }
         other => from_wire(other),
     };
@@ -601,6 +609,7 @@ async fn serve_stream(
         // The exit's own resolvers: no destination policy applies (the client names no
         // destination) and none is bypassed (queries go only where the exit's own do).
         debug!(peer = %peer, "dns through the exit's resolvers");
+        options.accounts.opened(peer, Served::Exit);
         stream.write_all(&[Reply::Connected.to_byte()]).await?;
         let (reader, mut writer) = tokio::io::split(stream);
         // Queries the client sent right behind its header come first.
@@ -619,7 +628,14 @@ async fn serve_stream(
         }
     };
     debug!(peer = %peer, %target, "exit connected");
-    answer_and_relay(stream, upstream, &buf[used..], options).await
+    answer_and_relay(
+        stream,
+        upstream,
+        &buf[used..],
+        options,
+        (peer, Served::Exit),
+    )
+    .await
 }
 
 /// Says "connected", hands the target what the peer sent behind its header, and relays.
@@ -628,10 +644,14 @@ async fn answer_and_relay(
     mut upstream: BoxedStream,
     early: &[u8],
     options: &ExitOptions,
+    (peer, right): (PublicKey, Served),
 ) -> io::Result<()> {
+    options.accounts.opened(peer, right);
     stream.write_all(&[Reply::Connected.to_byte()]).await?;
     upstream.write_all(early).await?;
-    crate::relay::relay(&mut stream, &mut upstream, options.idle_timeout).await?;
+    let mut moved = crate::relay::relay(&mut stream, &mut upstream, options.idle_timeout).await?;
+    moved.up += early.len() as u64;
+    options.accounts.relayed(peer, right, moved);
     Ok(())
 }
 

@@ -388,7 +388,7 @@ fn local(
     }
     if req.method() == Method::GET
         && let Some(status) = &shared.status
-        && let path @ ("/status" | "/metrics") = req.uri().path()
+        && let path @ ("/status" | "/peers" | "/metrics") = req.uri().path()
     {
         let trusted = is_local_client(peer.ip())
             || shared.auth.as_ref().is_some_and(|creds| {

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod accounts;
 pub mod cli;
 pub mod config;
 pub mod dialer;

@@ -25,6 +25,7 @@ use proxy::exit::dns::Upstreams;
 use proxy::exit::{ExitOptions, FabricDialer, UdpOptions};
 use proxy::exit_policy::PolicyDialer;
 use proxy::guard::Dialers;
+use proxy::status::peers::MeshStatus;
 use proxy::status::{Counters, Role, Status};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -98,6 +99,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print!("{text}");
             Ok(())
         }
+        Some(Command::Peers(args)) => {
+            let addr = status_addr(&args).map_err(Failure::Settings)?;
+            let text = proxy::status::fetch_path(addr, "/peers")
+                .await
+                .with_context(|| format!("asking the proxy at {addr} for its peers"))?;
+            print!("{text}");
+            Ok(())
+        }
         Some(Command::Id(args)) => {
             let dir = id_data_dir(args.config.as_deref(), args.data_dir.as_deref())
                 .map_err(Failure::Settings)?;
@@ -127,7 +136,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 dialers = dialers.with_mesh(&node.mesh);
             }
             let fabric = node.as_ref().map(|n| n.fabric.clone());
-            let proxy = start_frontends(&settings, dialers, fabric.clone(), held, None).await?;
+            let mesh = node.as_ref().map(|n| n.status.clone());
+            let proxy =
+                start_frontends(&settings, dialers, fabric.clone(), held, None, mesh).await?;
             proxy.run(shutdown_signal(signals), GRACE).await;
             if let Some(fabric) = fabric {
                 fabric.shutdown().await;
@@ -145,6 +156,7 @@ async fn start_frontends(
     fabric: Option<Arc<Fabric>>,
     held: Option<Arc<std::sync::atomic::AtomicUsize>>,
     tun: Option<Arc<std::sync::OnceLock<proxy::status::TunCapture>>>,
+    mesh: Option<MeshStatus>,
 ) -> Result<Proxy, Failure> {
     let mut proxy = Proxy::bind(settings, dialers)
         .await
@@ -161,6 +173,9 @@ async fn start_frontends(
     }
     if let Some(tun) = tun {
         status = status.with_tun(tun);
+    }
+    if let Some(mesh) = mesh {
+        status = status.with_mesh(mesh);
     }
     let status = Arc::new(status);
     proxy.set_status(status.clone());
@@ -188,6 +203,8 @@ struct Node {
     /// To the known peers' shares (its onward dialer is a placeholder: use
     /// [`proxy::route::MeshDialer::in_front_of`]).
     mesh: proxy::route::MeshDialer,
+    /// The peers part of status.
+    status: MeshStatus,
 }
 
 /// Starts the node (see [`Node`]) unless there is nothing for it to do: it connects to every
@@ -230,6 +247,12 @@ fn start_node(settings: &RunSettings, mark: Option<u32>) -> Result<Option<Node>,
     let placeholder: Arc<dyn Dialer> = Arc::new(DirectDialer::new(common.connect_timeout));
     let mesh = proxy::route::MeshDialer::new(routes, common.connect_timeout, placeholder);
     tokio::spawn(mesh.follow_sessions(&fabric));
+    let status = MeshStatus {
+        routes: mesh.routes().clone(),
+        rights: Arc::new(common.rights.clone()),
+        accounts: Arc::default(),
+        exits: settings.exits.iter().map(ToxId::public_key).collect(),
+    };
     // One session per peer: the exits and the known peers, each once.
     let mut dial: Vec<ToxId> = settings.exits.clone();
     for peer in common.peers.iter() {
@@ -245,11 +268,12 @@ fn start_node(settings: &RunSettings, mark: Option<u32>) -> Result<Option<Node>,
             id,
         ));
     }
-    serve_peers(&fabric, common, Vec::new(), mark);
+    serve_peers(&fabric, &status, common, Vec::new(), mark);
     Ok(Some(Node {
         fabric,
         exits,
         mesh,
+        status,
     }))
 }
 
@@ -257,6 +281,7 @@ fn start_node(settings: &RunSettings, mark: Option<u32>) -> Result<Option<Node>,
 /// policy, shared ports on this host's loopback.
 fn serve_peers(
     fabric: &Arc<Fabric>,
+    status: &MeshStatus,
     common: &CommonSettings,
     dns: Vec<std::net::SocketAddr>,
     mark: Option<u32>,
@@ -267,7 +292,7 @@ fn serve_peers(
     }
     let dialer: Arc<dyn Dialer> =
         Arc::new(PolicyDialer::new(direct.clone(), common.policy.clone()));
-    let rights = Arc::new(common.rights.clone());
+    let rights = status.rights.clone();
     let resolvers = if !dns.is_empty() {
         Upstreams::new(dns)
     } else if rights.is_empty() {
@@ -284,6 +309,7 @@ fn serve_peers(
         max_streams: common.max_connections,
         resolvers: Arc::new(resolvers),
         rights: rights.clone(),
+        accounts: status.accounts.clone(),
         loopback: direct,
         ..ExitOptions::default()
     };
@@ -338,6 +364,7 @@ async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure>
         tun_dialer = Arc::new(node.mesh.in_front_of(tun_dialer));
         dialers = dialers.with_mesh(&node.mesh);
     }
+    let mesh = node.as_ref().map(|n| n.status.clone());
     let fabric = node.map(|n| n.fabric);
     let capture = Arc::new(std::sync::OnceLock::new());
     let listeners = start_frontends(
@@ -346,6 +373,7 @@ async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure>
         fabric.clone(),
         held,
         Some(capture.clone()),
+        mesh,
     )
     .await?;
     let stop = CancellationToken::new();
@@ -428,13 +456,25 @@ async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failur
     // Scripts and tests read this line.
     println!("tox id: {}", fabric.id());
     let stop_metrics = CancellationToken::new();
-    let status = Arc::new(Status::new(
-        Role::Exit,
-        Some(fabric.clone()),
-        Arc::new(Counters::default()),
-    ));
+    let mesh = MeshStatus {
+        routes: Arc::new(proxy::route::PeerRoutes::new(
+            common.peers.clone(),
+            fabric.id().public_key(),
+        )),
+        rights: Arc::new(common.rights.clone()),
+        accounts: Arc::default(),
+        exits: Vec::new(),
+    };
+    let status = Arc::new(
+        Status::new(
+            Role::Exit,
+            Some(fabric.clone()),
+            Arc::new(Counters::default()),
+        )
+        .with_mesh(mesh.clone()),
+    );
     serve_metrics(&settings.common, status, stop_metrics.clone()).await?;
-    serve_peers(&fabric, common, settings.dns.clone(), None);
+    serve_peers(&fabric, &mesh, common, settings.dns.clone(), None);
     shutdown_signal(signals).await;
     stop_metrics.cancel();
     fabric.shutdown().await;

@@ -70,7 +70,12 @@ impl PortSet {
             .any(|&(lo, hi, t)| (lo..=hi).contains(&port) && t.is_none_or(|t| t == transport))
     }
 
-    /// Adds what `other` grants.
+    /// Whether it grants nothing.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Adds `other`'s ports.
     pub fn extend(&mut self, other: &Self) {
         self.ranges.extend(other.ranges.iter().copied());
     }

@@ -27,6 +27,10 @@ use tracing::debug;
 
 use crate::relay::Transferred;
 
+pub mod peers;
+
+use self::peers::{MeshStatus, PeerLine};
+
 /// Counters of the local front-ends (SOCKS5, HTTP), updated as connections come and go.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -110,6 +114,8 @@ pub struct Status {
     held: Option<Arc<std::sync::atomic::AtomicUsize>>,
     /// What the TUN captures, once TUN mode has set up its routes.
     tun: Option<Arc<OnceLock<TunCapture>>>,
+    /// The peers by name, their rights and what was served them.
+    mesh: Option<MeshStatus>,
 }
 
 /// What TUN mode sends into the TUN and what it leaves alone, as set up at start (networks
@@ -220,6 +226,8 @@ pub struct Snapshot {
     pub peers: Vec<(String, PeerStatus)>,
     /// What the TUN captures, in TUN mode once it is up.
     pub tun: Option<TunCapture>,
+    /// Every peer by name, rights and what was served it (when the node runs one).
+    pub mesh: Vec<PeerLine>,
 }
 
 impl Status {
@@ -232,7 +240,14 @@ impl Status {
             counters,
             held: None,
             tun: None,
+            mesh: None,
         }
+    }
+
+    /// Shows the peers by name, their rights and what was served them.
+    pub fn with_mesh(mut self, mesh: MeshStatus) -> Self {
+        self.mesh = Some(mesh);
+        self
     }
 
     /// Shows what the TUN captures once `tun` is set.
@@ -252,10 +267,14 @@ impl Status {
         let c = &self.counters;
         let accepted = c.accepted.load(Ordering::Relaxed);
         let finished = c.finished.load(Ordering::Relaxed);
-        let mut peers: Vec<_> = self
-            .fabric
-            .iter()
-            .flat_map(|f| f.peers())
+        let sessions: Vec<_> = self.fabric.iter().flat_map(|f| f.peers()).collect();
+        let mesh = self
+            .mesh
+            .as_ref()
+            .map(|m| m.lines(&sessions))
+            .unwrap_or_default();
+        let mut peers: Vec<_> = sessions
+            .into_iter()
             .map(|(pk, st)| (pk.to_string(), st))
             .collect();
         peers.sort_by(|a, b| a.0.cmp(&b.0));
@@ -277,6 +296,7 @@ impl Status {
                 .map_or(0, |h| h.load(Ordering::Relaxed) as u64),
             peers,
             tun: self.tun.as_ref().and_then(|t| t.get().cloned()),
+            mesh,
         }
     }
 }
@@ -388,6 +408,11 @@ impl Snapshot {
         }
         for (pk, st) in &self.peers {
             let s = &st.session;
+            // With peers by name, a session is an exit's only when this node uses it so.
+            let kind = match self.mesh.iter().find(|l| &l.key == pk) {
+                Some(line) if self.role != Role::Exit && !line.our_exit => "peer",
+                _ => kind,
+            };
             let _ = writeln!(
                 out,
                 "{kind} {pk}\n  path {}  session {}  rtt {} (min {})  delivery {:.1} Mbit/s",
@@ -431,7 +456,15 @@ impl Snapshot {
                 let _ = writeln!(out, "  punching: {}{remote}{rtt}", st.link.why);
             }
         }
+        if !self.mesh.is_empty() {
+            out.push_str(&peers::text(&self.mesh));
+        }
         out
+    }
+
+    /// What `proxy peers` prints: the peers part alone.
+    pub fn peers_text(&self) -> String {
+        peers::text(&self.mesh)
     }
 
     /// The Prometheus text exposition format (version 0.0.4).
@@ -607,6 +640,7 @@ impl Snapshot {
             "Session packets the Tox node's queue refused.",
             &per_peer(&|st| st.dropped_packets as f64),
         );
+        peers::prometheus(&self.mesh, &mut out);
         out
     }
 }
@@ -626,10 +660,18 @@ impl Snapshot {
     pub fn for_audience(mut self, audience: Audience) -> Self {
         if audience == Audience::Anyone {
             self.tox_id = None;
-            for (pk, _) in &mut self.peers {
-                // Enough to tell peers apart in a dashboard, not enough to reach them.
+            // Enough to tell peers apart in a dashboard, not enough to reach them.
+            let cut = |pk: &mut String| {
                 pk.truncate(8);
                 pk.push('…');
+            };
+            for (pk, _) in &mut self.peers {
+                cut(pk);
+            }
+            for line in &mut self.mesh {
+                cut(&mut line.key);
+                // Derived from the key: shown, as keys are, only to trusted clients.
+                line.overlay = None;
             }
         }
         self
@@ -681,10 +723,11 @@ pub fn respond(path: &str, status: &Status, audience: Audience) -> (u16, &'stati
             snapshot().prometheus(),
         ),
         "/status" => (200, "text/plain; charset=utf-8", snapshot().text()),
+        "/peers" => (200, "text/plain; charset=utf-8", snapshot().peers_text()),
         _ => (
             404,
             "text/plain; charset=utf-8",
-            "proxy: try /status or /metrics\n".into(),
+            "proxy: try /status, /peers or /metrics\n".into(),
         ),
     }
 }
@@ -809,8 +852,13 @@ async fn answer(mut stream: TcpStream, status: &Status, audience: Audience) -> i
 /// Fetches `/status` from a running proxy at `addr` (its HTTP listener or `--metrics`
 /// address) for `proxy status`.
 pub async fn fetch(addr: SocketAddr) -> io::Result<String> {
+    fetch_path(addr, "/status").await
+}
+
+/// Fetches `path` (`/status`, `/peers`) from the proxy at `addr`.
+pub async fn fetch_path(addr: SocketAddr, path: &str) -> io::Result<String> {
     let mut stream = TcpStream::connect(addr).await?;
-    let request = format!("GET /status HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
@@ -854,7 +902,61 @@ mod tests {
             tun_flows_refused: 0,
             peers: vec![("CD".repeat(32), st)],
             tun: None,
+            mesh: Vec::new(),
         }
+    }
+
+    #[test]
+    fn peers_by_name_with_rights_and_what_was_served_and_keys_only_for_trusted_clients() {
+        let nas = fabric::id::PublicKey([0xCD; 32]);
+        let id = fabric::id::ToxId::new(nas, [0; 4]).to_string();
+        let table = crate::peers::PeerTable::new([("nas", id.as_str())]).unwrap();
+        let mut rights = crate::rights::RightsTable::default();
+        rights.grant_share(nas, &"8080".parse().unwrap());
+        let accounts = Arc::new(crate::accounts::PeerAccounts::default());
+        accounts.refused(nas);
+        let stranger = fabric::id::PublicKey([0x01; 32]);
+        accounts.refused(stranger);
+        let mesh = MeshStatus {
+            routes: Arc::new(crate::route::PeerRoutes::new(
+                table,
+                fabric::id::PublicKey([0xEE; 32]),
+            )),
+            rights: Arc::new(rights),
+            accounts,
+            exits: Vec::new(),
+        };
+        let mut snap = snapshot();
+        snap.mesh = mesh.lines(&[(nas, snap.peers[0].1.clone())]);
+        let text = snap.text();
+        let v6 = fabric::overlay::overlay_v6(&nas);
+        assert!(
+            text.contains(&format!("peer {}\n", "CD".repeat(32))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("peer nas {}\n", "CD".repeat(32))),
+            "{text}"
+        );
+        assert!(text.contains(&format!("  overlay {v6}")), "{text}");
+        assert!(
+            text.contains("may here: reach shared ports 8080/tcp"),
+            "{text}"
+        );
+        assert!(text.contains("refused 1"), "{text}");
+        // Named peers first, then the rest by key.
+        let at_nas = text.find("peer nas").unwrap();
+        let at_stranger = text.find("peer (no name) 0101").unwrap();
+        assert!(at_nas < at_stranger, "{text}");
+        assert!(snap.prometheus().contains(&format!(
+            "proxy_peer_refused_total{{peer=\"{}\",name=\"nas\"}} 1",
+            "CD".repeat(32)
+        )));
+        let seen = snap.for_audience(Audience::Anyone).text();
+        assert!(
+            !seen.contains(&"CD".repeat(32)) && !seen.contains("fd74:"),
+            "{seen}"
+        );
     }
 
     #[test]

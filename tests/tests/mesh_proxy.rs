@@ -212,6 +212,51 @@ fn peers_reach_shared_ports_by_name_and_overlay_address_and_nothing_else() {
     // c may not use nas as an exit either (nas did not --allow it), whatever c asks.
     assert_eq!(unshared.requests(), 0);
 
+    // Both nodes list their peers by name, with what each may do and what was served.
+    let peers_of = |node: &ProxyProcess| {
+        let out = run_with_timeout(
+            Command::new(proxy_bin()).args([
+                "peers",
+                "--from",
+                &node.http.expect("http").to_string(),
+            ]),
+            Duration::from_secs(20),
+        )
+        .expect("proxy peers");
+        assert!(out.status.success(), "proxy peers: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = peers_of(&laptop);
+    eprintln!("laptop's peers:\n{listed}");
+    assert!(listed.contains(&format!("peer nas {nas_key}")), "{listed}");
+    assert!(listed.contains(&format!("overlay {v6}")), "{listed}");
+    assert!(
+        listed.contains("may here: use this node as its exit"),
+        "{listed}"
+    );
+    assert!(listed.contains("served: as exit 1 streams"), "{listed}");
+    let listed = peers_of(&nas);
+    eprintln!("nas's peers:\n{listed}");
+    let laptop_key = laptop_id.parse::<ToxId>().unwrap().public_key();
+    assert!(
+        listed.contains(&format!("peer laptop {laptop_key}  (this node's exit)")),
+        "{listed}"
+    );
+    assert!(
+        listed.contains(&format!("may here: reach shared ports {port}/tcp")),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("shared ports 5 streams") && listed.contains("refused 1"),
+        "laptop: 5 shared streams and the unshared port refused: {listed}"
+    );
+    let c_key = c_id.parse::<ToxId>().unwrap().public_key();
+    let c_part = &listed[listed.find(&format!("peer c {c_key}")).expect("c listed")..];
+    assert!(
+        c_part.contains("may here: nothing") && c_part.contains("refused 1"),
+        "{listed}"
+    );
+
     // A name under .tox that names no peer is refused by the asking node, never asked of DNS
     // or an exit.
     let out = curl(&[

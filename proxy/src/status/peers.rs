@@ -1,0 +1,229 @@
+//! The peers part of status (issue "Mesh"): every peer this node knows, dials, serves or
+//! holds a session with, by name, with its overlay addresses, what it may do here, what this
+//! node served it, and its session. `proxy peers` prints it; `proxy status` ends with it.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use fabric::id::PublicKey;
+use fabric::overlay::OverlayAddrs;
+use fabric::peer::PeerStatus;
+
+use super::{bytes, millis, path_name};
+use crate::accounts::{PeerAccounts, PeerCounts};
+use crate::rights::{Rights, RightsTable};
+use crate::route::PeerRoutes;
+
+/// What the peers part reads from.
+#[derive(Debug, Clone)]
+pub struct MeshStatus {
+    /// Names and overlay addresses.
+    pub routes: Arc<PeerRoutes>,
+    /// What each peer may do here.
+    pub rights: Arc<RightsTable>,
+    /// What was served for each.
+    pub accounts: Arc<PeerAccounts>,
+    /// The peers this node uses as exits.
+    pub exits: Vec<PublicKey>,
+}
+
+/// One peer, as status shows it.
+#[derive(Debug, Clone)]
+pub struct PeerLine {
+    /// Its public key in hex (cut short for clients that may not see keys).
+    pub key: String,
+    /// Its name here, if it has one.
+    pub name: Option<String>,
+    /// Its overlay addresses in this node's table (known peers).
+    pub overlay: Option<OverlayAddrs>,
+    /// What it may do here.
+    pub here: Rights,
+    /// Whether this node uses it as an exit.
+    pub our_exit: bool,
+    /// What this node served it.
+    pub served: PeerCounts,
+    /// Its session, if it has a slot in the fabric.
+    pub session: Option<PeerStatus>,
+}
+
+impl MeshStatus {
+    /// A line per peer that is known, has a right, is an exit, was served or has a slot in
+    /// the fabric (`sessions`), named peers first, by name, then by key.
+    pub fn lines(&self, sessions: &[(PublicKey, PeerStatus)]) -> Vec<PeerLine> {
+        let peers = self.routes.peers();
+        let mut keys: Vec<PublicKey> = peers
+            .iter()
+            .map(|p| p.id.public_key())
+            .chain(self.rights.keys().copied())
+            .chain(self.exits.iter().copied())
+            .chain(self.accounts.all().into_iter().map(|(k, _)| k))
+            .chain(sessions.iter().map(|(k, _)| *k))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let mut lines: Vec<PeerLine> = keys
+            .into_iter()
+            .map(|pk| PeerLine {
+                key: pk.to_string(),
+                name: peers.name_of(&pk).map(ToString::to_string),
+                overlay: self.routes.overlay().addrs(&pk),
+                here: self.rights.of(&pk),
+                our_exit: self.exits.contains(&pk),
+                served: self.accounts.of(&pk),
+                session: sessions
+                    .iter()
+                    .find(|(k, _)| *k == pk)
+                    .map(|(_, s)| s.clone()),
+            })
+            .collect();
+        lines.sort_by(|a, b| match (&a.name, &b.name) {
+            (Some(x), Some(y)) => x.cmp(y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => a.key.cmp(&b.key),
+        });
+        lines
+    }
+}
+
+impl PeerLine {
+    /// What it may do here, in words.
+    fn rights_text(&self) -> String {
+        let mut parts = Vec::new();
+        if self.here.exit {
+            parts.push("use this node as its exit".to_owned());
+        }
+        if !self.here.share.is_empty() {
+            parts.push(format!("reach shared ports {}", self.here.share));
+        }
+        if parts.is_empty() {
+            "nothing".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    /// Appends this peer's lines to `out`.
+    pub fn text(&self, out: &mut String) {
+        let name = self.name.as_deref().unwrap_or("(no name)");
+        let exit = if self.our_exit {
+            "  (this node's exit)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "peer {name} {}{exit}", self.key);
+        if let Some(o) = &self.overlay {
+            let v4 = o.v4.map_or_else(|| "none".into(), |a| a.to_string());
+            let moved = if o.v4_choice > 0 {
+                format!(" (choice {}: an earlier one was taken)", o.v4_choice)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "  overlay {}  {v4}{moved}", o.v6);
+        }
+        let _ = writeln!(out, "  may here: {}", self.rights_text());
+        let s = &self.served;
+        if s.exit_streams + s.share_streams + s.refused > 0 {
+            let _ = writeln!(
+                out,
+                "  served: as exit {} streams ({} up, {} down), shared ports {} streams ({} up, \
+                 {} down), refused {}",
+                s.exit_streams,
+                bytes(s.exit_up),
+                bytes(s.exit_down),
+                s.share_streams,
+                bytes(s.share_up),
+                bytes(s.share_down),
+                s.refused
+            );
+        }
+        match &self.session {
+            Some(st) if st.conv.is_some() => {
+                let _ = writeln!(
+                    out,
+                    "  session conv {}  path {}  rtt {}  streams {}",
+                    st.conv.map(|c| c.to_string()).unwrap_or_default(),
+                    path_name(st),
+                    millis(st.session.srtt),
+                    st.mux.streams
+                );
+            }
+            Some(st) => {
+                let _ = writeln!(out, "  session down  tox {}", path_name(st));
+            }
+            None => {
+                let _ = writeln!(out, "  no session");
+            }
+        }
+    }
+}
+
+/// The peers part as text.
+pub fn text(lines: &[PeerLine]) -> String {
+    let mut out = String::new();
+    if lines.is_empty() {
+        out.push_str("no peers\n");
+    }
+    for line in lines {
+        line.text(&mut out);
+    }
+    out
+}
+
+/// Prometheus samples of what was served per peer.
+pub fn prometheus(lines: &[PeerLine], out: &mut String) {
+    let label = |l: &PeerLine| match &l.name {
+        Some(n) => format!("peer=\"{}\",name=\"{n}\"", l.key),
+        None => format!("peer=\"{}\"", l.key),
+    };
+    let _ = writeln!(
+        out,
+        "# HELP proxy_peer_served_streams_total Streams this node served a peer, by right.\n\
+         # TYPE proxy_peer_served_streams_total counter"
+    );
+    for l in lines {
+        for (right, n) in [
+            ("exit", l.served.exit_streams),
+            ("share", l.served.share_streams),
+        ] {
+            let _ = writeln!(
+                out,
+                "proxy_peer_served_streams_total{{{},right=\"{right}\"}} {n}",
+                label(l)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP proxy_peer_served_bytes_total Bytes this node relayed for a peer, by right and \
+         direction (up: from the peer).\n# TYPE proxy_peer_served_bytes_total counter"
+    );
+    for l in lines {
+        let s = &l.served;
+        for (right, dir, n) in [
+            ("exit", "up", s.exit_up),
+            ("exit", "down", s.exit_down),
+            ("share", "up", s.share_up),
+            ("share", "down", s.share_down),
+        ] {
+            let _ = writeln!(
+                out,
+                "proxy_peer_served_bytes_total{{{},right=\"{right}\",direction=\"{dir}\"}} {n}",
+                label(l)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP proxy_peer_refused_total Requests of a peer refused for want of a right.\n\
+         # TYPE proxy_peer_refused_total counter"
+    );
+    for l in lines {
+        let _ = writeln!(
+            out,
+            "proxy_peer_refused_total{{{}}} {}",
+            label(l),
+            l.served.refused
+        );
+    }
+}
