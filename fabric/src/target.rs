@@ -8,6 +8,8 @@
 //!          carries DNS messages framed as over TCP (RFC 1035 §4.2.2: length u16 BE, message)
 //!          kind 18: a TCP port this peer shares, on its own loopback: port u16 BE only (a
 //!          share names no host: the peer dials 127.0.0.1 or [::1], nothing else)
+//!          kind 19: a ping: nothing after it; the peer answers "connected" and closes (a ping
+//!          of its overlay address, answered only when the peer itself answers)
 //! reply    code u8: 0 connected, then as SOCKS5 (RFC 1928 §6): 1 general failure,
 //!          2 not allowed by policy, 3 network unreachable, 4 host unreachable,
 //!          5 connection refused, 6 timed out
@@ -41,6 +43,7 @@ const KIND_V6: u8 = 4;
 const KIND_RESOLVER: u8 = 16;
 const KIND_END: u8 = 17;
 const KIND_SHARE: u8 = 18;
+const KIND_PING: u8 = 19;
 
 /// Where the exit should connect.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -58,6 +61,9 @@ pub enum Target {
     /// and a peer's overlay addresses are reached. The peer checks it against what it shares
     /// with us, never against its exit policy, and it never leaves the peer's host.
     Share(u16),
+    /// A round trip to the peer itself, nothing dialed: how a ping of its overlay address is
+    /// answered.
+    Ping,
 }
 
 /// A request header that cannot be decoded.
@@ -96,6 +102,7 @@ impl Target {
         };
         let (addr_len, start) = match kind {
             KIND_RESOLVER => return Ok(Some((Self::Resolver, 2))),
+            KIND_PING => return Ok(Some((Self::Ping, 2))),
             KIND_SHARE => {
                 return Ok(b
                     .get(2..4)
@@ -159,6 +166,7 @@ impl Target {
                 out.extend_from_slice(&port.to_be_bytes());
             }
             Self::Resolver => out.push(KIND_RESOLVER),
+            Self::Ping => out.push(KIND_PING),
             Self::Share(port) => {
                 out.push(KIND_SHARE);
                 out.extend_from_slice(&port.to_be_bytes());
@@ -175,6 +183,7 @@ impl std::fmt::Display for Target {
             Self::Name(n, p) => write!(f, "{n}:{p}"),
             Self::Resolver => f.write_str("the exit's resolver"),
             Self::Share(port) => write!(f, "shared port {port}"),
+            Self::Ping => f.write_str("a ping"),
         }
     }
 }
@@ -318,6 +327,7 @@ mod tests {
             ("[a-z0-9.-]{1,255}", any::<u16>()).prop_map(|(n, p)| Target::Name(n, p)),
             Just(Target::Resolver),
             any::<u16>().prop_map(Target::Share),
+            Just(Target::Ping),
         ]
     }
 

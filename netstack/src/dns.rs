@@ -114,6 +114,15 @@ impl Query {
         out
     }
 
+    /// A "no such name" answer (NXDOMAIN) to this query (parsed from `msg`): the name does
+    /// not exist, and resolvers need not ask elsewhere.
+    pub fn name_error(&self, msg: &[u8]) -> Vec<u8> {
+        let mut out = self.answer(msg, &[], 0);
+        // RCODE 3 (NXDOMAIN); authoritative (AA is set by `answer`).
+        out[3] = (out[3] & 0xf0) | 3;
+        out
+    }
+
     /// The answer to this query (parsed from `msg`): one record per address of the asked
     /// type with `ttl` seconds, or no record at all (a "no data" answer) when none fits.
     pub fn answer(&self, msg: &[u8], addrs: &[IpAddr], ttl: u32) -> Vec<u8> {
@@ -192,6 +201,10 @@ mod tests {
         assert_eq!(fail[2] & 0x80, 0x80, "a response");
         assert_eq!(fail[2] & 0x04, 0, "not authoritative");
         assert_eq!(fail[3] & 0x0f, 2, "rcode SERVFAIL");
+        let none = q.name_error(&msg);
+        assert_eq!(none[3] & 0x0f, 3, "rcode NXDOMAIN");
+        assert_eq!(none[2] & 0x04, 0x04, "authoritative");
+        assert_eq!(&none[6..8], &[0, 0], "no answer record");
         assert_eq!(u16::from_be_bytes([fail[6], fail[7]]), 0, "no answer");
         let mut back = fail.clone();
         back[2] &= 0x7f;

@@ -57,6 +57,34 @@ pub enum Incoming {
     Tcp(TcpRequest),
     /// The first datagram of a UDP flow (later ones arrive on the flow itself).
     Udp(UdpFlow),
+    /// An ICMP echo request ("ping"): answered only if the application says so.
+    Echo(Echo),
+}
+
+/// An echo request from the application, to answer with [`Echo::reply`] (dropping it leaves
+/// the ping unanswered, as a host that does not exist would).
+#[derive(Debug)]
+pub struct Echo {
+    shared: Arc<Shared>,
+    request: crate::stack::EchoRequest,
+}
+
+impl Echo {
+    /// The address pinged.
+    pub fn dst(&self) -> std::net::IpAddr {
+        self.request.dst
+    }
+
+    /// The application's address.
+    pub fn src(&self) -> std::net::IpAddr {
+        self.request.src
+    }
+
+    /// Answers it, from the address pinged.
+    pub fn reply(self) {
+        self.shared.lock().send_echo_reply(&self.request);
+        self.shared.wake();
+    }
 }
 
 /// The datagrams one application socket sends through the TUN, to any destination.
@@ -249,6 +277,14 @@ async fn drive(
                         // Dropping the request refuses it.
                         debug!(dst = %key.dst, "application not keeping up, refusing");
                     }
+                }
+                Event::Echo(request) => {
+                    let echo = Echo {
+                        shared: shared.clone(),
+                        request,
+                    };
+                    // A full queue drops the ping, as a busy host's would be.
+                    let _ = incoming.try_send(Incoming::Echo(echo));
                 }
                 Event::Udp { key, payload } => {
                     let now = shared.now();

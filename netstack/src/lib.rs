@@ -37,7 +37,7 @@ pub mod udp;
 #[cfg(target_os = "linux")]
 pub use device::{TunConfig, TunDevice};
 #[cfg(target_os = "linux")]
-pub use driver::{Incoming, NetStack, UdpFlow, UdpReply};
+pub use driver::{Echo, Incoming, NetStack, UdpFlow, UdpReply};
 pub use stack::{FlowKey, StackConfig};
 #[cfg(target_os = "linux")]
 pub use tcp::{TcpRequest, TcpStream};

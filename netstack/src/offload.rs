@@ -23,6 +23,8 @@ pub const GSO_ECN: u8 = 0x80;
 
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
 
 /// The `virtio_net_hdr` (host byte order, as a TUN device without `TUNSETVNETLE` uses).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -174,6 +176,7 @@ pub fn fill_l4_checksum(packet: &mut [u8]) -> bool {
     let at = match info.protocol {
         PROTO_TCP => 16,
         PROTO_UDP => 6,
+        PROTO_ICMP | PROTO_ICMPV6 => 2,
         _ => return false,
     };
     let start = info.ip_hdr_len;
@@ -182,7 +185,12 @@ pub fn fill_l4_checksum(packet: &mut [u8]) -> bool {
         return false;
     }
     packet[start + at..start + at + 2].copy_from_slice(&[0, 0]);
-    let pseudo = u32::from(pseudo_header_sum(packet, &info));
+    // ICMP for IPv4 sums the message alone; every other one the pseudo-header too.
+    let pseudo = if info.protocol == PROTO_ICMP {
+        0
+    } else {
+        u32::from(pseudo_header_sum(packet, &info))
+    };
     let mut sum = !fold(sum_words(pseudo, &packet[start..end]));
     if info.protocol == PROTO_UDP && sum == 0 {
         // RFC 768: a computed zero is sent as all ones (zero means "no checksum").

@@ -93,6 +93,20 @@ pub enum Event {
         /// The payload.
         payload: Vec<u8>,
     },
+    /// An ICMP (v4 or v6) echo request; answer with [`Stack::send_echo_reply`] or not at all.
+    Echo(EchoRequest),
+}
+
+/// An echo request ("ping") from the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EchoRequest {
+    /// The application's address.
+    pub src: IpAddr,
+    /// The address it pinged.
+    pub dst: IpAddr,
+    /// The identifier, sequence number and data after the type, code and checksum: what the
+    /// reply carries back unchanged.
+    pub body: Vec<u8>,
 }
 
 /// What happened to one packet given to [`Stack::handle_input`].
@@ -102,6 +116,8 @@ pub enum Input {
     Queued,
     /// A UDP datagram, turned into an [`Event::Udp`].
     Udp,
+    /// An echo request, turned into an [`Event::Echo`].
+    Echo,
     /// A SYN held back until the application accepts or rejects the connection.
     Held,
     /// Not IP, truncated, a duplicate SYN, or a protocol this stack does not carry.
@@ -253,8 +269,21 @@ impl Stack {
                 self.events.push_back(Event::Udp { key, payload });
                 Input::Udp
             }
-            // ICMP (echo to any address is answered by nobody: the stack only has its own
-            // addresses) and everything else goes to smoltcp, which drops what it cannot use.
+            // Echo requests go to the application, which answers those it can stand for (a
+            // peer's overlay address, say): the stack itself would answer only its own
+            // addresses.
+            1 | 58 if is_echo_request(info.version, info.protocol, &packet[l4..]) => {
+                let end = l4 + info.l4_len;
+                let body = packet[l4 + 4..end].to_vec();
+                self.dev.recycle(buf);
+                self.events.push_back(Event::Echo(EchoRequest {
+                    src: src_ip,
+                    dst: dst_ip,
+                    body,
+                }));
+                Input::Echo
+            }
+            // Other ICMP and everything else goes to smoltcp, which drops what it cannot use.
             _ => {
                 self.dev.rx.push_back((buf, offset, len));
                 Input::Queued
@@ -395,6 +424,21 @@ impl Stack {
         }
     }
 
+    /// Queues the echo reply to `request`, from the address it pinged.
+    pub fn send_echo_reply(&mut self, request: &EchoRequest) {
+        let mut buf = self.dev.buffer();
+        let start = if self.config.offload { VNET_HDR_LEN } else { 0 };
+        buf.resize(start, 0);
+        if !build_echo_reply(&mut buf, request) {
+            self.dev.recycle(buf);
+            return;
+        }
+        if self.config.offload {
+            offload::VnetHdr::default().emit(&mut buf);
+        }
+        self.dev.tx.push_back(buf);
+    }
+
     /// Moves the application addresses that got UDP replies since the last call into `out`.
     pub fn take_udp_replied(&mut self, out: &mut Vec<SocketAddr>) {
         out.append(&mut self.udp_replied);
@@ -462,6 +506,49 @@ fn trim(buf: Vec<u8>, offset: usize, info: &offload::L4Info) -> Vec<u8> {
 
 /// Appends an IP+UDP packet from `src` to `dst` to `buf`, with full checksums. `false` when
 /// the families differ or the payload does not fit a 64 KiB packet.
+/// Whether an ICMP message (`l4`: from its type on) is an echo request of its IP version.
+fn is_echo_request(version: u8, protocol: u8, l4: &[u8]) -> bool {
+    l4.len() >= 8 && l4[1] == 0 && matches!((version, protocol, l4[0]), (4, 1, 8) | (6, 58, 128))
+}
+
+/// Appends to `buf` the IP packet answering `request`: from its destination to its source,
+/// ICMP echo reply (type 0, or 128 + 1 for IPv6) with the request's body.
+fn build_echo_reply(buf: &mut Vec<u8>, request: &EchoRequest) -> bool {
+    let start = buf.len();
+    let icmp_len = 4 + request.body.len();
+    let kind = match (request.dst, request.src) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let total = 20 + icmp_len;
+            if total > MAX_PACKET {
+                return false;
+            }
+            buf.extend_from_slice(&[0x45, 0]);
+            buf.extend_from_slice(&(total as u16).to_be_bytes());
+            buf.extend_from_slice(&[0, 0, 0x40, 0, 64, 1, 0, 0]);
+            buf.extend_from_slice(&s.octets());
+            buf.extend_from_slice(&d.octets());
+            let csum = !offload::fold(offload::sum_words(0, &buf[start..start + 20]));
+            buf[start + 10..start + 12].copy_from_slice(&csum.to_be_bytes());
+            0
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            if icmp_len > MAX_PACKET {
+                return false;
+            }
+            buf.extend_from_slice(&[0x60, 0, 0, 0]);
+            buf.extend_from_slice(&(icmp_len as u16).to_be_bytes());
+            buf.extend_from_slice(&[58, 64]);
+            buf.extend_from_slice(&s.octets());
+            buf.extend_from_slice(&d.octets());
+            129
+        }
+        _ => return false,
+    };
+    buf.extend_from_slice(&[kind, 0, 0, 0]);
+    buf.extend_from_slice(&request.body);
+    offload::fill_l4_checksum(&mut buf[start..])
+}
+
 pub(crate) fn build_udp(
     buf: &mut Vec<u8>,
     src: SocketAddr,

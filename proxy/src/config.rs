@@ -506,26 +506,27 @@ fn rights(
     peers: &PeerTable,
 ) -> Result<RightsTable, ConfigError> {
     let mut rights = RightsTable::default();
-    let allow = if args.allow.is_empty() {
-        &file.allow
+    // A bad value names the flag it came by, or the file's key (which the error names).
+    let (allow, by) = if args.allow.is_empty() {
+        (&file.allow, "")
     } else {
-        &args.allow
+        (&args.allow, "--allow ")
     };
     for value in allow {
         let pk = peers.resolve_key(value).map_err(|e| ConfigError::Invalid {
             key: "allow",
-            message: e.to_string(),
+            message: format!("{by}{e}"),
         })?;
         rights.grant_exit(pk);
     }
-    let shares = if args.share.is_empty() {
-        &file.share
+    let (shares, by) = if args.share.is_empty() {
+        (&file.share, "")
     } else {
-        &args.share
+        (&args.share, "--share ")
     };
     let bad_share = |message: String| ConfigError::Invalid {
         key: "share",
-        message,
+        message: format!("{by}{message}"),
     };
     for value in shares {
         let share: Share = value

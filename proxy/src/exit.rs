@@ -254,6 +254,14 @@ impl FabricDialer {
         let _ = self.add_link(peer);
     }
 
+    /// A round trip to the peer itself over its session (nothing is dialed there), once the
+    /// session is up: what answers a ping of its overlay address.
+    pub async fn ping(&self) -> Result<(), DialError> {
+        let mut stream = self.open(WireTarget::Ping, &[]).await?;
+        let _ = stream.shutdown().await;
+        Ok(())
+    }
+
     /// A stream to port `port` that the peer shares on its loopback (`NAME.tox:PORT`), once
     /// its session is up.
     pub async fn open_share(&self, port: u16) -> Result<BoxedStream, DialError> {
@@ -583,6 +591,11 @@ async fn serve_stream(
         return Ok(());
     }
     let target = match target {
+        WireTarget::Ping => {
+            stream.write_all(&[Reply::Connected.to_byte()]).await?;
+            stream.shutdown().await?;
+            return Ok(());
+        }
         WireTarget::Share(port) => {
             let upstream = match dial_loopback(port, options).await {
                 Ok(s) => s,
@@ -663,6 +676,8 @@ fn permitted(rights: &RightsTable, peer: &PublicKey, target: &WireTarget) -> Res
     match target {
         WireTarget::Share(port) if rights.may_reach(peer, *port, Transport::Tcp) => Ok(()),
         WireTarget::Share(port) => Err(format!("port {port} is not shared with this peer")),
+        // A session is only held with known or allowed peers: they may know it answers.
+        WireTarget::Ping => Ok(()),
         _ if !rights.may_exit(peer) => Err("this peer may not use this node as its exit".into()),
         WireTarget::Name(name, _) if fabric::overlay::TargetName::parse(name).is_some() => {
             Err("a .tox name is a peer of the client's: no transit through this node".into())
@@ -700,7 +715,7 @@ fn from_wire(target: WireTarget) -> Option<Target> {
     match target {
         WireTarget::Ip(a) => Some(Target::Ip(a)),
         WireTarget::Name(n, p) => Some(Target::Domain(n, p)),
-        WireTarget::Resolver | WireTarget::Share(_) => None,
+        WireTarget::Resolver | WireTarget::Share(_) | WireTarget::Ping => None,
     }
 }
 

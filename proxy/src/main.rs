@@ -365,6 +365,7 @@ async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure>
         dialers = dialers.with_mesh(&node.mesh);
     }
     let mesh = node.as_ref().map(|n| n.status.clone());
+    let peer_routes = node.as_ref().map(|n| n.mesh.clone());
     let fabric = node.map(|n| n.fabric);
     let capture = Arc::new(std::sync::OnceLock::new());
     let listeners = start_frontends(
@@ -391,6 +392,7 @@ async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure>
         tun_dialer,
         counters,
         capture,
+        peer_routes,
         stop.clone().cancelled_owned(),
     )
     .await

@@ -172,6 +172,15 @@ impl MeshDialer {
         }
     }
 
+    /// A round trip to the peer whose overlay address is `ip`; `None` when `ip` is no known
+    /// peer's.
+    pub async fn ping(&self, ip: IpAddr) -> Option<Result<(), DialError>> {
+        let Route::Peer(pk, _) = self.routes.route(&Target::Ip(SocketAddr::new(ip, 0))) else {
+            return None;
+        };
+        Some(self.links.get(&pk)?.ping().await)
+    }
+
     /// The routes it follows.
     pub fn routes(&self) -> &Arc<PeerRoutes> {
         &self.routes

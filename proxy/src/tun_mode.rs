@@ -49,9 +49,12 @@ use crate::config::{RunSettings, TunOptions};
 use crate::dialer::{Dialer, Target};
 use crate::exit::dns;
 use crate::exit_policy::Cidr;
+use crate::route::{MeshDialer, PeerRoutes};
 use crate::status::{Counters, TunCapture};
 
 pub use own_sockets::OwnSockets;
+
+mod mesh;
 
 /// The `SO_MARK` of this process's own sockets, and the firewall mark the routing rule skips.
 pub const MARK: u32 = 0x7478;
@@ -117,11 +120,14 @@ pub enum TunError {
 /// Creates the device and the routes, then serves flows until `shutdown` completes; the routes
 /// and the device are gone when this returns. What the TUN captures goes into `capture` once
 /// the routes are up (for `proxy status`).
+/// `peers`: the known peers, whose overlay addresses the TUN routes, whose names its DNS
+/// answers and whose pings it answers when they answer.
 pub async fn run(
     settings: &RunSettings,
     dialer: Arc<dyn Dialer>,
     counters: Arc<Counters>,
     capture: Arc<std::sync::OnceLock<TunCapture>>,
+    peers: Option<MeshDialer>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TunError> {
     if !cfg!(target_os = "linux") {
@@ -156,14 +162,18 @@ pub async fn run(
     })?;
     let lan = lan::connected_networks(addrs.iter().cloned(), &name);
     let kept_local = if opts.lan { &[][..] } else { &lan[..] };
-    let routing = Routing::install(&name, opts, kept_local, tun.ipv6.is_some())?;
+    let overlay = peers
+        .as_ref()
+        .map(|p| mesh::overlay_routes(p.routes(), tun.ipv6.is_some()))
+        .unwrap_or_default();
+    let routing = Routing::install(&name, opts, kept_local, tun.ipv6.is_some(), &overlay)?;
     let strict_route = !settings.exits.is_empty();
     let strict = if strict_route {
         Some(StrictRoute::install(&name)?)
     } else {
         None
     };
-    let _ = capture.set(capture_summary(
+    let mut summary = capture_summary(
         &name,
         opts,
         &lan,
@@ -171,7 +181,17 @@ pub async fn run(
         tun.ipv6.is_some(),
         dialer.resolver().is_some(),
         strict_route,
-    ));
+    );
+    summary
+        .captured
+        .extend(overlay.iter().map(|r| format!("{r} (peer)")));
+    let _ = capture.set(summary);
+    let peer_dns = peers.as_ref().map(|p| PeerDns {
+        routes: p.routes().clone(),
+        ipv6: tun.ipv6.is_some(),
+    });
+    let pings = Arc::new(tokio::sync::Semaphore::new(MAX_PINGS));
+    let peer_dns = peer_dns.map(Arc::new);
     info!(device = %name, lan = ?lan.iter().map(ToString::to_string).collect::<Vec<_>>(), lan_captured = opts.lan, "tun routes up");
     let fake = opts
         .fake_ip
@@ -207,10 +227,27 @@ pub async fn run(
                         debug!(src = %flow.src(), "tun udp flows at their limit, dropped");
                         continue;
                     };
-                    let serve = serve_udp(flow, dialer.clone(), fake.clone());
+                    let serve = serve_udp(flow, dialer.clone(), fake.clone(), peer_dns.clone());
                     tokio::spawn(async move {
                         serve.await;
                         drop(permit);
+                    });
+                }
+                Some(Incoming::Echo(echo)) => {
+                    // A peer's overlay address answers when the peer does; nothing else does.
+                    let (Some(mesh), Ok(permit)) = (&peers, pings.clone().try_acquire_owned())
+                    else {
+                        continue;
+                    };
+                    let mesh = mesh.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let answer = tokio::time::timeout(PING_WAIT, mesh.ping(echo.dst())).await;
+                        match answer {
+                            Ok(Some(Ok(()))) => echo.reply(),
+                            Ok(Some(Err(err))) => debug!(dst = %echo.dst(), %err, "ping unanswered"),
+                            Ok(None) | Err(_) => {}
+                        }
                     });
                 }
                 Some(_) => {}
@@ -360,6 +397,11 @@ async fn serve_tcp(
     }
 }
 
+/// Pings of peers' overlay addresses in flight at once (more are dropped).
+const MAX_PINGS: usize = 256;
+/// How long a ping of a peer waits for its round trip (a ping tool gives up about then).
+const PING_WAIT: Duration = Duration::from_secs(5);
+
 /// Queries on their way to the exit's resolver at once, over all TUN flows: beyond this
 /// many, new ones are dropped (the application's resolver asks again).
 const DNS_IN_FLIGHT: usize = 512;
@@ -412,7 +454,20 @@ fn target(dst: SocketAddr, fake: Option<&FakeDns>) -> Option<Target> {
     }
 }
 
-async fn serve_udp(mut flow: UdpFlow, dialer: Arc<dyn Dialer>, fake: Option<Arc<FakeDns>>) {
+/// What the TUN's DNS answers of the peers' names.
+#[derive(Debug)]
+struct PeerDns {
+    routes: Arc<PeerRoutes>,
+    /// Whether the TUN has IPv6 (AAAA records are answered only then).
+    ipv6: bool,
+}
+
+async fn serve_udp(
+    mut flow: UdpFlow,
+    dialer: Arc<dyn Dialer>,
+    fake: Option<Arc<FakeDns>>,
+    peers: Option<Arc<PeerDns>>,
+) {
     let src = flow.src();
     let reply = flow.reply();
     // Opened with the first datagram that must leave (fake-IP DNS answers never do).
@@ -432,6 +487,15 @@ async fn serve_udp(mut flow: UdpFlow, dialer: Arc<dyn Dialer>, fake: Option<Arc<
             dgram = flow.recv() => {
                 // None: the flow expired (idle) or the stack stopped.
                 let Some((dst, payload)) = dgram else { return };
+                // Peers' names never leave this host, fake-IP or not.
+                if dst.port() == 53
+                    && let Some(answer) = peers
+                        .as_deref()
+                        .and_then(|p| mesh::answer(&p.routes, &payload, p.ipv6))
+                {
+                    reply.send(dst, &answer);
+                    continue;
+                }
                 if dst.port() == 53
                     && let Some(answer) = fake.as_deref().and_then(|f| f.answer(&payload))
                 {
@@ -560,11 +624,13 @@ pub struct Routing {
 impl Routing {
     /// Adds the tables and rules for device `dev`; `kept_local` (the host's connected
     /// networks, unless `--tun-lan`) stays out of the TUN as `--tun-exclude` does.
+    /// `overlay`: the peers' overlay prefixes, routed into the TUN whatever `opts` says.
     pub fn install(
         dev: &str,
         opts: &TunOptions,
         kept_local: &[Cidr],
         ipv6: bool,
+        overlay: &[String],
     ) -> Result<Self, TunError> {
         let mut families = vec!["-4"];
         if ipv6 {
@@ -647,6 +713,12 @@ impl Routing {
                     &cidr.to_string(),
                     "table",
                     &table,
+                ])?;
+            }
+            for route in overlay.iter().filter(|r| r.contains(':') == v6) {
+                // Replace: --tun-route may name the same prefix.
+                ip(&[
+                    "ip", fam, "route", "replace", route, "dev", dev, "table", &table,
                 ])?;
             }
             ip(&[

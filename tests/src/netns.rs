@@ -493,6 +493,17 @@ impl ExitOverTox {
     /// Starts them; `tool` is the `nst-tool` binary (which runs the daemons), `exit_extra`
     /// more flags for the exit.
     pub fn start(topo: &Topology, tool: &str, exit_extra: &[&str]) -> Self {
+        Self::start_as(topo, tool, exit_extra, None)
+    }
+
+    /// The same as mesh peers: the server-side node (`proxy exit`, called nas by the client,
+    /// which it calls laptop) shares `share` (`PORTS`) of its loopback with the client and
+    /// gives it no exit right; the client's arguments name it `--peer nas=ID`, not `--exit`.
+    pub fn start_mesh(topo: &Topology, tool: &str, share: &str) -> Self {
+        Self::start_as(topo, tool, &[], Some(share))
+    }
+
+    fn start_as(topo: &Topology, tool: &str, exit_extra: &[&str], share: Option<&str>) -> Self {
         let toxnet = Proc::spawn(topo.in_server(&[tool, "toxnet", "4"]), "ready");
         let nodes = toxnet.ready_list();
         assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
@@ -508,7 +519,26 @@ impl ExitOverTox {
         let bin = proxy_bin().to_string_lossy().into_owned();
         let exit_dir = Scratch::new("exit");
         let exit_data = exit_dir.path();
-        let mut exit_args = vec![bin.as_str(), "exit", "--allow-any"];
+        let client_dir = Scratch::new("client");
+        let mesh_args: Vec<String> = match share {
+            Some(ports) => {
+                let out = Command::new(&bin)
+                    .args(["id", "--data-dir", &client_dir.path()])
+                    .output()
+                    .expect("proxy id");
+                assert!(out.status.success(), "proxy id: {out:?}");
+                let client_id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                vec![
+                    "--peer".into(),
+                    format!("laptop={client_id}"),
+                    "--share".into(),
+                    format!("laptop:{ports}"),
+                ]
+            }
+            None => vec!["--allow-any".into()],
+        };
+        let mut exit_args = vec![bin.as_str(), "exit"];
+        exit_args.extend(mesh_args.iter().map(String::as_str));
         exit_args.extend_from_slice(exit_extra);
         // Tests never reach the public bootstrap nodes or STUN servers.
         exit_args.extend([
@@ -530,10 +560,12 @@ impl ExitOverTox {
             exit_args.extend(["--bootstrap", n.as_str()]);
         }
         let exit = Proc::spawn(topo.in_server(&exit_args), "tox id:");
-        let client_dir = Scratch::new("client");
-        let mut client = vec![
-            "--exit".to_owned(),
-            exit.ready_value("tox id:"),
+        let exit_id = exit.ready_value("tox id:");
+        let mut client = match share {
+            Some(_) => vec!["--peer".to_owned(), format!("nas={exit_id}")],
+            None => vec!["--exit".to_owned(), exit_id],
+        };
+        client.extend([
             "--no-public-bootstrap".into(),
             "--no-public-stun".into(),
             "--data-dir".into(),
@@ -542,7 +574,7 @@ impl ExitOverTox {
             // held for it: room for a loaded machine.
             "--connect-timeout".into(),
             "90".into(),
-        ];
+        ]);
         for n in &nodes {
             client.extend([
                 "--bootstrap".into(),

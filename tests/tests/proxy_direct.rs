@@ -352,6 +352,14 @@ fn bad_settings_fail_clearly() {
             "--allow",
         ),
         (
+            &["--share", "nas:80", "--no-public-bootstrap"],
+            "--share \"nas:80\": no peer is called nas",
+        ),
+        (
+            &["--peer", "nas=XYZ", "--no-public-bootstrap"],
+            "wrong length",
+        ),
+        (
             &[
                 "exit",
                 "--allow-any",

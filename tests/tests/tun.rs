@@ -1132,3 +1132,92 @@ fn tun_strict_route_rejects_queries_bound_to_the_uplink() {
     assert!(status.success(), "exit status {status:?}");
     assert!(leftovers(&topo).is_empty(), "{:#?}", leftovers(&topo));
 }
+
+/// A peer reached through the TUN, as an ordinary machine's applications reach it: `nas`
+/// (in the server namespace) shares port 8080 of its own loopback with `laptop` (the client
+/// namespace, `proxy --tun --peer nas=ID`). Applications look the name up with the system's
+/// resolver (the TUN answers `nas.tox` with nas's overlay addresses; no query leaves), and
+/// reach it by name and by either overlay address; `ping` of nas's address is answered
+/// through nas, a ping of an address no peer has is not.
+#[test]
+fn tun_reaches_a_peer_by_name_and_overlay_address_and_pings_it() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::routed().expect("namespaces");
+    // nas's service on its own loopback (its DNS and echo sockets come with it, unused).
+    let _service = Proc::spawn(
+        topo.in_server(&[TOOL, "serve", "127.0.0.1:8080", "--", "192.0.2.1"]),
+        "ready",
+    );
+    let net = ExitOverTox::start_mesh(&topo, TOOL, "8080");
+    let _resolv = EtcFile::resolv_conf(&topo.client, &topo.server_v4);
+    install_dns_counters(&topo);
+    let mut proxy = start_proxy(&topo, &net.client_args());
+    let nas_id: fabric::id::ToxId = net
+        .exit
+        .ready_value("tox id:")
+        .parse()
+        .expect("nas's tox id");
+    let nas = nas_id.public_key();
+
+    // By name, resolved by the system resolver through the TUN: held until the session is up.
+    let page = curl_first(&topo, "http://nas.tox:8080/index.html", &proxy);
+    assert!(String::from_utf8_lossy(&page).contains("static text"));
+    let lookup = run_ok(topo.in_client(&["getent", "ahosts", "nas.tox"]));
+    let v6 = fabric::overlay::overlay_v6(&nas);
+    assert!(lookup.contains(&v6.to_string()), "{lookup}");
+    let v4 = lookup
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .find(|a| a.starts_with("100."))
+        .unwrap_or_else(|| panic!("no overlay IPv4 address for nas.tox: {lookup}"))
+        .to_owned();
+    // By either overlay address.
+    for url in [
+        format!("http://{v4}:8080/index.html"),
+        format!("http://[{v6}]:8080/index.html"),
+    ] {
+        let page = curl(&topo, &url);
+        assert!(
+            String::from_utf8_lossy(&page).contains("static text"),
+            "{url}"
+        );
+    }
+    assert_eq!(
+        counter(&topo, "leak"),
+        0,
+        "a lookup of nas.tox left the host"
+    );
+    assert_eq!(
+        counter(&topo, "proxied"),
+        0,
+        "a lookup of nas.tox left the host"
+    );
+    // A name under .tox that no peer has: no such name, and no query leaves either.
+    let out = run_with_timeout(
+        &mut topo.in_client(&["getent", "hosts", "desktop.tox"]),
+        Duration::from_secs(30),
+    )
+    .expect("getent");
+    assert!(!out.status.success(), "desktop.tox resolved");
+    assert_eq!(counter(&topo, "leak") + counter(&topo, "proxied"), 0);
+
+    // Ping: nas's addresses answer (through nas), an address no peer has does not.
+    for addr in [v4.clone(), v6.to_string()] {
+        run_ok(topo.in_client(&["ping", "-c", "2", "-W", "10", &addr]));
+    }
+    let stranger = fabric::overlay::overlay_v6(&fabric::id::PublicKey([1; 32]));
+    let out = run_with_timeout(
+        &mut topo.in_client(&["ping", "-c", "1", "-W", "2", &stranger.to_string()]),
+        Duration::from_secs(30),
+    )
+    .expect("ping");
+    assert!(
+        !out.status.success(),
+        "an address no peer has answered a ping"
+    );
+
+    stop_cleanly(&mut proxy, &topo);
+    drop(net);
+}

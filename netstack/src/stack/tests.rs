@@ -127,3 +127,70 @@ fn udp_datagrams_become_events_and_replies_are_well_formed() {
     assert_eq!(input(&mut s, now, pkt), Input::Udp);
     assert!(matches!(s.poll_event(), Some(Event::Udp { key, .. }) if key.src == src6));
 }
+
+/// An echo request from `src` to `dst` with `data`, checksums right.
+fn echo_request(src: IpAddr, dst: IpAddr, data: &[u8]) -> Vec<u8> {
+    let request = EchoRequest {
+        src: dst,
+        dst: src,
+        body: [&[0x12, 0x34, 0, 7][..], data].concat(),
+    };
+    // The reply builder makes a reply from `dst` to `src`; turning its type into a request's
+    // gives a well-formed request.
+    let mut p = Vec::new();
+    assert!(build_echo_reply(&mut p, &request));
+    let l4 = if src.is_ipv4() { 20 } else { 40 };
+    p[l4] = if src.is_ipv4() { 8 } else { 128 };
+    assert!(offload::fill_l4_checksum(&mut p));
+    p
+}
+
+/// The ones'-complement sum of an ICMP message checks out (v6: with the pseudo-header).
+fn checksum_ok(p: &[u8]) -> bool {
+    let info = offload::l4_info(p).unwrap();
+    let start = info.ip_hdr_len;
+    let pseudo = if info.version == 4 {
+        0
+    } else {
+        u32::from(offload::pseudo_header_sum(p, &info))
+    };
+    offload::fold(offload::sum_words(pseudo, &p[start..start + info.l4_len])) == 0xffff
+}
+
+#[test]
+fn echo_requests_go_to_the_application_and_replies_come_from_the_address_pinged() {
+    let now = Instant::from_secs(1);
+    let mut s = Stack::new(config(), now);
+    for (src, dst) in [("10.0.0.2", "100.90.1.2"), ("fd00::2", "fd74:6f78:7078::1")] {
+        let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+        let request = echo_request(src, dst, b"ping data");
+        assert!(checksum_ok(&request));
+        assert_eq!(input(&mut s, now, request), Input::Echo);
+        let Some(Event::Echo(echo)) = s.poll_event() else {
+            panic!("no echo event")
+        };
+        assert_eq!((echo.src, echo.dst), (src, dst));
+        assert_eq!(
+            &echo.body[..4],
+            &[0x12, 0x34, 0, 7],
+            "identifier and sequence"
+        );
+        s.send_echo_reply(&echo);
+        let reply = s.poll_transmit().expect("a reply");
+        let l4 = if src.is_ipv4() { 20 } else { 40 };
+        assert_eq!(reply[l4], if src.is_ipv4() { 0 } else { 129 }, "echo reply");
+        assert!(checksum_ok(&reply), "reply checksum");
+        assert_eq!(&reply[l4 + 4..], &echo.body[..]);
+        let (from, to) = addresses(&reply, if src.is_ipv4() { 4 } else { 6 }).unwrap();
+        assert_eq!((from, to), (dst, src));
+    }
+    // Not an echo request (an echo reply, a truncated one): left to smoltcp, no event.
+    let mut reply = echo_request(
+        "10.0.0.2".parse().unwrap(),
+        "10.0.0.3".parse().unwrap(),
+        b"",
+    );
+    reply[20] = 0;
+    assert_eq!(input(&mut s, now, reply), Input::Queued);
+    assert_eq!(s.poll_event(), None);
+}
