@@ -1,6 +1,7 @@
 //! Peer names, `.tox` host names, share specs and overlay-address lookups: any text is a
 //! name, a share or an error, never a panic; what parses prints back the same; any address
-//! looked up in a table of peers finds one of them or none.
+//! looked up in a table of peers finds one of them or none, and so does any name or address
+//! a front-end is asked for (`proxy::route`).
 
 #![no_main]
 
@@ -9,6 +10,9 @@ use std::net::IpAddr;
 use fabric::id::PublicKey;
 use fabric::overlay::{OverlayTable, PeerName, TargetName, is_overlay};
 use libfuzzer_sys::fuzz_target;
+use proxy::dialer::Target;
+use proxy::peers::PeerTable;
+use proxy::route::{PeerRoutes, Route};
 use proxy::share::{PortSet, Share};
 
 fuzz_target!(|data: &[u8]| {
@@ -40,5 +44,31 @@ fuzz_target!(|data: &[u8]| {
     {
         assert!(is_overlay(ip));
         assert!(keys.contains(&pk));
+    }
+    // The same keys as named peers: whatever a front-end is asked for goes to one of them, is
+    // refused, or goes on.
+    let mut unique = keys.clone();
+    unique.sort();
+    unique.dedup();
+    let ids: Vec<String> = unique
+        .iter()
+        .map(|pk| fabric::id::ToxId::new(*pk, [0; 4]).to_string())
+        .collect();
+    let names: Vec<String> = (0..ids.len()).map(|i| format!("p{i}")).collect();
+    let peers = PeerTable::new(names.iter().map(String::as_str).zip(ids.iter().map(String::as_str)))
+        .expect("distinct keys and names");
+    let routes = PeerRoutes::new(peers, PublicKey([0xff; 32]));
+    let mut asked = Vec::new();
+    if let Some(ip) = ip {
+        asked.push(Target::Ip(std::net::SocketAddr::new(ip, 80)));
+    }
+    if let Ok(text) = std::str::from_utf8(tail) {
+        asked.push(Target::Domain(text.to_owned(), 80));
+    }
+    for target in asked {
+        if let Route::Peer(pk, port) = routes.route(&target) {
+            assert!(unique.contains(&pk));
+            assert_eq!(port, 80);
+        }
     }
 });

@@ -10,6 +10,8 @@
 //!   home a: 192.168.1.2, default via the router   home b: 192.168.2.2, default via the router
 //! ```
 //!
+//! The mesh tests add a third side, c, wired the same way: 203.0.113.9/30, 192.168.3.0/24.
+//!
 //! Each side's [`Nat`] decides its router's nftables rules:
 //! - [`Nat::Public`]: no NAT and no firewall; the peer runs on the router itself, which has
 //!   the public address (a host on the open internet).
@@ -83,14 +85,15 @@ fn which(tool: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A public namespace, two routers and two homes; see the module docs.
+/// A public namespace, a router and a home per side (two, or more for the mesh); see the
+/// module docs. Side `i` is wired as sides a and b are, with `i + 1` where they have 1 and 2.
 #[derive(Debug)]
 pub struct NatTopology {
     /// The public namespace (STUN server; the place for Tox bootstrap nodes).
     pub public: String,
-    routers: [String; 2],
-    homes: [String; 2],
-    kinds: [Nat; 2],
+    routers: Vec<String>,
+    homes: Vec<String>,
+    kinds: Vec<Nat>,
     stun_server: Option<Child>,
 }
 
@@ -98,17 +101,27 @@ impl NatTopology {
     /// Builds the namespaces for sides a and b and starts the STUN server. Names start with
     /// `nat6-` and are unique per process and call.
     pub fn new(a: Nat, b: Nat) -> io::Result<Self> {
+        Self::with_sides(&[a, b])
+    }
+
+    /// The same with one side per entry of `kinds` (at most 60).
+    pub fn with_sides(kinds: &[Nat]) -> io::Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let id = format!(
             "{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
+        let side = |i: usize| char::from(b'a' + i as u8);
         let mut me = Self {
             public: format!("nat6-p-{id}"),
-            routers: [format!("nat6-ra-{id}"), format!("nat6-rb-{id}")],
-            homes: [format!("nat6-ha-{id}"), format!("nat6-hb-{id}")],
-            kinds: [a, b],
+            routers: (0..kinds.len())
+                .map(|i| format!("nat6-r{}-{id}", side(i)))
+                .collect(),
+            homes: (0..kinds.len())
+                .map(|i| format!("nat6-h{}-{id}", side(i)))
+                .collect(),
+            kinds: kinds.to_vec(),
             stun_server: None,
         };
         // From here on, drop removes whatever was made, also on an early return.
@@ -128,7 +141,7 @@ impl NatTopology {
             "lo",
         ])?;
         forward(&p)?;
-        for i in 0..2 {
+        for i in 0..me.kinds.len() {
             me.side(i)?;
         }
         me.start_stun()?;
