@@ -3,10 +3,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod nat;
 pub mod netns;
 pub mod servers;
 pub mod streams;
+pub mod tcpbench;
 pub mod toxnet;
 
 /// Logs of the code under test, shown for failing tests (`RUST_LOG` overrides the default).

@@ -23,12 +23,12 @@
 //! punched link instead of Tox). Needs `tox-bootstrapd` (Debian `toxcore-utils`), `ip` and
 //! `/dev/net/tun`.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tests::bench::{env_or, median, output, path_line, site_routes, tool};
 use tests::netns::{EtcFile, ExitOverTox, Proc, Topology, unavailable};
-use tests::servers::{proxy_bin, run_with_timeout};
+use tests::servers::proxy_bin;
 
 /// Any address on port 53 is captured and answered by the exit's resolver.
 const ASKED: &str = "192.168.77.1:53";
@@ -75,34 +75,6 @@ impl Run {
     }
 }
 
-fn tool() -> String {
-    let exe = std::env::current_exe().expect("own path");
-    let dir = exe.parent().expect("target/<profile>");
-    let tool: PathBuf = dir.join("nst-tool");
-    assert!(
-        tool.exists(),
-        "{} missing: build it (cargo build --release -p tests)",
-        tool.display()
-    );
-    tool.to_string_lossy().into_owned()
-}
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Runs `cmd` (at most 120 s) and returns its stdout, or its stderr as the error.
-fn output(mut cmd: Command) -> Result<String, String> {
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(120)).map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// One lookup run in a namespace (`ns` builds its command).
 fn lookups(
     ns: impl Fn(&[&str]) -> Command,
@@ -113,38 +85,6 @@ fn lookups(
 ) -> Run {
     let line = output(ns(&[tool, "lookups", server, n, threads])).expect("nst-tool lookups");
     Run::parse(line.trim()).unwrap_or_else(|| panic!("cannot read {line:?}"))
-}
-
-/// The line of `proxy status` that names the session's path and RTT.
-fn path_line(topo: &Topology, bin: &str) -> String {
-    output(topo.in_client(&[bin, "status", "--from", STATUS]))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.trim_start().starts_with("path "))
-                .map(|l| l.trim().to_owned())
-        })
-        .unwrap_or_else(|| "path unknown".into())
-}
-
-/// Routes the site's private /16 (the client's LAN and the server's network) through the
-/// router on both ends, beside their default routes, as an office or a VPN does: each end then
-/// has a route to the other's private address, and the session may ride a punched link.
-fn site_routes(topo: &Topology) {
-    let router_lan = topo.router_lan_v4.clone().expect("a routed topology");
-    let octets: Vec<&str> = topo.server_v4.split('.').collect();
-    let site = format!("{}.{}.0.0/16", octets[0], octets[1]);
-    let router_wan = format!("{}.{}.{}.1", octets[0], octets[1], octets[2]);
-    for (ns, via) in [(&topo.client, &router_lan), (&topo.server, &router_wan)] {
-        let mut cmd = Command::new("ip");
-        cmd.args(["-n", ns, "route", "add", &site, "via", via]);
-        output(cmd).expect("site route");
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn summary(name: &str, runs: &[Run]) {
@@ -212,16 +152,16 @@ fn main() {
     println!(
         "session up {:.1} s after the client's start; {}",
         started.elapsed().as_secs_f64(),
-        path_line(&topo, &bin)
+        path_line(&topo, &bin, STATUS)
     );
     // c-toxcore starts a friend connection on a TCP relay and moves it to UDP once it found
     // the peer's address; the figure is the steady state's, so wait for a direct path
     // (bounded: on a relay the rounds run anyway, and say so).
     let waited = Instant::now();
-    let mut path = path_line(&topo, &bin);
+    let mut path = path_line(&topo, &bin, STATUS);
     while path.contains("relay") && waited.elapsed() < DIRECT_PATH_WAIT {
         std::thread::sleep(Duration::from_millis(250));
-        path = path_line(&topo, &bin);
+        path = path_line(&topo, &bin, STATUS);
     }
     println!(
         "rounds start {:.1} s after the client's start; {path}",
@@ -243,7 +183,7 @@ fn main() {
             d.per_sec,
             d.p50_ms,
             d.p99_ms,
-            path_line(&topo, &bin),
+            path_line(&topo, &bin, STATUS),
         );
         through.push(t);
         direct.push(d);

@@ -20,6 +20,10 @@
 //!   prints `ready`.
 //! - `nst-tool hold SERVER:PORT N SECONDS`: opens N connections, prints `held N`, keeps them
 //!   open SECONDS, then exits.
+//! - `nst-tool tcpbench-serve ADDR`: the server of `tests::tcpbench`; prints `ready`.
+//! - `nst-tool tcpbench HOST PORT [--socks PROXY] SECONDS ROUND_TRIPS`: goodput for SECONDS,
+//!   then ROUND_TRIPS one-byte round trips, to a `tcpbench-serve`, directly or through a
+//!   SOCKS5 proxy; prints `goodput X Mbit/s p50 Y ms p99 Z ms`.
 //! - `nst-tool toxnet N`: a private Tox network of N daemons inside this namespace; prints
 //!   `ready PK@127.0.0.1:PORT...` and runs until killed (the daemons stop with it).
 
@@ -49,6 +53,8 @@ fn main() -> ExitCode {
         Some("sink") => sink(&args[1..]),
         Some("hold") => hold(&args[1..]),
         Some("toxnet") => toxnet(&args[1..]),
+        Some("tcpbench-serve") => tcpbench_serve(&args[1..]),
+        Some("tcpbench") => tcpbench(&args[1..]),
         _ => Err("usage: nst-tool serve|dns|lookups|stub|echo|blast|sink|hold|toxnet ...".into()),
     };
     match result {
@@ -414,6 +420,32 @@ fn hold(args: &[String]) -> Res {
     println!("held {n}");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
     thread::sleep(Duration::from_secs(secs));
+    Ok(())
+}
+
+fn tcpbench_serve(args: &[String]) -> Res {
+    let addr: SocketAddr = arg(args, 0, "addr")?;
+    let listener = TcpListener::bind(addr).map_err(|e| format!("{addr}: {e}"))?;
+    println!("ready");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    tests::tcpbench::serve(listener);
+    Ok(())
+}
+
+fn tcpbench(args: &[String]) -> Res {
+    use tests::tcpbench::{Via, connect, goodput, round_trips};
+    let host = args.first().ok_or("host")?;
+    let port: u16 = arg(args, 1, "port")?;
+    let (via, rest) = match args.get(2).map(String::as_str) {
+        Some("--socks") => (Via::Socks(arg(args, 3, "proxy")?), &args[4..]),
+        _ => (Via::Direct, &args[2..]),
+    };
+    let secs: f64 = arg(rest, 0, "seconds")?;
+    let n: usize = arg(rest, 1, "round trips")?;
+    let open = || connect(host, port, &via).map_err(|e| format!("connect: {e}"));
+    let mbps = goodput(open()?, secs).map_err(|e| format!("goodput: {e}"))?;
+    let (p50, p99) = round_trips(open()?, 50, n).map_err(|e| format!("round trips: {e}"))?;
+    println!("goodput {mbps:.1} Mbit/s p50 {p50:.3} ms p99 {p99:.3} ms");
     Ok(())
 }
 
