@@ -1,39 +1,69 @@
-//! What this node served each peer, by what right (issue "Mesh", accounting both ways): the
-//! streams and bytes it relayed for a peer as its exit and to its shared ports, and what it
-//! refused. What this node sent *through* a peer is that peer's session counters.
+//! What this node did with each peer, both ways (issue "Mesh", accounting): the streams and
+//! bytes it **served** a peer (as its exit, to its shared ports) and those it **used** the
+//! peer for (as its own exit, to the peer's shared ports), and what it refused the peer.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use fabric::id::PublicKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::relay::Transferred;
 
-/// Which right a served stream used.
+/// Which right a stream used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Served {
+pub enum Right {
     /// An exit request (an address, a name, the resolver).
     Exit,
     /// A shared port.
     Share,
 }
 
-/// One peer's figures, as served by this node.
+/// Which way a stream went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The peer asked, this node served.
+    Served,
+    /// This node asked, the peer served.
+    Used,
+}
+
+/// Streams and bytes of one side, by right. "Up" is toward the target: from the peer for
+/// what this node served, from this node's applications for what it used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PeerCounts {
-    /// Streams served as its exit.
+pub struct Ledger {
+    /// Exit streams.
     pub exit_streams: u64,
-    /// Bytes from the peer to what it reached through this node as its exit.
+    /// Exit bytes toward the targets.
     pub exit_up: u64,
-    /// Bytes back to the peer, as its exit.
+    /// Exit bytes back.
     pub exit_down: u64,
     /// Streams to shared ports.
     pub share_streams: u64,
-    /// Bytes from the peer to this node's shared ports.
+    /// Bytes toward the shared ports.
     pub share_up: u64,
-    /// Bytes from this node's shared ports to the peer.
+    /// Bytes back from them.
     pub share_down: u64,
-    /// Streams refused: what the peer asked for it had no right to.
+}
+
+impl Ledger {
+    /// Whether nothing was counted.
+    pub fn is_empty(&self) -> bool {
+        self.exit_streams + self.share_streams == 0
+    }
+}
+
+/// One peer's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerCounts {
+    /// What this node served the peer.
+    pub served: Ledger,
+    /// What this node used the peer for.
+    pub used: Ledger,
+    /// The peer's requests refused for want of a right.
     pub refused: u64,
 }
 
@@ -43,8 +73,8 @@ pub struct PeerAccounts {
     by_peer: Mutex<HashMap<PublicKey, PeerCounts>>,
 }
 
-/// Peers counted at most: a node serves its peers, and beyond this many the figures of new
-/// ones are dropped rather than let strangers (refused ones, say) grow the table.
+/// Peers counted at most: beyond this many the figures of new ones are dropped rather than
+/// let strangers (refused ones, say) grow the table.
 const MAX_PEERS: usize = 4096;
 
 impl PeerAccounts {
@@ -56,24 +86,37 @@ impl PeerAccounts {
         f(map.entry(pk).or_default());
     }
 
-    /// A stream for `pk` started, under `right`.
-    pub fn opened(&self, pk: PublicKey, right: Served) {
-        self.with(pk, |c| match right {
-            Served::Exit => c.exit_streams += 1,
-            Served::Share => c.share_streams += 1,
+    fn ledger(counts: &mut PeerCounts, side: Side) -> &mut Ledger {
+        match side {
+            Side::Served => &mut counts.served,
+            Side::Used => &mut counts.used,
+        }
+    }
+
+    /// A stream with `pk` started, on `side`, under `right`.
+    pub fn opened(&self, pk: PublicKey, side: Side, right: Right) {
+        self.with(pk, |c| {
+            let l = Self::ledger(c, side);
+            match right {
+                Right::Exit => l.exit_streams += 1,
+                Right::Share => l.share_streams += 1,
+            }
         });
     }
 
-    /// A stream for `pk` under `right` ended having moved `t`.
-    pub fn relayed(&self, pk: PublicKey, right: Served, t: Transferred) {
-        self.with(pk, |c| match right {
-            Served::Exit => {
-                c.exit_up += t.up;
-                c.exit_down += t.down;
-            }
-            Served::Share => {
-                c.share_up += t.up;
-                c.share_down += t.down;
+    /// A stream with `pk`, on `side` under `right`, ended having moved `t`.
+    pub fn relayed(&self, pk: PublicKey, side: Side, right: Right, t: Transferred) {
+        self.with(pk, |c| {
+            let l = Self::ledger(c, side);
+            match right {
+                Right::Exit => {
+                    l.exit_up += t.up;
+                    l.exit_down += t.down;
+                }
+                Right::Share => {
+                    l.share_up += t.up;
+                    l.share_down += t.down;
+                }
             }
         });
     }
@@ -96,31 +139,116 @@ impl PeerAccounts {
     }
 }
 
+/// A stream this node opened through a peer, counted into its accounts as used when it is
+/// dropped: bytes written go up (toward the target), bytes read come down.
+#[derive(Debug)]
+pub struct Counted {
+    inner: crate::dialer::BoxedStream,
+    moved: Transferred,
+    books: Arc<PeerAccounts>,
+    peer: PublicKey,
+    right: Right,
+}
+
+impl Counted {
+    /// Counts `inner`, a stream to `peer` under `right` (the stream counts as opened now).
+    pub fn new(
+        inner: crate::dialer::BoxedStream,
+        books: Arc<PeerAccounts>,
+        peer: PublicKey,
+        right: Right,
+    ) -> Self {
+        books.opened(peer, Side::Used, right);
+        Self {
+            inner,
+            moved: Transferred::default(),
+            books,
+            peer,
+            right,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.books
+            .relayed(self.peer, Side::Used, self.right, self.moved);
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.moved.down += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.moved.up += n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn counts_by_peer_and_right() {
+    fn counts_by_peer_side_and_right() {
         let (a, b) = (PublicKey([1; 32]), PublicKey([2; 32]));
         let accounts = PeerAccounts::default();
-        accounts.opened(a, Served::Exit);
-        accounts.relayed(a, Served::Exit, Transferred { up: 10, down: 20 });
-        accounts.opened(a, Served::Share);
-        accounts.relayed(a, Served::Share, Transferred { up: 1, down: 2 });
+        accounts.opened(a, Side::Served, Right::Exit);
+        accounts.relayed(
+            a,
+            Side::Served,
+            Right::Exit,
+            Transferred { up: 10, down: 20 },
+        );
+        accounts.opened(a, Side::Used, Right::Share);
+        accounts.relayed(a, Side::Used, Right::Share, Transferred { up: 1, down: 2 });
         accounts.refused(b);
+        let got = accounts.of(&a);
         assert_eq!(
-            accounts.of(&a),
-            PeerCounts {
+            got.served,
+            Ledger {
                 exit_streams: 1,
                 exit_up: 10,
                 exit_down: 20,
+                ..Ledger::default()
+            }
+        );
+        assert_eq!(
+            got.used,
+            Ledger {
                 share_streams: 1,
                 share_up: 1,
                 share_down: 2,
-                refused: 0
+                ..Ledger::default()
             }
         );
+        assert_eq!(got.refused, 0);
         assert_eq!(accounts.of(&b).refused, 1);
         assert_eq!(accounts.all().len(), 2);
     }

@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument as _, debug, debug_span, info, warn};
 
-use crate::accounts::{PeerAccounts, Served};
+use crate::accounts::{Counted, PeerAccounts, Right, Side};
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
 use crate::rights::RightsTable;
 use crate::share::Transport;
@@ -161,6 +161,8 @@ pub struct FabricDialer {
     changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Requests waiting for a session now.
     held: Arc<AtomicUsize>,
+    /// Where streams opened through the peers are counted, if anywhere.
+    books: Option<Arc<PeerAccounts>>,
 }
 
 /// How one exit's attempt ended, when it did not connect.
@@ -184,7 +186,14 @@ impl FabricDialer {
             udp: Arc::default(),
             changes: Arc::new(tokio::sync::watch::channel(0).0),
             held: Arc::default(),
+            books: None,
         }
+    }
+
+    /// Counts the streams opened through the peers in `books`, as used.
+    pub fn with_accounts(mut self, books: Arc<PeerAccounts>) -> Self {
+        self.books = Some(books);
+        self
     }
 
     /// Wakes held requests whenever one of `fabric`'s sessions comes up or ends, until it
@@ -311,7 +320,21 @@ impl FabricDialer {
             Ok(Ok(answer)) => answer,
         };
         match Reply::from_byte(code) {
-            Reply::Connected => Ok(stream),
+            Reply::Connected => Ok(match (&self.books, target) {
+                (_, WireTarget::Ping) | (None, _) => stream,
+                (Some(books), WireTarget::Share(_)) => Box::new(Counted::new(
+                    stream,
+                    books.clone(),
+                    link.public_key(),
+                    Right::Share,
+                )),
+                (Some(books), _) => Box::new(Counted::new(
+                    stream,
+                    books.clone(),
+                    link.public_key(),
+                    Right::Exit,
+                )),
+            }),
             Reply::NotAllowed => Err(ViaError::Final(DialError::PolicyDenied(format!(
                 "the exit does not allow {target}"
             )))),
@@ -612,7 +635,7 @@ async fn serve_stream(
                 upstream,
                 &buf[used..],
                 options,
-                (peer, Served::Share),
+                (peer, Right::Share),
             )
             .await;
         }
@@ -622,7 +645,7 @@ async fn serve_stream(
         // The exit's own resolvers: no destination policy applies (the client names no
         // destination) and none is bypassed (queries go only where the exit's own do).
         debug!(peer = %peer, "dns through the exit's resolvers");
-        options.accounts.opened(peer, Served::Exit);
+        options.accounts.opened(peer, Side::Served, Right::Exit);
         stream.write_all(&[Reply::Connected.to_byte()]).await?;
         let (reader, mut writer) = tokio::io::split(stream);
         // Queries the client sent right behind its header come first.
@@ -641,14 +664,7 @@ async fn serve_stream(
         }
     };
     debug!(peer = %peer, %target, "exit connected");
-    answer_and_relay(
-        stream,
-        upstream,
-        &buf[used..],
-        options,
-        (peer, Served::Exit),
-    )
-    .await
+    answer_and_relay(stream, upstream, &buf[used..], options, (peer, Right::Exit)).await
 }
 
 /// Says "connected", hands the target what the peer sent behind its header, and relays.
@@ -657,14 +673,14 @@ async fn answer_and_relay(
     mut upstream: BoxedStream,
     early: &[u8],
     options: &ExitOptions,
-    (peer, right): (PublicKey, Served),
+    (peer, right): (PublicKey, Right),
 ) -> io::Result<()> {
-    options.accounts.opened(peer, right);
+    options.accounts.opened(peer, Side::Served, right);
     stream.write_all(&[Reply::Connected.to_byte()]).await?;
     upstream.write_all(early).await?;
     let mut moved = crate::relay::relay(&mut stream, &mut upstream, options.idle_timeout).await?;
     moved.up += early.len() as u64;
-    options.accounts.relayed(peer, right, moved);
+    options.accounts.relayed(peer, Side::Served, right, moved);
     Ok(())
 }
 

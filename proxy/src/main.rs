@@ -230,11 +230,13 @@ fn start_node(settings: &RunSettings, mark: Option<u32>) -> Result<Option<Node>,
     println!("tox id: {}", fabric.id());
     // The dialer knows every exit and its place from the start, so the failover order is the
     // order given here, whichever session comes up first.
+    let books: Arc<proxy::accounts::PeerAccounts> = Arc::default();
     let exits = (!settings.exits.is_empty()).then(|| {
         FabricDialer::new(
             common.connect_timeout,
             settings.exits.iter().map(ToxId::public_key),
         )
+        .with_accounts(books.clone())
     });
     if let Some(exits) = &exits {
         tokio::spawn(exits.deliver_datagrams(fabric.clone()));
@@ -245,12 +247,13 @@ fn start_node(settings: &RunSettings, mark: Option<u32>) -> Result<Option<Node>,
         fabric.id().public_key(),
     ));
     let placeholder: Arc<dyn Dialer> = Arc::new(DirectDialer::new(common.connect_timeout));
-    let mesh = proxy::route::MeshDialer::new(routes, common.connect_timeout, placeholder);
+    let mesh =
+        proxy::route::MeshDialer::new(routes, common.connect_timeout, placeholder, books.clone());
     tokio::spawn(mesh.follow_sessions(&fabric));
     let status = MeshStatus {
         routes: mesh.routes().clone(),
         rights: Arc::new(common.rights.clone()),
-        accounts: Arc::default(),
+        accounts: books,
         exits: settings.exits.iter().map(ToxId::public_key).collect(),
     };
     // One session per peer: the exits and the known peers, each once.

@@ -33,7 +33,7 @@ use crate::dialer::BoxedStream;
 pub const BUF_SIZE: usize = 256 * 1024;
 
 /// How a relay ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transferred {
     /// Bytes from the client to the target.
     pub up: u64,

@@ -21,6 +21,7 @@ use fabric::id::PublicKey;
 use fabric::overlay::{OverlayTable, TargetName, is_overlay};
 use fabric::peer::Peer;
 
+use crate::accounts::PeerAccounts;
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
 use crate::exit::FabricDialer;
 use crate::peers::PeerTable;
@@ -119,17 +120,20 @@ pub struct MeshDialer {
 impl MeshDialer {
     /// A dialer over `routes`' peers (none connected yet: hand each session over with
     /// [`MeshDialer::add_peer`]) in front of `onward`.
+    /// Streams to the peers are counted in `books`.
     pub fn new(
         routes: Arc<PeerRoutes>,
         connect_timeout: std::time::Duration,
         onward: Arc<dyn Dialer>,
+        books: Arc<PeerAccounts>,
     ) -> Self {
         let links = routes
             .peers()
             .iter()
             .map(|p| {
                 let pk = p.id.public_key();
-                (pk, FabricDialer::new(connect_timeout, [pk]))
+                let link = FabricDialer::new(connect_timeout, [pk]).with_accounts(books.clone());
+                (pk, link)
             })
             .collect();
         Self {

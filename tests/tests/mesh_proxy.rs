@@ -235,6 +235,11 @@ fn peers_reach_shared_ports_by_name_and_overlay_address_and_nothing_else() {
         "{listed}"
     );
     assert!(listed.contains("served: as exit 1 streams"), "{listed}");
+    // Counted when opened (the bytes when each stream ends).
+    assert!(
+        listed.contains("used: as exit 0 streams (0 B up, 0 B down), shared ports 5 streams"),
+        "{listed}"
+    );
     let listed = peers_of(&nas);
     eprintln!("nas's peers:\n{listed}");
     let laptop_key = laptop_id.parse::<ToxId>().unwrap().public_key();
@@ -249,6 +254,10 @@ fn peers_reach_shared_ports_by_name_and_overlay_address_and_nothing_else() {
     assert!(
         listed.contains("shared ports 5 streams") && listed.contains("refused 1"),
         "laptop: 5 shared streams and the unshared port refused: {listed}"
+    );
+    assert!(
+        listed.contains("used: as exit 1 streams"),
+        "nas used laptop as its exit once: {listed}"
     );
     let c_key = c_id.parse::<ToxId>().unwrap().public_key();
     let c_part = &listed[listed.find(&format!("peer c {c_key}")).expect("c listed")..];

@@ -100,7 +100,13 @@ impl Shared {
         let epoch = self.epoch;
         let answers_crossed = answers_crossed_open(&self.own_key.0, &pk.0);
         let answered = self.with_slot(pk, |slot| {
-            if slot.opener.is_some() && !answers_crossed {
+            // An Open of ours is in flight, or was answered so recently that the peer's may
+            // still be on its way: the tie-break holds for both. (A peer that really lost a
+            // session we opened ends it with an "unknown session" close, or its restart is
+            // seen by a knock; then its Open is answered.)
+            let ours =
+                slot.opener.is_some() || slot.session.as_ref().is_some_and(|r| r.opened_here);
+            if ours && !answers_crossed {
                 return None;
             }
             let acceptor = slot
@@ -166,15 +172,17 @@ impl Shared {
             {
                 return (Some(r.input.clone()), false);
             }
-            // Only an exit (which holds an acceptor for this client, or allows it) tells a
-            // client its session is gone; a client ignores strays. A packet of another conv
-            // than the running one is answered too: a client that took an answer the exit
-            // has since replaced learns in a round trip, not after the idle timeout.
+            // Only an end that answers this peer's Opens (it holds an acceptor for it, or
+            // allows it) tells the peer its session is gone; others ignore strays. A packet
+            // of another conv than the running one is answered too: a peer that took an
+            // answer we have since replaced learns in a round trip, not after the idle
+            // timeout. Never while our own Open waits for its answer: the peer's first
+            // packets of the session it is granting us may arrive before the answer does.
             let due = slot
                 .last_unknown
                 .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
             let exit_side = slot.acceptor.is_some() || self.allow.allows(&pk);
-            if due && exit_side {
+            if due && exit_side && slot.opener.is_none() {
                 slot.last_unknown = Some(now);
                 return (None, true);
             }

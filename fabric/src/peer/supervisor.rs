@@ -40,7 +40,31 @@ pub(super) async fn establish(
             .map_err(|_| ConnectError::Shutdown)?;
     }
     let (tx, mut rx) = mpsc::channel(8);
-    shared.with_slot(pk, |slot| slot.opener = Some(tx));
+    // In one step with the look at the slot: a session the peer opened while we waited (we
+    // answered its Open, not opening yet) is the pair's session, and an Open of ours now
+    // would replace it on both ends. Once the opener is set, a crossing Open meets the
+    // tie-break instead.
+    let running = shared.with_slot(pk, |slot| {
+        let running = slot
+            .session
+            .as_ref()
+            .map(|r| r.conv)
+            .filter(|_| resume.is_none());
+        if running.is_none() {
+            slot.opener = Some(tx.clone());
+        }
+        running
+    });
+    if let Some(conv) = running {
+        return Ok(conv);
+    }
+    // Cleared when this attempt ends, however it ends (a supervisor that stops drops it
+    // mid-way): a slot left "opening" would ignore the peer's Opens for good.
+    let _opening = OpeningGuard {
+        shared: shared.clone(),
+        pk,
+        tx,
+    };
     let now = Instant::now();
     let remaining = deadline.into_std().saturating_duration_since(now);
     let mut opener = Opener::new(
@@ -76,7 +100,9 @@ pub(super) async fn establish(
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
         }
     };
-    shared.with_slot(pk, |slot| slot.opener = None);
+    // The session starts before the slot stops "opening" (the guard's drop): the peer's
+    // first packets may come before its answer did, and must never be taken for a session
+    // unknown here.
     match outcome {
         OpenOutcome::Accepted(conv) => {
             let running = shared.with_slot(pk, |slot| slot.session.as_ref().map(|r| r.conv));
@@ -89,6 +115,28 @@ pub(super) async fn establish(
         OpenOutcome::OpenedByPeer(conv) => Ok(conv),
         OpenOutcome::Rejected(reason) => Err(ConnectError::Rejected(reason)),
         OpenOutcome::TimedOut => Err(ConnectError::TimedOut(timeout)),
+    }
+}
+
+/// Marks the slot of `pk` as opening while it lives.
+struct OpeningGuard {
+    shared: Arc<Shared>,
+    pk: PublicKey,
+    /// The opener's channel, to clear only our own mark.
+    tx: mpsc::Sender<OpenerInput>,
+}
+
+impl Drop for OpeningGuard {
+    fn drop(&mut self) {
+        self.shared.with_slot(self.pk, |slot| {
+            if slot
+                .opener
+                .as_ref()
+                .is_some_and(|o| o.same_channel(&self.tx))
+            {
+                slot.opener = None;
+            }
+        });
     }
 }
 

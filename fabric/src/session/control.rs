@@ -229,9 +229,9 @@ pub enum OpenOutcome {
     OpenedByPeer(ConvId),
 }
 
-/// Both ends asked for a session at the same time (each has an [`Opener`] running when the
-/// other's Open arrives): whether this end answers the peer's Open, or leaves it unanswered
-/// and waits for the answer to its own.
+/// Both ends asked for a session at the same time (each has an [`Opener`] running, or a
+/// session its Open made a moment ago, when the other's Open arrives): whether this end
+/// answers the peer's Open, or leaves it unanswered and keeps its own.
 ///
 /// Seed 003 leaves this open. Ours: **the Open of the end with the lower public key wins.** The
 /// end with the higher key answers the Open it received, as it would any other, and takes

@@ -10,7 +10,7 @@ use fabric::overlay::OverlayAddrs;
 use fabric::peer::PeerStatus;
 
 use super::{bytes, millis, path_name};
-use crate::accounts::{PeerAccounts, PeerCounts};
+use crate::accounts::{Ledger, PeerAccounts, PeerCounts};
 use crate::rights::{Rights, RightsTable};
 use crate::route::PeerRoutes;
 
@@ -40,8 +40,8 @@ pub struct PeerLine {
     pub here: Rights,
     /// Whether this node uses it as an exit.
     pub our_exit: bool,
-    /// What this node served it.
-    pub served: PeerCounts,
+    /// What this node served it, used it for, and refused it.
+    pub counts: PeerCounts,
     /// Its session, if it has a slot in the fabric.
     pub session: Option<PeerStatus>,
 }
@@ -69,7 +69,7 @@ impl MeshStatus {
                 overlay: self.routes.overlay().addrs(&pk),
                 here: self.rights.of(&pk),
                 our_exit: self.exits.contains(&pk),
-                served: self.accounts.of(&pk),
+                counts: self.accounts.of(&pk),
                 session: sessions
                     .iter()
                     .find(|(k, _)| *k == pk)
@@ -122,20 +122,28 @@ impl PeerLine {
             let _ = writeln!(out, "  overlay {}  {v4}{moved}", o.v6);
         }
         let _ = writeln!(out, "  may here: {}", self.rights_text());
-        let s = &self.served;
-        if s.exit_streams + s.share_streams + s.refused > 0 {
+        let c = &self.counts;
+        let ledger = |l: &Ledger| {
+            format!(
+                "as exit {} streams ({} up, {} down), shared ports {} streams ({} up, {} down)",
+                l.exit_streams,
+                bytes(l.exit_up),
+                bytes(l.exit_down),
+                l.share_streams,
+                bytes(l.share_up),
+                bytes(l.share_down),
+            )
+        };
+        if !c.served.is_empty() || c.refused > 0 {
             let _ = writeln!(
                 out,
-                "  served: as exit {} streams ({} up, {} down), shared ports {} streams ({} up, \
-                 {} down), refused {}",
-                s.exit_streams,
-                bytes(s.exit_up),
-                bytes(s.exit_down),
-                s.share_streams,
-                bytes(s.share_up),
-                bytes(s.share_down),
-                s.refused
+                "  served: {}, refused {}",
+                ledger(&c.served),
+                c.refused
             );
+        }
+        if !c.used.is_empty() {
+            let _ = writeln!(out, "  used: {}", ledger(&c.used));
         }
         match &self.session {
             Some(st) if st.conv.is_some() => {
@@ -170,47 +178,52 @@ pub fn text(lines: &[PeerLine]) -> String {
     out
 }
 
-/// Prometheus samples of what was served per peer.
+/// Prometheus samples of what was served and used per peer.
 pub fn prometheus(lines: &[PeerLine], out: &mut String) {
     let label = |l: &PeerLine| match &l.name {
         Some(n) => format!("peer=\"{}\",name=\"{n}\"", l.key),
         None => format!("peer=\"{}\"", l.key),
     };
+    let sides = |l: &PeerLine| [("served", l.counts.served), ("used", l.counts.used)];
     let _ = writeln!(
         out,
-        "# HELP proxy_peer_served_streams_total Streams this node served a peer, by right.\n\
-         # TYPE proxy_peer_served_streams_total counter"
+        "# HELP proxy_peer_streams_total Streams with a peer: served (the peer asked) or used \
+         (this node asked), by right.\n# TYPE proxy_peer_streams_total counter"
     );
     for l in lines {
-        for (right, n) in [
-            ("exit", l.served.exit_streams),
-            ("share", l.served.share_streams),
-        ] {
-            let _ = writeln!(
-                out,
-                "proxy_peer_served_streams_total{{{},right=\"{right}\"}} {n}",
-                label(l)
-            );
+        for (side, ledger) in sides(l) {
+            for (right, n) in [
+                ("exit", ledger.exit_streams),
+                ("share", ledger.share_streams),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "proxy_peer_streams_total{{{},side=\"{side}\",right=\"{right}\"}} {n}",
+                    label(l)
+                );
+            }
         }
     }
     let _ = writeln!(
         out,
-        "# HELP proxy_peer_served_bytes_total Bytes this node relayed for a peer, by right and \
-         direction (up: from the peer).\n# TYPE proxy_peer_served_bytes_total counter"
+        "# HELP proxy_peer_relayed_bytes_total Bytes of streams with a peer, by side, right and \
+         direction (up: toward the target).\n# TYPE proxy_peer_relayed_bytes_total counter"
     );
     for l in lines {
-        let s = &l.served;
-        for (right, dir, n) in [
-            ("exit", "up", s.exit_up),
-            ("exit", "down", s.exit_down),
-            ("share", "up", s.share_up),
-            ("share", "down", s.share_down),
-        ] {
-            let _ = writeln!(
-                out,
-                "proxy_peer_served_bytes_total{{{},right=\"{right}\",direction=\"{dir}\"}} {n}",
-                label(l)
-            );
+        for (side, g) in sides(l) {
+            for (right, dir, n) in [
+                ("exit", "up", g.exit_up),
+                ("exit", "down", g.exit_down),
+                ("share", "up", g.share_up),
+                ("share", "down", g.share_down),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "proxy_peer_relayed_bytes_total{{{},side=\"{side}\",right=\"{right}\",\
+                     direction=\"{dir}\"}} {n}",
+                    label(l)
+                );
+            }
         }
     }
     let _ = writeln!(
@@ -223,7 +236,7 @@ pub fn prometheus(lines: &[PeerLine], out: &mut String) {
             out,
             "proxy_peer_refused_total{{{}}} {}",
             label(l),
-            l.served.refused
+            l.counts.refused
         );
     }
 }
