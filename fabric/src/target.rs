@@ -10,6 +10,8 @@
 //!          share names no host: the peer dials 127.0.0.1 or [::1], nothing else)
 //!          kind 19: a ping: nothing after it; the peer answers "connected" and closes (a ping
 //!          of its overlay address, answered only when the peer itself answers)
+//!          kind 20: what the asker may do at the peer: nothing after it; the peer answers
+//!          "connected", then its grants (see [`Grants`]) and closes
 //! reply    code u8: 0 connected, then as SOCKS5 (RFC 1928 §6): 1 general failure,
 //!          2 not allowed by policy, 3 network unreachable, 4 host unreachable,
 //!          5 connection refused, 6 timed out
@@ -44,6 +46,7 @@ const KIND_RESOLVER: u8 = 16;
 const KIND_END: u8 = 17;
 const KIND_SHARE: u8 = 18;
 const KIND_PING: u8 = 19;
+const KIND_GRANTS: u8 = 20;
 
 /// Where the exit should connect.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -64,6 +67,55 @@ pub enum Target {
     /// A round trip to the peer itself, nothing dialed: how a ping of its overlay address is
     /// answered.
     Ping,
+    /// What the asker may do at the peer ([`Grants`]), so each end of a pair can show the
+    /// rights both ways.
+    Grants,
+}
+
+/// What a peer lets the asker do, as it answers [`Target::Grants`]:
+///
+/// ```text
+/// exit u8 (0 or 1) | length u16 BE | shared ports as text (`22/tcp,8000-8100/tcp`, `*`)
+/// ```
+///
+/// The ports stay text: the sharing side's own syntax, parsed (and bounded) by whoever shows
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Grants {
+    /// May use the peer as its exit.
+    pub exit: bool,
+    /// The ports of the peer's loopback it may reach, as the peer writes them.
+    pub shares: String,
+}
+
+/// The longest grants answer read.
+pub const MAX_GRANTS: usize = 3 + 4096;
+
+impl Grants {
+    /// The encoded answer; `None` if the ports' text is longer than [`MAX_GRANTS`] allows.
+    pub fn emit(&self) -> Option<Vec<u8>> {
+        let len = u16::try_from(self.shares.len())
+            .ok()
+            .filter(|&n| usize::from(n) + 3 <= MAX_GRANTS)?;
+        let mut out = vec![u8::from(self.exit)];
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(self.shares.as_bytes());
+        Some(out)
+    }
+
+    /// Decodes a whole answer; `None` when it is malformed.
+    pub fn parse(b: &[u8]) -> Option<Self> {
+        let (&exit, rest) = b.split_first()?;
+        let len = usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?));
+        let text = rest.get(2..)?;
+        if exit > 1 || text.len() != len {
+            return None;
+        }
+        Some(Self {
+            exit: exit == 1,
+            shares: std::str::from_utf8(text).ok()?.to_owned(),
+        })
+    }
 }
 
 /// A request header that cannot be decoded.
@@ -103,6 +155,7 @@ impl Target {
         let (addr_len, start) = match kind {
             KIND_RESOLVER => return Ok(Some((Self::Resolver, 2))),
             KIND_PING => return Ok(Some((Self::Ping, 2))),
+            KIND_GRANTS => return Ok(Some((Self::Grants, 2))),
             KIND_SHARE => {
                 return Ok(b
                     .get(2..4)
@@ -167,6 +220,7 @@ impl Target {
             }
             Self::Resolver => out.push(KIND_RESOLVER),
             Self::Ping => out.push(KIND_PING),
+            Self::Grants => out.push(KIND_GRANTS),
             Self::Share(port) => {
                 out.push(KIND_SHARE);
                 out.extend_from_slice(&port.to_be_bytes());
@@ -184,6 +238,7 @@ impl std::fmt::Display for Target {
             Self::Resolver => f.write_str("the exit's resolver"),
             Self::Share(port) => write!(f, "shared port {port}"),
             Self::Ping => f.write_str("a ping"),
+            Self::Grants => f.write_str("its grants"),
         }
     }
 }
@@ -328,6 +383,7 @@ mod tests {
             Just(Target::Resolver),
             any::<u16>().prop_map(Target::Share),
             Just(Target::Ping),
+            Just(Target::Grants),
         ]
     }
 
@@ -372,6 +428,18 @@ mod tests {
         assert_eq!(Target::parse(&[2]), Err(TargetError::Version(2)));
         assert_eq!(Target::parse(&[1, 9]), Err(TargetError::Kind(9)));
         assert_eq!(Target::parse(&[1, 16, 7]), Ok(Some((Target::Resolver, 2))));
+        let g = Grants {
+            exit: true,
+            shares: "22/tcp,8080/tcp".into(),
+        };
+        assert_eq!(Grants::parse(&g.emit().unwrap()), Some(g.clone()));
+        let mut bad = g.emit().unwrap();
+        bad[0] = 2;
+        assert_eq!(Grants::parse(&bad), None, "exit is 0 or 1");
+        let mut cut = g.emit().unwrap();
+        cut.pop();
+        assert_eq!(Grants::parse(&cut), None, "length must match");
+        assert_eq!(Grants::parse(&[]), None);
         assert_eq!(Target::parse(&[1, 18, 0x1f]), Ok(None), "half a port");
         assert_eq!(
             Target::parse(&[1, 18, 0x1f, 0x90, 9]),

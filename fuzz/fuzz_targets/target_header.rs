@@ -1,9 +1,10 @@
-//! The exit-request header and the UDP datagram header decoders: any bytes give a target, a
-//! request for more, or an error; never a panic. What decodes re-encodes to the same bytes.
+//! The exit-request header, the UDP datagram header and the grants answer decoders: any bytes
+//! give a target, a request for more, or an error; never a panic. What decodes re-encodes to
+//! the same bytes.
 
 #![no_main]
 
-use fabric::target::{Target, UdpHeader};
+use fabric::target::{Grants, Target, UdpHeader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,6 +17,9 @@ fuzz_target!(|data: &[u8]| {
         let mut again = Vec::new();
         target.emit(&mut again).expect("a decoded target encodes");
         assert_eq!(&again[..], &data[..used]);
+    }
+    if let Some(grants) = Grants::parse(data) {
+        assert_eq!(grants.emit().as_deref(), Some(data));
     }
     if let Ok((header, payload)) = UdpHeader::parse(data) {
         let mut again = Vec::new();

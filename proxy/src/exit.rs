@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use fabric::id::PublicKey;
 use fabric::peer::{DatagramError, Fabric, Incoming, Peer};
-use fabric::target::{Reply, Target as WireTarget};
+use fabric::target::{Grants, MAX_GRANTS, Reply, Target as WireTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument as _, debug, debug_span, info, warn};
@@ -271,6 +271,23 @@ impl FabricDialer {
         Ok(())
     }
 
+    /// What the peer lets this node do there, once its session is up.
+    pub async fn grants(&self) -> Result<Grants, DialError> {
+        let stream = self.open(WireTarget::Grants, &[]).await?;
+        let mut answer = Vec::new();
+        let mut limited = stream.take(MAX_GRANTS as u64);
+        tokio::time::timeout(self.reply_timeout, limited.read_to_end(&mut answer))
+            .await
+            .map_err(|_| DialError::TimedOut)?
+            .map_err(DialError::Other)?;
+        Grants::parse(&answer).ok_or_else(|| {
+            DialError::Other(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a malformed grants answer",
+            ))
+        })
+    }
+
     /// A stream to port `port` that the peer shares on its loopback (`NAME.tox:PORT`), once
     /// its session is up.
     pub async fn open_share(&self, port: u16) -> Result<BoxedStream, DialError> {
@@ -321,7 +338,7 @@ impl FabricDialer {
         };
         match Reply::from_byte(code) {
             Reply::Connected => Ok(match (&self.books, target) {
-                (_, WireTarget::Ping) | (None, _) => stream,
+                (_, WireTarget::Ping | WireTarget::Grants) | (None, _) => stream,
                 (Some(books), WireTarget::Share(_)) => Box::new(Counted::new(
                     stream,
                     books.clone(),
@@ -619,6 +636,23 @@ async fn serve_stream(
             stream.shutdown().await?;
             return Ok(());
         }
+        WireTarget::Grants => {
+            let rights = options.rights.of(&peer);
+            let grants = Grants {
+                exit: rights.exit,
+                shares: rights.share.to_string(),
+            };
+            let mut answer = vec![Reply::Connected.to_byte()];
+            // Too many ranges to say (beyond what any share can hold): say none.
+            answer.extend(
+                grants
+                    .emit()
+                    .unwrap_or_else(|| vec![u8::from(grants.exit), 0, 0]),
+            );
+            stream.write_all(&answer).await?;
+            stream.shutdown().await?;
+            return Ok(());
+        }
         WireTarget::Share(port) => {
             let upstream = match dial_loopback(port, options).await {
                 Ok(s) => s,
@@ -692,8 +726,9 @@ fn permitted(rights: &RightsTable, peer: &PublicKey, target: &WireTarget) -> Res
     match target {
         WireTarget::Share(port) if rights.may_reach(peer, *port, Transport::Tcp) => Ok(()),
         WireTarget::Share(port) => Err(format!("port {port} is not shared with this peer")),
-        // A session is only held with known or allowed peers: they may know it answers.
-        WireTarget::Ping => Ok(()),
+        // A session is only held with known or allowed peers: they may know it answers, and
+        // what they may do here.
+        WireTarget::Ping | WireTarget::Grants => Ok(()),
         _ if !rights.may_exit(peer) => Err("this peer may not use this node as its exit".into()),
         WireTarget::Name(name, _) if fabric::overlay::TargetName::parse(name).is_some() => {
             Err("a .tox name is a peer of the client's: no transit through this node".into())
@@ -731,7 +766,7 @@ fn from_wire(target: WireTarget) -> Option<Target> {
     match target {
         WireTarget::Ip(a) => Some(Target::Ip(a)),
         WireTarget::Name(n, p) => Some(Target::Domain(n, p)),
-        WireTarget::Resolver | WireTarget::Share(_) | WireTarget::Ping => None,
+        WireTarget::Resolver | WireTarget::Share(_) | WireTarget::Ping | WireTarget::Grants => None,
     }
 }
 

@@ -250,11 +250,13 @@ fn start_node(settings: &RunSettings, mark: Option<u32>) -> Result<Option<Node>,
     let mesh =
         proxy::route::MeshDialer::new(routes, common.connect_timeout, placeholder, books.clone());
     tokio::spawn(mesh.follow_sessions(&fabric));
+    tokio::spawn(mesh.learn_grants(&fabric));
     let status = MeshStatus {
         routes: mesh.routes().clone(),
         rights: Arc::new(common.rights.clone()),
         accounts: books,
         exits: settings.exits.iter().map(ToxId::public_key).collect(),
+        granted: mesh.granted(),
     };
     // One session per peer: the exits and the known peers, each once.
     let mut dial: Vec<ToxId> = settings.exits.clone();
@@ -469,6 +471,7 @@ async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failur
         rights: Arc::new(common.rights.clone()),
         accounts: Arc::default(),
         exits: Vec::new(),
+        granted: Arc::default(),
     };
     let status = Arc::new(
         Status::new(

@@ -20,11 +20,16 @@ use std::sync::Arc;
 use fabric::id::PublicKey;
 use fabric::overlay::{OverlayTable, TargetName, is_overlay};
 use fabric::peer::Peer;
+use fabric::target::Grants;
 
 use crate::accounts::PeerAccounts;
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
 use crate::exit::FabricDialer;
 use crate::peers::PeerTable;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +120,12 @@ pub struct MeshDialer {
     /// One dialer per known peer: it holds a request while the peer's session comes up.
     links: HashMap<PublicKey, FabricDialer>,
     onward: Arc<dyn Dialer>,
+    /// What each peer said this node may do there (asked on each new session).
+    granted: Granted,
 }
+
+/// What each peer lets this node do there, as it last said.
+pub type Granted = Arc<std::sync::Mutex<HashMap<PublicKey, Grants>>>;
 
 impl MeshDialer {
     /// A dialer over `routes`' peers (none connected yet: hand each session over with
@@ -140,6 +150,47 @@ impl MeshDialer {
             routes,
             links,
             onward,
+            granted: Granted::default(),
+        }
+    }
+
+    /// What each peer said this node may do there.
+    pub fn granted(&self) -> Granted {
+        self.granted.clone()
+    }
+
+    /// Asks each known peer what this node may do there, once its session is up and again
+    /// whenever sessions change, until `fabric` shuts down. Run it as a task.
+    pub fn learn_grants(
+        &self,
+        fabric: &fabric::peer::Fabric,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let tasks: Vec<_> = self
+            .links
+            .iter()
+            .map(|(pk, link)| {
+                let (pk, link, granted) = (*pk, link.clone(), self.granted.clone());
+                let mut changes = fabric.session_changes();
+                async move {
+                    loop {
+                        // Held until the session is up (bounded by the connect timeout).
+                        match link.grants().await {
+                            Ok(g) => {
+                                lock(&granted).insert(pk, g);
+                            }
+                            Err(err) => tracing::debug!(peer = %pk, %err, "no grants"),
+                        }
+                        if changes.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .collect();
+        async move {
+            for t in tasks {
+                tokio::spawn(t);
+            }
         }
     }
 

@@ -925,6 +925,7 @@ mod tests {
             rights: Arc::new(rights),
             accounts,
             exits: Vec::new(),
+            granted: Arc::default(),
         };
         let mut snap = snapshot();
         snap.mesh = mesh.lines(&[(nas, snap.peers[0].1.clone())]);

@@ -226,7 +226,22 @@ fn peers_reach_shared_ports_by_name_and_overlay_address_and_nothing_else() {
         assert!(out.status.success(), "proxy peers: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let listed = peers_of(&laptop);
+    // Each side also shows what the other gives it (asked of the peer on each session).
+    let listing_with = |node: &ProxyProcess, needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let listed = peers_of(node);
+            if listed.contains(needle) {
+                return listed;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} in:\n{listed}");
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let listed = listing_with(
+        &laptop,
+        &format!("gives this node: reach its ports {port}/tcp"),
+    );
     eprintln!("laptop's peers:\n{listed}");
     assert!(listed.contains(&format!("peer nas {nas_key}")), "{listed}");
     assert!(listed.contains(&format!("overlay {v6}")), "{listed}");
@@ -240,8 +255,9 @@ fn peers_reach_shared_ports_by_name_and_overlay_address_and_nothing_else() {
         listed.contains("used: as exit 0 streams (0 B up, 0 B down), shared ports 5 streams"),
         "{listed}"
     );
-    let listed = peers_of(&nas);
+    let listed = listing_with(&nas, "gives this node: use it as exit");
     eprintln!("nas's peers:\n{listed}");
+    listing_with(&c, "gives this node: nothing");
     let laptop_key = laptop_id.parse::<ToxId>().unwrap().public_key();
     assert!(
         listed.contains(&format!("peer laptop {laptop_key}  (this node's exit)")),

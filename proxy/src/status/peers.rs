@@ -12,7 +12,8 @@ use fabric::peer::PeerStatus;
 use super::{bytes, millis, path_name};
 use crate::accounts::{Ledger, PeerAccounts, PeerCounts};
 use crate::rights::{Rights, RightsTable};
-use crate::route::PeerRoutes;
+use crate::route::{Granted, PeerRoutes};
+use fabric::target::Grants;
 
 /// What the peers part reads from.
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ pub struct MeshStatus {
     pub accounts: Arc<PeerAccounts>,
     /// The peers this node uses as exits.
     pub exits: Vec<PublicKey>,
+    /// What each peer said this node may do there.
+    pub granted: Granted,
 }
 
 /// One peer, as status shows it.
@@ -42,6 +45,8 @@ pub struct PeerLine {
     pub our_exit: bool,
     /// What this node served it, used it for, and refused it.
     pub counts: PeerCounts,
+    /// What it lets this node do, as it said (`None`: not asked yet, or no answer).
+    pub gives: Option<Grants>,
     /// Its session, if it has a slot in the fabric.
     pub session: Option<PeerStatus>,
 }
@@ -70,6 +75,12 @@ impl MeshStatus {
                 here: self.rights.of(&pk),
                 our_exit: self.exits.contains(&pk),
                 counts: self.accounts.of(&pk),
+                gives: self
+                    .granted
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&pk)
+                    .cloned(),
                 session: sessions
                     .iter()
                     .find(|(k, _)| *k == pk)
@@ -122,6 +133,21 @@ impl PeerLine {
             let _ = writeln!(out, "  overlay {}  {v4}{moved}", o.v6);
         }
         let _ = writeln!(out, "  may here: {}", self.rights_text());
+        if let Some(g) = &self.gives {
+            let mut parts = Vec::new();
+            if g.exit {
+                parts.push("use it as exit".to_owned());
+            }
+            if !g.shares.is_empty() {
+                parts.push(format!("reach its ports {}", g.shares));
+            }
+            let gives = if parts.is_empty() {
+                "nothing".to_owned()
+            } else {
+                parts.join(", ")
+            };
+            let _ = writeln!(out, "  gives this node: {gives}");
+        }
         let c = &self.counts;
         let ledger = |l: &Ledger| {
             format!(
