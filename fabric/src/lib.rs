@@ -19,6 +19,7 @@ pub mod id;
 pub mod link;
 pub mod mux;
 pub mod overlay;
+pub mod pairing;
 #[cfg(feature = "tokio")]
 pub mod path;
 #[cfg(feature = "tox")]
