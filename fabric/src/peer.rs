@@ -52,6 +52,7 @@ use self::supervisor::{establish, supervise};
 use crate::id::{PublicKey, ToxId};
 use crate::mux::io::{Handle, Stream};
 use crate::mux::{self, SharedBudget};
+use crate::pairing::JoinRequest;
 use crate::path::{PathChoice, PathConfig, PathStatus};
 use crate::session::control::Acceptor;
 use crate::session::{self, CloseReason, Control, ConvId};
@@ -156,13 +157,17 @@ pub struct Fabric {
     shared: Arc<Shared>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
     datagrams: tokio::sync::Mutex<mpsc::Receiver<(PublicKey, Vec<u8>)>>,
+    joins: tokio::sync::Mutex<mpsc::Receiver<(PublicKey, JoinRequest)>>,
 }
 
 #[derive(Debug)]
 struct Shared {
     tox: ToxHandle,
     config: FabricConfig,
-    allow: FriendPolicy,
+    /// Who may open sessions here; grows at run time ([`Fabric::allow`]).
+    allow: Mutex<FriendPolicy>,
+    /// Pairing requests for the application (see [`Fabric::next_join_request`]).
+    joins: mpsc::Sender<(PublicKey, JoinRequest)>,
     routes: Mutex<HashMap<PublicKey, Slot>>,
     incoming: mpsc::Sender<Incoming>,
     epoch: Instant,
@@ -261,6 +266,7 @@ impl Fabric {
         let (tox, events) = ToxNode::spawn(config.tox.clone())?;
         let (incoming_tx, incoming_rx) = mpsc::channel(1024);
         let (datagrams_tx, datagrams_rx) = mpsc::channel(DATAGRAM_QUEUE);
+        let (joins_tx, joins_rx) = mpsc::channel(JOIN_QUEUE);
         let mux_budget = SharedBudget::new(config.mux_budget);
         let direct = direct::bind(&config, tox.secret_key().0);
         let shared = Arc::new(Shared {
@@ -269,7 +275,8 @@ impl Fabric {
             tox,
             config,
             mux_budget,
-            allow,
+            allow: Mutex::new(allow),
+            joins: joins_tx,
             routes: Mutex::new(HashMap::new()),
             incoming: incoming_tx,
             epoch: Instant::now(),
@@ -285,6 +292,7 @@ impl Fabric {
             shared,
             incoming: tokio::sync::Mutex::new(incoming_rx),
             datagrams: tokio::sync::Mutex::new(datagrams_rx),
+            joins: tokio::sync::Mutex::new(joins_rx),
         })
     }
 
@@ -338,6 +346,21 @@ impl Fabric {
     /// shutting down.
     pub async fn accept(&self) -> Option<Incoming> {
         self.incoming.lock().await.recv().await
+    }
+
+    /// The next pairing request (a friend request whose message is a
+    /// [`JoinRequest`], from a peer this node does not allow): who asked, and the request,
+    /// for the application to check against its invitations and accept with
+    /// [`Fabric::allow`]. `None` once the fabric is shutting down.
+    pub async fn next_join_request(&self) -> Option<(PublicKey, JoinRequest)> {
+        self.joins.lock().await.recv().await
+    }
+
+    /// Lets `pk` hold sessions with this node from now on, and makes it a Tox friend (which
+    /// accepts its pending friend request, if any): what accepting a pairing request does.
+    pub async fn allow(&self, pk: PublicKey) -> Result<(), ToxError> {
+        lock(&self.shared.allow).keys.insert(pk);
+        self.shared.tox.add_friend_norequest(pk).await
     }
 
     /// The next datagram a peer sent: who sent it and its payload. `None` once the fabric is
@@ -470,8 +493,15 @@ pub enum DatagramError {
 
 /// Received datagrams waiting for the application; more are dropped, as UDP would.
 const DATAGRAM_QUEUE: usize = 4096;
+/// Pairing requests waiting for the application; more are dropped (their senders ask again).
+const JOIN_QUEUE: usize = 16;
 
 impl Shared {
+    /// Whether `pk` may open sessions here.
+    fn allows(&self, pk: &PublicKey) -> bool {
+        lock(&self.allow).allows(pk)
+    }
+
     fn send_datagram(&self, pk: PublicKey, payload: Vec<u8>) -> Result<(), DatagramError> {
         let max = self.config.session.max_datagram();
         if payload.len() > max {

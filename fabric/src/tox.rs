@@ -34,7 +34,7 @@ mod strangers;
 pub mod testnet;
 
 pub use ffi::{Connection, MAX_CUSTOM_PACKET};
-pub use node::{FriendStatus, ToxEvent, ToxHandle, ToxNode, ToxStatus};
+pub use node::{FriendStatus, JOIN_REQUESTS_PER_MINUTE, ToxEvent, ToxHandle, ToxNode, ToxStatus};
 
 /// First bytes c-toxcore accepts for custom lossy packets.
 pub const LOSSY_ID_RANGE: RangeInclusive<u8> = 192..=254;

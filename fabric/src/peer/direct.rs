@@ -400,7 +400,7 @@ fn on_hello(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet
     let Some(pk) = hello_sender(packet) else {
         return;
     };
-    let exit_side = shared.allow.allows(&pk);
+    let exit_side = shared.allows(&pk);
     let dialed = shared.with_slot_if(pk, |slot| slot.dialed).unwrap_or(false);
     if !exit_side && !dialed {
         debug!(%from, "hello from a peer we neither allow nor dial");

@@ -15,6 +15,7 @@ use super::{
 };
 use crate::id::PublicKey;
 use crate::link::signal::Signal;
+use crate::pairing::JoinRequest;
 use crate::session::control::{Acceptor, answers_crossed_open};
 use crate::session::{self, CloseReason, Control, ConvId};
 use crate::time::{Duration, Instant};
@@ -40,6 +41,16 @@ pub(super) async fn route(shared: Weak<Shared>, mut events: mpsc::Receiver<ToxEv
                 match Control::parse(&data[1..]) {
                     Ok(msg) => shared.handle_control(pk, msg),
                     Err(error) => debug!(peer = %pk, %error, "bad control message"),
+                }
+            }
+            ToxEvent::JoinRequest { pk, message } => {
+                let request = std::str::from_utf8(&message)
+                    .ok()
+                    .and_then(JoinRequest::parse);
+                match request {
+                    // Full: dropped; the joiner's node asks again.
+                    Some(request) => drop(shared.joins.try_send((pk, request))),
+                    None => debug!(peer = %pk, "malformed pairing request"),
                 }
             }
             ToxEvent::FriendConnection { pk, status } => {
@@ -89,7 +100,7 @@ impl Shared {
         request: u32,
         resume: Option<ConvId>,
     ) -> Option<Control> {
-        if !self.allow.allows(&pk) {
+        if !self.allows(&pk) {
             debug!(peer = %pk, "session refused: not allowed");
             return Some(Control::Reject {
                 request,
@@ -181,7 +192,7 @@ impl Shared {
             let due = slot
                 .last_unknown
                 .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
-            let exit_side = slot.acceptor.is_some() || self.allow.allows(&pk);
+            let exit_side = slot.acceptor.is_some() || self.allows(&pk);
             if due && exit_side && slot.opener.is_none() {
                 slot.last_unknown = Some(now);
                 return (None, true);

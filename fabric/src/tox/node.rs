@@ -68,6 +68,10 @@ const STRANGER_CHECK: Duration = Duration::from_secs(10);
 /// c-toxcore never repeats a request the peer once accepted.
 const REQUEST_AGAIN_AFTER: Duration = Duration::from_secs(20);
 
+/// Pairing requests passed on to the application at most, per minute, over all senders: a
+/// stranger can make a node check proofs, but not without bound.
+pub const JOIN_REQUESTS_PER_MINUTE: usize = 32;
+
 /// Something that happened on the Tox network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -77,6 +81,16 @@ pub enum ToxEvent {
     FriendRequest {
         /// Who asked.
         pk: PublicKey,
+    },
+    /// A friend request the policy refused whose message is a pairing request
+    /// ([`crate::pairing::REQUEST_PREFIX`]): the application decides (and adds the peer
+    /// with [`ToxHandle::add_friend_norequest`] to accept it). At most
+    /// [`JOIN_REQUESTS_PER_MINUTE`] a minute are passed on.
+    JoinRequest {
+        /// Who asked.
+        pk: PublicKey,
+        /// The request's message.
+        message: Vec<u8>,
     },
     /// A friend came online, went offline or changed transport.
     FriendConnection {
@@ -408,6 +422,8 @@ struct Node {
     hurry_until: Instant,
     /// Friends we sent a request to or accepted one from, not yet online.
     awaited: HashSet<PublicKey>,
+    /// When the pairing requests of the last minute were passed on.
+    join_requests: Vec<Instant>,
     /// Savedata changed (friend list) and should be written.
     dirty: bool,
     /// Friends accepted under `allow_any` only: never saved, removed when idle.
@@ -467,6 +483,7 @@ impl Node {
             bootstrapped_at: Instant::now(),
             hurry_until: Instant::now() + HURRY_FOR,
             awaited: HashSet::new(),
+            join_requests: Vec::new(),
             dirty: false,
             strangers: Strangers::new(Instant::now()),
             next_stranger_check: Instant::now() + STRANGER_CHECK,
@@ -598,8 +615,8 @@ impl Node {
     async fn iterate(&mut self) {
         self.inbox.received_last_iteration = 0;
         self.tox.iterate(&mut self.inbox);
-        for (pk, message_len) in std::mem::take(&mut self.inbox.requests) {
-            self.on_friend_request(pk, message_len);
+        for (pk, message) in std::mem::take(&mut self.inbox.requests) {
+            self.on_friend_request(pk, message);
         }
         self.check_strangers();
         self.retry_backlog();
@@ -632,11 +649,25 @@ impl Node {
         }
     }
 
-    fn on_friend_request(&mut self, pk: PublicKey, message_len: usize) {
+    fn on_friend_request(&mut self, pk: PublicKey, message: Vec<u8>) {
         if !self.config.allow.allows(&pk) {
-            debug!(peer = %pk.short(), "friend request refused by policy");
+            if message.is_empty() {
+                debug!(peer = %pk.short(), "friend request refused by policy");
+                return;
+            }
+            let now = Instant::now();
+            self.join_requests
+                .retain(|t| now.saturating_duration_since(*t) < Duration::from_secs(60));
+            if self.join_requests.len() >= JOIN_REQUESTS_PER_MINUTE {
+                debug!(peer = %pk.short(), "pairing request dropped: too many this minute");
+                return;
+            }
+            self.join_requests.push(now);
+            debug!(peer = %pk.short(), "pairing request passed on");
+            self.inbox.push(ToxEvent::JoinRequest { pk, message });
             return;
         }
+        let message_len = message.len();
         let stranger = !self.config.allow.keys.contains(&pk);
         if stranger {
             if self.friends.contains_key(&pk) && !self.strangers.contains(&pk) {
@@ -1002,8 +1033,9 @@ struct Inbox {
     /// Events that did not fit in the channel; flushed (waiting for room) after the iteration.
     /// While non-empty, new events queue behind them to keep the order.
     pending: VecDeque<ToxEvent>,
-    /// Friend requests, handled after the iteration (the instance is busy during it).
-    requests: Vec<(PublicKey, usize)>,
+    /// Friend requests, handled after the iteration (the instance is busy during it): the
+    /// sender and the message (kept only when it is a pairing request).
+    requests: Vec<(PublicKey, Vec<u8>)>,
     by_number: HashMap<u32, PublicKey>,
     /// Strangers (see [`super::strangers`]), and those heard from since the last iteration.
     strangers: HashSet<PublicKey>,
@@ -1104,7 +1136,12 @@ impl Callbacks for Inbox {
 
     fn friend_request(&mut self, pk: PublicKey, message: &[u8]) {
         if pk != self.own_pk {
-            self.requests.push((pk, message.len()));
+            let kept = if message.starts_with(crate::pairing::REQUEST_PREFIX.as_bytes()) {
+                message.to_vec()
+            } else {
+                Vec::new()
+            };
+            self.requests.push((pk, kept));
         }
     }
 
