@@ -248,6 +248,10 @@ pub struct StatusArgs {
     /// Settings file (only its `http` and `metrics` matter here).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Ask the node running on this data dir, by its control socket (works whatever
+    /// listeners it has; only for the user who runs it).
+    #[arg(long, value_name = "DIR", conflicts_with = "from")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// A resolver address: `IP` (port 53) or `IP:PORT`.

@@ -18,6 +18,7 @@
 pub mod accounts;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dialer;
 pub mod exit;
 pub mod exit_policy;

@@ -92,19 +92,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             run_exit(settings, signals).await
         }
         Some(Command::Status(args)) => {
-            let addr = status_addr(&args).map_err(Failure::Settings)?;
-            let text = proxy::status::fetch(addr)
-                .await
-                .with_context(|| format!("asking the proxy at {addr} for its status"))?;
-            print!("{text}");
+            print!("{}", ask(&args, "status").await?);
             Ok(())
         }
         Some(Command::Peers(args)) => {
-            let addr = status_addr(&args).map_err(Failure::Settings)?;
-            let text = proxy::status::fetch_path(addr, "/peers")
-                .await
-                .with_context(|| format!("asking the proxy at {addr} for its peers"))?;
-            print!("{text}");
+            print!("{}", ask(&args, "peers").await?);
             Ok(())
         }
         Some(Command::Id(args)) => {
@@ -148,6 +140,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// Asks the running node for `what` (`status`, `peers`): by its control socket with
+/// `--data-dir`, else by HTTP at `--from` (or the config file's address).
+async fn ask(args: &proxy::cli::StatusArgs, what: &str) -> Result<String, Failure> {
+    if let Some(dir) = &args.data_dir {
+        return Ok(proxy::control::request(dir, what)
+            .await
+            .with_context(|| format!("asking the proxy on {} for its {what}", dir.display()))?);
+    }
+    let addr = status_addr(args).map_err(Failure::Settings)?;
+    Ok(proxy::status::fetch_path(addr, &format!("/{what}"))
+        .await
+        .with_context(|| format!("asking the proxy at {addr} for its {what}"))?)
+}
+
 /// Binds the listeners (if any is on), serves status on them and on `--metrics`, and
 /// announces their addresses on stdout.
 async fn start_frontends(
@@ -179,6 +185,18 @@ async fn start_frontends(
     }
     let status = Arc::new(status);
     proxy.set_status(status.clone());
+    if status.has_fabric() {
+        // A node (with an identity, so a data dir): its control socket.
+        let dir = data_dir(settings.common.data_dir.clone())?;
+        let listener = proxy::control::bind(&dir)
+            .await
+            .context("starting the control socket")?;
+        tokio::spawn(proxy::control::serve(
+            listener,
+            status.clone(),
+            proxy.shared().shutdown.clone(),
+        ));
+    }
     serve_metrics(&settings.common, status, proxy.shared().shutdown.clone()).await?;
     // Tests and scripts read these lines to learn the ports (useful with port 0): the first
     // address is the one to use, any other follows "and".
@@ -481,7 +499,15 @@ async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failur
         )
         .with_mesh(mesh.clone()),
     );
-    serve_metrics(&settings.common, status, stop_metrics.clone()).await?;
+    serve_metrics(&settings.common, status.clone(), stop_metrics.clone()).await?;
+    let listener = proxy::control::bind(&data_dir(common.data_dir.clone())?)
+        .await
+        .context("starting the control socket")?;
+    tokio::spawn(proxy::control::serve(
+        listener,
+        status,
+        stop_metrics.clone(),
+    ));
     serve_peers(&fabric, &mesh, common, settings.dns.clone(), None);
     shutdown_signal(signals).await;
     stop_metrics.cancel();

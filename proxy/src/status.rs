@@ -244,6 +244,11 @@ impl Status {
         }
     }
 
+    /// Whether it reports a fabric (a node with an identity).
+    pub fn has_fabric(&self) -> bool {
+        self.fabric.is_some()
+    }
+
     /// Shows the peers by name, their rights and what was served them.
     pub fn with_mesh(mut self, mesh: MeshStatus) -> Self {
         self.mesh = Some(mesh);
