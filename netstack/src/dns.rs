@@ -162,22 +162,33 @@ impl Query {
     }
 }
 
+/// A standard query for `name` (dots between labels; a final dot or none) of type `qtype`,
+/// recursion desired, as a stub resolver sends it.
+pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = Vec::with_capacity(HEADER + name.len() + 6);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&CLASS_IN.to_be_bytes());
+    q
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
 
+    /// A query with an EDNS OPT record after the question (ignored by the parser).
     fn query(name: &str, qtype: u16) -> Vec<u8> {
-        let mut q = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1];
-        for label in name.split('.').filter(|l| !l.is_empty()) {
-            q.push(label.len() as u8);
-            q.extend_from_slice(label.as_bytes());
-        }
-        q.push(0);
-        q.extend_from_slice(&qtype.to_be_bytes());
-        q.extend_from_slice(&1u16.to_be_bytes());
-        // An EDNS OPT record, ignored.
+        let mut q = super::query(0xabcd, name, qtype);
+        // The header's ARCOUNT: one additional record, the OPT.
+        q[11] = 1;
         q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
         q
     }

@@ -36,7 +36,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::netns::sh;
+use crate::netns::{Proc, sh};
 
 /// What kind of NAT a home sits behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,6 +262,20 @@ impl NatTopology {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", self.peer_ns(i)]).args(args);
         cmd
+    }
+
+    /// A private Tox network of four daemons in the public namespace (`tool` is `nst-tool`):
+    /// the process to keep, and the nodes as the homes reach them (`PK@198.51.100.1:PORT`).
+    pub fn start_toxnet(&self, tool: &str) -> (Proc, Vec<String>) {
+        let toxnet = Proc::spawn(self.in_public(&[tool, "toxnet", "4"]), "ready");
+        let public = STUN.split(':').next().unwrap_or_default();
+        let nodes: Vec<String> = toxnet
+            .ready_list()
+            .iter()
+            .map(|n| n.replace("127.0.0.1", public))
+            .collect();
+        assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
+        (toxnet, nodes)
     }
 
     /// `args` as a command inside the public namespace.

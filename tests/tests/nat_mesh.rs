@@ -24,8 +24,6 @@ use tests::netns::{EtcFile, Proc, Scratch};
 use tests::servers::{proxy_bin, run_with_timeout};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
-/// The public namespace's address (where the Tox daemons and the STUN server listen).
-const PUBLIC: &str = "198.51.100.1";
 
 /// Runs `args` in side `i`'s namespace to completion (at most 120 s).
 fn run_in(topo: &NatTopology, i: usize, args: &[&str]) -> std::process::Output {
@@ -74,13 +72,7 @@ fn three_nodes_behind_nats_share_by_name_use_each_other_as_exit_and_refuse_the_r
         return;
     }
     let topo = NatTopology::with_sides(&[Nat::Cone, Nat::Cone, Nat::Cone]).expect("namespaces");
-    let toxnet = Proc::spawn(topo.in_public(&[TOOL, "toxnet", "4"]), "ready");
-    let nodes: Vec<String> = toxnet
-        .ready_list()
-        .iter()
-        .map(|n| n.replace("127.0.0.1", PUBLIC))
-        .collect();
-    assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
+    let (_toxnet, nodes) = topo.start_toxnet(TOOL);
     // nas's service on its own loopback; the origin laptop serves nas as its exit, on
     // laptop's loopback.
     let _service = Proc::spawn(

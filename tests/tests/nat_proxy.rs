@@ -15,8 +15,6 @@ use tests::netns::{Proc, Scratch};
 use tests::servers::{big_byte, proxy_bin, run_with_timeout};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
-/// The public namespace's address (where the Tox daemons and the STUN server listen).
-const PUBLIC: &str = "198.51.100.1";
 /// The body fetched through the exit.
 const BYTES: usize = 4 << 20;
 
@@ -36,13 +34,7 @@ fn lab(exit_side: Nat, client_side: Nat) -> Option<(NatTopology, Vec<String>, [P
         return None;
     }
     let topo = NatTopology::new(exit_side, client_side).expect("namespaces");
-    let toxnet = Proc::spawn(topo.in_public(&[TOOL, "toxnet", "4"]), "ready");
-    let nodes: Vec<String> = toxnet
-        .ready_list()
-        .iter()
-        .map(|n| n.replace("127.0.0.1", PUBLIC))
-        .collect();
-    assert_eq!(nodes.len(), 4, "{}", toxnet.ready);
+    let (toxnet, nodes) = topo.start_toxnet(TOOL);
     let origin = Proc::spawn(
         topo.in_peer(0, &[TOOL, "serve", "127.0.0.1:80", "--", "192.0.2.77"]),
         "ready",
