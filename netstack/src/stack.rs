@@ -504,51 +504,76 @@ fn trim(buf: Vec<u8>, offset: usize, info: &offload::L4Info) -> Vec<u8> {
     buf[offset..offset + len].to_vec()
 }
 
-/// Appends an IP+UDP packet from `src` to `dst` to `buf`, with full checksums. `false` when
-/// the families differ or the payload does not fit a 64 KiB packet.
 /// Whether an ICMP message (`l4`: from its type on) is an echo request of its IP version.
 fn is_echo_request(version: u8, protocol: u8, l4: &[u8]) -> bool {
     l4.len() >= 8 && l4[1] == 0 && matches!((version, protocol, l4[0]), (4, 1, 8) | (6, 58, 128))
 }
 
-/// Appends to `buf` the IP packet answering `request`: from its destination to its source,
-/// ICMP echo reply (type 0, or 128 + 1 for IPv6) with the request's body.
-fn build_echo_reply(buf: &mut Vec<u8>, request: &EchoRequest) -> bool {
+/// Appends the IP header of a packet from `src` to `dst` carrying `l4_len` bytes of
+/// `protocol` (IPv4 with its header checksum; TTL or hop limit 64). `false` when the families
+/// differ or the packet would not fit in 64 KiB.
+fn push_ip_header(
+    buf: &mut Vec<u8>,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    l4_len: usize,
+) -> bool {
     let start = buf.len();
-    let icmp_len = 4 + request.body.len();
-    let kind = match (request.dst, request.src) {
+    match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let total = 20 + icmp_len;
+            let total = 20 + l4_len;
             if total > MAX_PACKET {
                 return false;
             }
             buf.extend_from_slice(&[0x45, 0]);
             buf.extend_from_slice(&(total as u16).to_be_bytes());
-            buf.extend_from_slice(&[0, 0, 0x40, 0, 64, 1, 0, 0]);
+            buf.extend_from_slice(&[0, 0, 0x40, 0, 64, protocol, 0, 0]);
             buf.extend_from_slice(&s.octets());
             buf.extend_from_slice(&d.octets());
             let csum = !offload::fold(offload::sum_words(0, &buf[start..start + 20]));
             buf[start + 10..start + 12].copy_from_slice(&csum.to_be_bytes());
-            0
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            if icmp_len > MAX_PACKET {
+            if l4_len > MAX_PACKET {
                 return false;
             }
             buf.extend_from_slice(&[0x60, 0, 0, 0]);
-            buf.extend_from_slice(&(icmp_len as u16).to_be_bytes());
-            buf.extend_from_slice(&[58, 64]);
+            buf.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            buf.extend_from_slice(&[protocol, 64]);
             buf.extend_from_slice(&s.octets());
             buf.extend_from_slice(&d.octets());
-            129
         }
         _ => return false,
+    }
+    true
+}
+
+/// Appends to `buf` the IP packet answering `request`: from its destination to its source,
+/// ICMP echo reply (type 0, or 129 for IPv6) with the request's body.
+fn build_echo_reply(buf: &mut Vec<u8>, request: &EchoRequest) -> bool {
+    let start = buf.len();
+    let (protocol, kind) = if request.src.is_ipv4() {
+        (1, 0)
+    } else {
+        (58, 129)
     };
+    if !push_ip_header(
+        buf,
+        request.dst,
+        request.src,
+        protocol,
+        4 + request.body.len(),
+    ) {
+        return false;
+    }
     buf.extend_from_slice(&[kind, 0, 0, 0]);
     buf.extend_from_slice(&request.body);
     offload::fill_l4_checksum(&mut buf[start..])
 }
 
+/// Appends an IP+UDP packet from `src` to `dst` to `buf`, with full checksums. `false` when
+/// the families differ or the payload does not fit a 64 KiB packet.
 pub(crate) fn build_udp(
     buf: &mut Vec<u8>,
     src: SocketAddr,
@@ -557,31 +582,8 @@ pub(crate) fn build_udp(
 ) -> bool {
     let start = buf.len();
     let udp_len = 8 + payload.len();
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let total = 20 + udp_len;
-            if total > MAX_PACKET {
-                return false;
-            }
-            buf.extend_from_slice(&[0x45, 0]);
-            buf.extend_from_slice(&(total as u16).to_be_bytes());
-            buf.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
-            buf.extend_from_slice(&s.octets());
-            buf.extend_from_slice(&d.octets());
-            let csum = !offload::fold(offload::sum_words(0, &buf[start..start + 20]));
-            buf[start + 10..start + 12].copy_from_slice(&csum.to_be_bytes());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            if udp_len > MAX_PACKET {
-                return false;
-            }
-            buf.extend_from_slice(&[0x60, 0, 0, 0]);
-            buf.extend_from_slice(&(udp_len as u16).to_be_bytes());
-            buf.extend_from_slice(&[17, 64]);
-            buf.extend_from_slice(&s.octets());
-            buf.extend_from_slice(&d.octets());
-        }
-        _ => return false,
+    if !push_ip_header(buf, src.ip(), dst.ip(), 17, udp_len) {
+        return false;
     }
     buf.extend_from_slice(&src.port().to_be_bytes());
     buf.extend_from_slice(&dst.port().to_be_bytes());
