@@ -51,6 +51,68 @@ pub enum Command {
     /// List a running proxy's peers: names, keys, overlay addresses, what each may do there,
     /// what it served them, their sessions.
     Peers(StatusArgs),
+    /// Change the running proxy's peers and their rights at once (kept in its data dir).
+    Peer(PeerArgs),
+}
+
+/// `proxy peer`.
+#[derive(Debug, Args, Clone)]
+pub struct PeerArgs {
+    /// The change.
+    #[command(subcommand)]
+    pub change: PeerChange,
+    /// The running node's data dir [default: as `proxy id`'s].
+    #[arg(long, value_name = "DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Settings file (only its `data-dir` matters here).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+}
+
+/// What `proxy peer` changes.
+#[derive(Debug, Subcommand, Clone)]
+pub enum PeerChange {
+    /// Know a peer by name: it may hold a session and is reachable as NAME.tox (it may do
+    /// nothing here until granted).
+    Add {
+        /// Its name (a DNS label).
+        name: String,
+        /// Its Tox ID.
+        id: String,
+    },
+    /// Give a peer a right: `exit` (it may use this node as its exit) or `share PORTS`
+    /// (it may reach these ports of this host's loopback).
+    Grant {
+        /// The peer's name.
+        name: String,
+        /// `exit` or `share`.
+        right: String,
+        /// For `share`: 8080, 22,8000-8100, 53/udp, *.
+        ports: Option<String>,
+    },
+    /// Take a right back: `exit`, or `share` (every shared port).
+    Revoke {
+        /// The peer's name.
+        name: String,
+        /// `exit` or `share`.
+        right: String,
+    },
+}
+
+impl PeerChange {
+    /// The control socket's request line.
+    pub fn request(&self) -> String {
+        match self {
+            Self::Add { name, id } => format!("peer add {name} {id}"),
+            Self::Grant {
+                name,
+                right,
+                ports: Some(ports),
+            } => format!("peer grant {name} {right} {ports}"),
+            Self::Grant { name, right, .. } => format!("peer grant {name} {right}"),
+            Self::Revoke { name, right } => format!("peer revoke {name} {right}"),
+        }
+    }
 }
 
 /// Flags every role has.

@@ -8,7 +8,10 @@
 //! client ◄─ the answer, then the node closes ─ node     ("error: …" first when refused)
 //! ```
 //!
-//! Requests: `status` and `peers` (what `/status` and `/peers` answer). Who may ask is checked
+//! Requests: `status` and `peers` (what `/status` and `/peers` answer), and the live changes
+//! `peer add NAME TOXID`, `peer grant NAME exit`, `peer grant NAME share PORTS`,
+//! `peer revoke NAME exit`, `peer revoke NAME share` (what `proxy peer …` sends; kept in the
+//! data dir, see [`crate::mesh`]). Who may ask is checked
 //! twice: the socket is created mode 0600, and each connection's peer credentials must name
 //! the socket's owner (so a socket made reachable by a careless `chmod` still refuses other
 //! users).
@@ -24,6 +27,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use fabric::overlay::PeerName;
+
+use crate::dialer::BoxFuture;
+use crate::mesh::Change;
 use crate::status::{Audience, Status};
 
 /// The socket's file name in the data dir.
@@ -59,8 +66,49 @@ pub async fn bind(dir: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// What makes a live change on the running node (the peer table, the fabric that must allow
+/// and dial a new peer): `Ok` with what to tell the user, or why not.
+pub trait Changes: Send + Sync + std::fmt::Debug {
+    /// Makes `change`.
+    fn apply(&self, change: Change) -> BoxFuture<'_, Result<String, String>>;
+}
+
+/// What the control socket serves: status, and live changes when the node takes them.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Status and peers.
+    pub status: Arc<Status>,
+    /// Live changes.
+    pub changes: Option<Arc<dyn Changes>>,
+}
+
+/// Reads a `peer …` request line into a change.
+pub fn parse_change(line: &str) -> Result<Change, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let name = |w: &str| -> Result<PeerName, String> {
+        w.parse().map_err(|e| format!("peer name {w:?}: {e}"))
+    };
+    match words.as_slice() {
+        ["peer", "add", n, id] => Ok(Change::Add(
+            name(n)?,
+            id.parse().map_err(|e| format!("{id:?}: {e}"))?,
+        )),
+        ["peer", "grant", n, "exit"] => Ok(Change::GrantExit(name(n)?)),
+        ["peer", "grant", n, "share", ports] => Ok(Change::GrantShare(
+            name(n)?,
+            ports.parse().map_err(|e| format!("{ports:?}: {e}"))?,
+        )),
+        ["peer", "revoke", n, "exit"] => Ok(Change::RevokeExit(name(n)?)),
+        ["peer", "revoke", n, "share"] => Ok(Change::RevokeShares(name(n)?)),
+        _ => Err(format!(
+            "unknown request {line:?} (peer add NAME TOXID, peer grant NAME exit|share PORTS, \
+             peer revoke NAME exit|share)"
+        )),
+    }
+}
+
 /// Answers requests on `listener` until `stop`, then removes the socket file.
-pub async fn serve(listener: UnixListener, status: Arc<Status>, stop: CancellationToken) {
+pub async fn serve(listener: UnixListener, node: Node, stop: CancellationToken) {
     let path = listener
         .local_addr()
         .ok()
@@ -81,9 +129,9 @@ pub async fn serve(listener: UnixListener, status: Arc<Status>, stop: Cancellati
             .as_deref()
             .and_then(|p| std::fs::metadata(p).ok())
             .map(|m| m.uid());
-        let status = status.clone();
+        let node = node.clone();
         tokio::spawn(async move {
-            if let Err(error) = answer(stream, owner, &status).await {
+            if let Err(error) = answer(stream, owner, &node).await {
                 debug!(%error, "control request failed");
             }
         });
@@ -93,7 +141,7 @@ pub async fn serve(listener: UnixListener, status: Arc<Status>, stop: Cancellati
     }
 }
 
-async fn answer(mut stream: UnixStream, owner: Option<u32>, status: &Status) -> io::Result<()> {
+async fn answer(mut stream: UnixStream, owner: Option<u32>, node: &Node) -> io::Result<()> {
     // The request is read whoever sent it (a client that has not finished writing it would
     // see a broken pipe rather than the refusal), and acted on only for the owner.
     let mut line = String::new();
@@ -109,13 +157,22 @@ async fn answer(mut stream: UnixStream, owner: Option<u32>, status: &Status) -> 
             .await?;
         return stream.shutdown().await;
     }
+    let status = &node.status;
     let answer = match line.trim() {
         "status" => status.snapshot().for_audience(Audience::Trusted).text(),
         "peers" => status
             .snapshot()
             .for_audience(Audience::Trusted)
             .peers_text(),
-        other => format!("error: unknown request {other:?} (status, peers)\n"),
+        other if other.starts_with("peer ") => match (parse_change(other), &node.changes) {
+            (Err(why), _) => format!("error: {why}\n"),
+            (Ok(_), None) => "error: this node takes no changes\n".into(),
+            (Ok(change), Some(changes)) => match changes.apply(change).await {
+                Ok(done) => format!("{done}\n"),
+                Err(why) => format!("error: {why}\n"),
+            },
+        },
+        other => format!("error: unknown request {other:?} (status, peers, peer …)\n"),
     };
     stream.write_all(answer.as_bytes()).await?;
     stream.shutdown().await
@@ -148,6 +205,34 @@ pub async fn request(dir: &Path, request: &str) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_requests_read_as_changes_or_say_why_not() {
+        let id = fabric::id::ToxId::new(fabric::id::PublicKey([1; 32]), [0; 4]);
+        assert_eq!(
+            parse_change(&format!("peer add nas {id}")),
+            Ok(Change::Add("nas".parse().unwrap(), id))
+        );
+        assert_eq!(
+            parse_change("peer grant nas share 22,8080"),
+            Ok(Change::GrantShare(
+                "nas".parse().unwrap(),
+                "22,8080".parse().unwrap()
+            ))
+        );
+        assert_eq!(
+            parse_change("peer revoke NAS exit"),
+            Ok(Change::RevokeExit("nas".parse().unwrap()))
+        );
+        for bad in [
+            "peer add -x 00",
+            "peer add nas 1234",
+            "peer grant nas share 0",
+            "peer fly",
+        ] {
+            assert!(parse_change(bad).is_err(), "{bad}");
+        }
+    }
     use crate::status::{Counters, Role};
 
     #[tokio::test]
@@ -163,12 +248,18 @@ mod tests {
             Arc::new(Counters::default()),
         ));
         let stop = CancellationToken::new();
-        let served = tokio::spawn(serve(listener, status, stop.clone()));
+        let node = Node {
+            status,
+            changes: None,
+        };
+        let served = tokio::spawn(serve(listener, node, stop.clone()));
         let text = request(&dir, "status").await.unwrap();
         assert!(text.starts_with("proxy direct"), "{text}");
         assert_eq!(request(&dir, "peers").await.unwrap(), "no peers\n");
         let err = request(&dir, "launch").await.unwrap_err();
         assert!(err.to_string().contains("unknown request"), "{err}");
+        let err = request(&dir, "peer grant nas exit").await.unwrap_err();
+        assert!(err.to_string().contains("takes no changes"), "{err}");
         // A second node on the same data dir finds the first one answering.
         let again = bind(&dir).await.unwrap_err();
         assert_eq!(again.kind(), io::ErrorKind::AddrInUse);

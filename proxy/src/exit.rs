@@ -28,6 +28,7 @@ use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 use crate::accounts::{Counted, PeerAccounts, Right, Side};
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
+use crate::mesh::Mesh;
 use crate::rights::RightsTable;
 use crate::share::Transport;
 
@@ -446,8 +447,8 @@ pub struct ExitOptions {
     pub header_timeout: Duration,
     /// Where the clients' DNS queries go (`--dns`, else the system's resolvers).
     pub resolvers: Arc<Upstreams>,
-    /// What each peer may ask for (none by default: every stream is refused).
-    pub rights: Arc<RightsTable>,
+    /// The peers and what each may ask for (none by default: every stream is refused).
+    pub mesh: Arc<Mesh>,
     /// What was served for each peer, and refused.
     pub accounts: Arc<PeerAccounts>,
     /// Dials shared ports (on loopback, no policy).
@@ -462,7 +463,7 @@ impl Default for ExitOptions {
             streams_per_client: 256,
             header_timeout: Duration::from_secs(30),
             resolvers: Arc::new(Upstreams::new(Vec::new())),
-            rights: Arc::default(),
+            mesh: Arc::default(),
             accounts: Arc::default(),
             loopback: crate::dialer::DirectDialer::new(Duration::from_secs(10)),
         }
@@ -623,7 +624,7 @@ async fn serve_stream(
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    if let Err(why) = permitted(&options.rights, &peer, &target) {
+    if let Err(why) = permitted(&options.mesh.now().rights, &peer, &target) {
         options.accounts.refused(peer);
         info!(peer = %peer, %target, "refused: {why}");
         stream.write_all(&[Reply::NotAllowed.to_byte()]).await?;
@@ -637,7 +638,7 @@ async fn serve_stream(
             return Ok(());
         }
         WireTarget::Grants => {
-            let rights = options.rights.of(&peer);
+            let rights = options.mesh.now().rights.of(&peer);
             let grants = Grants {
                 exit: rights.exit,
                 shares: rights.share.to_string(),

@@ -25,6 +25,7 @@ use proxy::exit::dns::Upstreams;
 use proxy::exit::{ExitOptions, FabricDialer, UdpOptions};
 use proxy::exit_policy::PolicyDialer;
 use proxy::guard::Dialers;
+use proxy::mesh::{Change, Mesh};
 use proxy::status::peers::MeshStatus;
 use proxy::status::{Counters, Role, Status};
 use tokio_util::sync::CancellationToken;
@@ -99,6 +100,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print!("{}", ask(&args, "peers").await?);
             Ok(())
         }
+        Some(Command::Peer(args)) => {
+            let dir = id_data_dir(args.config.as_deref(), args.data_dir.as_deref())
+                .map_err(Failure::Settings)?;
+            let dir = data_dir(dir)?;
+            let done = proxy::control::request(&dir, &args.change.request())
+                .await
+                .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
+            print!("{done}");
+            Ok(())
+        }
         Some(Command::Id(args)) => {
             let dir = id_data_dir(args.config.as_deref(), args.data_dir.as_deref())
                 .map_err(Failure::Settings)?;
@@ -128,7 +139,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 dialers = dialers.with_mesh(&node.mesh);
             }
             let fabric = node.as_ref().map(|n| n.fabric.clone());
-            let mesh = node.as_ref().map(|n| n.status.clone());
+            let mesh = node.as_ref().map(|n| (n.status.clone(), n.live.clone()));
             let proxy =
                 start_frontends(&settings, dialers, fabric.clone(), held, None, mesh).await?;
             proxy.run(shutdown_signal(signals), GRACE).await;
@@ -162,7 +173,7 @@ async fn start_frontends(
     fabric: Option<Arc<Fabric>>,
     held: Option<Arc<std::sync::atomic::AtomicUsize>>,
     tun: Option<Arc<std::sync::OnceLock<proxy::status::TunCapture>>>,
-    mesh: Option<MeshStatus>,
+    mesh: Option<(MeshStatus, Arc<Live>)>,
 ) -> Result<Proxy, Failure> {
     let mut proxy = Proxy::bind(settings, dialers)
         .await
@@ -180,8 +191,10 @@ async fn start_frontends(
     if let Some(tun) = tun {
         status = status.with_tun(tun);
     }
-    if let Some(mesh) = mesh {
-        status = status.with_mesh(mesh);
+    let mut changes = None;
+    if let Some((peers, live)) = mesh {
+        status = status.with_mesh(peers);
+        changes = Some(live);
     }
     let status = Arc::new(status);
     proxy.set_status(status.clone());
@@ -191,9 +204,13 @@ async fn start_frontends(
         let listener = proxy::control::bind(&dir)
             .await
             .context("starting the control socket")?;
+        let node = proxy::control::Node {
+            status: status.clone(),
+            changes: changes.map(|l| l as Arc<dyn proxy::control::Changes>),
+        };
         tokio::spawn(proxy::control::serve(
             listener,
-            status.clone(),
+            node,
             proxy.shared().shutdown.clone(),
         ));
     }
@@ -223,6 +240,132 @@ struct Node {
     mesh: proxy::route::MeshDialer,
     /// The peers part of status.
     status: MeshStatus,
+    /// What the control socket changes.
+    live: Arc<Live>,
+}
+
+/// A node's live side, for the control socket: its peers and rights, the fabric that allows
+/// and dials a new peer, and the dialers that use the sessions.
+#[derive(Debug)]
+struct Live {
+    mesh: Arc<Mesh>,
+    fabric: Arc<Fabric>,
+    dialer: proxy::route::MeshDialer,
+    exits: Option<FabricDialer>,
+}
+
+impl proxy::control::Changes for Live {
+    fn apply(&self, change: Change) -> proxy::dialer::BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            self.mesh
+                .change(change.clone())
+                .map_err(|e| e.to_string())?;
+            Ok(match change {
+                Change::Add(name, id) => {
+                    // Allowed, and dialed: its session comes up from whichever side is first.
+                    self.fabric
+                        .allow(id.public_key())
+                        .await
+                        .map_err(|e| format!("peer {name} added, but Tox refused it: {e}"))?;
+                    tokio::spawn(connect_peer(
+                        self.fabric.clone(),
+                        self.exits.clone(),
+                        self.dialer.clone(),
+                        id,
+                    ));
+                    format!("peer {name} added: reachable as {name}.tox")
+                }
+                Change::GrantExit(name) => format!("{name} may use this node as its exit"),
+                Change::GrantShare(name, ports) => {
+                    format!("{name} may reach ports {ports} of this host's loopback")
+                }
+                Change::RevokeExit(name) => {
+                    format!("{name} may no longer use this node as its exit")
+                }
+                Change::RevokeShares(name) => format!("{name} may reach no port of this host"),
+            })
+        })
+    }
+}
+
+/// The node's live peers and rights: the flags' and config file's, then those kept in the
+/// data dir `dir`, which changes are kept in.
+fn live_mesh(common: &CommonSettings, dir: &std::path::Path) -> Result<Arc<Mesh>, Failure> {
+    let own = ToxNode::identity(dir)
+        .with_context(|| format!("reading the identity in {}", dir.display()))?
+        .public_key();
+    let mesh = Mesh::new(
+        common.peers.clone(),
+        common.rights.clone(),
+        own,
+        Some(dir.join(proxy::mesh::STORE)),
+    );
+    mesh.load(dir)
+        .context("reading the peers kept in the data dir")?;
+    Ok(Arc::new(mesh))
+}
+
+/// Who may hold a session with this node: anyone it knows or gave a right, and the exits it
+/// dials (a pair holds one session, whoever opens).
+fn allow_policy(tox: &mut ToxConfig, mesh: &Mesh, exits: &[ToxId]) {
+    let now = mesh.now();
+    tox.allow.allow_any = now.rights.any_exit();
+    tox.allow.keys.extend(
+        now.rights
+            .session_peers(&now.peers)
+            .into_iter()
+            .chain(exits.iter().map(ToxId::public_key)),
+    );
+}
+
+/// The known peers' dialer and status, sessions to every exit and known peer (each once), and
+/// the serving of what peers ask.
+fn wire_node(
+    fabric: &Arc<Fabric>,
+    mesh: &Arc<Mesh>,
+    common: &CommonSettings,
+    exits: (&[ToxId], Option<FabricDialer>),
+    books: Arc<proxy::accounts::PeerAccounts>,
+    serving: (Vec<std::net::SocketAddr>, Option<u32>),
+) -> (proxy::route::MeshDialer, MeshStatus, Arc<Live>) {
+    let (exit_ids, exit_dialer) = exits;
+    let placeholder: Arc<dyn Dialer> = Arc::new(DirectDialer::new(common.connect_timeout));
+    let dialer = proxy::route::MeshDialer::new(
+        mesh.clone(),
+        fabric.clone(),
+        common.connect_timeout,
+        placeholder,
+        books.clone(),
+    );
+    let status = MeshStatus {
+        mesh: mesh.clone(),
+        accounts: books,
+        exits: exit_ids.iter().map(ToxId::public_key).collect(),
+        granted: dialer.granted(),
+    };
+    let mut dial: Vec<ToxId> = exit_ids.to_vec();
+    for peer in mesh.now().peers.iter() {
+        if dial.iter().all(|d| d.public_key() != peer.id.public_key()) {
+            dial.push(peer.id);
+        }
+    }
+    for id in dial {
+        tokio::spawn(connect_peer(
+            fabric.clone(),
+            exit_dialer.clone(),
+            dialer.clone(),
+            id,
+        ));
+    }
+    let (dns, mark) = serving;
+    serve_peers(fabric, &status, common, dns, mark);
+    let live = Arc::new(Live {
+        mesh: mesh.clone(),
+        fabric: fabric.clone(),
+        dialer: dialer.clone(),
+        exits: exit_dialer,
+    });
+    (dialer, status, live)
 }
 
 /// Starts the node (see [`Node`]) unless there is nothing for it to do: it connects to every
@@ -230,20 +373,14 @@ struct Node {
 /// may ask of it. `mark`: the TUN's socket mark for what it dials for peers.
 fn start_node(settings: &RunSettings, mark: Option<u32>) -> Result<Option<Node>, Failure> {
     let common = &settings.common;
-    if settings.exits.is_empty() && common.peers.is_empty() && common.rights.is_empty() {
+    let dir = data_dir(common.data_dir.clone())?;
+    let kept = dir.join(proxy::mesh::STORE).exists();
+    if settings.exits.is_empty() && common.peers.is_empty() && common.rights.is_empty() && !kept {
         return Ok(None);
     }
+    let mesh = live_mesh(common, &dir)?;
     let mut config = fabric_config(common)?;
-    config.tox.allow.allow_any = common.rights.any_exit();
-    // Anyone we know or gave a right may hold a session with us (what flows on it is checked
-    // per stream), and so may the exits we dial (a pair holds one session, whoever opens).
-    config.tox.allow.keys.extend(
-        common
-            .rights
-            .session_peers(&common.peers)
-            .into_iter()
-            .chain(settings.exits.iter().map(ToxId::public_key)),
-    );
+    allow_policy(&mut config.tox, &mesh, &settings.exits);
     let fabric = Arc::new(Fabric::start(config).context("starting the Tox node")?);
     println!("tox id: {}", fabric.id());
     // The dialer knows every exit and its place from the start, so the failover order is the
@@ -260,43 +397,20 @@ fn start_node(settings: &RunSettings, mark: Option<u32>) -> Result<Option<Node>,
         tokio::spawn(exits.deliver_datagrams(fabric.clone()));
         tokio::spawn(exits.follow_sessions(&fabric));
     }
-    let routes = Arc::new(proxy::route::PeerRoutes::new(
-        common.peers.clone(),
-        fabric.id().public_key(),
-    ));
-    let placeholder: Arc<dyn Dialer> = Arc::new(DirectDialer::new(common.connect_timeout));
-    let mesh =
-        proxy::route::MeshDialer::new(routes, common.connect_timeout, placeholder, books.clone());
-    tokio::spawn(mesh.follow_sessions(&fabric));
-    tokio::spawn(mesh.learn_grants(&fabric));
-    let status = MeshStatus {
-        routes: mesh.routes().clone(),
-        rights: Arc::new(common.rights.clone()),
-        accounts: books,
-        exits: settings.exits.iter().map(ToxId::public_key).collect(),
-        granted: mesh.granted(),
-    };
-    // One session per peer: the exits and the known peers, each once.
-    let mut dial: Vec<ToxId> = settings.exits.clone();
-    for peer in common.peers.iter() {
-        if dial.iter().all(|d| d.public_key() != peer.id.public_key()) {
-            dial.push(peer.id);
-        }
-    }
-    for id in dial {
-        tokio::spawn(connect_peer(
-            fabric.clone(),
-            exits.clone(),
-            mesh.clone(),
-            id,
-        ));
-    }
-    serve_peers(&fabric, &status, common, Vec::new(), mark);
+    let (mesh_dialer, status, live) = wire_node(
+        &fabric,
+        &mesh,
+        common,
+        (&settings.exits, exits.clone()),
+        books,
+        (Vec::new(), mark),
+    );
     Ok(Some(Node {
         fabric,
         exits,
-        mesh,
+        mesh: mesh_dialer,
         status,
+        live,
     }))
 }
 
@@ -315,10 +429,9 @@ fn serve_peers(
     }
     let dialer: Arc<dyn Dialer> =
         Arc::new(PolicyDialer::new(direct.clone(), common.policy.clone()));
-    let rights = status.rights.clone();
     let resolvers = if !dns.is_empty() {
         Upstreams::new(dns)
-    } else if rights.is_empty() {
+    } else if status.mesh.now().rights.is_empty() {
         Upstreams::new(Vec::new())
     } else {
         Upstreams::system().unwrap_or_else(|err| {
@@ -331,13 +444,13 @@ fn serve_peers(
         idle_timeout: common.idle_timeout,
         max_streams: common.max_connections,
         resolvers: Arc::new(resolvers),
-        rights: rights.clone(),
+        mesh: status.mesh.clone(),
         accounts: status.accounts.clone(),
         loopback: direct,
         ..ExitOptions::default()
     };
     let udp = UdpOptions {
-        rights,
+        mesh: status.mesh.clone(),
         ..UdpOptions::default()
     };
     tokio::spawn(proxy::exit::serve(fabric.clone(), dialer.clone(), options));
@@ -387,7 +500,7 @@ async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure>
         tun_dialer = Arc::new(node.mesh.in_front_of(tun_dialer));
         dialers = dialers.with_mesh(&node.mesh);
     }
-    let mesh = node.as_ref().map(|n| n.status.clone());
+    let mesh = node.as_ref().map(|n| (n.status.clone(), n.live.clone()));
     let peer_routes = node.as_ref().map(|n| n.mesh.clone());
     let fabric = node.map(|n| n.fabric);
     let capture = Arc::new(std::sync::OnceLock::new());
@@ -467,12 +580,11 @@ async fn connect_peer(
 /// The exit role: serves allowed clients until Ctrl-C.
 async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failure> {
     let common = &settings.common;
+    let dir = data_dir(common.data_dir.clone())?;
+    let mesh = live_mesh(common, &dir)?;
     let mut tox = tox_config(common)?;
-    tox.allow.allow_any = common.rights.any_exit();
-    tox.allow
-        .keys
-        .extend(common.rights.session_peers(&common.peers));
-    if common.rights.is_empty() {
+    allow_policy(&mut tox, &mesh, &[]);
+    if mesh.now().rights.is_empty() {
         tracing::warn!("no peer is allowed: pass --allow <TOXID|KEY|NAME> or --allow-any");
     }
     let mut config = FabricConfig::new(tox);
@@ -481,34 +593,31 @@ async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failur
     // Scripts and tests read this line.
     println!("tox id: {}", fabric.id());
     let stop_metrics = CancellationToken::new();
-    let mesh = MeshStatus {
-        routes: Arc::new(proxy::route::PeerRoutes::new(
-            common.peers.clone(),
-            fabric.id().public_key(),
-        )),
-        rights: Arc::new(common.rights.clone()),
-        accounts: Arc::default(),
-        exits: Vec::new(),
-        granted: Arc::default(),
-    };
+    let (_dialer, peers, live) = wire_node(
+        &fabric,
+        &mesh,
+        common,
+        (&[], None),
+        Arc::default(),
+        (settings.dns.clone(), None),
+    );
     let status = Arc::new(
         Status::new(
             Role::Exit,
             Some(fabric.clone()),
             Arc::new(Counters::default()),
         )
-        .with_mesh(mesh.clone()),
+        .with_mesh(peers),
     );
     serve_metrics(&settings.common, status.clone(), stop_metrics.clone()).await?;
-    let listener = proxy::control::bind(&data_dir(common.data_dir.clone())?)
+    let listener = proxy::control::bind(&dir)
         .await
         .context("starting the control socket")?;
-    tokio::spawn(proxy::control::serve(
-        listener,
+    let node = proxy::control::Node {
         status,
-        stop_metrics.clone(),
-    ));
-    serve_peers(&fabric, &mesh, common, settings.dns.clone(), None);
+        changes: Some(live),
+    };
+    tokio::spawn(proxy::control::serve(listener, node, stop_metrics.clone()));
     shutdown_signal(signals).await;
     stop_metrics.cancel();
     fabric.shutdown().await;

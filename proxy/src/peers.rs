@@ -113,6 +113,22 @@ impl PeerTable {
         Ok(Self { peers })
     }
 
+    /// Adds a peer, under the same rules as [`PeerTable::new`].
+    pub fn add(&mut self, name: PeerName, id: ToxId) -> Result<(), PeerError> {
+        if let Some(other) = self.peers.iter().find(|p| p.name == name) {
+            return Err(PeerError::DuplicateName(other.name.clone()));
+        }
+        if let Some(other) = self
+            .peers
+            .iter()
+            .find(|p| p.id.public_key() == id.public_key())
+        {
+            return Err(PeerError::DuplicateKey(other.name.clone(), name));
+        }
+        self.peers.push(KnownPeer { name, id });
+        Ok(())
+    }
+
     /// Splits a `--peer NAME=TOXID` flag.
     pub fn split_flag(flag: &str) -> Result<(&str, &str), PeerError> {
         flag.split_once('=')

@@ -44,6 +44,20 @@ impl RightsTable {
         self.by_key.entry(pk).or_default().share.extend(ports);
     }
 
+    /// Takes the exit right from `pk` (an `--allow-any` node still serves it).
+    pub fn revoke_exit(&mut self, pk: &PublicKey) {
+        if let Some(r) = self.by_key.get_mut(pk) {
+            r.exit = false;
+        }
+    }
+
+    /// Takes every shared port from `pk`.
+    pub fn revoke_shares(&mut self, pk: &PublicKey) {
+        if let Some(r) = self.by_key.get_mut(pk) {
+            r.share = PortSet::default();
+        }
+    }
+
     /// `--allow-any`: an open exit.
     pub fn allow_any_exit(&mut self) {
         self.any_exit = true;

@@ -19,12 +19,13 @@ use std::sync::Arc;
 
 use fabric::id::PublicKey;
 use fabric::overlay::{OverlayTable, TargetName, is_overlay};
-use fabric::peer::Peer;
+use fabric::peer::{Fabric, Peer};
 use fabric::target::Grants;
 
 use crate::accounts::PeerAccounts;
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
 use crate::exit::FabricDialer;
+use crate::mesh::Mesh;
 use crate::peers::PeerTable;
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,85 +114,83 @@ impl PeerRoutes {
 }
 
 /// Sends requests that name a peer to that peer's session, the rest to `onward`. Clones share
-/// the peers' sessions.
+/// the peers' sessions. The peers are the node's live [`Mesh`]: one added at run time is
+/// reachable at once.
 #[derive(Debug, Clone)]
 pub struct MeshDialer {
-    routes: Arc<PeerRoutes>,
-    /// One dialer per known peer: it holds a request while the peer's session comes up.
-    links: HashMap<PublicKey, FabricDialer>,
+    mesh: Arc<Mesh>,
+    /// One dialer per known peer, made when first needed: it holds a request while the
+    /// peer's session comes up.
+    links: Arc<std::sync::Mutex<HashMap<PublicKey, FabricDialer>>>,
     onward: Arc<dyn Dialer>,
     /// What each peer said this node may do there (asked on each new session).
     granted: Granted,
+    fabric: Arc<Fabric>,
+    connect_timeout: std::time::Duration,
+    books: Arc<PeerAccounts>,
 }
 
 /// What each peer lets this node do there, as it last said.
 pub type Granted = Arc<std::sync::Mutex<HashMap<PublicKey, Grants>>>;
 
 impl MeshDialer {
-    /// A dialer over `routes`' peers (none connected yet: hand each session over with
-    /// [`MeshDialer::add_peer`]) in front of `onward`.
-    /// Streams to the peers are counted in `books`.
+    /// A dialer over `mesh`'s peers, through `fabric`'s sessions (hand each over with
+    /// [`MeshDialer::add_peer`] when it comes up), in front of `onward`; streams to the peers
+    /// are counted in `books`.
     pub fn new(
-        routes: Arc<PeerRoutes>,
+        mesh: Arc<Mesh>,
+        fabric: Arc<Fabric>,
         connect_timeout: std::time::Duration,
         onward: Arc<dyn Dialer>,
         books: Arc<PeerAccounts>,
     ) -> Self {
-        let links = routes
-            .peers()
-            .iter()
-            .map(|p| {
-                let pk = p.id.public_key();
-                let link = FabricDialer::new(connect_timeout, [pk]).with_accounts(books.clone());
-                (pk, link)
-            })
-            .collect();
-        Self {
-            routes,
-            links,
+        let me = Self {
+            mesh,
+            links: Arc::default(),
             onward,
             granted: Granted::default(),
+            fabric,
+            connect_timeout,
+            books,
+        };
+        for p in me.mesh.now().peers.iter() {
+            me.link(p.id.public_key());
         }
+        me
+    }
+
+    /// The dialer for `pk`, made (following the fabric's sessions and asking the peer's
+    /// grants on each) if it is the first time.
+    fn link(&self, pk: PublicKey) -> FabricDialer {
+        let mut links = lock(&self.links);
+        if let Some(link) = links.get(&pk) {
+            return link.clone();
+        }
+        let link = FabricDialer::new(self.connect_timeout, [pk]).with_accounts(self.books.clone());
+        links.insert(pk, link.clone());
+        tokio::spawn(link.follow_sessions(&self.fabric));
+        let (granted, asker) = (self.granted.clone(), link.clone());
+        let mut changes = self.fabric.session_changes();
+        tokio::spawn(async move {
+            loop {
+                // Held until the session is up (bounded by the connect timeout).
+                match asker.grants().await {
+                    Ok(g) => {
+                        lock(&granted).insert(pk, g);
+                    }
+                    Err(err) => tracing::debug!(peer = %pk, %err, "no grants"),
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        link
     }
 
     /// What each peer said this node may do there.
     pub fn granted(&self) -> Granted {
         self.granted.clone()
-    }
-
-    /// Asks each known peer what this node may do there, once its session is up and again
-    /// whenever sessions change, until `fabric` shuts down. Run it as a task.
-    pub fn learn_grants(
-        &self,
-        fabric: &fabric::peer::Fabric,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let tasks: Vec<_> = self
-            .links
-            .iter()
-            .map(|(pk, link)| {
-                let (pk, link, granted) = (*pk, link.clone(), self.granted.clone());
-                let mut changes = fabric.session_changes();
-                async move {
-                    loop {
-                        // Held until the session is up (bounded by the connect timeout).
-                        match link.grants().await {
-                            Ok(g) => {
-                                lock(&granted).insert(pk, g);
-                            }
-                            Err(err) => tracing::debug!(peer = %pk, %err, "no grants"),
-                        }
-                        if changes.changed().await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            })
-            .collect();
-        async move {
-            for t in tasks {
-                tokio::spawn(t);
-            }
-        }
     }
 
     /// The same peers in front of another dialer (the listeners' dialer for clients from
@@ -203,58 +202,40 @@ impl MeshDialer {
         }
     }
 
-    /// Makes the session to `peer` (a known peer) carry requests for it.
+    /// Makes the session to `peer` carry requests for it.
     pub fn add_peer(&self, peer: Arc<Peer>) {
-        if let Some(link) = self.links.get(&peer.public_key()) {
-            link.add_peer(peer);
-        }
-    }
-
-    /// Wakes the requests held for a session whenever one of `fabric`'s sessions changes.
-    pub fn follow_sessions(
-        &self,
-        fabric: &fabric::peer::Fabric,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let follows: Vec<_> = self
-            .links
-            .values()
-            .map(|l| l.follow_sessions(fabric))
-            .collect();
-        async move {
-            for f in follows {
-                tokio::spawn(f);
-            }
-        }
+        self.link(peer.public_key()).add_peer(peer);
     }
 
     /// A round trip to the peer whose overlay address is `ip`; `None` when `ip` is no known
     /// peer's.
     pub async fn ping(&self, ip: IpAddr) -> Option<Result<(), DialError>> {
-        let Route::Peer(pk, _) = self.routes.route(&Target::Ip(SocketAddr::new(ip, 0))) else {
+        let route = self
+            .mesh
+            .now()
+            .routes
+            .route(&Target::Ip(SocketAddr::new(ip, 0)));
+        let Route::Peer(pk, _) = route else {
             return None;
         };
-        Some(self.links.get(&pk)?.ping().await)
+        Some(self.link(pk).ping().await)
     }
 
-    /// The routes it follows.
-    pub fn routes(&self) -> &Arc<PeerRoutes> {
-        &self.routes
+    /// The peers it follows.
+    pub fn mesh(&self) -> &Arc<Mesh> {
+        &self.mesh
     }
 }
 
 impl Dialer for MeshDialer {
     fn connect(&self, target: Target) -> BoxFuture<'_, Result<BoxedStream, DialError>> {
-        match self.routes.route(&target) {
+        match self.mesh.now().routes.route(&target) {
             Route::Onward => self.onward.connect(target),
             Route::Refused(why) => Box::pin(async move { Err(DialError::Resolve(why)) }),
-            Route::Peer(pk, port) => match self.links.get(&pk) {
-                Some(link) => Box::pin(link.open_share(port)),
-                None => Box::pin(async move {
-                    Err(DialError::Resolve(format!(
-                        "{target}: no session to that peer"
-                    )))
-                }),
-            },
+            Route::Peer(pk, port) => {
+                let link = self.link(pk);
+                Box::pin(async move { link.open_share(port).await })
+            }
         }
     }
 
@@ -262,7 +243,7 @@ impl Dialer for MeshDialer {
         Box::pin(async {
             let inner = self.onward.udp_associate().await?;
             Ok(Box::new(MeshUdpFlow {
-                routes: self.routes.clone(),
+                mesh: self.mesh.clone(),
                 inner,
             }) as Box<dyn UdpFlow>)
         })
@@ -284,7 +265,7 @@ impl Dialer for MeshDialer {
 /// Internet): UDP shares are not carried yet, so such datagrams are dropped here.
 #[derive(Debug)]
 struct MeshUdpFlow {
-    routes: Arc<PeerRoutes>,
+    mesh: Arc<Mesh>,
     inner: Box<dyn UdpFlow>,
 }
 
@@ -294,7 +275,7 @@ impl UdpFlow for MeshUdpFlow {
         payload: &'a [u8],
         target: &'a Target,
     ) -> BoxFuture<'a, Result<(), DialError>> {
-        match self.routes.route(target) {
+        match self.mesh.now().routes.route(target) {
             Route::Onward => self.inner.send_to(payload, target),
             Route::Refused(why) => Box::pin(async move { Err(DialError::Resolve(why)) }),
             Route::Peer(..) => Box::pin(async move {

@@ -923,11 +923,12 @@ mod tests {
         let stranger = fabric::id::PublicKey([0x01; 32]);
         accounts.refused(stranger);
         let mesh = MeshStatus {
-            routes: Arc::new(crate::route::PeerRoutes::new(
+            mesh: Arc::new(crate::mesh::Mesh::new(
                 table,
+                rights,
                 fabric::id::PublicKey([0xEE; 32]),
+                None,
             )),
-            rights: Arc::new(rights),
             accounts,
             exits: Vec::new(),
             granted: Arc::default(),

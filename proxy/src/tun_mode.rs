@@ -49,7 +49,7 @@ use crate::config::{RunSettings, TunOptions};
 use crate::dialer::{Dialer, Target};
 use crate::exit::dns;
 use crate::exit_policy::Cidr;
-use crate::route::{MeshDialer, PeerRoutes};
+use crate::route::MeshDialer;
 use crate::status::{Counters, TunCapture};
 
 pub use own_sockets::OwnSockets;
@@ -164,7 +164,7 @@ pub async fn run(
     let kept_local = if opts.lan { &[][..] } else { &lan[..] };
     let overlay = peers
         .as_ref()
-        .map(|p| mesh::overlay_routes(p.routes(), tun.ipv6.is_some()))
+        .map(|p| mesh::overlay_routes(&p.mesh().now().routes, tun.ipv6.is_some()))
         .unwrap_or_default();
     let routing = Routing::install(&name, opts, kept_local, tun.ipv6.is_some(), &overlay)?;
     let strict_route = !settings.exits.is_empty();
@@ -187,7 +187,7 @@ pub async fn run(
         .extend(overlay.iter().map(|r| format!("{r} (peer)")));
     let _ = capture.set(summary);
     let peer_dns = peers.as_ref().map(|p| PeerDns {
-        routes: p.routes().clone(),
+        mesh: p.mesh().clone(),
         ipv6: tun.ipv6.is_some(),
     });
     let pings = Arc::new(tokio::sync::Semaphore::new(MAX_PINGS));
@@ -457,7 +457,7 @@ fn target(dst: SocketAddr, fake: Option<&FakeDns>) -> Option<Target> {
 /// What the TUN's DNS answers of the peers' names.
 #[derive(Debug)]
 struct PeerDns {
-    routes: Arc<PeerRoutes>,
+    mesh: Arc<crate::mesh::Mesh>,
     /// Whether the TUN has IPv6 (AAAA records are answered only then).
     ipv6: bool,
 }
@@ -491,7 +491,7 @@ async fn serve_udp(
                 if dst.port() == 53
                     && let Some(answer) = peers
                         .as_deref()
-                        .and_then(|p| mesh::answer(&p.routes, &payload, p.ipv6))
+                        .and_then(|p| mesh::answer(&p.mesh.now().routes, &payload, p.ipv6))
                 {
                     reply.send(dst, &answer);
                     continue;

@@ -82,3 +82,107 @@ fn a_node_answers_its_owner_on_its_data_dir_and_refuses_other_users() {
     assert!(err.contains("another user's"), "{err}");
     drop(exit);
 }
+
+fn curl_socks(socks: &str, url: &str) -> std::process::Output {
+    run_with_timeout(
+        Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "100"])
+            .args(["--socks5-hostname", socks, url]),
+        Duration::from_secs(110),
+    )
+    .expect("run curl")
+}
+
+/// `proxy peer add|grant|revoke` on a running `proxy exit` that knew nobody: the peer it adds
+/// and grants a share reaches the share at once (no restart on either side), the change is
+/// kept in the data dir across a restart, and a revoke is refused at once.
+#[test]
+fn peers_changed_at_run_time_take_effect_at_once_and_are_kept() {
+    let net = ToxNet::start(4).expect("private tox network");
+    let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
+    let service = tests::servers::HttpServer::start().expect("service");
+    let port = service.addr().port().to_string();
+    let nas_dir = Scratch::new("control-nas");
+    let nas_path = std::path::PathBuf::from(nas_dir.path());
+    let nas = ExitProcess::start(&nodes, &nas_path, &[]).expect("nas starts");
+    let laptop_dir = Scratch::new("control-laptop");
+    let bin = proxy_bin();
+    let out = run(Command::new(bin).args(["id", "--data-dir", &laptop_dir.path()]));
+    let laptop_id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut args = vec![
+        "--socks".to_owned(),
+        "127.0.0.1:0".into(),
+        "--http".into(),
+        "off".into(),
+        "--data-dir".into(),
+        laptop_dir.path(),
+        "--no-public-bootstrap".into(),
+        "--no-public-stun".into(),
+        "--connect-timeout".into(),
+        "90".into(),
+        "--peer".into(),
+        format!("nas={}", nas.id),
+    ];
+    for n in &nodes {
+        args.extend(["--bootstrap".into(), n.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let laptop = tests::servers::ProxyProcess::start_raw(&args).expect("laptop starts");
+    let socks = laptop.socks.expect("socks").to_string();
+
+    let peer = |change: &[&str]| {
+        let mut cmd = Command::new(bin);
+        cmd.arg("peer")
+            .args(change)
+            .args(["--data-dir", &nas_dir.path()]);
+        let out = run(&mut cmd);
+        assert!(out.status.success(), "proxy peer {change:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = peer(&["add", "laptop", &laptop_id]);
+    assert!(said.contains("peer laptop added"), "{said}");
+    let said = peer(&["grant", "laptop", "share", &port]);
+    assert!(said.contains(&format!("ports {port}/tcp")), "{said}");
+    let url = format!("http://nas.tox:{port}/index.html");
+    let out = curl_socks(&socks, &url);
+    assert!(
+        out.status.success(),
+        "the share granted at run time was not reached: {}\nlaptop:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        laptop.stderr()
+    );
+    let kept = std::fs::read_to_string(nas_path.join("peers.toml")).expect("peers.toml");
+    assert!(
+        kept.contains("name = \"laptop\"") && kept.contains(&format!("share = \"{port}/tcp\"")),
+        "{kept}"
+    );
+
+    // A restarted nas knows laptop and its share from the data dir alone.
+    drop(nas);
+    let nas = ExitProcess::start(&nodes, &nas_path, &[]).expect("nas restarts");
+    let out = curl_socks(&socks, &url);
+    assert!(
+        out.status.success(),
+        "the kept share was not reached after nas restarted: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served = service.requests();
+    peer(&["revoke", "laptop", "share"]);
+    let out = curl_socks(&socks, &url);
+    assert!(!out.status.success(), "a revoked share was reached");
+    assert_eq!(service.requests(), served, "a revoked share was dialed");
+    // A bad change is refused with the reason, and changes nothing.
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "peer",
+        "grant",
+        "desktop",
+        "exit",
+        "--data-dir",
+        &nas_dir.path(),
+    ]);
+    let out = run(&mut cmd);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no peer is called desktop"));
+    drop(nas);
+}

@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 
 use super::{ExitLink, Exits};
 use crate::dialer::{BoxFuture, DialError, Dialer, Target, UdpFlow};
-use crate::rights::RightsTable;
+use crate::mesh::Mesh;
 
 /// Datagrams waiting for one flow's reader (client) or socket (exit); more are dropped.
 const FLOW_QUEUE: usize = 256;
@@ -241,7 +241,7 @@ pub struct UdpOptions {
     /// Flows one client may have open at once; a new one beyond closes its oldest.
     pub flows_per_client: usize,
     /// Who may send UDP through this node: peers with the exit right (none by default).
-    pub rights: Arc<RightsTable>,
+    pub mesh: Arc<Mesh>,
 }
 
 impl Default for UdpOptions {
@@ -251,7 +251,7 @@ impl Default for UdpOptions {
             // flows are done in a second. Two minutes is what conntrack gives replied UDP.
             idle_timeout: Duration::from_secs(120),
             flows_per_client: 256,
-            rights: Arc::default(),
+            mesh: Arc::default(),
         }
     }
 }
@@ -336,7 +336,7 @@ pub async fn serve_udp(fabric: Arc<Fabric>, dialer: Arc<dyn Dialer>, options: Ud
     let table: Arc<Mutex<FlowTable>> = Arc::default();
     let epoch = Instant::now();
     while let Some((peer, datagram)) = fabric.recv_datagram().await {
-        if !options.rights.may_exit(&peer) {
+        if !options.mesh.now().rights.may_exit(&peer) {
             // UDP flows are exit traffic only (shares are TCP for now).
             debug!(%peer, "datagram from a peer without the exit right dropped");
             continue;

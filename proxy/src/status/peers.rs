@@ -11,17 +11,16 @@ use fabric::peer::PeerStatus;
 
 use super::{bytes, millis, path_name};
 use crate::accounts::{Ledger, PeerAccounts, PeerCounts};
-use crate::rights::{Rights, RightsTable};
-use crate::route::{Granted, PeerRoutes};
+use crate::mesh::Mesh;
+use crate::rights::Rights;
+use crate::route::Granted;
 use fabric::target::Grants;
 
 /// What the peers part reads from.
 #[derive(Debug, Clone)]
 pub struct MeshStatus {
-    /// Names and overlay addresses.
-    pub routes: Arc<PeerRoutes>,
-    /// What each peer may do here.
-    pub rights: Arc<RightsTable>,
+    /// The peers: names, overlay addresses, what each may do here (as they are now).
+    pub mesh: Arc<Mesh>,
     /// What was served for each.
     pub accounts: Arc<PeerAccounts>,
     /// The peers this node uses as exits.
@@ -55,11 +54,12 @@ impl MeshStatus {
     /// A line per peer that is known, has a right, is an exit, was served or has a slot in
     /// the fabric (`sessions`), named peers first, by name, then by key.
     pub fn lines(&self, sessions: &[(PublicKey, PeerStatus)]) -> Vec<PeerLine> {
-        let peers = self.routes.peers();
+        let now = self.mesh.now();
+        let peers = &now.peers;
         let mut keys: Vec<PublicKey> = peers
             .iter()
             .map(|p| p.id.public_key())
-            .chain(self.rights.keys().copied())
+            .chain(now.rights.keys().copied())
             .chain(self.exits.iter().copied())
             .chain(self.accounts.all().into_iter().map(|(k, _)| k))
             .chain(sessions.iter().map(|(k, _)| *k))
@@ -71,8 +71,8 @@ impl MeshStatus {
             .map(|pk| PeerLine {
                 key: pk.to_string(),
                 name: peers.name_of(&pk).map(ToString::to_string),
-                overlay: self.routes.overlay().addrs(&pk),
-                here: self.rights.of(&pk),
+                overlay: now.routes.overlay().addrs(&pk),
+                here: now.rights.of(&pk),
                 our_exit: self.exits.contains(&pk),
                 counts: self.accounts.of(&pk),
                 gives: self

@@ -1,0 +1,334 @@
+//! The node's peers and rights as they live (issue "Pairing", live changes): what the flags
+//! and the config file gave at start, changed at run time through the control socket
+//! (`proxy peer add|grant|revoke`), and kept in `peers.toml` in the data dir so that the
+//! next start finds them.
+//!
+//! ```toml
+//! # peers.toml: written by proxy (mode 0600, atomically) at every change
+//! [[peer]]
+//! name = "laptop"
+//! id = "<76 hex digits>"
+//! exit = true
+//! share = "22/tcp,8080/tcp"
+//! ```
+//!
+//! At start the file is read after the flags and the config file: a peer it names (same name,
+//! same ID) takes the file's rights, which are the newer; a peer only it knows is added; an
+//! entry that clashes with the config (one name, two IDs) is skipped with a warning.
+//!
+//! Readers take a snapshot ([`Mesh::now`]): a table, its rights and its routes that never
+//! change under them; a change builds the next snapshot and swaps it in.
+
+use std::io::{self, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use fabric::id::{PublicKey, ToxId};
+use fabric::overlay::PeerName;
+use serde::Deserialize;
+use tracing::warn;
+
+use crate::peers::{PeerEntry, PeerError, PeerTable};
+use crate::rights::RightsTable;
+use crate::route::PeerRoutes;
+use crate::share::PortSet;
+
+/// The file's name in the data dir.
+pub const STORE: &str = "peers.toml";
+
+/// One moment's peers, rights and routes.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    /// The peers by name.
+    pub peers: PeerTable,
+    /// What each may do here.
+    pub rights: RightsTable,
+    /// Names and overlay addresses.
+    pub routes: Arc<PeerRoutes>,
+}
+
+/// A change asked for at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A new peer.
+    Add(PeerName, ToxId),
+    /// The exit right.
+    GrantExit(PeerName),
+    /// Shared ports (added to those it has).
+    GrantShare(PeerName, PortSet),
+    /// No exit right any more.
+    RevokeExit(PeerName),
+    /// No shared ports any more.
+    RevokeShares(PeerName),
+}
+
+/// Why a change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChangeError {
+    /// The peer table refused it.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// No peer of that name.
+    #[error("no peer is called {0}")]
+    Unknown(PeerName),
+    /// The change could not be kept in the data dir (it was not made).
+    #[error("cannot write {0}")]
+    Store(String),
+}
+
+/// The node's live peers and rights.
+#[derive(Debug)]
+pub struct Mesh {
+    now: RwLock<Arc<Tables>>,
+    own: PublicKey,
+    /// `peers.toml`, when the node has a data dir.
+    store: Option<PathBuf>,
+}
+
+impl Default for Mesh {
+    /// No peers, no rights, nothing kept: a node that serves nobody.
+    fn default() -> Self {
+        Self::new(
+            PeerTable::default(),
+            RightsTable::default(),
+            PublicKey([0; 32]),
+            None,
+        )
+    }
+}
+
+impl Mesh {
+    /// The tables `peers` and `rights` of node `own`, kept in `store` when changed.
+    pub fn new(
+        peers: PeerTable,
+        rights: RightsTable,
+        own: PublicKey,
+        store: Option<PathBuf>,
+    ) -> Self {
+        let routes = Arc::new(PeerRoutes::new(peers.clone(), own));
+        Self {
+            now: RwLock::new(Arc::new(Tables {
+                peers,
+                rights,
+                routes,
+            })),
+            own,
+            store,
+        }
+    }
+
+    /// The tables now.
+    pub fn now(&self) -> Arc<Tables> {
+        self.now.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Adds what `dir`'s `peers.toml` holds to the tables (see the module docs), without
+    /// writing it back.
+    pub fn load(&self, dir: &Path) -> io::Result<()> {
+        let path = dir.join(STORE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[serde(default)]
+            peer: Vec<PeerEntry>,
+        }
+        let file: File = toml::from_str(&text).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {}", path.display(), e.to_string().trim_end()),
+            )
+        })?;
+        let mut lock = self.now.write().unwrap_or_else(|e| e.into_inner());
+        let mut tables = (**lock).clone();
+        for entry in file.peer {
+            let parsed = entry
+                .name
+                .parse::<PeerName>()
+                .ok()
+                .zip(entry.id.parse::<ToxId>().ok());
+            let Some((name, id)) = parsed else {
+                warn!(name = %entry.name, "{}: a bad entry skipped", path.display());
+                continue;
+            };
+            let pk = id.public_key();
+            match tables.peers.by_name(&name) {
+                Some(p) if p.id.public_key() == pk => {}
+                Some(_) => {
+                    warn!(%name, "{}: another ID than the config's; skipped", path.display());
+                    continue;
+                }
+                None => {
+                    if let Err(e) = tables.peers.add(name.clone(), id) {
+                        warn!(%name, %e, "{}: skipped", path.display());
+                        continue;
+                    }
+                }
+            }
+            // The file's rights are the newer.
+            tables.rights.revoke_exit(&pk);
+            tables.rights.revoke_shares(&pk);
+            if entry.exit == Some(true) {
+                tables.rights.grant_exit(pk);
+            }
+            if let Some(ports) = entry
+                .share
+                .as_deref()
+                .and_then(|p| p.parse::<PortSet>().ok())
+            {
+                tables.rights.grant_share(pk, &ports);
+            }
+        }
+        tables.routes = Arc::new(PeerRoutes::new(tables.peers.clone(), self.own));
+        *lock = Arc::new(tables);
+        Ok(())
+    }
+
+    /// Makes `change`, keeps the result in the data dir, and returns the new tables. A
+    /// change that cannot be kept is not made.
+    pub fn change(&self, change: Change) -> Result<Arc<Tables>, ChangeError> {
+        let mut lock = self.now.write().unwrap_or_else(|e| e.into_inner());
+        let mut tables = (**lock).clone();
+        let key_of = |t: &Tables, name: &PeerName| {
+            t.peers
+                .by_name(name)
+                .map(|p| p.id.public_key())
+                .ok_or_else(|| ChangeError::Unknown(name.clone()))
+        };
+        match &change {
+            Change::Add(name, id) => tables.peers.add(name.clone(), *id)?,
+            Change::GrantExit(name) => {
+                let pk = key_of(&tables, name)?;
+                tables.rights.grant_exit(pk);
+            }
+            Change::GrantShare(name, ports) => {
+                let pk = key_of(&tables, name)?;
+                tables.rights.grant_share(pk, ports);
+            }
+            Change::RevokeExit(name) => {
+                let pk = key_of(&tables, name)?;
+                tables.rights.revoke_exit(&pk);
+            }
+            Change::RevokeShares(name) => {
+                let pk = key_of(&tables, name)?;
+                tables.rights.revoke_shares(&pk);
+            }
+        }
+        tables.routes = Arc::new(PeerRoutes::new(tables.peers.clone(), self.own));
+        if let Some(path) = &self.store {
+            write_store(path, &tables)
+                .map_err(|e| ChangeError::Store(format!("{}: {e}", path.display())))?;
+        }
+        let tables = Arc::new(tables);
+        *lock = tables.clone();
+        Ok(tables)
+    }
+}
+
+/// Writes the tables to `path` atomically (a temporary file renamed over it), mode 0600.
+fn write_store(path: &Path, tables: &Tables) -> io::Result<()> {
+    let mut text = String::from(
+        "# Written by proxy: its peers as last changed at run time (proxy peer ...).\n",
+    );
+    for p in tables.peers.iter() {
+        let rights = tables.rights.of(&p.id.public_key());
+        text.push_str(&format!(
+            "\n[[peer]]\nname = \"{}\"\nid = \"{}\"\n",
+            p.name, p.id
+        ));
+        if rights.exit {
+            text.push_str("exit = true\n");
+        }
+        if !rights.share.is_empty() {
+            text.push_str(&format!("share = \"{}\"\n", rights.share));
+        }
+    }
+    let tmp = path.with_extension("toml.tmp");
+    {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::share::Transport;
+
+    use super::*;
+
+    fn id(b: u8) -> ToxId {
+        ToxId::new(PublicKey([b; 32]), [0; 4])
+    }
+
+    #[test]
+    fn changes_are_kept_and_read_back_over_the_config() {
+        let dir = std::env::temp_dir().join(format!("proxy-mesh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = dir.join(STORE);
+        let _ = std::fs::remove_file(&store);
+        let nas = id(1).to_string();
+        let config = PeerTable::new([("nas", nas.as_str())]).unwrap();
+        let mut rights = RightsTable::default();
+        rights.grant_exit(PublicKey([1; 32]));
+        let mesh = Mesh::new(
+            config.clone(),
+            rights.clone(),
+            PublicKey([9; 32]),
+            Some(store.clone()),
+        );
+        let laptop: PeerName = "laptop".parse().unwrap();
+        mesh.change(Change::Add(laptop.clone(), id(2))).unwrap();
+        mesh.change(Change::GrantShare(laptop.clone(), "8080".parse().unwrap()))
+            .unwrap();
+        mesh.change(Change::RevokeExit("nas".parse().unwrap()))
+            .unwrap();
+        let now = mesh.now();
+        assert!(
+            now.rights
+                .may_reach(&PublicKey([2; 32]), 8080, Transport::Tcp)
+        );
+        assert!(now.routes.overlay().addrs(&PublicKey([2; 32])).is_some());
+        assert_eq!(
+            mesh.change(Change::GrantExit("desktop".parse().unwrap()))
+                .unwrap_err(),
+            ChangeError::Unknown("desktop".parse().unwrap())
+        );
+        assert!(matches!(
+            mesh.change(Change::Add("other".parse().unwrap(), id(2))),
+            Err(ChangeError::Peer(PeerError::DuplicateKey(..)))
+        ));
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&store).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        // The next start: the config again, then the file, which wins for the rights.
+        let again = Mesh::new(config, rights, PublicKey([9; 32]), Some(store.clone()));
+        again.load(&dir).unwrap();
+        let now = again.now();
+        assert!(now.peers.by_name(&laptop).is_some());
+        assert!(
+            now.rights
+                .may_reach(&PublicKey([2; 32]), 8080, Transport::Tcp)
+        );
+        assert!(
+            !now.rights.may_exit(&PublicKey([1; 32])),
+            "the revoke was kept"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
