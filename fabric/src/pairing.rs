@@ -6,7 +6,8 @@
 //!                               | expires u64 BE (unix seconds) | name len u8 | name
 //!                               | endpoints u8 | each: 4 or 6, address (4 | 16), port u16 BE
 //!                               | checksum: SHA-256 of all before, first 4 bytes)
-//! request  "proxy-join-" base32(version 1 | invitation id (8) | proof (32) | name len u8 | name)
+//! request  "proxy-join-" base32(version 1 | invitation id (8) | proof (32) | nospam (4)
+//!                               | name len u8 | name)
 //!          invitation id = SHA-256("proxy invitation" ‖ secret)[..8]
 //!          proof = HMAC-SHA256(secret, "proxy join v1" ‖ joiner's key ‖ inviter's key)
 //! ```
@@ -51,6 +52,12 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
+    /// A fresh secret from the system's random source.
+    #[cfg(feature = "tokio")]
+    pub fn random() -> Self {
+        Self(rand::random::<[u8; SECRET_LEN]>())
+    }
+
     /// The invitation's id: how the inviter finds the invitation a request is for, without
     /// the request revealing the secret.
     pub fn invitation_id(&self) -> [u8; 8] {
@@ -220,16 +227,21 @@ pub struct JoinRequest {
     pub invitation: [u8; 8],
     /// [`Secret::proof`] for the joiner's and the inviter's keys.
     pub proof: [u8; 32],
+    /// The joiner's nospam: with the key the request came from, its whole Tox ID.
+    pub nospam: [u8; 4],
     /// The name the joiner suggests the inviter call it.
     pub name: Option<PeerName>,
 }
 
 impl JoinRequest {
-    /// The request for `ticket` from the node whose key is `joiner`.
-    pub fn new(ticket: &Ticket, joiner: &PublicKey, name: Option<PeerName>) -> Self {
+    /// The request for `ticket` from the node whose Tox ID is `joiner`.
+    pub fn new(ticket: &Ticket, joiner: &ToxId, name: Option<PeerName>) -> Self {
         Self {
             invitation: ticket.secret.invitation_id(),
-            proof: ticket.secret.proof(joiner, &ticket.inviter.public_key()),
+            proof: ticket
+                .secret
+                .proof(&joiner.public_key(), &ticket.inviter.public_key()),
+            nospam: joiner.nospam(),
             name,
         }
     }
@@ -239,6 +251,7 @@ impl JoinRequest {
         let mut b = vec![VERSION];
         b.extend_from_slice(&self.invitation);
         b.extend_from_slice(&self.proof);
+        b.extend_from_slice(&self.nospam);
         let name = self.name.as_ref().map_or("", PeerName::as_str);
         b.push(name.len() as u8);
         b.extend_from_slice(name.as_bytes());
@@ -255,6 +268,7 @@ impl JoinRequest {
         }
         let invitation = r.take(8).ok()?.try_into().ok()?;
         let proof = r.take(32).ok()?.try_into().ok()?;
+        let nospam = r.take(4).ok()?.try_into().ok()?;
         let name = match usize::from(r.u8().ok()?) {
             0 => None,
             n => Some(std::str::from_utf8(r.take(n).ok()?).ok()?.parse().ok()?),
@@ -262,6 +276,7 @@ impl JoinRequest {
         r.0.is_empty().then_some(Self {
             invitation,
             proof,
+            nospam,
             name,
         })
     }
@@ -397,12 +412,17 @@ mod tests {
     #[test]
     fn the_proof_binds_both_keys_and_the_secret() {
         let t = ticket();
-        let (joiner, other) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        let (joiner_id, other) = (
+            ToxId::new(PublicKey([1; 32]), [5, 6, 7, 8]),
+            PublicKey([2; 32]),
+        );
+        let joiner = joiner_id.public_key();
         let inviter = t.inviter.public_key();
-        let req = JoinRequest::new(&t, &joiner, Some("laptop".parse().unwrap()));
+        let req = JoinRequest::new(&t, &joiner_id, Some("laptop".parse().unwrap()));
         let back = JoinRequest::parse(&req.encode()).unwrap();
         assert_eq!(back, req);
         assert_eq!(back.invitation, t.secret.invitation_id());
+        assert_eq!(ToxId::new(joiner, back.nospam), joiner_id, "the whole ID");
         assert!(t.secret.verify(&back.proof, &joiner, &inviter));
         assert!(
             !t.secret.verify(&back.proof, &other, &inviter),

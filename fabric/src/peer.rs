@@ -363,6 +363,17 @@ impl Fabric {
         self.shared.tox.add_friend_norequest(pk).await
     }
 
+    /// Lets `pk` hold sessions with this node, without touching Tox: for a peer this node
+    /// asks to befriend itself (a join), whose request the other side accepts.
+    pub fn allow_sessions(&self, pk: PublicKey) {
+        lock(&self.shared.allow).keys.insert(pk);
+    }
+
+    /// Undoes [`Fabric::allow_sessions`] (a join that came to nothing).
+    pub fn disallow_sessions(&self, pk: &PublicKey) {
+        lock(&self.shared.allow).keys.remove(pk);
+    }
+
     /// The next datagram a peer sent: who sent it and its payload. `None` once the fabric is
     /// shutting down.
     pub async fn recv_datagram(&self) -> Option<(PublicKey, Vec<u8>)> {

@@ -53,6 +53,80 @@ pub enum Command {
     Peers(StatusArgs),
     /// Change the running proxy's peers and their rights at once (kept in its data dir).
     Peer(PeerArgs),
+    /// Print a one-time ticket (its last line) that pairs another node with the running one.
+    Invite(InviteArgs),
+    /// Pair the running proxy with the node whose ticket this is.
+    Join(JoinArgs),
+}
+
+/// `proxy invite`.
+#[derive(Debug, Args, Clone)]
+pub struct InviteArgs {
+    /// The name this node suggests the joiner call it (NAME.tox there).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// The joiner may use this node as its exit.
+    #[arg(long)]
+    pub exit: bool,
+    /// Ports of this host's loopback the joiner may reach: 8080, 22,8000-8100, *.
+    #[arg(long, value_name = "PORTS")]
+    pub share: Option<String>,
+    /// How long the ticket is valid: 600, 90s, 10m, 2h [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ttl: Option<u64>,
+    /// List the open invitations instead.
+    #[arg(long, conflicts_with_all = ["name", "exit", "share", "ttl", "revoke"])]
+    pub list: bool,
+    /// Revoke the invitation with this id instead.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["name", "exit", "share", "ttl"])]
+    pub revoke: Option<String>,
+    /// The running node's data dir [default: as `proxy id`'s].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Settings file (only its `data-dir` matters here).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// `proxy join`.
+#[derive(Debug, Args, Clone)]
+pub struct JoinArgs {
+    /// The ticket `proxy invite` printed.
+    pub ticket: String,
+    /// What to call the inviter (NAME.tox) [default: the name the ticket suggests].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// How long to wait for the inviter, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub wait: u64,
+    /// The running node's data dir [default: as `proxy id`'s].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Settings file (only its `data-dir` matters here).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// Reads a duration in seconds: `600`, `90s`, `10m`, `2h`, `1d`.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: a number and s, m, h or d"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
+    };
+    n.checked_mul(scale)
+        .filter(|&s| s > 0)
+        .ok_or_else(|| format!("{text:?}: out of range"))
 }
 
 /// `proxy peer`.
@@ -239,6 +313,10 @@ pub struct RunArgs {
     /// Apply the destination rules to direct dials too (refuse private addresses, ...).
     #[arg(long)]
     pub direct_policy: bool,
+    /// Run the Tox node even with no peer yet, so that `proxy invite` and `proxy join` can
+    /// pair it (any --peer, --exit, --allow or --share runs it anyway).
+    #[arg(long)]
+    pub node: bool,
     /// Settings every role has.
     #[command(flatten)]
     pub common: CommonArgs,

@@ -26,6 +26,7 @@
 //! idle-timeout = 300            # seconds, 0 = never, at most 30 days
 //! max-connections = 1024        # 1 to 1,000,000
 //! direct-policy = false         # apply [policy] to direct dials too
+//! node = false                  # run the Tox node with no peer yet (to invite or join)
 //!
 //! allow = ["<Tox ID, public key or name>"]  # peers that may use this node as their exit
 //! share = ["laptop:22,8080"]    # ports of this host's loopback a peer may reach
@@ -201,6 +202,7 @@ pub struct ConfigFile {
     idle_timeout: Option<u64>,
     max_connections: Option<usize>,
     direct_policy: Option<bool>,
+    node: Option<bool>,
     #[serde(default)]
     policy: PolicySection,
     #[serde(default)]
@@ -355,6 +357,8 @@ pub struct RunSettings {
     pub tun: bool,
     /// Apply `common.policy` to direct dials.
     pub direct_policy: bool,
+    /// Run the Tox node even with no peer yet (`--node`).
+    pub node: bool,
     /// The rest.
     pub common: CommonSettings,
     /// TUN mode's routing and DNS options.
@@ -455,6 +459,7 @@ impl RunSettings {
             exits,
             tun,
             direct_policy: args.direct_policy || file.direct_policy.unwrap_or(false),
+            node: args.node || file.node.unwrap_or(false),
             common,
             tun_options: TunOptions {
                 route: args.tun_route.clone(),

@@ -11,7 +11,9 @@
 //! Requests: `status` and `peers` (what `/status` and `/peers` answer), and the live changes
 //! `peer add NAME TOXID`, `peer grant NAME exit`, `peer grant NAME share PORTS`,
 //! `peer revoke NAME exit`, `peer revoke NAME share` (what `proxy peer …` sends; kept in the
-//! data dir, see [`crate::mesh`]). Who may ask is checked
+//! data dir, see [`crate::mesh`]), and pairing: `invite [name=N] [exit] [share=PORTS]
+//! [ttl=SECS]`, `invites`, `invite-revoke ID`, `join TICKET [name=N] [wait=SECS]`. Who may
+//! ask is checked
 //! twice: the socket is created mode 0600, and each connection's peer credentials must name
 //! the socket's owner (so a socket made reachable by a careless `chmod` still refuses other
 //! users).
@@ -71,6 +73,10 @@ pub async fn bind(dir: &Path) -> io::Result<UnixListener> {
 pub trait Changes: Send + Sync + std::fmt::Debug {
     /// Makes `change`.
     fn apply(&self, change: Change) -> BoxFuture<'_, Result<String, String>>;
+
+    /// Answers a pairing request line: `invite …`, `invites`, `invite-revoke ID`,
+    /// `join TICKET …`.
+    fn pairing(&self, line: &str) -> BoxFuture<'_, Result<String, String>>;
 }
 
 /// What the control socket serves: status, and live changes when the node takes them.
@@ -172,7 +178,21 @@ async fn answer(mut stream: UnixStream, owner: Option<u32>, node: &Node) -> io::
                 Err(why) => format!("error: {why}\n"),
             },
         },
-        other => format!("error: unknown request {other:?} (status, peers, peer …)\n"),
+        other
+            if ["invite", "invites", "invite-revoke", "join"]
+                .contains(&other.split_whitespace().next().unwrap_or_default()) =>
+        {
+            match &node.changes {
+                None => "error: this node takes no changes\n".into(),
+                Some(changes) => match changes.pairing(other).await {
+                    Ok(done) => format!("{done}\n"),
+                    Err(why) => format!("error: {why}\n"),
+                },
+            }
+        }
+        other => {
+            format!("error: unknown request {other:?} (status, peers, peer …, invite …, join …)\n")
+        }
     };
     stream.write_all(answer.as_bytes()).await?;
     stream.shutdown().await
@@ -181,6 +201,11 @@ async fn answer(mut stream: UnixStream, owner: Option<u32>, node: &Node) -> io::
 /// Sends `request` to the node running on the data dir `dir` and returns its answer (an
 /// answer starting with "error: " is returned as an error).
 pub async fn request(dir: &Path, request: &str) -> io::Result<String> {
+    request_within(dir, request, Duration::from_secs(30)).await
+}
+
+/// [`request`], waiting at most `limit` for the answer (a join waits for the inviter).
+pub async fn request_within(dir: &Path, request: &str, limit: Duration) -> io::Result<String> {
     let path = socket_path(dir);
     let mut stream = UnixStream::connect(&path).await.map_err(|e| {
         io::Error::new(
@@ -193,7 +218,7 @@ pub async fn request(dir: &Path, request: &str) -> io::Result<String> {
     })?;
     stream.write_all(format!("{request}\n").as_bytes()).await?;
     let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(30), stream.read_to_string(&mut answer))
+    tokio::time::timeout(limit, stream.read_to_string(&mut answer))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the node did not answer"))??;
     match answer.strip_prefix("error: ") {

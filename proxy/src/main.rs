@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use fabric::id::{BootstrapNode, ToxId};
+use fabric::overlay::PeerName;
 use fabric::path::PathConfig;
 use fabric::peer::{Fabric, FabricConfig};
 use fabric::tox::{ToxConfig, ToxNode};
@@ -105,6 +106,53 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(Failure::Settings)?;
             let dir = data_dir(dir)?;
             let done = proxy::control::request(&dir, &args.change.request())
+                .await
+                .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
+            print!("{done}");
+            Ok(())
+        }
+        Some(Command::Invite(args)) => {
+            let dir = data_dir(
+                id_data_dir(args.config.as_deref(), args.data_dir.as_deref())
+                    .map_err(Failure::Settings)?,
+            )?;
+            let line = if args.list {
+                "invites".to_owned()
+            } else if let Some(id) = &args.revoke {
+                format!("invite-revoke {id}")
+            } else {
+                let mut line = "invite".to_owned();
+                if let Some(n) = &args.name {
+                    line.push_str(&format!(" name={n}"));
+                }
+                if args.exit {
+                    line.push_str(" exit");
+                }
+                if let Some(p) = &args.share {
+                    line.push_str(&format!(" share={p}"));
+                }
+                if let Some(t) = args.ttl {
+                    line.push_str(&format!(" ttl={t}"));
+                }
+                line
+            };
+            let done = proxy::control::request(&dir, &line)
+                .await
+                .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
+            print!("{done}");
+            Ok(())
+        }
+        Some(Command::Join(args)) => {
+            let dir = data_dir(
+                id_data_dir(args.config.as_deref(), args.data_dir.as_deref())
+                    .map_err(Failure::Settings)?,
+            )?;
+            let mut line = format!("join {} wait={}", args.ticket.trim(), args.wait);
+            if let Some(n) = &args.name {
+                line.push_str(&format!(" name={n}"));
+            }
+            let limit = Duration::from_secs(args.wait.saturating_add(30));
+            let done = proxy::control::request_within(&dir, &line, limit)
                 .await
                 .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
             print!("{done}");
@@ -252,6 +300,292 @@ struct Live {
     fabric: Arc<Fabric>,
     dialer: proxy::route::MeshDialer,
     exits: Option<FabricDialer>,
+    invitations: proxy::pairing::Invitations,
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// This host's name as a peer name, when it is one (what a joiner suggests the inviter call
+/// it).
+fn host_peer_name() -> Option<PeerName> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    host.trim().split('.').next()?.parse().ok()
+}
+
+/// A name for `pk` that `taken` does not hold: `wanted` if free, else `peer-` and the key's
+/// first hex digits.
+fn free_name(
+    wanted: Option<&PeerName>,
+    pk: &fabric::id::PublicKey,
+    taken: &proxy::peers::PeerTable,
+) -> Option<PeerName> {
+    let hex = pk.to_string().to_lowercase();
+    wanted
+        .cloned()
+        .into_iter()
+        .chain(
+            (8..=16)
+                .step_by(4)
+                .filter_map(|n| format!("peer-{}", &hex[..n]).parse().ok()),
+        )
+        .find(|n| taken.by_name(n).is_none())
+}
+
+impl Live {
+    /// `invite [name=N] [exit] [share=PORTS] [ttl=SECS]`: a new invitation, and its ticket
+    /// on the last line.
+    fn invite(&self, words: &[&str]) -> Result<String, String> {
+        let mut offer = proxy::rights::Rights::default();
+        let (mut name, mut ttl) = (None, Duration::from_secs(600));
+        for w in words {
+            match w.split_once('=') {
+                None if *w == "exit" => offer.exit = true,
+                Some(("name", n)) => {
+                    name = Some(
+                        n.parse::<PeerName>()
+                            .map_err(|e| format!("name {n:?}: {e}"))?,
+                    )
+                }
+                Some(("share", p)) => {
+                    offer.share = p.parse().map_err(|e| format!("share {p:?}: {e}"))?
+                }
+                Some(("ttl", t)) => {
+                    ttl = Duration::from_secs(t.parse().map_err(|e| format!("ttl {t:?}: {e}"))?)
+                }
+                _ => return Err(format!("invite: unknown word {w:?}")),
+            }
+        }
+        let (secret, expires) = self
+            .invitations
+            .create(unix_now(), ttl, offer.clone(), name.clone())
+            .ok_or("too many open invitations: revoke some (proxy invite --list)")?;
+        let id: String = secret
+            .invitation_id()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let ticket = fabric::pairing::Ticket {
+            inviter: self.fabric.id(),
+            secret,
+            expires,
+            name,
+            endpoints: Vec::new(),
+        };
+        let gives = match (offer.exit, offer.share.is_empty()) {
+            (false, true) => "nothing yet (a peer by name)".to_owned(),
+            (exit, _) => {
+                let mut parts = Vec::new();
+                if exit {
+                    parts.push("this node as its exit".to_owned());
+                }
+                if !offer.share.is_empty() {
+                    parts.push(format!("ports {}", offer.share));
+                }
+                parts.join(" and ")
+            }
+        };
+        Ok(format!(
+            "invitation {id}: the joiner gets {gives}; valid once, for {} s\n{}",
+            ttl.as_secs(),
+            ticket.encode()
+        ))
+    }
+
+    /// `invites`: the open invitations.
+    fn invites(&self) -> String {
+        let now = unix_now();
+        let list = self.invitations.list();
+        if list.is_empty() {
+            return "no open invitations".into();
+        }
+        list.iter()
+            .map(|l| {
+                let state = if l.used {
+                    "used".to_owned()
+                } else if l.expires <= now {
+                    "expired".to_owned()
+                } else {
+                    format!("{} s left", l.expires - now)
+                };
+                format!(
+                    "{}  exit {}  shares {}  {state}",
+                    l.id,
+                    if l.offer.exit { "yes" } else { "no" },
+                    if l.offer.share.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        l.offer.share.to_string()
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `join TICKET [name=N] [wait=SECS]`: pairs with the inviter; answers once its session
+    /// is up and it said what it gives this node.
+    async fn join(&self, words: &[&str]) -> Result<String, String> {
+        let (text, rest) = words.split_first().ok_or("join: no ticket")?;
+        let ticket = fabric::pairing::Ticket::parse(text).map_err(|e| e.to_string())?;
+        let (mut name, mut wait) = (ticket.name.clone(), Duration::from_secs(120));
+        for w in rest {
+            match w.split_once('=') {
+                Some(("name", n)) => {
+                    name = Some(n.parse().map_err(|e| format!("name {n:?}: {e}"))?)
+                }
+                Some(("wait", t)) => {
+                    wait = Duration::from_secs(t.parse().map_err(|e| format!("wait {t:?}: {e}"))?)
+                }
+                _ => return Err(format!("join: unknown word {w:?}")),
+            }
+        }
+        let now = unix_now();
+        if ticket.expires <= now {
+            return Err(format!(
+                "the ticket expired {} s ago: ask the inviter for a new one",
+                now - ticket.expires
+            ));
+        }
+        let pk = ticket.inviter.public_key();
+        if pk == self.fabric.id().public_key() {
+            return Err("this is this node's own ticket".into());
+        }
+        let tables = self.mesh.now();
+        if let Some(known) = tables.peers.name_of(&pk) {
+            return Err(format!("already paired: the inviter is your peer {known}"));
+        }
+        let name = free_name(name.as_ref(), &pk, &tables.peers)
+            .filter(|n| Some(n) == name.as_ref() || name.is_none())
+            .ok_or_else(|| {
+                format!(
+                    "a peer is called {} already: join with --name OTHER",
+                    name.as_ref().map_or("that", PeerName::as_str)
+                )
+            })?;
+        let request =
+            fabric::pairing::JoinRequest::new(&ticket, &self.fabric.id(), host_peer_name());
+        // Its session must be let in before it answers (it dials back as soon as it accepts).
+        self.fabric.allow_sessions(pk);
+        let asked = self
+            .fabric
+            .tox()
+            .add_friend(ticket.inviter, request.encode().as_bytes())
+            .await;
+        let connected = match asked {
+            Ok(()) => tokio::time::timeout(wait, self.fabric.connect(ticket.inviter))
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(e) => {
+                tracing::debug!(%e, "pairing request not sent");
+                None
+            }
+        };
+        let Some(peer) = connected else {
+            // Nothing kept: the ticket was refused, or no answer came.
+            self.fabric.disallow_sessions(&pk);
+            let _ = self.fabric.tox().remove_friend(pk).await;
+            return Err(format!(
+                "no answer from the inviter within {} s: the ticket was used, revoked or had \
+                 expired there, or the inviter is offline",
+                wait.as_secs()
+            ));
+        };
+        self.mesh
+            .change(Change::Add(name.clone(), ticket.inviter))
+            .map_err(|e| e.to_string())?;
+        self.dialer.add_peer(Arc::new(peer));
+        // What it gave us, as it says on the session (asked at once by the dialer).
+        let granted = self.dialer.granted();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let gives = loop {
+            let got = granted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&pk)
+                .cloned();
+            if let Some(g) = got {
+                let mut parts = Vec::new();
+                if g.exit {
+                    parts.push("use it as exit".to_owned());
+                }
+                if !g.shares.is_empty() {
+                    parts.push(format!("reach its ports {}", g.shares));
+                }
+                break if parts.is_empty() {
+                    "nothing yet".to_owned()
+                } else {
+                    parts.join(", ")
+                };
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break "(not said yet: see proxy peers)".to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        Ok(format!(
+            "joined {name}: reachable as {name}.tox; it gives this node: {gives}"
+        ))
+    }
+}
+
+/// Accepts pairing requests that redeem one of `live`'s invitations: the joiner becomes a
+/// peer (by the name it suggested, when free) with the rights offered, allowed and dialed.
+async fn accept_joins(live: Arc<Live>) {
+    while let Some((pk, request)) = live.fabric.next_join_request().await {
+        let own = live.fabric.id().public_key();
+        let offer = match live.invitations.redeem(&request, &pk, &own, unix_now()) {
+            Ok(offer) => offer,
+            Err(why) => {
+                tracing::info!(peer = %pk, %why, "pairing request refused");
+                continue;
+            }
+        };
+        let id = ToxId::new(pk, request.nospam);
+        let tables = live.mesh.now();
+        let name = match tables.peers.name_of(&pk) {
+            Some(known) => known.clone(),
+            None => {
+                let Some(name) = free_name(request.name.as_ref(), &pk, &tables.peers) else {
+                    tracing::warn!(peer = %pk, "no free name for a joiner");
+                    continue;
+                };
+                if let Err(e) = live.mesh.change(Change::Add(name.clone(), id)) {
+                    tracing::warn!(peer = %pk, %e, "joiner not added");
+                    continue;
+                }
+                name
+            }
+        };
+        let mut changes = Vec::new();
+        if offer.exit {
+            changes.push(Change::GrantExit(name.clone()));
+        }
+        if !offer.share.is_empty() {
+            changes.push(Change::GrantShare(name.clone(), offer.share.clone()));
+        }
+        for change in changes {
+            if let Err(e) = live.mesh.change(change) {
+                tracing::warn!(peer = %pk, %e, "joiner's right not given");
+            }
+        }
+        if let Err(e) = live.fabric.allow(pk).await {
+            tracing::warn!(peer = %pk, %e, "joiner not befriended");
+            continue;
+        }
+        tracing::info!(peer = %pk, %name, "paired");
+        tokio::spawn(connect_peer(
+            live.fabric.clone(),
+            live.exits.clone(),
+            live.dialer.clone(),
+            id,
+        ));
+    }
 }
 
 impl proxy::control::Changes for Live {
@@ -284,6 +618,27 @@ impl proxy::control::Changes for Live {
                 }
                 Change::RevokeShares(name) => format!("{name} may reach no port of this host"),
             })
+        })
+    }
+
+    fn pairing(&self, line: &str) -> proxy::dialer::BoxFuture<'_, Result<String, String>> {
+        let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        let line = line.to_owned();
+        Box::pin(async move {
+            let words: Vec<&str> = words.iter().map(String::as_str).collect();
+            match words.split_first() {
+                Some((&"invite", rest)) => self.invite(rest),
+                Some((&"invites", [])) => Ok(self.invites()),
+                Some((&"invite-revoke", [id])) => {
+                    if self.invitations.revoke(id) {
+                        Ok(format!("invitation {id} revoked"))
+                    } else {
+                        Err(format!("no invitation {id}"))
+                    }
+                }
+                Some((&"join", rest)) => self.join(rest).await,
+                _ => Err(format!("cannot read {line:?}")),
+            }
         })
     }
 }
@@ -364,8 +719,21 @@ fn wire_node(
         fabric: fabric.clone(),
         dialer: dialer.clone(),
         exits: exit_dialer,
+        invitations: proxy::pairing::Invitations::default(),
     });
+    tokio::spawn(accept_joins(live.clone()));
     (dialer, status, live)
+}
+
+/// Whether the default mode runs a Tox node: for exits, peers or rights, for the peers kept
+/// in the data dir `dir`, or when asked to (`--node`, to invite or join).
+fn wants_node(settings: &RunSettings, dir: &std::path::Path) -> bool {
+    let common = &settings.common;
+    !settings.exits.is_empty()
+        || !common.peers.is_empty()
+        || !common.rights.is_empty()
+        || settings.node
+        || dir.join(proxy::mesh::STORE).exists()
 }
 
 /// Starts the node (see [`Node`]) unless there is nothing for it to do: it connects to every
@@ -374,8 +742,7 @@ fn wire_node(
 fn start_node(settings: &RunSettings, mark: Option<u32>) -> Result<Option<Node>, Failure> {
     let common = &settings.common;
     let dir = data_dir(common.data_dir.clone())?;
-    let kept = dir.join(proxy::mesh::STORE).exists();
-    if settings.exits.is_empty() && common.peers.is_empty() && common.rights.is_empty() && !kept {
+    if !wants_node(settings, &dir) {
         return Ok(None);
     }
     let mesh = live_mesh(common, &dir)?;
@@ -463,9 +830,7 @@ async fn run_tun(settings: RunSettings, signals: Signals) -> Result<(), Failure>
     // c-toxcore's sockets (with --exit) and the system resolver's (fake-IP mode resolves names
     // here when direct) cannot be marked one by one: mark the whole process's, before any of
     // them exists.
-    let has_node = !settings.exits.is_empty()
-        || !settings.common.peers.is_empty()
-        || !settings.common.rights.is_empty();
+    let has_node = wants_node(&settings, &data_dir(settings.common.data_dir.clone())?);
     let _own = if has_node || settings.tun_options.fake_ip {
         Some(proxy::tun_mode::OwnSockets::install().context("tun mode")?)
     } else {

@@ -43,7 +43,7 @@ async fn a_valid_proof_is_allowed_and_a_forged_one_never_gets_a_session() -> Res
     let joiner = node(&net, "joiner", Duration::from_secs(120))?;
     let forger = node(&net, "forger", Duration::from_secs(20))?;
     let parsed = Ticket::parse(&ticket)?;
-    let request = JoinRequest::new(&parsed, &joiner.id().public_key(), Some("laptop".parse()?));
+    let request = JoinRequest::new(&parsed, &joiner.id(), Some("laptop".parse()?));
     joiner
         .tox()
         .add_friend(parsed.inviter, request.encode().as_bytes())
@@ -51,6 +51,7 @@ async fn a_valid_proof_is_allowed_and_a_forged_one_never_gets_a_session() -> Res
     let forged = JoinRequest {
         invitation: secret.invitation_id(),
         proof: [0x42; 32],
+        nospam: [0; 4],
         name: None,
     };
     forger
