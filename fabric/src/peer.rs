@@ -223,6 +223,8 @@ struct Running {
     /// Whether this end opened the session (it takes odd stream ids, offers links and asks to
     /// resume) or answered the peer's Open.
     opened_here: bool,
+    /// When it started here.
+    started: Instant,
     input: mpsc::Sender<Input>,
     handle: Handle,
     ended: watch::Receiver<bool>,

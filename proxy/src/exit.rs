@@ -371,23 +371,43 @@ impl FabricDialer {
 impl FabricDialer {
     /// A stream to `target` through the first exit that answers, in failover order, once a
     /// session to one is up (waiting for one up to the connect timeout).
+    ///
+    /// When every exit failed and a session changed meanwhile (the one the request went on
+    /// ended under it: the peer restarted, or a crossing Open replaced it), the request is
+    /// made once more on the next session, within the same connect timeout: a request made
+    /// in the moment a peer comes back waits for it, as one made while the tunnel comes up
+    /// does.
     async fn open(&self, target: WireTarget, first: &[u8]) -> Result<BoxedStream, DialError> {
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
-        if !self.ready(deadline).await {
-            return Err(no_session(self.connect_timeout));
-        }
-        let mut last = None;
-        for link in self.exits.failover_order() {
-            match self.connect_via(link.as_ref(), &target, first).await {
-                Ok(stream) => return Ok(stream),
-                Err(ViaError::Final(e)) => return Err(e),
-                Err(ViaError::TryNext(e)) => {
-                    debug!(exit = %link.public_key(), error = %e, "exit failed, trying the next");
-                    last = Some(e);
+        let mut retried = false;
+        loop {
+            if !self.ready(deadline).await {
+                return Err(no_session(self.connect_timeout));
+            }
+            // Subscribed before trying: a session that ends under the request is seen.
+            let mut changes = self.changes.subscribe();
+            let mut last = None;
+            for link in self.exits.failover_order() {
+                match self.connect_via(link.as_ref(), &target, first).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(ViaError::Final(e)) => return Err(e),
+                    Err(ViaError::TryNext(e)) => {
+                        debug!(exit = %link.public_key(), error = %e, "exit failed, trying the next");
+                        last = Some(e);
+                    }
                 }
             }
+            let error = last.unwrap_or_else(|| no_session(self.connect_timeout));
+            let session_changed = changes.has_changed().unwrap_or(false)
+                || tokio::time::timeout(Duration::from_millis(500), changes.changed())
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            if retried || !session_changed || tokio::time::Instant::now() >= deadline {
+                return Err(error);
+            }
+            debug!(error = %error, "the session ended under the request: once more on the next");
+            retried = true;
         }
-        Err(last.unwrap_or_else(|| no_session(self.connect_timeout)))
     }
 }
 

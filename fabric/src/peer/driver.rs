@@ -46,6 +46,7 @@ impl Shared {
             slot.session = Some(Running {
                 conv,
                 opened_here,
+                started: Instant::now(),
                 input: input_tx,
                 handle: handle.clone(),
                 ended: ended_rx,

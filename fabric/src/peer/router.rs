@@ -21,6 +21,11 @@ use crate::session::{self, CloseReason, Control, ConvId};
 use crate::time::{Duration, Instant};
 use crate::tox::ToxEvent;
 
+/// How long after a session this end opened started an Open from the peer is still taken for
+/// one that crossed ours (sent before its sender saw our answer): a few round trips, even
+/// through a Tox relay.
+const CROSSED_OPEN_WINDOW: Duration = Duration::from_secs(3);
+
 /// Routes Tox events to sessions and control handlers until the node or the fabric is gone.
 pub(super) async fn route(shared: Weak<Shared>, mut events: mpsc::Receiver<ToxEvent>) {
     while let Some(event) = events.recv().await {
@@ -111,12 +116,13 @@ impl Shared {
         let epoch = self.epoch;
         let answers_crossed = answers_crossed_open(&self.own_key.0, &pk.0);
         let answered = self.with_slot(pk, |slot| {
-            // An Open of ours is in flight, or was answered so recently that the peer's may
-            // still be on its way: the tie-break holds for both. (A peer that really lost a
-            // session we opened ends it with an "unknown session" close, or its restart is
-            // seen by a knock; then its Open is answered.)
-            let ours =
-                slot.opener.is_some() || slot.session.as_ref().is_some_and(|r| r.opened_here);
+            // An Open of ours is in flight, or was answered so recently that a crossing Open of
+            // the peer's may still be on its way: the tie-break holds for both. Later, an Open
+            // from the peer means it lost the session (it restarted): answered, replacing ours.
+            let ours = slot.opener.is_some()
+                || slot.session.as_ref().is_some_and(|r| {
+                    r.opened_here && now.saturating_duration_since(r.started) < CROSSED_OPEN_WINDOW
+                });
             if ours && !answers_crossed {
                 return None;
             }
