@@ -102,20 +102,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Some(Command::Peer(args)) => {
-            let dir = id_data_dir(args.config.as_deref(), args.data_dir.as_deref())
-                .map_err(Failure::Settings)?;
-            let dir = data_dir(dir)?;
-            let done = proxy::control::request(&dir, &args.change.request())
-                .await
-                .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
-            print!("{done}");
-            Ok(())
+            let dir = node_dir(args.config.as_deref(), args.data_dir.as_deref())?;
+            tell(&dir, &args.change.request(), Duration::from_secs(30)).await
         }
         Some(Command::Invite(args)) => {
-            let dir = data_dir(
-                id_data_dir(args.config.as_deref(), args.data_dir.as_deref())
-                    .map_err(Failure::Settings)?,
-            )?;
+            let dir = node_dir(args.config.as_deref(), args.data_dir.as_deref())?;
             let line = if args.list {
                 "invites".to_owned()
             } else if let Some(id) = &args.revoke {
@@ -136,27 +127,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 line
             };
-            let done = proxy::control::request(&dir, &line)
-                .await
-                .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
-            print!("{done}");
-            Ok(())
+            tell(&dir, &line, Duration::from_secs(30)).await
         }
         Some(Command::Join(args)) => {
-            let dir = data_dir(
-                id_data_dir(args.config.as_deref(), args.data_dir.as_deref())
-                    .map_err(Failure::Settings)?,
-            )?;
+            let dir = node_dir(args.config.as_deref(), args.data_dir.as_deref())?;
             let mut line = format!("join {} wait={}", args.ticket.trim(), args.wait);
             if let Some(n) = &args.name {
                 line.push_str(&format!(" name={n}"));
             }
-            let limit = Duration::from_secs(args.wait.saturating_add(30));
-            let done = proxy::control::request_within(&dir, &line, limit)
-                .await
-                .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
-            print!("{done}");
-            Ok(())
+            tell(
+                &dir,
+                &line,
+                Duration::from_secs(args.wait.saturating_add(30)),
+            )
+            .await
         }
         Some(Command::Id(args)) => {
             let dir = id_data_dir(args.config.as_deref(), args.data_dir.as_deref())
@@ -197,6 +181,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// The data dir of the running node a command talks to: `--data-dir`, the config file's, or
+/// the default.
+fn node_dir(
+    config: Option<&std::path::Path>,
+    dir: Option<&std::path::Path>,
+) -> Result<std::path::PathBuf, Failure> {
+    data_dir(id_data_dir(config, dir).map_err(Failure::Settings)?)
+}
+
+/// Sends `line` to the node on `dir` by its control socket and prints the answer (at most
+/// `limit` for it); a refusal is the command's error.
+async fn tell(dir: &std::path::Path, line: &str, limit: Duration) -> Result<(), Failure> {
+    let done = proxy::control::request_within(dir, line, limit)
+        .await
+        .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
+    print!("{done}");
+    Ok(())
 }
 
 /// Asks the running node for `what` (`status`, `peers`): by its control socket with
