@@ -35,6 +35,9 @@ pub mod testnet;
 
 pub use ffi::{Connection, MAX_CUSTOM_PACKET};
 pub use node::{FriendStatus, JOIN_REQUESTS_PER_MINUTE, ToxEvent, ToxHandle, ToxNode, ToxStatus};
+/// Writes a file of the data dir atomically with mode 0600, as the node's own savedata is
+/// written (the directory made 0700 if missing; durable once this returns).
+pub use save::store as write_private;
 
 /// First bytes c-toxcore accepts for custom lossy packets.
 pub const LOSSY_ID_RANGE: RangeInclusive<u8> = 192..=254;

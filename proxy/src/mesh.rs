@@ -19,8 +19,7 @@
 //! Readers take a snapshot ([`Mesh::now`]): a table, its rights and its routes that never
 //! change under them; a change builds the next snapshot and swaps it in.
 
-use std::io::{self, Write as _};
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -231,7 +230,7 @@ impl Mesh {
     }
 }
 
-/// Writes the tables to `path` atomically (a temporary file renamed over it), mode 0600.
+/// Writes the tables to `path` atomically, mode 0600.
 fn write_store(path: &Path, tables: &Tables) -> io::Result<()> {
     let mut text = String::from(
         "# Written by proxy: its peers as last changed at run time (proxy peer ...).\n",
@@ -249,18 +248,7 @@ fn write_store(path: &Path, tables: &Tables) -> io::Result<()> {
             text.push_str(&format!("share = \"{}\"\n", rights.share));
         }
     }
-    let tmp = path.with_extension("toml.tmp");
-    {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    fabric::tox::write_private(path, text.as_bytes())
 }
 
 #[cfg(test)]

@@ -271,7 +271,7 @@ impl Direct {
 
     /// Writes the cache atomically (a new file renamed over the old), readable only by us.
     fn save(&self, cache: &PeerCache) {
-        if let Err(error) = write_private(&self.cache_path, cache.emit().as_bytes()) {
+        if let Err(error) = crate::tox::write_private(&self.cache_path, cache.emit().as_bytes()) {
             debug!(path = %self.cache_path.display(), %error, "peer cache not written");
         }
     }
@@ -656,20 +656,4 @@ fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Writes `bytes` to `path` through a temporary file renamed over it, mode 0600.
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

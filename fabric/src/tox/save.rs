@@ -30,7 +30,7 @@ pub(crate) fn load(path: &Path) -> io::Result<Option<Vec<u8>>> {
 
 /// Writes `bytes` to `path` atomically with mode 0600, creating the directory (mode 0700) if
 /// needed.
-pub(crate) fn store(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn store(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     create_private_dir(dir)?;
     let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
