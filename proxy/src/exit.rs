@@ -29,7 +29,7 @@ use tracing::{Instrument as _, debug, debug_span, info, warn};
 use crate::accounts::{Counted, PeerAccounts, Right, Side};
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
 use crate::mesh::Mesh;
-use crate::rights::RightsTable;
+use crate::rights::Rights;
 use crate::share::Transport;
 
 pub mod dns;
@@ -338,21 +338,22 @@ impl FabricDialer {
             Ok(Ok(answer)) => answer,
         };
         match Reply::from_byte(code) {
-            Reply::Connected => Ok(match (&self.books, target) {
-                (_, WireTarget::Ping | WireTarget::Grants) | (None, _) => stream,
-                (Some(books), WireTarget::Share(_)) => Box::new(Counted::new(
-                    stream,
-                    books.clone(),
-                    link.public_key(),
-                    Right::Share,
-                )),
-                (Some(books), _) => Box::new(Counted::new(
-                    stream,
-                    books.clone(),
-                    link.public_key(),
-                    Right::Exit,
-                )),
-            }),
+            Reply::Connected => {
+                let right = match target {
+                    WireTarget::Ping | WireTarget::Grants => None,
+                    WireTarget::Share(_) => Some(Right::Share),
+                    _ => Some(Right::Exit),
+                };
+                Ok(match (&self.books, right) {
+                    (Some(books), Some(right)) => Box::new(Counted::new(
+                        stream,
+                        books.clone(),
+                        link.public_key(),
+                        right,
+                    )),
+                    _ => stream,
+                })
+            }
             Reply::NotAllowed => Err(ViaError::Final(DialError::PolicyDenied(format!(
                 "the exit does not allow {target}"
             )))),
@@ -644,7 +645,8 @@ async fn serve_stream(
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    if let Err(why) = permitted(&options.mesh.now().rights, &peer, &target) {
+    let rights = options.mesh.now().rights.of(&peer);
+    if let Err(why) = permitted(&rights, &target) {
         options.accounts.refused(peer);
         info!(peer = %peer, %target, "refused: {why}");
         stream.write_all(&[Reply::NotAllowed.to_byte()]).await?;
@@ -658,7 +660,6 @@ async fn serve_stream(
             return Ok(());
         }
         WireTarget::Grants => {
-            let rights = options.mesh.now().rights.of(&peer);
             let grants = Grants {
                 exit: rights.exit,
                 shares: rights.share.to_string(),
@@ -739,18 +740,18 @@ async fn answer_and_relay(
     Ok(())
 }
 
-/// Whether `peer` may ask for `target`: exit requests (addresses, names, the resolver) need
-/// the exit right, a shared port the share of that port. A `.tox` name is refused even to an
+/// Whether a peer with `rights` may ask for `target`: exit requests (addresses, names, the
+/// resolver) need the exit right, a shared port the share of that port. A `.tox` name is refused even to an
 /// exit's peers: it names a peer of theirs, and this node never forwards to a third peer
 /// (nor asks DNS about it).
-fn permitted(rights: &RightsTable, peer: &PublicKey, target: &WireTarget) -> Result<(), String> {
+fn permitted(rights: &Rights, target: &WireTarget) -> Result<(), String> {
     match target {
-        WireTarget::Share(port) if rights.may_reach(peer, *port, Transport::Tcp) => Ok(()),
+        WireTarget::Share(port) if rights.share.contains(*port, Transport::Tcp) => Ok(()),
         WireTarget::Share(port) => Err(format!("port {port} is not shared with this peer")),
         // A session is only held with known or allowed peers: they may know it answers, and
         // what they may do here.
         WireTarget::Ping | WireTarget::Grants => Ok(()),
-        _ if !rights.may_exit(peer) => Err("this peer may not use this node as its exit".into()),
+        _ if !rights.exit => Err("this peer may not use this node as its exit".into()),
         WireTarget::Name(name, _) if fabric::overlay::TargetName::parse(name).is_some() => {
             Err("a .tox name is a peer of the client's: no transit through this node".into())
         }

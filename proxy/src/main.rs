@@ -252,18 +252,14 @@ async fn start_frontends(
     if status.has_fabric() {
         // A node (with an identity, so a data dir): its control socket.
         let dir = data_dir(settings.common.data_dir.clone())?;
-        let listener = proxy::control::bind(&dir)
-            .await
-            .context("starting the control socket")?;
-        let node = proxy::control::Node {
-            status: status.clone(),
-            changes: changes.map(|l| l as Arc<dyn proxy::control::Changes>),
-        };
-        tokio::spawn(proxy::control::serve(
-            listener,
-            node,
+        let changes = changes.map(|l| l as Arc<dyn proxy::control::Changes>);
+        serve_control(
+            &dir,
+            status.clone(),
+            changes,
             proxy.shared().shutdown.clone(),
-        ));
+        )
+        .await?;
     }
     serve_metrics(&settings.common, status, proxy.shared().shutdown.clone()).await?;
     // Tests and scripts read these lines to learn the ports (useful with port 0): the first
@@ -339,7 +335,23 @@ fn free_name(
         .find(|n| taken.by_name(n).is_none())
 }
 
+/// How long `join` waits for the inviter to say what it gave, once the session is up.
+const GRANTS_WAIT: Duration = Duration::from_secs(20);
+
 impl Live {
+    /// Lets the peer `id` hold sessions here (a Tox friend, its request accepted) and dials
+    /// it: its session comes up from whichever side is first.
+    async fn befriend(&self, id: ToxId) -> Result<(), fabric::tox::ToxError> {
+        self.fabric.allow(id.public_key()).await?;
+        tokio::spawn(connect_peer(
+            self.fabric.clone(),
+            self.exits.clone(),
+            self.dialer.clone(),
+            id,
+        ));
+        Ok(())
+    }
+
     /// `invite [name=N] [exit] [share=PORTS] [ttl=SECS]`: a new invitation, and its ticket
     /// on the last line.
     fn invite(&self, words: &[&str]) -> Result<String, String> {
@@ -379,21 +391,9 @@ impl Live {
             name,
             endpoints: Vec::new(),
         };
-        let gives = match (offer.exit, offer.share.is_empty()) {
-            (false, true) => "nothing yet (a peer by name)".to_owned(),
-            (exit, _) => {
-                let mut parts = Vec::new();
-                if exit {
-                    parts.push("this node as its exit".to_owned());
-                }
-                if !offer.share.is_empty() {
-                    parts.push(format!("ports {}", offer.share));
-                }
-                parts.join(" and ")
-            }
-        };
         Ok(format!(
-            "invitation {id}: the joiner gets {gives}; valid once, for {} s\n{}",
+            "invitation {id}: the joiner may {}; valid once, for {} s\n{}",
+            proxy::status::peers::may_here(&offer),
             ttl.as_secs(),
             ticket.encode()
         ))
@@ -503,33 +503,10 @@ impl Live {
             .change(Change::Add(name.clone(), ticket.inviter))
             .map_err(|e| e.to_string())?;
         self.dialer.add_peer(Arc::new(peer));
-        // What it gave us, as it says on the session (asked at once by the dialer).
-        let granted = self.dialer.granted();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let gives = loop {
-            let got = granted
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&pk)
-                .cloned();
-            if let Some(g) = got {
-                let mut parts = Vec::new();
-                if g.exit {
-                    parts.push("use it as exit".to_owned());
-                }
-                if !g.shares.is_empty() {
-                    parts.push(format!("reach its ports {}", g.shares));
-                }
-                break if parts.is_empty() {
-                    "nothing yet".to_owned()
-                } else {
-                    parts.join(", ")
-                };
-            }
-            if tokio::time::Instant::now() >= deadline {
-                break "(not said yet: see proxy peers)".to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        // What it gave us, as it says on the session.
+        let gives = match tokio::time::timeout(GRANTS_WAIT, self.dialer.grants(pk)).await {
+            Ok(Ok(grants)) => proxy::status::peers::gives(&grants),
+            _ => "(not said yet: see proxy peers)".to_owned(),
         };
         Ok(format!(
             "joined {name}: reachable as {name}.tox; it gives this node: {gives}"
@@ -577,17 +554,10 @@ async fn accept_joins(live: Arc<Live>) {
                 tracing::warn!(peer = %pk, %e, "joiner's right not given");
             }
         }
-        if let Err(e) = live.fabric.allow(pk).await {
-            tracing::warn!(peer = %pk, %e, "joiner not befriended");
-            continue;
+        match live.befriend(id).await {
+            Ok(()) => tracing::info!(peer = %pk, %name, "paired"),
+            Err(e) => tracing::warn!(peer = %pk, %e, "joiner not befriended"),
         }
-        tracing::info!(peer = %pk, %name, "paired");
-        tokio::spawn(connect_peer(
-            live.fabric.clone(),
-            live.exits.clone(),
-            live.dialer.clone(),
-            id,
-        ));
     }
 }
 
@@ -599,17 +569,9 @@ impl proxy::control::Changes for Live {
                 .map_err(|e| e.to_string())?;
             Ok(match change {
                 Change::Add(name, id) => {
-                    // Allowed, and dialed: its session comes up from whichever side is first.
-                    self.fabric
-                        .allow(id.public_key())
+                    self.befriend(id)
                         .await
                         .map_err(|e| format!("peer {name} added, but Tox refused it: {e}"))?;
-                    tokio::spawn(connect_peer(
-                        self.fabric.clone(),
-                        self.exits.clone(),
-                        self.dialer.clone(),
-                        id,
-                    ));
                     format!("peer {name} added: reachable as {name}.tox")
                 }
                 Change::GrantExit(name) => format!("{name} may use this node as its exit"),
@@ -978,17 +940,25 @@ async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failur
         .with_mesh(peers),
     );
     serve_metrics(&settings.common, status.clone(), stop_metrics.clone()).await?;
-    let listener = proxy::control::bind(&dir)
-        .await
-        .context("starting the control socket")?;
-    let node = proxy::control::Node {
-        status,
-        changes: Some(live),
-    };
-    tokio::spawn(proxy::control::serve(listener, node, stop_metrics.clone()));
+    serve_control(&dir, status, Some(live), stop_metrics.clone()).await?;
     shutdown_signal(signals).await;
     stop_metrics.cancel();
     fabric.shutdown().await;
+    Ok(())
+}
+
+/// Opens the node's control socket in its data dir `dir` and serves it until `stop`.
+async fn serve_control(
+    dir: &std::path::Path,
+    status: Arc<Status>,
+    changes: Option<Arc<dyn proxy::control::Changes>>,
+    stop: CancellationToken,
+) -> Result<(), Failure> {
+    let listener = proxy::control::bind(dir)
+        .await
+        .context("starting the control socket")?;
+    let node = proxy::control::Node { status, changes };
+    tokio::spawn(proxy::control::serve(listener, node, stop));
     Ok(())
 }
 

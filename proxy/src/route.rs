@@ -188,6 +188,14 @@ impl MeshDialer {
         link
     }
 
+    /// What `pk` lets this node do there, asked now (once its session is up), and kept with
+    /// what the others said.
+    pub async fn grants(&self, pk: PublicKey) -> Result<Grants, DialError> {
+        let grants = self.link(pk).grants().await?;
+        lock(&self.granted).insert(pk, grants.clone());
+        Ok(grants)
+    }
+
     /// What each peer said this node may do there.
     pub fn granted(&self) -> Granted {
         self.granted.clone()

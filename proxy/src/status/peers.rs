@@ -97,23 +97,44 @@ impl MeshStatus {
     }
 }
 
-impl PeerLine {
-    /// What it may do here, in words.
-    fn rights_text(&self) -> String {
-        let mut parts = Vec::new();
-        if self.here.exit {
-            parts.push("use this node as its exit".to_owned());
-        }
-        if !self.here.share.is_empty() {
-            parts.push(format!("reach shared ports {}", self.here.share));
-        }
-        if parts.is_empty() {
-            "nothing".into()
-        } else {
-            parts.join(", ")
-        }
-    }
+/// What `rights` let a peer do here, in words ("nothing" for none).
+pub fn may_here(rights: &Rights) -> String {
+    let shares = rights.share.to_string();
+    let shares = if rights.share.is_empty() { "" } else { &shares };
+    in_words(
+        rights.exit,
+        shares,
+        "use this node as its exit",
+        "reach shared ports",
+    )
+}
 
+/// What a peer's `grants` let this node do there, in words ("nothing" for none).
+pub fn gives(grants: &Grants) -> String {
+    in_words(
+        grants.exit,
+        &grants.shares,
+        "use it as exit",
+        "reach its ports",
+    )
+}
+
+fn in_words(exit: bool, shares: &str, exit_words: &str, share_words: &str) -> String {
+    let mut parts = Vec::new();
+    if exit {
+        parts.push(exit_words.to_owned());
+    }
+    if !shares.is_empty() {
+        parts.push(format!("{share_words} {shares}"));
+    }
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+impl PeerLine {
     /// Appends this peer's lines to `out`.
     pub fn text(&self, out: &mut String) {
         let name = self.name.as_deref().unwrap_or("(no name)");
@@ -132,21 +153,9 @@ impl PeerLine {
             };
             let _ = writeln!(out, "  overlay {}  {v4}{moved}", o.v6);
         }
-        let _ = writeln!(out, "  may here: {}", self.rights_text());
+        let _ = writeln!(out, "  may here: {}", may_here(&self.here));
         if let Some(g) = &self.gives {
-            let mut parts = Vec::new();
-            if g.exit {
-                parts.push("use it as exit".to_owned());
-            }
-            if !g.shares.is_empty() {
-                parts.push(format!("reach its ports {}", g.shares));
-            }
-            let gives = if parts.is_empty() {
-                "nothing".to_owned()
-            } else {
-                parts.join(", ")
-            };
-            let _ = writeln!(out, "  gives this node: {gives}");
+            let _ = writeln!(out, "  gives this node: {}", gives(g));
         }
         let c = &self.counts;
         let ledger = |l: &Ledger| {
