@@ -761,15 +761,19 @@ fn serve_peers(
     }
     let dialer: Arc<dyn Dialer> =
         Arc::new(PolicyDialer::new(direct.clone(), common.policy.clone()));
-    let resolvers = if !dns.is_empty() {
-        Upstreams::new(dns)
-    } else if status.mesh.now().rights.is_empty() {
-        Upstreams::new(Vec::new())
-    } else {
+    // Read whether or not a peer may use this node as its exit yet: the right can be given
+    // at run time (`proxy peer grant`, a join).
+    let resolvers = if dns.is_empty() {
         Upstreams::system().unwrap_or_else(|err| {
-            tracing::warn!(%err, "no resolver for peers' DNS (they get SERVFAIL): pass --dns ADDR");
+            if status.mesh.now().rights.is_empty() {
+                tracing::debug!(%err, "no resolver for peers' DNS");
+            } else {
+                tracing::warn!(%err, "no resolver for peers' DNS (they get SERVFAIL): pass --dns ADDR");
+            }
             Upstreams::new(Vec::new())
         })
+    } else {
+        Upstreams::new(dns)
     };
     tracing::debug!(servers = ?resolvers.servers(), "peers' DNS resolvers");
     let options = ExitOptions {
