@@ -105,7 +105,7 @@ fn peers_reach_shared_ports_by_name_and_overlay_address_and_nothing_else() {
     let shared = HttpServer::start().expect("shared service");
     let unshared = HttpServer::start().expect("unshared service");
     // The origin nas reaches through laptop as its exit (on loopback here, so laptop's exit
-    // policy must allow private addresses for this one test of the exit right).
+    // policy allows that one address for this test of the exit right).
     let origin = HttpServer::start().expect("origin");
     let port = shared.addr().port().to_string();
 
@@ -117,7 +117,9 @@ fn peers_reach_shared_ports_by_name_and_overlay_address_and_nothing_else() {
             &format!("nas={nas_id}"),
             "--allow",
             "nas",
-            "--allow-private",
+            // The exit policy's default, but for the one origin (on this host's loopback).
+            "--allow-cidr",
+            "127.0.0.1/32",
         ],
     );
     let nas = node(

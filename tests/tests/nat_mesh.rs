@@ -24,6 +24,8 @@ use tests::netns::{EtcFile, Proc, Scratch};
 use tests::servers::{proxy_bin, run_with_timeout};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_nst-tool");
+/// The web server nas reaches through laptop, in the public namespace.
+const ORIGIN: &str = "198.51.100.1:80";
 
 /// Runs `args` in side `i`'s namespace to completion (at most 120 s).
 fn run_in(topo: &NatTopology, i: usize, args: &[&str]) -> std::process::Output {
@@ -73,14 +75,14 @@ fn three_nodes_behind_nats_share_by_name_use_each_other_as_exit_and_refuse_the_r
     }
     let topo = NatTopology::with_sides(&[Nat::Cone, Nat::Cone, Nat::Cone]).expect("namespaces");
     let (_toxnet, nodes) = topo.start_toxnet(TOOL);
-    // nas's service on its own loopback; the origin laptop serves nas as its exit, on
-    // laptop's loopback.
+    // nas's service on its own loopback; the origin nas reaches through laptop as its exit, a
+    // web server in the public namespace (beside STUN and the Tox daemons).
     let _service = Proc::spawn(
         topo.in_peer(1, &[TOOL, "serve", "127.0.0.1:8080", "--", "192.0.2.1"]),
         "ready",
     );
     let _origin = Proc::spawn(
-        topo.in_peer(0, &[TOOL, "serve", "127.0.0.1:80", "--", "192.0.2.77"]),
+        topo.in_public(&[TOOL, "serve", ORIGIN, "--", "192.0.2.77"]),
         "ready",
     );
     // laptop's applications resolve names with a resolver across the NAT: the TUN captures
@@ -129,8 +131,10 @@ fn three_nodes_behind_nats_share_by_name_use_each_other_as_exit_and_refuse_the_r
             &format!("nas={nas_id}"),
             "--allow",
             "nas",
-            // nas's exit traffic goes to the origin on laptop's loopback.
-            "--allow-private",
+            // The exit policy's default, but for the one origin: the test addresses are all
+            // documentation ranges, which an exit refuses.
+            "--allow-cidr",
+            "198.51.100.1/32",
         ]),
     );
     let nas = start(
@@ -210,7 +214,7 @@ fn three_nodes_behind_nats_share_by_name_use_each_other_as_exit_and_refuse_the_r
         &[
             "--socks5-hostname",
             "127.0.0.1:1080",
-            "http://127.0.0.1:80/index.html",
+            &format!("http://{ORIGIN}/index.html"),
         ],
     );
     assert_page(&out, "nas through laptop as its exit", &nas);
