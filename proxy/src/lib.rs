@@ -25,6 +25,7 @@ pub mod exit_policy;
 pub mod guard;
 pub mod http;
 pub mod mesh;
+pub mod node;
 pub mod pairing;
 pub mod peers;
 pub mod relay;

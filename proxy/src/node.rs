@@ -1,0 +1,378 @@
+//! A running node's live side: the peers it befriends at run time, the invitations it
+//! hands out and redeems, the tickets it joins with, and the changes the control socket asks
+//! for. The wiring of a node at start (listeners, serving, status) is in the binary.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fabric::id::ToxId;
+use fabric::overlay::PeerName;
+use fabric::peer::Fabric;
+
+use crate::exit::FabricDialer;
+use crate::mesh::{Change, Mesh};
+
+/// Keeps trying to reach `id` until it answers, then hands its session to the dialers that
+/// use it (the exits', the peers by name; the session then reconnects by itself).
+pub async fn connect_peer(
+    fabric: Arc<Fabric>,
+    exits: Option<FabricDialer>,
+    mesh: crate::route::MeshDialer,
+    id: ToxId,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match fabric.connect(id).await {
+            Ok(peer) => {
+                tracing::info!(peer = %id.public_key(), "connected to peer");
+                let peer = Arc::new(peer);
+                if let Some(exits) = &exits {
+                    exits.add_peer(peer.clone());
+                }
+                mesh.add_peer(peer);
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(peer = %id.public_key(), %err, "peer not reached yet, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// A node's live side, for the control socket: its peers and rights, the fabric that allows
+/// and dials a new peer, and the dialers that use the sessions.
+#[derive(Debug)]
+pub struct Live {
+    mesh: Arc<Mesh>,
+    fabric: Arc<Fabric>,
+    dialer: crate::route::MeshDialer,
+    exits: Option<FabricDialer>,
+    invitations: crate::pairing::Invitations,
+}
+
+impl Live {
+    /// The live side of a node whose peers and rights are `mesh`, whose sessions `dialer`
+    /// (peers by name) and `exits` (the `--exit` peers) use.
+    pub fn new(
+        mesh: Arc<Mesh>,
+        fabric: Arc<Fabric>,
+        dialer: crate::route::MeshDialer,
+        exits: Option<FabricDialer>,
+    ) -> Self {
+        Self {
+            mesh,
+            fabric,
+            dialer,
+            exits,
+            invitations: crate::pairing::Invitations::default(),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// This host's name as a peer name, when it is one (what a joiner suggests the inviter call
+/// it).
+fn host_peer_name() -> Option<PeerName> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    host.trim().split('.').next()?.parse().ok()
+}
+
+/// A name for `pk` that `taken` does not hold: `wanted` if free, else `peer-` and the key's
+/// first hex digits.
+fn free_name(
+    wanted: Option<&PeerName>,
+    pk: &fabric::id::PublicKey,
+    taken: &crate::peers::PeerTable,
+) -> Option<PeerName> {
+    let hex = pk.to_string().to_lowercase();
+    wanted
+        .cloned()
+        .into_iter()
+        .chain(
+            (8..=16)
+                .step_by(4)
+                .filter_map(|n| format!("peer-{}", &hex[..n]).parse().ok()),
+        )
+        .find(|n| taken.by_name(n).is_none())
+}
+
+/// How long `join` waits for the inviter to say what it gave, once the session is up.
+const GRANTS_WAIT: Duration = Duration::from_secs(20);
+
+impl Live {
+    /// Lets the peer `id` hold sessions here (a Tox friend, its request accepted) and dials
+    /// it: its session comes up from whichever side is first.
+    async fn befriend(&self, id: ToxId) -> Result<(), fabric::tox::ToxError> {
+        self.fabric.allow(id.public_key()).await?;
+        tokio::spawn(connect_peer(
+            self.fabric.clone(),
+            self.exits.clone(),
+            self.dialer.clone(),
+            id,
+        ));
+        Ok(())
+    }
+
+    /// `invite [name=N] [exit] [share=PORTS] [ttl=SECS]`: a new invitation, and its ticket
+    /// on the last line.
+    fn invite(&self, words: &[&str]) -> Result<String, String> {
+        let mut offer = crate::rights::Rights::default();
+        let (mut name, mut ttl) = (None, Duration::from_secs(600));
+        for w in words {
+            match w.split_once('=') {
+                None if *w == "exit" => offer.exit = true,
+                Some(("name", n)) => {
+                    name = Some(
+                        n.parse::<PeerName>()
+                            .map_err(|e| format!("name {n:?}: {e}"))?,
+                    )
+                }
+                Some(("share", p)) => {
+                    offer.share = p.parse().map_err(|e| format!("share {p:?}: {e}"))?
+                }
+                Some(("ttl", t)) => {
+                    ttl = Duration::from_secs(t.parse().map_err(|e| format!("ttl {t:?}: {e}"))?)
+                }
+                _ => return Err(format!("invite: unknown word {w:?}")),
+            }
+        }
+        let (secret, expires) = self
+            .invitations
+            .create(unix_now(), ttl, offer.clone(), name.clone())
+            .ok_or("too many open invitations: revoke some (proxy invite --list)")?;
+        let id: String = secret
+            .invitation_id()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let ticket = fabric::pairing::Ticket {
+            inviter: self.fabric.id(),
+            secret,
+            expires,
+            name,
+            endpoints: Vec::new(),
+        };
+        Ok(format!(
+            "invitation {id}: the joiner may {}; valid once, for {} s\n{}",
+            crate::status::peers::may_here(&offer),
+            ttl.as_secs(),
+            ticket.encode()
+        ))
+    }
+
+    /// `invites`: the open invitations.
+    fn invites(&self) -> String {
+        let now = unix_now();
+        let list = self.invitations.list();
+        if list.is_empty() {
+            return "no open invitations".into();
+        }
+        list.iter()
+            .map(|l| {
+                let state = if l.used {
+                    "used".to_owned()
+                } else if l.expires <= now {
+                    "expired".to_owned()
+                } else {
+                    format!("{} s left", l.expires - now)
+                };
+                format!(
+                    "{}  exit {}  shares {}  {state}",
+                    l.id,
+                    if l.offer.exit { "yes" } else { "no" },
+                    if l.offer.share.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        l.offer.share.to_string()
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `join TICKET [name=N] [wait=SECS]`: pairs with the inviter; answers once its session
+    /// is up and it said what it gives this node.
+    async fn join(&self, words: &[&str]) -> Result<String, String> {
+        let (text, rest) = words.split_first().ok_or("join: no ticket")?;
+        let ticket = fabric::pairing::Ticket::parse(text).map_err(|e| e.to_string())?;
+        let (mut name, mut wait) = (ticket.name.clone(), Duration::from_secs(120));
+        for w in rest {
+            match w.split_once('=') {
+                Some(("name", n)) => {
+                    name = Some(n.parse().map_err(|e| format!("name {n:?}: {e}"))?)
+                }
+                Some(("wait", t)) => {
+                    wait = Duration::from_secs(t.parse().map_err(|e| format!("wait {t:?}: {e}"))?)
+                }
+                _ => return Err(format!("join: unknown word {w:?}")),
+            }
+        }
+        let now = unix_now();
+        if ticket.expires <= now {
+            return Err(format!(
+                "the ticket expired {} s ago: ask the inviter for a new one",
+                now - ticket.expires
+            ));
+        }
+        let pk = ticket.inviter.public_key();
+        if pk == self.fabric.id().public_key() {
+            return Err("this is this node's own ticket".into());
+        }
+        let tables = self.mesh.now();
+        if let Some(known) = tables.peers.name_of(&pk) {
+            return Err(format!("already paired: the inviter is your peer {known}"));
+        }
+        let name = free_name(name.as_ref(), &pk, &tables.peers)
+            .filter(|n| Some(n) == name.as_ref() || name.is_none())
+            .ok_or_else(|| {
+                format!(
+                    "a peer is called {} already: join with --name OTHER",
+                    name.as_ref().map_or("that", PeerName::as_str)
+                )
+            })?;
+        let request =
+            fabric::pairing::JoinRequest::new(&ticket, &self.fabric.id(), host_peer_name());
+        // Its session must be let in before it answers (it dials back as soon as it accepts).
+        self.fabric.allow_sessions(pk);
+        let asked = self
+            .fabric
+            .tox()
+            .add_friend(ticket.inviter, request.encode().as_bytes())
+            .await;
+        let connected = match asked {
+            Ok(()) => tokio::time::timeout(wait, self.fabric.connect(ticket.inviter))
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(e) => {
+                tracing::debug!(%e, "pairing request not sent");
+                None
+            }
+        };
+        let Some(peer) = connected else {
+            // Nothing kept: the ticket was refused, or no answer came.
+            self.fabric.disallow_sessions(&pk);
+            let _ = self.fabric.tox().remove_friend(pk).await;
+            return Err(format!(
+                "no answer from the inviter within {} s: the ticket was used, revoked or had \
+                 expired there, or the inviter is offline",
+                wait.as_secs()
+            ));
+        };
+        self.mesh
+            .change(Change::Add(name.clone(), ticket.inviter))
+            .map_err(|e| e.to_string())?;
+        self.dialer.add_peer(Arc::new(peer));
+        // What it gave us, as it says on the session.
+        let gives = match tokio::time::timeout(GRANTS_WAIT, self.dialer.grants(pk)).await {
+            Ok(Ok(grants)) => crate::status::peers::gives(&grants),
+            _ => "(not said yet: see proxy peers)".to_owned(),
+        };
+        Ok(format!(
+            "joined {name}: reachable as {name}.tox; it gives this node: {gives}"
+        ))
+    }
+}
+
+/// Accepts pairing requests that redeem one of `live`'s invitations: the joiner becomes a
+/// peer (by the name it suggested, when free) with the rights offered, allowed and dialed.
+pub async fn accept_joins(live: Arc<Live>) {
+    while let Some((pk, request)) = live.fabric.next_join_request().await {
+        let own = live.fabric.id().public_key();
+        let offer = match live.invitations.redeem(&request, &pk, &own, unix_now()) {
+            Ok(offer) => offer,
+            Err(why) => {
+                tracing::info!(peer = %pk, %why, "pairing request refused");
+                continue;
+            }
+        };
+        let id = ToxId::new(pk, request.nospam);
+        let tables = live.mesh.now();
+        let name = match tables.peers.name_of(&pk) {
+            Some(known) => known.clone(),
+            None => {
+                let Some(name) = free_name(request.name.as_ref(), &pk, &tables.peers) else {
+                    tracing::warn!(peer = %pk, "no free name for a joiner");
+                    continue;
+                };
+                if let Err(e) = live.mesh.change(Change::Add(name.clone(), id)) {
+                    tracing::warn!(peer = %pk, %e, "joiner not added");
+                    continue;
+                }
+                name
+            }
+        };
+        let mut changes = Vec::new();
+        if offer.exit {
+            changes.push(Change::GrantExit(name.clone()));
+        }
+        if !offer.share.is_empty() {
+            changes.push(Change::GrantShare(name.clone(), offer.share.clone()));
+        }
+        for change in changes {
+            if let Err(e) = live.mesh.change(change) {
+                tracing::warn!(peer = %pk, %e, "joiner's right not given");
+            }
+        }
+        match live.befriend(id).await {
+            Ok(()) => tracing::info!(peer = %pk, %name, "paired"),
+            Err(e) => tracing::warn!(peer = %pk, %e, "joiner not befriended"),
+        }
+    }
+}
+
+impl crate::control::Changes for Live {
+    fn apply(&self, change: Change) -> crate::dialer::BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            self.mesh
+                .change(change.clone())
+                .map_err(|e| e.to_string())?;
+            Ok(match change {
+                Change::Add(name, id) => {
+                    self.befriend(id)
+                        .await
+                        .map_err(|e| format!("peer {name} added, but Tox refused it: {e}"))?;
+                    format!("peer {name} added: reachable as {name}.tox")
+                }
+                Change::GrantExit(name) => format!("{name} may use this node as its exit"),
+                Change::GrantShare(name, ports) => {
+                    format!("{name} may reach ports {ports} of this host's loopback")
+                }
+                Change::RevokeExit(name) => {
+                    format!("{name} may no longer use this node as its exit")
+                }
+                Change::RevokeShares(name) => format!("{name} may reach no port of this host"),
+            })
+        })
+    }
+
+    fn pairing(&self, line: &str) -> crate::dialer::BoxFuture<'_, Result<String, String>> {
+        let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        let line = line.to_owned();
+        Box::pin(async move {
+            let words: Vec<&str> = words.iter().map(String::as_str).collect();
+            match words.split_first() {
+                Some((&"invite", rest)) => self.invite(rest),
+                Some((&"invites", [])) => Ok(self.invites()),
+                Some((&"invite-revoke", [id])) => {
+                    if self.invitations.revoke(id) {
+                        Ok(format!("invitation {id} revoked"))
+                    } else {
+                        Err(format!("no invitation {id}"))
+                    }
+                }
+                Some((&"join", rest)) => self.join(rest).await,
+                _ => Err(format!("cannot read {line:?}")),
+            }
+        })
+    }
+}
