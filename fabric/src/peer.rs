@@ -118,6 +118,9 @@ pub enum ConnectError {
     /// The fabric is shutting down.
     #[error("the fabric is shutting down")]
     Shutdown,
+    /// The peer was removed ([`Fabric::forget`]) and not allowed again since.
+    #[error("the peer was removed")]
+    Forgotten,
 }
 
 /// A stream opened by a peer, as the exit sees it.
@@ -181,6 +184,9 @@ struct Shared {
     direct: Option<Arc<direct::Direct>>,
     /// Our own key: the tie-break of crossed Opens compares it with the peer's.
     own_key: PublicKey,
+    /// Peers removed at run time ([`Fabric::forget`]): nothing dials them until they are
+    /// allowed again.
+    forgotten: Mutex<std::collections::HashSet<PublicKey>>,
 }
 
 /// Everything known about one peer.
@@ -285,6 +291,7 @@ impl Fabric {
             requests: Mutex::new(0),
             datagrams: datagrams_tx,
             sessions: watch::channel(0).0,
+            forgotten: Mutex::default(),
         });
         tokio::spawn(route(Arc::downgrade(&shared), events));
         if let Some(direct) = &direct {
@@ -319,6 +326,9 @@ impl Fabric {
     /// The returned [`Peer`] keeps the session up (reconnecting by itself) until dropped.
     pub async fn connect(&self, peer: ToxId) -> Result<Peer, ConnectError> {
         let pk = peer.public_key();
+        if self.shared.is_forgotten(&pk) {
+            return Err(ConnectError::Forgotten);
+        }
         if let Err(error) = self.shared.tox.add_friend(peer, b"proxy session").await {
             // Already a friend (saved from an earlier run) is the common case.
             debug!(%error, "friend request not sent");
@@ -361,6 +371,7 @@ impl Fabric {
     /// Lets `pk` hold sessions with this node from now on, and makes it a Tox friend (which
     /// accepts its pending friend request, if any): what accepting a pairing request does.
     pub async fn allow(&self, pk: PublicKey) -> Result<(), ToxError> {
+        lock(&self.shared.forgotten).remove(&pk);
         lock(&self.shared.allow).keys.insert(pk);
         self.shared.tox.add_friend_norequest(pk).await
     }
@@ -368,12 +379,54 @@ impl Fabric {
     /// Lets `pk` hold sessions with this node, without touching Tox: for a peer this node
     /// asks to befriend itself (a join), whose request the other side accepts.
     pub fn allow_sessions(&self, pk: PublicKey) {
+        lock(&self.shared.forgotten).remove(&pk);
         lock(&self.shared.allow).keys.insert(pk);
     }
 
     /// Undoes [`Fabric::allow_sessions`] (a join that came to nothing).
     pub fn disallow_sessions(&self, pk: &PublicKey) {
         lock(&self.shared.allow).keys.remove(pk);
+    }
+
+    /// Ends everything this node has with `pk`, at once: what removing a peer does. Its
+    /// session ends here (its streams fail now) and the peer is told (its end of them fails
+    /// too); nothing dials it again (supervisors stop, [`Fabric::connect`] is refused); it may
+    /// no longer hold sessions here; it stops being a Tox friend. [`Fabric::allow`] undoes
+    /// it.
+    pub async fn forget(&self, pk: PublicKey) {
+        lock(&self.shared.forgotten).insert(pk);
+        lock(&self.shared.allow).keys.remove(&pk);
+        let running = self
+            .shared
+            .with_slot_if(pk, |slot| slot.session.take())
+            .flatten();
+        if let Some(running) = running {
+            let close = Control::Close {
+                conv: running.conv,
+                reason: CloseReason::NotAllowed,
+            };
+            let told = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.shared.send_control_now(pk, close),
+            )
+            .await;
+            if !matches!(told, Ok(Ok(()))) {
+                debug!(peer = %pk, conv = %running.conv, "could not tell the removed peer");
+            }
+            let _ = running
+                .input
+                .try_send(Input::PeerClose(CloseReason::NotAllowed));
+            let mut ended = running.ended;
+            // The driver ends at its next turn; its last look at the slot comes before this.
+            let _ = tokio::time::timeout(Duration::from_secs(2), ended.wait_for(|e| *e)).await;
+        }
+        // Its path agent and any open in progress end with the slot.
+        lock(&self.shared.routes).remove(&pk);
+        if let Err(error) = self.shared.tox.remove_friend(pk).await {
+            debug!(peer = %pk, %error, "removed peer was no Tox friend");
+        }
+        self.shared.sessions.send_modify(|n| *n += 1);
+        info!(peer = %pk, "peer forgotten");
     }
 
     /// The next datagram a peer sent: who sent it and its payload. `None` once the fabric is
@@ -511,6 +564,10 @@ const JOIN_QUEUE: usize = 16;
 
 impl Shared {
     /// Whether `pk` may open sessions here.
+    fn is_forgotten(&self, pk: &PublicKey) -> bool {
+        lock(&self.forgotten).contains(pk)
+    }
+
     fn allows(&self, pk: &PublicKey) -> bool {
         lock(&self.allow).allows(pk)
     }

@@ -154,17 +154,25 @@ pub enum PeerChange {
         /// Its Tox ID.
         id: String,
     },
-    /// Give a peer a right: `exit` (it may use this node as its exit) or `share PORTS`
-    /// (it may reach these ports of this host's loopback).
+    /// Forget a peer: its rights go, its session and streams end at once, and it may hold
+    /// no session here (kept so across restarts, even if the config file names it, until it
+    /// is added again).
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// Give a peer a right: `exit` (it may use this node as its exit), `share PORTS`
+    /// (it may reach these ports of this host's loopback) or `introducer` (it may introduce
+    /// its peers that chose it too, and this node to them).
     Grant {
         /// The peer's name.
         name: String,
-        /// `exit` or `share`.
+        /// `exit`, `share` or `introducer`.
         right: String,
         /// For `share`: 8080, 22,8000-8100, 53/udp, *.
         ports: Option<String>,
     },
-    /// Take a right back: `exit`, or `share` (every shared port).
+    /// Take a right back: `exit`, `introducer`, or `share` (every shared port).
     Revoke {
         /// The peer's name.
         name: String,
@@ -178,6 +186,7 @@ impl PeerChange {
     pub fn request(&self) -> String {
         match self {
             Self::Add { name, id } => format!("peer add {name} {id}"),
+            Self::Remove { name } => format!("peer remove {name}"),
             Self::Grant {
                 name,
                 right,

@@ -10,7 +10,8 @@
 //!
 //! Requests: `status` and `peers` (what `/status` and `/peers` answer), and the live changes
 //! `peer add NAME TOXID`, `peer grant NAME exit`, `peer grant NAME share PORTS`,
-//! `peer revoke NAME exit`, `peer revoke NAME share` (what `proxy peer …` sends; kept in the
+//! `peer revoke NAME exit`, `peer revoke NAME share`, `peer grant|revoke NAME introducer`,
+//! `peer remove NAME` (what `proxy peer …` sends; kept in the
 //! data dir, see [`crate::mesh`]), and pairing: `invite [name=N] [exit] [share=PORTS]
 //! [ttl=SECS]`, `invites`, `invite-revoke ID`, `join TICKET [name=N] [wait=SECS]`. Who may
 //! ask is checked
@@ -106,9 +107,12 @@ pub fn parse_change(line: &str) -> Result<Change, String> {
         )),
         ["peer", "revoke", n, "exit"] => Ok(Change::RevokeExit(name(n)?)),
         ["peer", "revoke", n, "share"] => Ok(Change::RevokeShares(name(n)?)),
+        ["peer", "grant", n, "introducer"] => Ok(Change::GrantIntroducer(name(n)?)),
+        ["peer", "revoke", n, "introducer"] => Ok(Change::RevokeIntroducer(name(n)?)),
+        ["peer", "remove", n] => Ok(Change::Remove(name(n)?)),
         _ => Err(format!(
-            "unknown request {line:?} (peer add NAME TOXID, peer grant NAME exit|share PORTS, \
-             peer revoke NAME exit|share)"
+            "unknown request {line:?} (peer add NAME TOXID, peer remove NAME, \
+             peer grant NAME exit|introducer|share PORTS, peer revoke NAME exit|introducer|share)"
         )),
     }
 }

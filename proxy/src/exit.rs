@@ -209,6 +209,11 @@ impl FabricDialer {
         }
     }
 
+    /// Whether `pk` is one of this dialer's peers (exits).
+    pub fn dials(&self, pk: &PublicKey) -> bool {
+        self.exits.slots.iter().any(|s| &s.key == pk)
+    }
+
     /// How many requests wait for a session now (for `proxy status`).
     pub fn held(&self) -> Arc<AtomicUsize> {
         self.held.clone()

@@ -10,11 +10,20 @@
 //! id = "<76 hex digits>"
 //! exit = true
 //! share = "22/tcp,8080/tcp"
+//! introducer = true           # it may introduce its peers here (and this node to them)
+//! origin = "paired"           # config, added, paired or introduced
+//! since = 1796000000          # when it was added or paired (the version it is introduced at)
+//! introduced-by = "<64 hex>"  # for origin = "introduced": who, and its version
+//! version = 1795000000
+//!
+//! removed = ["<64 hex>"]      # (at the top) peers removed at run time
 //! ```
 //!
 //! At start the file is read after the flags and the config file: a peer it names (same name,
 //! same ID) takes the file's rights, which are the newer; a peer only it knows is added; an
-//! entry that clashes with the config (one name, two IDs) is skipped with a warning.
+//! entry that clashes with the config (one name, two IDs) is skipped with a warning. A peer
+//! removed at run time (`proxy peer remove`) stays removed, even if the config names it, until
+//! it is added again.
 //!
 //! Readers take a snapshot ([`Mesh::now`]): a table, its rights and its routes that never
 //! change under them; a change builds the next snapshot and swaps it in.
@@ -28,7 +37,7 @@ use fabric::overlay::PeerName;
 use serde::Deserialize;
 use tracing::warn;
 
-use crate::peers::{PeerEntry, PeerError, PeerTable};
+use crate::peers::{Origin, PeerError, PeerTable};
 use crate::rights::RightsTable;
 use crate::route::PeerRoutes;
 use crate::share::PortSet;
@@ -45,13 +54,23 @@ pub struct Tables {
     pub rights: RightsTable,
     /// Names and overlay addresses.
     pub routes: Arc<PeerRoutes>,
+    /// Peers removed at run time (kept out even if the config names them).
+    pub removed: Vec<PublicKey>,
 }
 
 /// A change asked for at run time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// A new peer.
+    /// A new peer (`proxy peer add`).
     Add(PeerName, ToxId),
+    /// A new peer by pairing.
+    Pair(PeerName, ToxId),
+    /// A peer and its rights gone.
+    Remove(PeerName),
+    /// The peer is this node's introducer.
+    GrantIntroducer(PeerName),
+    /// The peer is no longer this node's introducer.
+    RevokeIntroducer(PeerName),
     /// The exit right.
     GrantExit(PeerName),
     /// Shared ports (added to those it has).
@@ -112,6 +131,7 @@ impl Mesh {
                 peers,
                 rights,
                 routes,
+                removed: Vec::new(),
             })),
             own,
             store,
@@ -136,7 +156,9 @@ impl Mesh {
         #[serde(deny_unknown_fields)]
         struct File {
             #[serde(default)]
-            peer: Vec<PeerEntry>,
+            removed: Vec<String>,
+            #[serde(default)]
+            peer: Vec<StoredPeer>,
         }
         let file: File = toml::from_str(&text).map_err(|e| {
             io::Error::new(
@@ -146,6 +168,18 @@ impl Mesh {
         })?;
         let mut lock = self.now.write().unwrap_or_else(|e| e.into_inner());
         let mut tables = (**lock).clone();
+        for key in &file.removed {
+            let Ok(pk) = key.parse::<PublicKey>() else {
+                warn!(%key, "{}: a bad removed key skipped", path.display());
+                continue;
+            };
+            if let Some(p) = tables.peers.remove(&pk) {
+                warn!(name = %p.name, "removed at run time (proxy peer remove): not used; \
+                    proxy peer add brings it back");
+            }
+            tables.rights.remove(&pk);
+            tables.removed.push(pk);
+        }
         for entry in file.peer {
             let parsed = entry
                 .name
@@ -157,6 +191,7 @@ impl Mesh {
                 continue;
             };
             let pk = id.public_key();
+            let origin = entry.origin();
             match tables.peers.by_name(&name) {
                 Some(p) if p.id.public_key() == pk => {}
                 Some(_) => {
@@ -164,17 +199,19 @@ impl Mesh {
                     continue;
                 }
                 None => {
-                    if let Err(e) = tables.peers.add(name.clone(), id) {
+                    if let Err(e) = tables.peers.add_from(name.clone(), id, origin) {
                         warn!(%name, %e, "{}: skipped", path.display());
                         continue;
                     }
                 }
             }
             // The file's rights are the newer.
-            tables.rights.revoke_exit(&pk);
-            tables.rights.revoke_shares(&pk);
+            tables.rights.remove(&pk);
             if entry.exit == Some(true) {
                 tables.rights.grant_exit(pk);
+            }
+            if entry.introducer == Some(true) {
+                tables.rights.grant_introduce(pk);
             }
             if let Some(ports) = entry
                 .share
@@ -201,7 +238,30 @@ impl Mesh {
                 .ok_or_else(|| ChangeError::Unknown(name.clone()))
         };
         match &change {
-            Change::Add(name, id) => tables.peers.add(name.clone(), *id)?,
+            Change::Add(name, id) | Change::Pair(name, id) => {
+                let now = unix_now();
+                let origin = if matches!(change, Change::Add(..)) {
+                    Origin::Added(now)
+                } else {
+                    Origin::Paired(now)
+                };
+                tables.peers.add_from(name.clone(), *id, origin)?;
+                tables.removed.retain(|k| *k != id.public_key());
+            }
+            Change::Remove(name) => {
+                let pk = key_of(&tables, name)?;
+                tables.peers.remove(&pk);
+                tables.rights.remove(&pk);
+                tables.removed.push(pk);
+            }
+            Change::GrantIntroducer(name) => {
+                let pk = key_of(&tables, name)?;
+                tables.rights.grant_introduce(pk);
+            }
+            Change::RevokeIntroducer(name) => {
+                let pk = key_of(&tables, name)?;
+                tables.rights.revoke_introduce(&pk);
+            }
             Change::GrantExit(name) => {
                 let pk = key_of(&tables, name)?;
                 tables.rights.grant_exit(pk);
@@ -219,14 +279,63 @@ impl Mesh {
                 tables.rights.revoke_shares(&pk);
             }
         }
+        self.commit(&mut lock, tables)
+    }
+
+    /// Swaps `tables` in (with fresh routes) once kept in the data dir.
+    fn commit(
+        &self,
+        now: &mut Arc<Tables>,
+        mut tables: Tables,
+    ) -> Result<Arc<Tables>, ChangeError> {
         tables.routes = Arc::new(PeerRoutes::new(tables.peers.clone(), self.own));
         if let Some(path) = &self.store {
             write_store(path, &tables)
                 .map_err(|e| ChangeError::Store(format!("{}: {e}", path.display())))?;
         }
         let tables = Arc::new(tables);
-        *lock = tables.clone();
+        *now = tables.clone();
         Ok(tables)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A `[[peer]]` table of `peers.toml`: a config file's, and where the peer came from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct StoredPeer {
+    name: String,
+    id: String,
+    exit: Option<bool>,
+    share: Option<String>,
+    introducer: Option<bool>,
+    origin: Option<String>,
+    since: Option<u64>,
+    introduced_by: Option<String>,
+    version: Option<u64>,
+}
+
+impl StoredPeer {
+    fn origin(&self) -> Origin {
+        let since = self.since.unwrap_or(0);
+        match self.origin.as_deref() {
+            Some("added") => Origin::Added(since),
+            Some("paired") => Origin::Paired(since),
+            Some("introduced") => match self.introduced_by.as_deref().map(str::parse) {
+                Some(Ok(by)) => Origin::Introduced {
+                    by,
+                    version: self.version.unwrap_or(0),
+                },
+                _ => Origin::Config,
+            },
+            _ => Origin::Config,
+        }
     }
 }
 
@@ -235,6 +344,10 @@ fn write_store(path: &Path, tables: &Tables) -> io::Result<()> {
     let mut text = String::from(
         "# Written by proxy: its peers as last changed at run time (proxy peer ...).\n",
     );
+    if !tables.removed.is_empty() {
+        let keys: Vec<String> = tables.removed.iter().map(|k| format!("\"{k}\"")).collect();
+        text.push_str(&format!("removed = [{}]\n", keys.join(", ")));
+    }
     for p in tables.peers.iter() {
         let rights = tables.rights.of(&p.id.public_key());
         text.push_str(&format!(
@@ -246,6 +359,17 @@ fn write_store(path: &Path, tables: &Tables) -> io::Result<()> {
         }
         if !rights.share.is_empty() {
             text.push_str(&format!("share = \"{}\"\n", rights.share));
+        }
+        if rights.introduce {
+            text.push_str("introducer = true\n");
+        }
+        match p.origin {
+            Origin::Config => {}
+            Origin::Added(t) => text.push_str(&format!("origin = \"added\"\nsince = {t}\n")),
+            Origin::Paired(t) => text.push_str(&format!("origin = \"paired\"\nsince = {t}\n")),
+            Origin::Introduced { by, version } => text.push_str(&format!(
+                "origin = \"introduced\"\nintroduced-by = \"{by}\"\nversion = {version}\n"
+            )),
         }
     }
     fabric::tox::write_private(path, text.as_bytes())
@@ -317,6 +441,63 @@ mod tests {
             !now.rights.may_exit(&PublicKey([1; 32])),
             "the revoke was kept"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_removed_peer_stays_removed_over_the_config_until_added_again() {
+        let dir = std::env::temp_dir().join(format!("proxy-mesh-rm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = dir.join(STORE);
+        let _ = std::fs::remove_file(&store);
+        let nas = id(1).to_string();
+        let config = PeerTable::new([("nas", nas.as_str())]).unwrap();
+        let mut rights = RightsTable::default();
+        rights.grant_exit(PublicKey([1; 32]));
+        let start = || {
+            let m = Mesh::new(
+                config.clone(),
+                rights.clone(),
+                PublicKey([9; 32]),
+                Some(store.clone()),
+            );
+            m.load(&dir).unwrap();
+            m
+        };
+        let mesh = start();
+        let laptop: PeerName = "laptop".parse().unwrap();
+        mesh.change(Change::Pair(laptop.clone(), id(2))).unwrap();
+        mesh.change(Change::GrantIntroducer(laptop.clone()))
+            .unwrap();
+        mesh.change(Change::Remove("nas".parse().unwrap())).unwrap();
+        let now = mesh.now();
+        assert!(now.peers.by_key(&PublicKey([1; 32])).is_none());
+        assert!(!now.rights.may_exit(&PublicKey([1; 32])));
+
+        let again = start();
+        let now = again.now();
+        assert!(
+            now.peers.by_key(&PublicKey([1; 32])).is_none(),
+            "nas is back"
+        );
+        assert!(
+            !now.rights.may_exit(&PublicKey([1; 32])),
+            "nas's right is back"
+        );
+        let kept = now.peers.by_key(&PublicKey([2; 32])).unwrap();
+        assert!(
+            matches!(kept.origin, Origin::Paired(t) if t > 0),
+            "{kept:?}"
+        );
+        assert!(now.rights.may_introduce(&PublicKey([2; 32])));
+
+        // Added again by hand: back, and kept so.
+        again
+            .change(Change::Add("nas".parse().unwrap(), id(1)))
+            .unwrap();
+        let third = start();
+        assert!(third.now().peers.by_key(&PublicKey([1; 32])).is_some());
+        assert!(third.now().removed.is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -10,7 +10,7 @@ use fabric::overlay::PeerName;
 use fabric::peer::Fabric;
 
 use crate::exit::FabricDialer;
-use crate::mesh::{Change, Mesh};
+use crate::mesh::{Change, Mesh, unix_now};
 
 /// Keeps trying to reach `id` until it answers, then hands its session to the dialers that
 /// use it (the exits', the peers by name; the session then reconnects by itself).
@@ -30,6 +30,10 @@ pub async fn connect_peer(
                     exits.add_peer(peer.clone());
                 }
                 mesh.add_peer(peer);
+                return;
+            }
+            Err(fabric::peer::ConnectError::Forgotten) => {
+                tracing::debug!(peer = %id.public_key(), "peer removed: not dialed");
                 return;
             }
             Err(err) => {
@@ -69,13 +73,6 @@ impl Live {
             invitations: crate::pairing::Invitations::default(),
         }
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// This host's name as a peer name, when it is one (what a joiner suggests the inviter call
@@ -119,6 +116,29 @@ impl Live {
             id,
         ));
         Ok(())
+    }
+
+    /// `peer remove NAME`: the peer and its rights are gone (kept so in the data dir), and
+    /// its session and streams end at once. An `--exit` of the command line stays: the
+    /// dialer through it is fixed at start.
+    async fn remove(&self, name: &PeerName) -> Result<String, String> {
+        let tables = self.mesh.now();
+        let pk = tables
+            .peers
+            .by_name(name)
+            .map(|p| p.id.public_key())
+            .ok_or_else(|| format!("no peer is called {name}"))?;
+        if self.exits.as_ref().is_some_and(|e| e.dials(&pk)) {
+            return Err(format!(
+                "{name} is an exit of this node (--exit): restart without it to remove it"
+            ));
+        }
+        self.mesh
+            .change(Change::Remove(name.clone()))
+            .map_err(|e| e.to_string())?;
+        self.dialer.remove_peer(&pk);
+        self.fabric.forget(pk).await;
+        Ok(done(&Change::Remove(name.clone())))
     }
 
     /// `invite [name=N] [exit] [share=PORTS] [ttl=SECS]`: a new invitation, and its ticket
@@ -269,7 +289,7 @@ impl Live {
             ));
         };
         self.mesh
-            .change(Change::Add(name.clone(), ticket.inviter))
+            .change(Change::Pair(name.clone(), ticket.inviter))
             .map_err(|e| e.to_string())?;
         self.dialer.add_peer(Arc::new(peer));
         // What it gave us, as it says on the session.
@@ -304,7 +324,7 @@ pub async fn accept_joins(live: Arc<Live>) {
                     tracing::warn!(peer = %pk, "no free name for a joiner");
                     continue;
                 };
-                if let Err(e) = live.mesh.change(Change::Add(name.clone(), id)) {
+                if let Err(e) = live.mesh.change(Change::Pair(name.clone(), id)) {
                     tracing::warn!(peer = %pk, %e, "joiner not added");
                     continue;
                 }
@@ -330,28 +350,43 @@ pub async fn accept_joins(live: Arc<Live>) {
     }
 }
 
+/// What `change` did, in the words `proxy peer` prints.
+fn done(change: &Change) -> String {
+    match change {
+        Change::Add(name, _) => format!("peer {name} added: reachable as {name}.tox"),
+        Change::Pair(name, _) => format!("peer {name} paired: reachable as {name}.tox"),
+        Change::Remove(name) => {
+            format!("peer {name} removed: its session and streams ended, and it may hold none here")
+        }
+        Change::GrantExit(name) => format!("{name} may use this node as its exit"),
+        Change::GrantShare(name, ports) => {
+            format!("{name} may reach ports {ports} of this host's loopback")
+        }
+        Change::RevokeExit(name) => format!("{name} may no longer use this node as its exit"),
+        Change::RevokeShares(name) => format!("{name} may reach no port of this host"),
+        Change::GrantIntroducer(name) => format!(
+            "{name} is this node's introducer: it introduces its peers that chose it too (they \
+             may do nothing here until granted)"
+        ),
+        Change::RevokeIntroducer(name) => format!("{name} is no longer this node's introducer"),
+    }
+}
+
 impl crate::control::Changes for Live {
     fn apply(&self, change: Change) -> crate::dialer::BoxFuture<'_, Result<String, String>> {
         Box::pin(async move {
+            if let Change::Remove(name) = &change {
+                return self.remove(name).await;
+            }
             self.mesh
                 .change(change.clone())
                 .map_err(|e| e.to_string())?;
-            Ok(match change {
-                Change::Add(name, id) => {
-                    self.befriend(id)
-                        .await
-                        .map_err(|e| format!("peer {name} added, but Tox refused it: {e}"))?;
-                    format!("peer {name} added: reachable as {name}.tox")
-                }
-                Change::GrantExit(name) => format!("{name} may use this node as its exit"),
-                Change::GrantShare(name, ports) => {
-                    format!("{name} may reach ports {ports} of this host's loopback")
-                }
-                Change::RevokeExit(name) => {
-                    format!("{name} may no longer use this node as its exit")
-                }
-                Change::RevokeShares(name) => format!("{name} may reach no port of this host"),
-            })
+            if let Change::Add(name, id) = &change {
+                self.befriend(*id)
+                    .await
+                    .map_err(|e| format!("peer {name} added, but Tox refused it: {e}"))?;
+            }
+            Ok(done(&change))
         })
     }
 

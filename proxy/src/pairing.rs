@@ -168,6 +168,7 @@ mod tests {
         Rights {
             exit: true,
             share: "8080".parse().unwrap(),
+            introduce: false,
         }
     }
 

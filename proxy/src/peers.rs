@@ -24,6 +24,47 @@ pub struct KnownPeer {
     pub name: PeerName,
     /// Its Tox ID.
     pub id: ToxId,
+    /// Where this node learned of it.
+    pub origin: Origin,
+}
+
+/// Where a node learned of a peer: what `proxy peers` shows beside it, and what decides
+/// whether the node may introduce it to others (only peers its user gave it, never those it
+/// was introduced to: introductions are never forwarded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// The command line or the config file.
+    #[default]
+    Config,
+    /// `proxy peer add`, at the time given (seconds since the Unix epoch).
+    Added(u64),
+    /// A pairing (`proxy invite` / `proxy join`), at the time given.
+    Paired(u64),
+    /// An introduction by the peer `by`, as of its `version`.
+    Introduced {
+        /// The introducer's key.
+        by: PublicKey,
+        /// The introducer's version of the entry (newer replaces older; the same changes
+        /// nothing).
+        version: u64,
+    },
+}
+
+impl Origin {
+    /// Whether the user gave this node the peer (not an introduction).
+    pub fn is_given(&self) -> bool {
+        !matches!(self, Self::Introduced { .. })
+    }
+
+    /// The version an introduction of the peer by this node carries: when the user gave it
+    /// (0 for the config's).
+    pub fn version(&self) -> u64 {
+        match *self {
+            Self::Config => 0,
+            Self::Added(t) | Self::Paired(t) => t,
+            Self::Introduced { version, .. } => version,
+        }
+    }
 }
 
 /// A `[[peer]]` table of the config file.
@@ -108,13 +149,22 @@ impl PeerTable {
             if let Some(other) = peers.iter().find(|p| p.id.public_key() == id.public_key()) {
                 return Err(PeerError::DuplicateKey(other.name.clone(), name));
             }
-            peers.push(KnownPeer { name, id });
+            peers.push(KnownPeer {
+                name,
+                id,
+                origin: Origin::Config,
+            });
         }
         Ok(Self { peers })
     }
 
-    /// Adds a peer, under the same rules as [`PeerTable::new`].
+    /// Adds a peer from the config, under the same rules as [`PeerTable::new`].
     pub fn add(&mut self, name: PeerName, id: ToxId) -> Result<(), PeerError> {
+        self.add_from(name, id, Origin::Config)
+    }
+
+    /// Adds a peer learned of at `origin`, under the same rules as [`PeerTable::new`].
+    pub fn add_from(&mut self, name: PeerName, id: ToxId, origin: Origin) -> Result<(), PeerError> {
         if let Some(other) = self.peers.iter().find(|p| p.name == name) {
             return Err(PeerError::DuplicateName(other.name.clone()));
         }
@@ -125,8 +175,27 @@ impl PeerTable {
         {
             return Err(PeerError::DuplicateKey(other.name.clone(), name));
         }
-        self.peers.push(KnownPeer { name, id });
+        self.peers.push(KnownPeer { name, id, origin });
         Ok(())
+    }
+
+    /// Removes the peer with key `pk`; returns it, if it was known.
+    pub fn remove(&mut self, pk: &PublicKey) -> Option<KnownPeer> {
+        let at = self.peers.iter().position(|p| &p.id.public_key() == pk)?;
+        Some(self.peers.remove(at))
+    }
+
+    /// The peer with key `pk`, to change its ID or origin (never its name).
+    pub fn by_key_mut(&mut self, pk: &PublicKey) -> Option<(&mut ToxId, &mut Origin)> {
+        self.peers
+            .iter_mut()
+            .find(|p| &p.id.public_key() == pk)
+            .map(|p| (&mut p.id, &mut p.origin))
+    }
+
+    /// The peer with key `pk`.
+    pub fn by_key(&self, pk: &PublicKey) -> Option<&KnownPeer> {
+        self.peers.iter().find(|p| &p.id.public_key() == pk)
     }
 
     /// Splits a `--peer NAME=TOXID` flag.

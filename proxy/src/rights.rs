@@ -23,6 +23,9 @@ pub struct Rights {
     pub exit: bool,
     /// Ports of this node's loopback it may reach.
     pub share: PortSet,
+    /// May introduce its peers to this node and this node to them (it is this node's
+    /// introducer: see [`crate::introduce`]).
+    pub introduce: bool,
 }
 
 /// Every peer's rights.
@@ -56,6 +59,28 @@ impl RightsTable {
         if let Some(r) = self.by_key.get_mut(pk) {
             r.share = PortSet::default();
         }
+    }
+
+    /// Makes `pk` this node's introducer.
+    pub fn grant_introduce(&mut self, pk: PublicKey) {
+        self.by_key.entry(pk).or_default().introduce = true;
+    }
+
+    /// `pk` is no longer this node's introducer.
+    pub fn revoke_introduce(&mut self, pk: &PublicKey) {
+        if let Some(r) = self.by_key.get_mut(pk) {
+            r.introduce = false;
+        }
+    }
+
+    /// Takes every right from `pk` (it was removed).
+    pub fn remove(&mut self, pk: &PublicKey) {
+        self.by_key.remove(pk);
+    }
+
+    /// Whether `pk` is this node's introducer.
+    pub fn may_introduce(&self, pk: &PublicKey) -> bool {
+        self.by_key.get(pk).is_some_and(|r| r.introduce)
     }
 
     /// `--allow-any`: an open exit.

@@ -21,6 +21,7 @@ use fabric::id::PublicKey;
 use fabric::overlay::{OverlayTable, TargetName, is_overlay};
 use fabric::peer::{Fabric, Peer};
 use fabric::target::Grants;
+use tokio_util::sync::CancellationToken;
 
 use crate::accounts::PeerAccounts;
 use crate::dialer::{BoxFuture, BoxedStream, DialError, Dialer, Target, UdpFlow};
@@ -121,7 +122,7 @@ pub struct MeshDialer {
     mesh: Arc<Mesh>,
     /// One dialer per known peer, made when first needed: it holds a request while the
     /// peer's session comes up.
-    links: Arc<std::sync::Mutex<HashMap<PublicKey, FabricDialer>>>,
+    links: Arc<std::sync::Mutex<HashMap<PublicKey, (FabricDialer, CancellationToken)>>>,
     onward: Arc<dyn Dialer>,
     /// What each peer said this node may do there (asked on each new session).
     granted: Granted,
@@ -163,15 +164,20 @@ impl MeshDialer {
     /// grants on each) if it is the first time.
     fn link(&self, pk: PublicKey) -> FabricDialer {
         let mut links = lock(&self.links);
-        if let Some(link) = links.get(&pk) {
+        if let Some((link, _)) = links.get(&pk) {
             return link.clone();
         }
         let link = FabricDialer::new(self.connect_timeout, [pk]).with_accounts(self.books.clone());
-        links.insert(pk, link.clone());
-        tokio::spawn(link.follow_sessions(&self.fabric));
+        // Its tasks end when the peer is removed.
+        let stop = CancellationToken::new();
+        links.insert(pk, (link.clone(), stop.clone()));
+        tokio::spawn(
+            stop.clone()
+                .run_until_cancelled_owned(link.follow_sessions(&self.fabric)),
+        );
         let (granted, asker) = (self.granted.clone(), link.clone());
         let mut changes = self.fabric.session_changes();
-        tokio::spawn(async move {
+        tokio::spawn(stop.run_until_cancelled_owned(async move {
             loop {
                 // Held until the session is up (bounded by the connect timeout).
                 match asker.grants().await {
@@ -184,8 +190,16 @@ impl MeshDialer {
                     return;
                 }
             }
-        });
+        }));
         link
+    }
+
+    /// Forgets the peer `pk` (removed): its dialer, and what it said it gives.
+    pub fn remove_peer(&self, pk: &PublicKey) {
+        if let Some((_, stop)) = lock(&self.links).remove(pk) {
+            stop.cancel();
+        }
+        lock(&self.granted).remove(pk);
     }
 
     /// What `pk` lets this node do there, asked now (once its session is up), and kept with

@@ -715,6 +715,31 @@ pub fn socks5_connect(
     let SocketAddr::V4(target) = target else {
         return Err(io::Error::other("IPv4 targets only"));
     };
+    let mut address = vec![1];
+    address.extend(target.ip().octets());
+    socks5_request(socks, &address, target.port(), limit)
+}
+
+/// [`socks5_connect`] to the name `host` (resolved by the proxy).
+pub fn socks5_connect_name(
+    socks: SocketAddr,
+    host: &str,
+    port: u16,
+    limit: Duration,
+) -> io::Result<TcpStream> {
+    let len = u8::try_from(host.len()).map_err(|_| io::Error::other("name too long"))?;
+    let mut address = vec![3, len];
+    address.extend(host.as_bytes());
+    socks5_request(socks, &address, port, limit)
+}
+
+/// A SOCKS5 CONNECT to `address` (type byte and address, as on the wire) and `port`.
+fn socks5_request(
+    socks: SocketAddr,
+    address: &[u8],
+    port: u16,
+    limit: Duration,
+) -> io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&socks, limit)?;
     s.set_read_timeout(Some(limit))?;
     s.set_write_timeout(Some(limit))?;
@@ -725,9 +750,9 @@ pub fn socks5_connect(
     if method != [5, 0] {
         return Err(io::Error::other(format!("method reply {method:?}")));
     }
-    let mut request = vec![5, 1, 0, 1];
-    request.extend(target.ip().octets());
-    request.extend(target.port().to_be_bytes());
+    let mut request = vec![5, 1, 0];
+    request.extend(address);
+    request.extend(port.to_be_bytes());
     s.write_all(&request)?;
     let mut head = [0u8; 4];
     s.read_exact(&mut head)?;

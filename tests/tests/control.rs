@@ -186,3 +186,122 @@ fn peers_changed_at_run_time_take_effect_at_once_and_are_kept() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no peer is called desktop"));
     drop(nas);
 }
+
+/// `proxy peer remove` on a running node: the removed peer's open stream ends at once (the
+/// service holds it open forever, so only the removal can end it), its next request is
+/// refused, and it stays removed across a restart even though the command line names it.
+#[test]
+fn a_removed_peer_loses_its_session_and_streams_at_once() {
+    use std::io::{self, Read as _, Write as _};
+
+    let net = ToxNet::start(4).expect("private tox network");
+    let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
+    // A service that accepts and never closes, nor answers.
+    let service = std::net::TcpListener::bind("127.0.0.1:0").expect("service");
+    let port = service.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for conn in service.incoming().flatten() {
+            keep.lock().unwrap().push(conn);
+        }
+    });
+    let bin = proxy_bin();
+    let laptop_dir = Scratch::new("remove-laptop");
+    let out = run(Command::new(bin).args(["id", "--data-dir", &laptop_dir.path()]));
+    let laptop_id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let nas_dir = Scratch::new("remove-nas");
+    let nas_path = std::path::PathBuf::from(nas_dir.path());
+    let nas_flags = [
+        "--peer".to_owned(),
+        format!("laptop={laptop_id}"),
+        "--share".into(),
+        format!("laptop:{port}"),
+    ];
+    let nas_flags: Vec<&str> = nas_flags.iter().map(String::as_str).collect();
+    let nas = ExitProcess::start(&nodes, &nas_path, &nas_flags).expect("nas starts");
+    let mut args = vec![
+        "--socks".to_owned(),
+        "127.0.0.1:0".into(),
+        "--http".into(),
+        "off".into(),
+        "--data-dir".into(),
+        laptop_dir.path(),
+        "--no-public-bootstrap".into(),
+        "--no-public-stun".into(),
+        "--connect-timeout".into(),
+        "90".into(),
+        "--peer".into(),
+        format!("nas={}", nas.id),
+    ];
+    for n in &nodes {
+        args.extend(["--bootstrap".into(), n.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let laptop = tests::servers::ProxyProcess::start_raw(&args).expect("laptop starts");
+    let socks = laptop.socks.expect("socks");
+
+    let mut stream =
+        tests::servers::socks5_connect_name(socks, "nas.tox", port, Duration::from_secs(100))
+            .unwrap_or_else(|e| panic!("the share was not reached: {e}\n{}", laptop.stderr()));
+    stream.write_all(b"hello").expect("write");
+    // nas dialed the service for it.
+    let dialed = std::time::Instant::now();
+    while held.lock().unwrap().is_empty() {
+        assert!(
+            dialed.elapsed() < Duration::from_secs(30),
+            "the service was never dialed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let out =
+        run(Command::new(bin).args(["peer", "remove", "laptop", "--data-dir", &nas_dir.path()]));
+    assert!(out.status.success(), "proxy peer remove: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("peer laptop removed"));
+    // The stream ends: nothing else would end it within the read timeout (the service holds
+    // it forever, the session's idle timeout is minutes).
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let removed = std::time::Instant::now();
+    match stream.read(&mut buf) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            panic!("the removed peer's stream lives on: {e}")
+        }
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("the held service sent {n} bytes"),
+    }
+    println!("stream ended {:?} after the removal", removed.elapsed());
+    let peers = run(Command::new(bin).args(["peers", "--data-dir", &nas_dir.path()]));
+    let peers = String::from_utf8_lossy(&peers.stdout).into_owned();
+    assert!(
+        !peers.contains("laptop"),
+        "nas still shows laptop:\n{peers}"
+    );
+    let kept = std::fs::read_to_string(nas_path.join("peers.toml")).expect("peers.toml");
+    assert!(!kept.contains("name = \"laptop\""), "{kept}");
+    // Its next request is refused (no session may be held, nothing is dialed).
+    let before = held.lock().unwrap().len();
+    let again =
+        tests::servers::socks5_connect_name(socks, "nas.tox", port, Duration::from_secs(10));
+    assert!(again.is_err(), "the removed peer reached the share again");
+    assert_eq!(held.lock().unwrap().len(), before, "the share was dialed");
+
+    // Restarted with the same flags, nas keeps laptop removed.
+    drop(nas);
+    let nas = ExitProcess::start(&nodes, &nas_path, &nas_flags).expect("nas restarts");
+    let peers = run(Command::new(bin).args(["peers", "--data-dir", &nas_dir.path()]));
+    let peers = String::from_utf8_lossy(&peers.stdout).into_owned();
+    assert!(
+        !peers.contains("laptop"),
+        "laptop is back after a restart:\n{peers}"
+    );
+    drop(nas);
+}

@@ -21,6 +21,9 @@ pub(super) async fn establish(
     pk: PublicKey,
     resume: Option<ConvId>,
 ) -> Result<ConvId, ConnectError> {
+    if shared.is_forgotten(&pk) {
+        return Err(ConnectError::Forgotten);
+    }
     let timeout = shared.config.connect_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut online = shared.with_slot(pk, |slot| slot.online.subscribe());
@@ -153,6 +156,9 @@ pub(super) async fn supervise(
     let mut backoff = Duration::from_millis(500);
     loop {
         let Some(s) = shared.upgrade() else { return };
+        if s.is_forgotten(&pk) {
+            return;
+        }
         // The peer asks to resume the sessions it opened; we ask for ours.
         let (mut online, ended, conv) = s.with_slot(pk, |slot| {
             (
@@ -190,6 +196,9 @@ pub(super) async fn supervise(
             }
         }
         let Some(s) = shared.upgrade() else { return };
+        if s.is_forgotten(&pk) {
+            return;
+        }
         if resume.is_none() && s.with_slot(pk, |slot| slot.session.is_some()) {
             // The peer opened a session while ours ended: a pair holds one, keep it.
             continue;

@@ -796,9 +796,14 @@ impl Node {
                 let _ = reply.send(self.add_friend(id, &message));
             }
             Command::AddFriendNoRequest { pk, reply } => {
+                // Befriended by the application: its friend requests are accepted from now on
+                // (as a key allowed at start).
+                self.config.allow.keys.insert(pk);
                 let _ = reply.send(self.add_friend_norequest(pk));
             }
             Command::RemoveFriend { pk, reply } => {
+                // Removed by the application: no longer accepted, even if allowed at start.
+                self.config.allow.keys.remove(&pk);
                 self.requested.remove(&pk);
                 self.strangers.forget(&pk);
                 self.inbox.strangers.remove(&pk);
