@@ -16,6 +16,7 @@
 
 pub mod connection;
 pub mod id;
+pub mod introduction;
 pub mod link;
 pub mod mux;
 pub mod overlay;

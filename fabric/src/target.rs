@@ -12,6 +12,11 @@
 //!          of its overlay address, answered only when the peer itself answers)
 //!          kind 20: what the asker may do at the peer: nothing after it; the peer answers
 //!          "connected", then its grants (see [`Grants`]) and closes
+//!          kind 21: an introduction of the asker's peers: the body of
+//!          [`crate::introduction`] follows; the peer answers 0 when it took it (it takes the
+//!          asker as its introducer), 2 when not, and closes
+//!          kind 22: what the asker grants the peer changed: nothing after it; the peer
+//!          answers "connected", closes, and asks the asker's grants (kind 20) again
 //! reply    code u8: 0 connected, then as SOCKS5 (RFC 1928 §6): 1 general failure,
 //!          2 not allowed by policy, 3 network unreachable, 4 host unreachable,
 //!          5 connection refused, 6 timed out
@@ -47,6 +52,8 @@ const KIND_END: u8 = 17;
 const KIND_SHARE: u8 = 18;
 const KIND_PING: u8 = 19;
 const KIND_GRANTS: u8 = 20;
+const KIND_INTRODUCE: u8 = 21;
+const KIND_GRANTS_CHANGED: u8 = 22;
 
 /// Where the exit should connect.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -70,12 +77,19 @@ pub enum Target {
     /// What the asker may do at the peer ([`Grants`]), so each end of a pair can show the
     /// rights both ways.
     Grants,
+    /// An introduction of the asker's other peers ([`crate::introduction`]), whose body
+    /// follows the header.
+    Introduce,
+    /// What the asker grants the peer changed: the peer asks again ([`Target::Grants`]).
+    GrantsChanged,
 }
 
 /// What a peer lets the asker do, as it answers [`Target::Grants`]:
 ///
 /// ```text
-/// exit u8 (0 or 1) | length u16 BE | shared ports as text (`22/tcp,8000-8100/tcp`, `*`)
+/// flags u8 | length u16 BE | shared ports as text (`22/tcp,8000-8100/tcp`, `*`)
+/// flags    bit 0: may use the peer as its exit; bit 1: the peer takes the asker as its
+///          introducer (it takes introductions from it, and may be introduced by it)
 /// ```
 ///
 /// The ports stay text: the sharing side's own syntax, parsed (and bounded) by whoever shows
@@ -86,6 +100,8 @@ pub struct Grants {
     pub exit: bool,
     /// The ports of the peer's loopback it may reach, as the peer writes them.
     pub shares: String,
+    /// The peer takes the asker as its introducer.
+    pub introducer: bool,
 }
 
 /// The longest grants answer read.
@@ -97,7 +113,7 @@ impl Grants {
         let len = u16::try_from(self.shares.len())
             .ok()
             .filter(|&n| usize::from(n) + 3 <= MAX_GRANTS)?;
-        let mut out = vec![u8::from(self.exit)];
+        let mut out = vec![u8::from(self.exit) | (u8::from(self.introducer) << 1)];
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(self.shares.as_bytes());
         Some(out)
@@ -105,15 +121,16 @@ impl Grants {
 
     /// Decodes a whole answer; `None` when it is malformed.
     pub fn parse(b: &[u8]) -> Option<Self> {
-        let (&exit, rest) = b.split_first()?;
+        let (&flags, rest) = b.split_first()?;
         let len = usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?));
         let text = rest.get(2..)?;
-        if exit > 1 || text.len() != len {
+        if flags > 3 || text.len() != len {
             return None;
         }
         Some(Self {
-            exit: exit == 1,
+            exit: flags & 1 == 1,
             shares: std::str::from_utf8(text).ok()?.to_owned(),
+            introducer: flags & 2 == 2,
         })
     }
 }
@@ -156,6 +173,8 @@ impl Target {
             KIND_RESOLVER => return Ok(Some((Self::Resolver, 2))),
             KIND_PING => return Ok(Some((Self::Ping, 2))),
             KIND_GRANTS => return Ok(Some((Self::Grants, 2))),
+            KIND_INTRODUCE => return Ok(Some((Self::Introduce, 2))),
+            KIND_GRANTS_CHANGED => return Ok(Some((Self::GrantsChanged, 2))),
             KIND_SHARE => {
                 return Ok(b
                     .get(2..4)
@@ -221,6 +240,8 @@ impl Target {
             Self::Resolver => out.push(KIND_RESOLVER),
             Self::Ping => out.push(KIND_PING),
             Self::Grants => out.push(KIND_GRANTS),
+            Self::Introduce => out.push(KIND_INTRODUCE),
+            Self::GrantsChanged => out.push(KIND_GRANTS_CHANGED),
             Self::Share(port) => {
                 out.push(KIND_SHARE);
                 out.extend_from_slice(&port.to_be_bytes());
@@ -239,6 +260,8 @@ impl std::fmt::Display for Target {
             Self::Share(port) => write!(f, "shared port {port}"),
             Self::Ping => f.write_str("a ping"),
             Self::Grants => f.write_str("its grants"),
+            Self::Introduce => f.write_str("an introduction"),
+            Self::GrantsChanged => f.write_str("news that its grants changed"),
         }
     }
 }
@@ -384,6 +407,8 @@ mod tests {
             any::<u16>().prop_map(Target::Share),
             Just(Target::Ping),
             Just(Target::Grants),
+            Just(Target::Introduce),
+            Just(Target::GrantsChanged),
         ]
     }
 
@@ -431,11 +456,19 @@ mod tests {
         let g = Grants {
             exit: true,
             shares: "22/tcp,8080/tcp".into(),
+            introducer: false,
         };
         assert_eq!(Grants::parse(&g.emit().unwrap()), Some(g.clone()));
+        let introducer = Grants {
+            introducer: true,
+            ..g.clone()
+        };
+        assert_eq!(introducer.emit().unwrap()[0], 3);
+        assert_eq!(Grants::parse(&introducer.emit().unwrap()), Some(introducer));
+        assert_eq!(Target::parse(&[1, 21, 0]), Ok(Some((Target::Introduce, 2))));
         let mut bad = g.emit().unwrap();
-        bad[0] = 2;
-        assert_eq!(Grants::parse(&bad), None, "exit is 0 or 1");
+        bad[0] = 4;
+        assert_eq!(Grants::parse(&bad), None, "only two flags");
         let mut cut = g.emit().unwrap();
         cut.pop();
         assert_eq!(Grants::parse(&cut), None, "length must match");

@@ -218,6 +218,10 @@ pub struct CommonArgs {
     /// from its side: 8080, 22,8000-8100, 53/udp, or * (repeatable).
     #[arg(long, value_name = "NAME:PORTS")]
     pub share: Vec<String>,
+    /// Take this peer as this node's introducer (repeatable): it may introduce its peers that
+    /// chose it too, and this node to them (they get no rights by it).
+    #[arg(long, value_name = "TOXID|PK|NAME")]
+    pub introducer: Vec<String>,
     /// Extra Tox bootstrap node, as PK@HOST:PORT (repeatable).
     #[arg(long, value_name = "PK@HOST:PORT")]
     pub bootstrap: Vec<String>,

@@ -30,12 +30,14 @@
 //!
 //! allow = ["<Tox ID, public key or name>"]  # peers that may use this node as their exit
 //! share = ["laptop:22,8080"]    # ports of this host's loopback a peer may reach
+//! introducer = ["hub"]          # peers that may introduce their peers here (and this node)
 //!
 //! [[peer]]                      # a peer known by name (repeat the table for more)
 //! name = "home"
 //! id = "<76 hex digits>"
 //! exit = false                  # true: it may use this node as its exit
 //! share = "22,8080"             # ports of this host's loopback it may reach
+//! introducer = true             # it may introduce its peers here (and this node to them)
 //! [policy]                      # destination rules (exit role, or direct-policy)
 //! allow-private = false
 //! allow-ports = [80, "443", "8000-8999"]
@@ -184,6 +186,8 @@ pub struct ConfigFile {
     allow: Vec<String>,
     #[serde(default)]
     share: Vec<String>,
+    #[serde(default)]
+    introducer: Vec<String>,
     tun: Option<bool>,
     tun_lan: Option<bool>,
     data_dir: Option<PathBuf>,
@@ -545,6 +549,18 @@ fn rights(
         })?;
         rights.grant_share(peer.id.public_key(), &share.ports);
     }
+    let (introducers, by) = if args.introducer.is_empty() {
+        (&file.introducer, "")
+    } else {
+        (&args.introducer, "--introducer ")
+    };
+    for value in introducers {
+        let pk = peers.resolve_key(value).map_err(|e| ConfigError::Invalid {
+            key: "introducer",
+            message: format!("{by}{e}"),
+        })?;
+        rights.grant_introduce(pk);
+    }
     if args.peer.is_empty() {
         for entry in &file.peer {
             let Some(peer) = entry.name.parse().ok().and_then(|n| peers.by_name(&n)) else {
@@ -553,6 +569,9 @@ fn rights(
             let pk = peer.id.public_key();
             if entry.exit == Some(true) {
                 rights.grant_exit(pk);
+            }
+            if entry.introducer == Some(true) {
+                rights.grant_introduce(pk);
             }
             if let Some(ports) = &entry.share {
                 let ports: PortSet = ports.parse().map_err(|e: ShareError| {

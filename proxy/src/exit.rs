@@ -294,6 +294,27 @@ impl FabricDialer {
         })
     }
 
+    /// Introduces `entries` to the peer (see [`crate::introduce`]), once its session is up;
+    /// an error unless it took them.
+    pub async fn introduce(
+        &self,
+        entries: &[fabric::introduction::Introduced],
+    ) -> Result<(), DialError> {
+        let body = fabric::introduction::emit(entries)
+            .map_err(|e| DialError::Other(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let mut stream = self.open(WireTarget::Introduce, &body).await?;
+        let _ = stream.shutdown().await;
+        Ok(())
+    }
+
+    /// Tells the peer that what this node grants it changed, once its session is up (it asks
+    /// again).
+    pub async fn grants_changed(&self) -> Result<(), DialError> {
+        let mut stream = self.open(WireTarget::GrantsChanged, &[]).await?;
+        let _ = stream.shutdown().await;
+        Ok(())
+    }
+
     /// A stream to port `port` that the peer shares on its loopback (`NAME.tox:PORT`), once
     /// its session is up.
     pub async fn open_share(&self, port: u16) -> Result<BoxedStream, DialError> {
@@ -345,7 +366,10 @@ impl FabricDialer {
         match Reply::from_byte(code) {
             Reply::Connected => {
                 let right = match target {
-                    WireTarget::Ping | WireTarget::Grants => None,
+                    WireTarget::Ping
+                    | WireTarget::Grants
+                    | WireTarget::Introduce
+                    | WireTarget::GrantsChanged => None,
                     WireTarget::Share(_) => Some(Right::Share),
                     _ => Some(Right::Exit),
                 };
@@ -479,6 +503,17 @@ pub struct ExitOptions {
     pub accounts: Arc<PeerAccounts>,
     /// Dials shared ports (on loopback, no policy).
     pub loopback: crate::dialer::DirectDialer,
+    /// What peers told this node, for its live side to act on.
+    pub news: Option<tokio::sync::mpsc::Sender<PeerNews>>,
+}
+
+/// What a peer told this node that its live side acts on ([`crate::node::introductions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerNews {
+    /// A peer an introduction made known: to befriend and dial.
+    Introduced(fabric::id::ToxId),
+    /// What this peer grants this node changed: ask it again.
+    GrantsChanged(PublicKey),
 }
 
 impl Default for ExitOptions {
@@ -492,6 +527,7 @@ impl Default for ExitOptions {
             mesh: Arc::default(),
             accounts: Arc::default(),
             loopback: crate::dialer::DirectDialer::new(Duration::from_secs(10)),
+            news: None,
         }
     }
 }
@@ -668,6 +704,7 @@ async fn serve_stream(
             let grants = Grants {
                 exit: rights.exit,
                 shares: rights.share.to_string(),
+                introducer: rights.introduce,
             };
             let mut answer = vec![Reply::Connected.to_byte()];
             // Too many ranges to say (beyond what any share can hold): say none.
@@ -677,6 +714,42 @@ async fn serve_stream(
                     .unwrap_or_else(|| vec![u8::from(grants.exit), 0, 0]),
             );
             stream.write_all(&answer).await?;
+            stream.shutdown().await?;
+            return Ok(());
+        }
+        WireTarget::GrantsChanged => {
+            stream.write_all(&[Reply::Connected.to_byte()]).await?;
+            stream.shutdown().await?;
+            if let Some(tx) = &options.news {
+                // Full: the peer's grants are asked again on its next session.
+                let _ = tx.try_send(PeerNews::GrantsChanged(peer));
+            }
+            return Ok(());
+        }
+        WireTarget::Introduce => {
+            let reply = match read_introduction(&mut stream, &buf[used..], options).await {
+                Ok(entries) => match options.mesh.introduce(peer, &entries) {
+                    Ok(added) => {
+                        info!(peer = %peer, introduced = entries.len(), new = added.len(), "introduction taken");
+                        if let Some(tx) = &options.news {
+                            for id in added {
+                                // Full: befriended at the next start.
+                                let _ = tx.try_send(PeerNews::Introduced(id));
+                            }
+                        }
+                        Reply::Connected
+                    }
+                    Err(e) => {
+                        warn!(peer = %peer, error = %e, "introduction not taken");
+                        Reply::GeneralFailure
+                    }
+                },
+                Err(e) => {
+                    warn!(peer = %peer, error = %e, "bad introduction");
+                    Reply::GeneralFailure
+                }
+            };
+            stream.write_all(&[reply.to_byte()]).await?;
             stream.shutdown().await?;
             return Ok(());
         }
@@ -755,13 +828,50 @@ fn permitted(rights: &Rights, target: &WireTarget) -> Result<(), String> {
         WireTarget::Share(port) => Err(format!("port {port} is not shared with this peer")),
         // A session is only held with known or allowed peers: they may know it answers, and
         // what they may do here.
-        WireTarget::Ping | WireTarget::Grants => Ok(()),
+        WireTarget::Ping | WireTarget::Grants | WireTarget::GrantsChanged => Ok(()),
+        WireTarget::Introduce if rights.introduce => Ok(()),
+        WireTarget::Introduce => Err("this node does not take this peer as its introducer".into()),
         _ if !rights.exit => Err("this peer may not use this node as its exit".into()),
         WireTarget::Name(name, _) if fabric::overlay::TargetName::parse(name).is_some() => {
             Err("a .tox name is a peer of the client's: no transit through this node".into())
         }
         _ => Ok(()),
     }
+}
+
+/// The body of an introduction: what followed the header in `early`, then the rest from
+/// `stream`, bounded in size and in time (the header's timeout).
+async fn read_introduction(
+    stream: &mut fabric::mux::io::Stream,
+    early: &[u8],
+    options: &ExitOptions,
+) -> io::Result<Vec<fabric::introduction::Introduced>> {
+    use fabric::introduction::{MAX_BODY, body_len, parse};
+    let mut body = early.to_vec();
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            if body.len() >= 2 {
+                let len = body_len([body[0], body[1]])
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "too long"))?;
+                if body.len() >= 2 + len {
+                    return parse(&body[2..2 + len])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+                }
+            }
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "cut short"));
+            }
+            if body.len() + n > MAX_BODY {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "too long"));
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(options.header_timeout, read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no introduction"))?
 }
 
 /// A shared port, on this host's loopback: IPv4 first, then IPv6 (a service may listen on
@@ -793,7 +903,12 @@ fn from_wire(target: WireTarget) -> Option<Target> {
     match target {
         WireTarget::Ip(a) => Some(Target::Ip(a)),
         WireTarget::Name(n, p) => Some(Target::Domain(n, p)),
-        WireTarget::Resolver | WireTarget::Share(_) | WireTarget::Ping | WireTarget::Grants => None,
+        WireTarget::Resolver
+        | WireTarget::Share(_)
+        | WireTarget::Ping
+        | WireTarget::Grants
+        | WireTarget::Introduce
+        | WireTarget::GrantsChanged => None,
     }
 }
 

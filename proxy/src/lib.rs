@@ -24,6 +24,7 @@ pub mod exit;
 pub mod exit_policy;
 pub mod guard;
 pub mod http;
+pub mod introduce;
 pub mod mesh;
 pub mod node;
 pub mod pairing;

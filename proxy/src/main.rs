@@ -360,7 +360,8 @@ fn wire_node(
         ));
     }
     let (dns, mark) = serving;
-    serve_peers(fabric, &status, common, dns, mark);
+    let (news, heard) = tokio::sync::mpsc::channel(256);
+    serve_peers(fabric, &status, common, (dns, mark), news);
     let live = Arc::new(Live::new(
         mesh.clone(),
         fabric.clone(),
@@ -368,6 +369,7 @@ fn wire_node(
         exit_dialer,
     ));
     tokio::spawn(proxy::node::accept_joins(live.clone()));
+    tokio::spawn(proxy::node::introductions(live.clone(), heard));
     (dialer, status, live)
 }
 
@@ -433,8 +435,8 @@ fn serve_peers(
     fabric: &Arc<Fabric>,
     status: &MeshStatus,
     common: &CommonSettings,
-    dns: Vec<std::net::SocketAddr>,
-    mark: Option<u32>,
+    (dns, mark): (Vec<std::net::SocketAddr>, Option<u32>),
+    news: tokio::sync::mpsc::Sender<proxy::exit::PeerNews>,
 ) {
     let mut direct = DirectDialer::new(common.connect_timeout);
     if let Some(mark) = mark {
@@ -464,6 +466,7 @@ fn serve_peers(
         mesh: status.mesh.clone(),
         accounts: status.accounts.clone(),
         loopback: direct,
+        news: Some(news),
         ..ExitOptions::default()
     };
     let udp = UdpOptions {

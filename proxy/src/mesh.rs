@@ -91,6 +91,9 @@ pub enum ChangeError {
     /// No peer of that name.
     #[error("no peer is called {0}")]
     Unknown(PeerName),
+    /// An introduction from a peer this node does not take as its introducer.
+    #[error("not an introducer of this node")]
+    NotIntroducer,
     /// The change could not be kept in the data dir (it was not made).
     #[error("cannot write {0}")]
     Store(String),
@@ -280,6 +283,25 @@ impl Mesh {
             }
         }
         self.commit(&mut lock, tables)
+    }
+
+    /// Takes an introduction by `by` (see [`crate::introduce`]); refused unless `by` is this
+    /// node's introducer. Returns the peers new to this node.
+    pub fn introduce(
+        &self,
+        by: PublicKey,
+        entries: &[fabric::introduction::Introduced],
+    ) -> Result<Vec<ToxId>, ChangeError> {
+        let mut lock = self.now.write().unwrap_or_else(|e| e.into_inner());
+        if !lock.rights.may_introduce(&by) {
+            return Err(ChangeError::NotIntroducer);
+        }
+        let mut tables = (**lock).clone();
+        let applied = crate::introduce::apply(&mut tables, &self.own, by, entries);
+        if applied.changed {
+            self.commit(&mut lock, tables)?;
+        }
+        Ok(applied.added)
     }
 
     /// Swaps `tables` in (with fresh routes) once kept in the data dir.

@@ -82,25 +82,6 @@ fn host_peer_name() -> Option<PeerName> {
     host.trim().split('.').next()?.parse().ok()
 }
 
-/// A name for `pk` that `taken` does not hold: `wanted` if free, else `peer-` and the key's
-/// first hex digits.
-fn free_name(
-    wanted: Option<&PeerName>,
-    pk: &fabric::id::PublicKey,
-    taken: &crate::peers::PeerTable,
-) -> Option<PeerName> {
-    let hex = pk.to_string().to_lowercase();
-    wanted
-        .cloned()
-        .into_iter()
-        .chain(
-            (8..=16)
-                .step_by(4)
-                .filter_map(|n| format!("peer-{}", &hex[..n]).parse().ok()),
-        )
-        .find(|n| taken.by_name(n).is_none())
-}
-
 /// How long `join` waits for the inviter to say what it gave, once the session is up.
 const GRANTS_WAIT: Duration = Duration::from_secs(20);
 
@@ -251,7 +232,9 @@ impl Live {
         if let Some(known) = tables.peers.name_of(&pk) {
             return Err(format!("already paired: the inviter is your peer {known}"));
         }
-        let name = free_name(name.as_ref(), &pk, &tables.peers)
+        let name = tables
+            .peers
+            .free_name(name.as_ref(), &pk)
             .filter(|n| Some(n) == name.as_ref() || name.is_none())
             .ok_or_else(|| {
                 format!(
@@ -320,7 +303,7 @@ pub async fn accept_joins(live: Arc<Live>) {
         let name = match tables.peers.name_of(&pk) {
             Some(known) => known.clone(),
             None => {
-                let Some(name) = free_name(request.name.as_ref(), &pk, &tables.peers) else {
+                let Some(name) = tables.peers.free_name(request.name.as_ref(), &pk) else {
                     tracing::warn!(peer = %pk, "no free name for a joiner");
                     continue;
                 };
@@ -381,10 +364,29 @@ impl crate::control::Changes for Live {
             self.mesh
                 .change(change.clone())
                 .map_err(|e| e.to_string())?;
-            if let Change::Add(name, id) = &change {
-                self.befriend(*id)
-                    .await
-                    .map_err(|e| format!("peer {name} added, but Tox refused it: {e}"))?;
+            match &change {
+                Change::Add(name, id) => {
+                    self.befriend(*id)
+                        .await
+                        .map_err(|e| format!("peer {name} added, but Tox refused it: {e}"))?;
+                }
+                Change::GrantExit(name)
+                | Change::GrantShare(name, _)
+                | Change::RevokeExit(name)
+                | Change::RevokeShares(name)
+                | Change::GrantIntroducer(name)
+                | Change::RevokeIntroducer(name) => {
+                    // The peer shows what it may do here, and an introducer acts on it.
+                    if let Some(p) = self.mesh.now().peers.by_name(name) {
+                        let (dialer, pk) = (self.dialer.clone(), p.id.public_key());
+                        tokio::spawn(async move {
+                            if let Err(e) = dialer.grants_changed(pk).await {
+                                tracing::debug!(peer = %pk, %e, "peer not told of its grants");
+                            }
+                        });
+                    }
+                }
+                Change::Pair(..) | Change::Remove(_) => {}
             }
             Ok(done(&change))
         })
@@ -409,5 +411,71 @@ impl crate::control::Changes for Live {
                 _ => Err(format!("cannot read {line:?}")),
             }
         })
+    }
+}
+
+/// Introductions, both ways (see [`crate::introduce`]), from what peers told this node
+/// (`news`, from the serving side): befriends the peers introduced to it, asks again what a
+/// peer gives it when the peer says that changed, and introduces its peers to each other
+/// whenever a peer said what it gives (each peer is sent its list when the list changed).
+pub async fn introductions(
+    live: Arc<Live>,
+    mut news: tokio::sync::mpsc::Receiver<crate::exit::PeerNews>,
+) {
+    let listening = live.clone();
+    tokio::spawn(async move {
+        while let Some(heard) = news.recv().await {
+            tokio::spawn(act_on(listening.clone(), heard));
+        }
+    });
+    let mut learned = live.dialer.grants_learned();
+    let mut sent: std::collections::HashMap<
+        fabric::id::PublicKey,
+        Vec<fabric::introduction::Introduced>,
+    > = std::collections::HashMap::new();
+    while learned.changed().await.is_ok() {
+        let tables = live.mesh.now();
+        let granted = live.dialer.granted();
+        let due: Vec<_> = {
+            let granted = granted.lock().unwrap_or_else(|e| e.into_inner());
+            tables
+                .peers
+                .iter()
+                .map(|p| p.id.public_key())
+                .map(|to| {
+                    (
+                        to,
+                        crate::introduce::introductions_for(&tables, &granted, &to),
+                    )
+                })
+                .filter(|(to, list)| !list.is_empty() && sent.get(to) != Some(list))
+                .collect()
+        };
+        for (to, list) in due {
+            match tokio::time::timeout(GRANTS_WAIT, live.dialer.introduce(to, &list)).await {
+                Ok(Ok(())) => {
+                    tracing::info!(peer = %to, introduced = list.len(), "peers introduced");
+                    sent.insert(to, list);
+                }
+                Ok(Err(e)) => tracing::debug!(peer = %to, %e, "introduction not taken"),
+                Err(_) => tracing::debug!(peer = %to, "introduction not answered"),
+            }
+        }
+    }
+}
+
+/// Acts on one piece of news from a peer (see [`introductions`]).
+async fn act_on(live: Arc<Live>, heard: crate::exit::PeerNews) {
+    match heard {
+        crate::exit::PeerNews::Introduced(id) => match live.befriend(id).await {
+            Ok(()) => tracing::info!(peer = %id.public_key(), "introduced peer befriended"),
+            Err(e) => tracing::warn!(peer = %id.public_key(), %e, "introduced peer not befriended"),
+        },
+        crate::exit::PeerNews::GrantsChanged(pk) => {
+            let asked = tokio::time::timeout(GRANTS_WAIT, live.dialer.grants(pk)).await;
+            if !matches!(asked, Ok(Ok(_))) {
+                tracing::debug!(peer = %pk, "changed grants not asked");
+            }
+        }
     }
 }

@@ -79,6 +79,8 @@ pub struct PeerEntry {
     pub exit: Option<bool>,
     /// Ports of this node's loopback it may reach (as `--share` takes them after the colon).
     pub share: Option<String>,
+    /// Whether it is this node's introducer.
+    pub introducer: Option<bool>,
 }
 
 /// Why a peer list is refused.
@@ -191,6 +193,21 @@ impl PeerTable {
             .iter_mut()
             .find(|p| &p.id.public_key() == pk)
             .map(|p| (&mut p.id, &mut p.origin))
+    }
+
+    /// A name for `pk` that no peer holds: `wanted` if free, else `peer-` and the key's
+    /// first hex digits (8, 12, then 16 of them).
+    pub fn free_name(&self, wanted: Option<&PeerName>, pk: &PublicKey) -> Option<PeerName> {
+        let hex = pk.to_string().to_lowercase();
+        wanted
+            .cloned()
+            .into_iter()
+            .chain(
+                (8..=16)
+                    .step_by(4)
+                    .filter_map(|n| format!("peer-{}", &hex[..n]).parse().ok()),
+            )
+            .find(|n| self.by_name(n).is_none())
     }
 
     /// The peer with key `pk`.

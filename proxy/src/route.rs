@@ -126,6 +126,8 @@ pub struct MeshDialer {
     onward: Arc<dyn Dialer>,
     /// What each peer said this node may do there (asked on each new session).
     granted: Granted,
+    /// Bumped whenever a peer said it.
+    learned: Arc<tokio::sync::watch::Sender<u64>>,
     fabric: Arc<Fabric>,
     connect_timeout: std::time::Duration,
     books: Arc<PeerAccounts>,
@@ -150,6 +152,7 @@ impl MeshDialer {
             links: Arc::default(),
             onward,
             granted: Granted::default(),
+            learned: Arc::new(tokio::sync::watch::channel(0).0),
             fabric,
             connect_timeout,
             books,
@@ -175,7 +178,7 @@ impl MeshDialer {
             stop.clone()
                 .run_until_cancelled_owned(link.follow_sessions(&self.fabric)),
         );
-        let (granted, asker) = (self.granted.clone(), link.clone());
+        let (granted, asker, learned) = (self.granted.clone(), link.clone(), self.learned.clone());
         let mut changes = self.fabric.session_changes();
         tokio::spawn(stop.run_until_cancelled_owned(async move {
             loop {
@@ -183,6 +186,7 @@ impl MeshDialer {
                 match asker.grants().await {
                     Ok(g) => {
                         lock(&granted).insert(pk, g);
+                        learned.send_modify(|n| *n += 1);
                     }
                     Err(err) => tracing::debug!(peer = %pk, %err, "no grants"),
                 }
@@ -207,12 +211,34 @@ impl MeshDialer {
     pub async fn grants(&self, pk: PublicKey) -> Result<Grants, DialError> {
         let grants = self.link(pk).grants().await?;
         lock(&self.granted).insert(pk, grants.clone());
+        self.learned.send_modify(|n| *n += 1);
         Ok(grants)
     }
 
     /// What each peer said this node may do there.
     pub fn granted(&self) -> Granted {
         self.granted.clone()
+    }
+
+    /// Changes whenever a peer said what it gives this node.
+    pub fn grants_learned(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.learned.subscribe()
+    }
+
+    /// Tells the peer `pk` that what this node grants it changed (it asks again), once its
+    /// session is up.
+    pub async fn grants_changed(&self, pk: PublicKey) -> Result<(), DialError> {
+        self.link(pk).grants_changed().await
+    }
+
+    /// Introduces `entries` to the peer `to` (see [`crate::introduce`]), once its session
+    /// is up.
+    pub async fn introduce(
+        &self,
+        to: PublicKey,
+        entries: &[fabric::introduction::Introduced],
+    ) -> Result<(), DialError> {
+        self.link(to).introduce(entries).await
     }
 
     /// The same peers in front of another dialer (the listeners' dialer for clients from

@@ -12,6 +12,7 @@ use fabric::peer::PeerStatus;
 use super::{bytes, millis, path_name};
 use crate::accounts::{Ledger, PeerAccounts, PeerCounts};
 use crate::mesh::Mesh;
+use crate::peers::{Origin, PeerTable};
 use crate::rights::Rights;
 use crate::route::Granted;
 use fabric::target::Grants;
@@ -36,6 +37,8 @@ pub struct PeerLine {
     pub key: String,
     /// Its name here, if it has one.
     pub name: Option<String>,
+    /// Where this node learned of it, in words (known peers).
+    pub origin: Option<String>,
     /// Its overlay addresses in this node's table (known peers).
     pub overlay: Option<OverlayAddrs>,
     /// What it may do here.
@@ -71,6 +74,7 @@ impl MeshStatus {
             .map(|pk| PeerLine {
                 key: pk.to_string(),
                 name: peers.name_of(&pk).map(ToString::to_string),
+                origin: peers.by_key(&pk).map(|p| origin_words(&p.origin, peers)),
                 overlay: now.routes.overlay().addrs(&pk),
                 here: now.rights.of(&pk),
                 our_exit: self.exits.contains(&pk),
@@ -97,14 +101,32 @@ impl MeshStatus {
     }
 }
 
+/// Where a node learned of a peer, in words.
+fn origin_words(origin: &Origin, peers: &PeerTable) -> String {
+    match origin {
+        Origin::Config => "the command line or config file".into(),
+        Origin::Added(_) => "added (proxy peer add)".into(),
+        Origin::Paired(_) => "paired (invite / join)".into(),
+        Origin::Introduced { by, .. } => match peers.name_of(by) {
+            Some(name) => format!("introduced by {name}"),
+            None => format!("introduced by {}", by.short()),
+        },
+    }
+}
+
 /// What `rights` let a peer do here, in words ("nothing" for none).
 pub fn may_here(rights: &Rights) -> String {
     let shares = rights.share.to_string();
     let shares = if rights.share.is_empty() { "" } else { &shares };
     in_words(
-        rights.exit,
+        [
+            (rights.exit, "use this node as its exit"),
+            (
+                rights.introduce,
+                "introduce its peers (it is this node's introducer)",
+            ),
+        ],
         shares,
-        "use this node as its exit",
         "reach shared ports",
     )
 }
@@ -112,18 +134,21 @@ pub fn may_here(rights: &Rights) -> String {
 /// What a peer's `grants` let this node do there, in words ("nothing" for none).
 pub fn gives(grants: &Grants) -> String {
     in_words(
-        grants.exit,
+        [
+            (grants.exit, "use it as exit"),
+            (grants.introducer, "introduce peers to it (its introducer)"),
+        ],
         &grants.shares,
-        "use it as exit",
         "reach its ports",
     )
 }
 
-fn in_words(exit: bool, shares: &str, exit_words: &str, share_words: &str) -> String {
-    let mut parts = Vec::new();
-    if exit {
-        parts.push(exit_words.to_owned());
-    }
+fn in_words(flags: [(bool, &str); 2], shares: &str, share_words: &str) -> String {
+    let mut parts: Vec<String> = flags
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, words)| (*words).to_owned())
+        .collect();
     if !shares.is_empty() {
         parts.push(format!("{share_words} {shares}"));
     }
@@ -152,6 +177,9 @@ impl PeerLine {
                 String::new()
             };
             let _ = writeln!(out, "  overlay {}  {v4}{moved}", o.v6);
+        }
+        if let Some(origin) = &self.origin {
+            let _ = writeln!(out, "  from: {origin}");
         }
         let _ = writeln!(out, "  may here: {}", may_here(&self.here));
         if let Some(g) = &self.gives {
