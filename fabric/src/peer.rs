@@ -152,6 +152,9 @@ pub struct PeerStatus {
     pub dropped_packets: u64,
     /// Why the last session to this peer ended, and whether the peer ended it.
     pub last_end: Option<(CloseReason, bool)>,
+    /// Where the running session was opened by a direct handshake (a resume, or a join at a
+    /// ticket's endpoint), without Tox; `None` when it was opened over Tox.
+    pub opened_direct: Option<std::net::SocketAddr>,
 }
 
 /// The fabric: a Tox node and the sessions to its peers.
@@ -187,6 +190,9 @@ struct Shared {
     /// Peers removed at run time ([`Fabric::forget`]): nothing dials them until they are
     /// allowed again.
     forgotten: Mutex<std::collections::HashSet<PublicKey>>,
+    /// Until when a stranger's direct HELLO may be a pairing request worth opening
+    /// ([`Fabric::expect_joins_until`]).
+    joins_until: Mutex<Option<Instant>>,
 }
 
 /// Everything known about one peer.
@@ -292,6 +298,7 @@ impl Fabric {
             datagrams: datagrams_tx,
             sessions: watch::channel(0).0,
             forgotten: Mutex::default(),
+            joins_until: Mutex::default(),
         });
         tokio::spawn(route(Arc::downgrade(&shared), events));
         if let Some(direct) = &direct {
@@ -341,6 +348,9 @@ impl Fabric {
             Some(conv) => conv,
             None => establish(&self.shared, pk, None).await?,
         };
+        if let Some(direct) = &self.shared.direct {
+            direct.joined(&pk);
+        }
         info!(peer = %pk, %conv, "session to peer established");
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(supervise(Arc::downgrade(&self.shared), pk, stop_rx));
@@ -376,6 +386,44 @@ impl Fabric {
         self.shared.tox.add_friend_norequest(pk).await
     }
 
+    /// This node's direct endpoints (its direct socket's port on its interfaces' addresses,
+    /// at most `max`), for a ticket: a joiner that can reach one pairs without Tox. Empty
+    /// without a direct socket (`--path tox`, `--path tcp`).
+    pub fn direct_endpoints(&self, max: usize) -> Vec<std::net::SocketAddr> {
+        self.shared
+            .direct
+            .as_ref()
+            .map(|d| d.endpoints(max))
+            .unwrap_or_default()
+    }
+
+    /// An invitation is open until `until`: strangers' direct HELLOs are opened (within their
+    /// budget) until then, as they may carry pairing requests. Outside that window a
+    /// stranger's HELLO costs a table lookup and nothing more.
+    pub fn expect_joins_until(&self, until: Instant) {
+        let mut at = lock(&self.shared.joins_until);
+        if at.is_none_or(|t| t < until) {
+            *at = Some(until);
+        }
+    }
+
+    /// Pairs with `inviter` beside Tox: the next [`Fabric::connect`] to it also sends its
+    /// Opens to `endpoints` (the ticket's), in HELLOs carrying `request`, every quarter
+    /// second until the inviter lets this node in and answers. Without a direct socket it
+    /// does nothing (Tox carries the request alone).
+    pub fn join_directly(
+        &self,
+        inviter: PublicKey,
+        endpoints: Vec<std::net::SocketAddr>,
+        request: &JoinRequest,
+    ) {
+        if let Some(direct) = &self.shared.direct
+            && !endpoints.is_empty()
+        {
+            direct.join(inviter, endpoints, request.encode().into_bytes());
+        }
+    }
+
     /// Lets `pk` hold sessions with this node, without touching Tox: for a peer this node
     /// asks to befriend itself (a join), whose request the other side accepts.
     pub fn allow_sessions(&self, pk: PublicKey) {
@@ -383,8 +431,12 @@ impl Fabric {
         lock(&self.shared.allow).keys.insert(pk);
     }
 
-    /// Undoes [`Fabric::allow_sessions`] (a join that came to nothing).
+    /// Undoes [`Fabric::allow_sessions`] (a join that came to nothing), and
+    /// [`Fabric::join_directly`].
     pub fn disallow_sessions(&self, pk: &PublicKey) {
+        if let Some(direct) = &self.shared.direct {
+            direct.joined(pk);
+        }
         lock(&self.shared.allow).keys.remove(pk);
     }
 
@@ -564,6 +616,10 @@ const JOIN_QUEUE: usize = 16;
 
 impl Shared {
     /// Whether `pk` may open sessions here.
+    fn expects_joins(&self, now: Instant) -> bool {
+        lock(&self.joins_until).is_some_and(|until| now < until)
+    }
+
     fn is_forgotten(&self, pk: &PublicKey) -> bool {
         lock(&self.forgotten).contains(pk)
     }

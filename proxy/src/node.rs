@@ -149,6 +149,9 @@ impl Live {
             .invitations
             .create(unix_now(), ttl, offer.clone(), name.clone())
             .ok_or("too many open invitations: revoke some (proxy invite --list)")?;
+        // Its joiner may knock at the direct socket before Tox finds us.
+        self.fabric
+            .expect_joins_until(std::time::Instant::now() + ttl);
         let id: String = secret
             .invitation_id()
             .iter()
@@ -159,7 +162,8 @@ impl Live {
             secret,
             expires,
             name,
-            endpoints: Vec::new(),
+            // A joiner that reaches one of them pairs without waiting for Tox.
+            endpoints: self.fabric.direct_endpoints(fabric::pairing::MAX_ENDPOINTS),
         };
         Ok(format!(
             "invitation {id}: the joiner may {}; valid once, for {} s\n{}",
@@ -246,6 +250,9 @@ impl Live {
             fabric::pairing::JoinRequest::new(&ticket, &self.fabric.id(), host_peer_name());
         // Its session must be let in before it answers (it dials back as soon as it accepts).
         self.fabric.allow_sessions(pk);
+        // Beside Tox, at the inviter's direct endpoints (if the ticket names any).
+        self.fabric
+            .join_directly(pk, ticket.endpoints.clone(), &request);
         let asked = self
             .fabric
             .tox()
@@ -274,6 +281,10 @@ impl Live {
         self.mesh
             .change(Change::Pair(name.clone(), ticket.inviter))
             .map_err(|e| e.to_string())?;
+        let contact = match peer.status().opened_direct {
+            Some(at) => format!("first contact at its direct endpoint {at}, without Tox"),
+            None => "first contact over Tox".to_owned(),
+        };
         self.dialer.add_peer(Arc::new(peer));
         // What it gave us, as it says on the session.
         let gives = match tokio::time::timeout(GRANTS_WAIT, self.dialer.grants(pk)).await {
@@ -281,7 +292,7 @@ impl Live {
             _ => "(not said yet: see proxy peers)".to_owned(),
         };
         Ok(format!(
-            "joined {name}: reachable as {name}.tox; it gives this node: {gives}"
+            "joined {name}: reachable as {name}.tox ({contact}); it gives this node: {gives}"
         ))
     }
 }
@@ -290,6 +301,12 @@ impl Live {
 /// peer (by the name it suggested, when free) with the rights offered, allowed and dialed.
 pub async fn accept_joins(live: Arc<Live>) {
     while let Some((pk, request)) = live.fabric.next_join_request().await {
+        if live.mesh.now().peers.by_key(&pk).is_some() {
+            // Paired already: the same request by the other way (Tox and a direct hello both
+            // carry it), or an old ticket of a peer we know.
+            tracing::debug!(peer = %pk, "pairing request from a known peer ignored");
+            continue;
+        }
         let own = live.fabric.id().public_key();
         let offer = match live.invitations.redeem(&request, &pk, &own, unix_now()) {
             Ok(offer) => offer,

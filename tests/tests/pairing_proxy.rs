@@ -95,7 +95,10 @@ fn one_ticket_pairs_two_nodes_and_bad_tickets_change_nothing() {
         "proxy join: {out:?}\nlaptop:\n{}",
         laptop.stderr()
     );
-    assert!(said.contains("joined nas: reachable as nas.tox"), "{said}");
+    assert!(
+        said.contains("joined nas: reachable as nas.tox ("),
+        "{said}"
+    );
     assert!(
         said.contains(&format!("reach its ports {port}/tcp")),
         "{said}"
@@ -118,6 +121,8 @@ fn one_ticket_pairs_two_nodes_and_bad_tickets_change_nothing() {
         "first byte by name {:?} after join started",
         started.elapsed()
     );
+    // First contact went to the direct endpoint the ticket named, not through Tox.
+    assert!(said.contains("without Tox"), "{said}");
     // Both sides keep the pairing.
     let kept = std::fs::read_to_string(std::path::Path::new(&laptop_dir.path()).join("peers.toml"))
         .expect("laptop's peers.toml");

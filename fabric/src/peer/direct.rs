@@ -15,7 +15,21 @@
 //! to the link of their source address ([`UdpLink::spawn_demuxed`]).
 //!
 //! Only peers we allow (exit role) or dial (client role) are answered; anyone else costs a
-//! table lookup, never a Diffie-Hellman.
+//! table lookup, and, only while an invitation is open, a Diffie-Hellman within a budget for
+//! all strangers together ([`STRANGER_HELLOS_PER_SECOND`]): its HELLO may be a pairing
+//! request.
+//!
+//! Pairing without Tox: a ticket names the inviter's direct endpoints, and the joiner's Open
+//! goes there in a HELLO of kind JOIN that also carries its pairing request (the proof of the
+//! ticket's secret). The inviter hands the request to the application (as one that came by
+//! Tox) and does not answer; once the application lets the joiner in, the joiner's next HELLO
+//! (sent every [`JOIN_RETRY`]) is answered like any Open, and the session starts on the direct
+//! link: first contact in about a round trip and the application's check.
+//!
+//! ```text
+//!  joiner ─ HELLO{JOIN: Open, request} ─► inviter: not allowed ─► request to the application
+//!  joiner ─ HELLO{JOIN: Open, request} ─► inviter: allowed now ─► WELCOME{Accept} ─► session
+//! ```
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -50,7 +64,20 @@ mod kind {
     pub(super) const PROBE: u8 = 2;
     /// "I (re)started": not answered; a client whose exit this is opens a session now.
     pub(super) const KNOCK: u8 = 3;
+    /// A pairing request with an Open: length of the Open u8, the Open, then the request
+    /// (text). Answered like CONTROL once the sender is allowed.
+    pub(super) const JOIN: u8 = 4;
 }
+
+/// HELLOs from peers we neither allow nor dial opened per second, all of them together:
+/// each costs a Diffie-Hellman, and only a pairing request makes it worth one.
+pub(super) const STRANGER_HELLOS_PER_SECOND: u32 = 8;
+/// How often a joiner's Open goes to the inviter's direct endpoints: the first is answered
+/// only after the application checked the request it carries.
+pub(super) const JOIN_RETRY: Duration = Duration::from_millis(250);
+/// Strangers whose HELLO times are kept for the replay check; more start the table afresh
+/// (a replayed pairing request is refused by the application anyway).
+const MAX_STRANGERS: usize = 1024;
 
 /// The cache file in the data dir.
 pub(super) const CACHE_FILE: &str = "peers.cache";
@@ -115,6 +142,14 @@ struct State {
     /// The direct candidates each peer sent last: probed again once we know our own
     /// addresses (a peer's candidates may come before we gathered ours).
     heard: HashMap<PublicKey, Vec<Candidate>>,
+    /// Peers we are joining: the pairing request our Opens carry, and the endpoints the
+    /// ticket named.
+    joining: HashMap<PublicKey, (Vec<u8>, Vec<SocketAddr>)>,
+    /// The replay check of strangers' HELLOs, apart from our peers' (bounded).
+    strangers: Responder,
+    strangers_seen: usize,
+    /// Strangers' HELLOs opened in the current second.
+    stranger_budget: Option<(Instant, u32)>,
 }
 
 #[derive(Debug)]
@@ -180,9 +215,49 @@ impl Direct {
         self.local.port()
     }
 
-    /// The endpoints where `pk` answered last, newest first.
+    /// The endpoints where `pk` answered last, newest first, then those a ticket named.
     pub(super) fn cached(&self, pk: &PublicKey) -> Vec<SocketAddr> {
-        lock(&self.state).cache.endpoints(pk).to_vec()
+        let st = lock(&self.state);
+        let mut out = st.cache.endpoints(pk).to_vec();
+        if let Some((_, hinted)) = st.joining.get(pk) {
+            for e in hinted {
+                if !out.contains(e) {
+                    out.push(*e);
+                }
+            }
+        }
+        out
+    }
+
+    /// Our Opens to `pk` carry `request` to `endpoints` too, until [`Direct::joined`].
+    pub(super) fn join(&self, pk: PublicKey, endpoints: Vec<SocketAddr>, request: Vec<u8>) {
+        lock(&self.state).joining.insert(pk, (request, endpoints));
+    }
+
+    /// Whether we are joining `pk`.
+    pub(super) fn is_joining(&self, pk: &PublicKey) -> bool {
+        lock(&self.state).joining.contains_key(pk)
+    }
+
+    /// The join with `pk` is over (its session came up, or it failed).
+    pub(super) fn joined(&self, pk: &PublicKey) {
+        lock(&self.state).joining.remove(pk);
+    }
+
+    /// Our addresses on the direct socket's port, for a ticket: the interfaces' (not
+    /// loopback, unless that is all there is; not link-local), IPv4 first, at most `max`.
+    pub(super) fn endpoints(&self, max: usize) -> Vec<SocketAddr> {
+        let mut hosts: Vec<std::net::IpAddr> = crate::path::interface_networks()
+            .into_iter()
+            .map(|n| n.addr)
+            .collect();
+        hosts.sort_by_key(|ip| ip.is_ipv6());
+        hosts
+            .into_iter()
+            .filter(|ip| self.local.is_ipv6() || ip.is_ipv4())
+            .map(|ip| SocketAddr::new(ip, self.port()))
+            .take(max)
+            .collect()
     }
 
     /// Our direct candidates for a peer: the addresses of `gathered` (interfaces and what
@@ -215,8 +290,22 @@ impl Direct {
         let Some(&to) = endpoints.get(attempt % endpoints.len().max(1)) else {
             return false;
         };
-        let mut body = vec![kind::CONTROL];
-        msg.emit(&mut body);
+        let mut control = Vec::new();
+        msg.emit(&mut control);
+        let joining = lock(&self.state).joining.get(&pk).map(|(r, _)| r.clone());
+        let body = match (joining, u8::try_from(control.len())) {
+            (Some(request), Ok(len)) => {
+                let mut body = vec![kind::JOIN, len];
+                body.extend_from_slice(&control);
+                body.extend_from_slice(&request);
+                body
+            }
+            _ => {
+                let mut body = vec![kind::CONTROL];
+                body.extend_from_slice(&control);
+                body
+            }
+        };
         self.send_hello(pk, to, &body);
         true
     }
@@ -403,7 +492,7 @@ fn on_hello(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet
     let exit_side = shared.allows(&pk);
     let dialed = shared.with_slot_if(pk, |slot| slot.dialed).unwrap_or(false);
     if !exit_side && !dialed {
-        debug!(%from, "hello from a peer we neither allow nor dial");
+        on_stranger_hello(shared, direct, pk, from, packet);
         return;
     }
     debug!(peer = %pk, %from, "hello");
@@ -432,9 +521,17 @@ fn on_hello(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet
     let before = st.boots.insert(pk, received.hello.boot);
     drop(st);
     let body = &received.hello.body;
+    let control = match body.first() {
+        Some(&kind::CONTROL) => body.get(1..),
+        // A pairing request whose sender was let in since: its Open, answered as any other.
+        Some(&kind::JOIN) => body
+            .get(1)
+            .and_then(|&len| body.get(2..2 + usize::from(len))),
+        _ => None,
+    };
     match body.first() {
-        Some(&kind::CONTROL) if exit_side => {
-            let Ok(Control::Open { request, resume }) = Control::parse(&body[1..]) else {
+        Some(&kind::CONTROL | &kind::JOIN) if exit_side => {
+            let Some(Ok(Control::Open { request, resume })) = control.map(Control::parse) else {
                 return;
             };
             // Crossed with our own Open, which wins: left unanswered, as over Tox.
@@ -459,6 +556,7 @@ fn on_hello(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet
             };
             if matches!(answer, Control::Accept { .. }) {
                 info!(peer = %pk, %from, "session opened directly");
+                shared.opened_direct(pk, from);
                 let link = direct.start_link(keys, from);
                 shared.hand_direct_link(pk, link);
             }
@@ -492,6 +590,62 @@ fn on_hello(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet
     }
 }
 
+/// A HELLO from a peer we neither allow nor dial: only a pairing request is worth opening it
+/// (within the strangers' budget); its request goes to the application, unanswered.
+fn on_stranger_hello(
+    shared: &Arc<Shared>,
+    direct: &Arc<Direct>,
+    pk: PublicKey,
+    from: SocketAddr,
+    packet: &[u8],
+) {
+    let now = Instant::now();
+    if !shared.expects_joins(now) {
+        debug!(%from, "hello from a peer we neither allow nor dial");
+        return;
+    }
+    let mut st = lock(&direct.state);
+    let (since, count) = st.stranger_budget.get_or_insert((now, 0));
+    if now.saturating_duration_since(*since) >= Duration::from_secs(1) {
+        (*since, *count) = (now, 0);
+    }
+    *count += 1;
+    if *count > STRANGER_HELLOS_PER_SECOND {
+        debug!(%from, "hello from a stranger: over the budget, dropped");
+        return;
+    }
+    if st.strangers_seen >= MAX_STRANGERS {
+        st.strangers = Responder::default();
+        st.strangers_seen = 0;
+    }
+    st.strangers_seen += 1;
+    let received = match st.strangers.open_hello(&direct.identity, packet, wall_ms()) {
+        Ok(r) => r,
+        Err(error) => {
+            debug!(%from, %error, "hello from a stranger refused");
+            return;
+        }
+    };
+    drop(st);
+    let body = &received.hello.body;
+    let request = match body.first() {
+        Some(&kind::JOIN) => body
+            .get(1)
+            .and_then(|&len| body.get(2 + usize::from(len)..))
+            .and_then(|r| std::str::from_utf8(r).ok())
+            .and_then(crate::pairing::JoinRequest::parse),
+        _ => None,
+    };
+    match request {
+        Some(request) => {
+            debug!(peer = %pk, %from, "pairing request by a direct hello");
+            // Full: dropped; the joiner's next hello asks again.
+            let _ = shared.joins.try_send((pk, request));
+        }
+        None => debug!(peer = %pk, %from, "hello from a peer we neither allow nor dial"),
+    }
+}
+
 fn on_welcome(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet: &[u8]) {
     let mut st = lock(&direct.state);
     let Some(at) = st.pending.iter().position(|p| p.hello.matches(packet)) else {
@@ -517,6 +671,8 @@ fn on_welcome(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, pack
                 return;
             };
             if matches!(msg, Control::Accept { .. }) {
+                info!(peer = %pk, %from, "session opened at a direct endpoint");
+                shared.opened_direct(pk, from);
                 let link = direct.start_link(keys, from);
                 shared.hand_direct_link(pk, link);
             }
@@ -535,6 +691,11 @@ fn on_welcome(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, pack
 }
 
 impl Shared {
+    /// Notes that `pk`'s session was opened at `from` by a direct handshake.
+    fn opened_direct(&self, pk: PublicKey, from: SocketAddr) {
+        self.with_slot(pk, |slot| lock(&slot.status).opened_direct = Some(from));
+    }
+
     /// Probes `pk`'s direct candidates again, now that we gathered our own addresses.
     pub(super) fn reprobe(self: &Arc<Self>, pk: PublicKey) {
         let heard = self

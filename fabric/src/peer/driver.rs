@@ -265,6 +265,7 @@ async fn drive(
             let mut st = lock(&slot.status);
             st.conv = None;
             st.last_end = Some((reason, by_peer));
+            st.opened_direct = None;
         });
         s.sessions.send_modify(|n| *n += 1);
     }

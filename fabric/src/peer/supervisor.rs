@@ -70,13 +70,14 @@ pub(super) async fn establish(
     };
     let now = Instant::now();
     let remaining = deadline.into_std().saturating_duration_since(now);
-    let mut opener = Opener::new(
-        now,
-        shared.next_request(),
-        resume,
-        Duration::from_secs(1),
-        remaining,
-    );
+    // A join's Open is answered only once the inviter checked the request it carries: ask
+    // again soon.
+    let retry = if direct.as_ref().is_some_and(|d| d.is_joining(&pk)) {
+        super::direct::JOIN_RETRY
+    } else {
+        Duration::from_secs(1)
+    };
+    let mut opener = Opener::new(now, shared.next_request(), resume, retry, remaining);
     let mut attempt = 0;
     let outcome = loop {
         let now = Instant::now();
