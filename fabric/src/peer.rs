@@ -397,6 +397,15 @@ impl Fabric {
             .unwrap_or_default()
     }
 
+    /// The direct endpoints a node on `data_dir` will have once it runs (its last run's port
+    /// on this host's addresses), for a ticket made while no node runs there.
+    pub fn direct_endpoints_of(
+        data_dir: &std::path::Path,
+        max: usize,
+    ) -> Vec<std::net::SocketAddr> {
+        direct::endpoints_of(data_dir, max)
+    }
+
     /// An invitation is open until `until`: strangers' direct HELLOs are opened (within their
     /// budget) until then, as they may carry pairing requests. Outside that window a
     /// stranger's HELLO costs a table lookup and nothing more.

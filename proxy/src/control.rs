@@ -48,6 +48,11 @@ pub fn socket_path(dir: &Path) -> PathBuf {
     dir.join(SOCKET)
 }
 
+/// Whether a node runs on the data dir `dir` (its control socket answers).
+pub async fn node_runs(dir: &Path) -> bool {
+    UnixStream::connect(socket_path(dir)).await.is_ok()
+}
+
 /// Binds the control socket in `dir`, mode 0600. A socket file left by a node that is gone
 /// is replaced; one a running node answers on is an error (two nodes on one data dir).
 pub async fn bind(dir: &Path) -> io::Result<UnixListener> {

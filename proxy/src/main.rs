@@ -127,7 +127,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 line
             };
-            tell(&dir, &line, Duration::from_secs(30)).await
+            if proxy::control::node_runs(&dir).await {
+                return tell(&dir, &line, Duration::from_secs(30)).await;
+            }
+            // No node runs there: the invitation is kept in the data dir, for the node to
+            // take when it starts.
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let inviter = ToxNode::identity(&dir)
+                .with_context(|| format!("reading the identity in {}", dir.display()))?;
+            let endpoints = Fabric::direct_endpoints_of(&dir, fabric::pairing::MAX_ENDPOINTS);
+            let answer = invitations(&dir)?
+                .answer(&words, inviter, endpoints, proxy::mesh::unix_now())
+                .unwrap_or_else(|| Err(format!("cannot read {line:?}")))
+                .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
+            println!("{answer}");
+            if line.starts_with("invite ") || line == "invite" {
+                eprintln!(
+                    "(no node runs on {}: the invitation works once one starts there)",
+                    dir.display()
+                );
+            }
+            Ok(())
         }
         Some(Command::Join(args)) => {
             let dir = node_dir(args.config.as_deref(), args.data_dir.as_deref())?;
@@ -307,6 +327,14 @@ fn live_mesh(common: &CommonSettings, dir: &std::path::Path) -> Result<Arc<Mesh>
     Ok(Arc::new(mesh))
 }
 
+/// The invitations kept in the data dir `dir`.
+fn invitations(dir: &std::path::Path) -> Result<proxy::pairing::Invitations, Failure> {
+    Ok(
+        proxy::pairing::Invitations::load(dir)
+            .context("reading the invitations in the data dir")?,
+    )
+}
+
 /// Who may hold a session with this node: anyone it knows or gave a right, and the exits it
 /// dials (a pair holds one session, whoever opens).
 fn allow_policy(tox: &mut ToxConfig, mesh: &Mesh, exits: &[ToxId]) {
@@ -329,6 +357,7 @@ fn wire_node(
     exits: (&[ToxId], Option<FabricDialer>),
     books: Arc<proxy::accounts::PeerAccounts>,
     serving: (Vec<std::net::SocketAddr>, Option<u32>),
+    invitations: proxy::pairing::Invitations,
 ) -> (proxy::route::MeshDialer, MeshStatus, Arc<Live>) {
     let (exit_ids, exit_dialer) = exits;
     let placeholder: Arc<dyn Dialer> = Arc::new(DirectDialer::new(common.connect_timeout));
@@ -367,6 +396,7 @@ fn wire_node(
         fabric.clone(),
         dialer.clone(),
         exit_dialer,
+        invitations,
     ));
     tokio::spawn(proxy::node::accept_joins(live.clone()));
     tokio::spawn(proxy::node::introductions(live.clone(), heard));
@@ -419,6 +449,7 @@ fn start_node(settings: &RunSettings, mark: Option<u32>) -> Result<Option<Node>,
         (&settings.exits, exits.clone()),
         books,
         (Vec::new(), mark),
+        invitations(&dir)?,
     );
     Ok(Some(Node {
         fabric,
@@ -589,6 +620,7 @@ async fn run_exit(settings: ExitSettings, signals: Signals) -> Result<(), Failur
         (&[], None),
         Arc::default(),
         (settings.dns.clone(), None),
+        invitations(&dir)?,
     );
     let status = Arc::new(
         Status::new(

@@ -64,13 +64,20 @@ impl Live {
         fabric: Arc<Fabric>,
         dialer: crate::route::MeshDialer,
         exits: Option<FabricDialer>,
+        invitations: crate::pairing::Invitations,
     ) -> Self {
+        // Invitations made earlier (or while no node ran) still let their joiners knock at
+        // the direct socket.
+        if let Some(until) = invitations.open_until(unix_now()) {
+            let left = Duration::from_secs(until.saturating_sub(unix_now()));
+            fabric.expect_joins_until(std::time::Instant::now() + left);
+        }
         Self {
             mesh,
             fabric,
             dialer,
             exits,
-            invitations: crate::pairing::Invitations::default(),
+            invitations,
         }
     }
 }
@@ -120,88 +127,6 @@ impl Live {
         self.dialer.remove_peer(&pk);
         self.fabric.forget(pk).await;
         Ok(done(&Change::Remove(name.clone())))
-    }
-
-    /// `invite [name=N] [exit] [share=PORTS] [ttl=SECS]`: a new invitation, and its ticket
-    /// on the last line.
-    fn invite(&self, words: &[&str]) -> Result<String, String> {
-        let mut offer = crate::rights::Rights::default();
-        let (mut name, mut ttl) = (None, Duration::from_secs(600));
-        for w in words {
-            match w.split_once('=') {
-                None if *w == "exit" => offer.exit = true,
-                Some(("name", n)) => {
-                    name = Some(
-                        n.parse::<PeerName>()
-                            .map_err(|e| format!("name {n:?}: {e}"))?,
-                    )
-                }
-                Some(("share", p)) => {
-                    offer.share = p.parse().map_err(|e| format!("share {p:?}: {e}"))?
-                }
-                Some(("ttl", t)) => {
-                    ttl = Duration::from_secs(t.parse().map_err(|e| format!("ttl {t:?}: {e}"))?)
-                }
-                _ => return Err(format!("invite: unknown word {w:?}")),
-            }
-        }
-        let (secret, expires) = self
-            .invitations
-            .create(unix_now(), ttl, offer.clone(), name.clone())
-            .ok_or("too many open invitations: revoke some (proxy invite --list)")?;
-        // Its joiner may knock at the direct socket before Tox finds us.
-        self.fabric
-            .expect_joins_until(std::time::Instant::now() + ttl);
-        let id: String = secret
-            .invitation_id()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let ticket = fabric::pairing::Ticket {
-            inviter: self.fabric.id(),
-            secret,
-            expires,
-            name,
-            // A joiner that reaches one of them pairs without waiting for Tox.
-            endpoints: self.fabric.direct_endpoints(fabric::pairing::MAX_ENDPOINTS),
-        };
-        Ok(format!(
-            "invitation {id}: the joiner may {}; valid once, for {} s\n{}",
-            crate::status::peers::may_here(&offer),
-            ttl.as_secs(),
-            ticket.encode()
-        ))
-    }
-
-    /// `invites`: the open invitations.
-    fn invites(&self) -> String {
-        let now = unix_now();
-        let list = self.invitations.list();
-        if list.is_empty() {
-            return "no open invitations".into();
-        }
-        list.iter()
-            .map(|l| {
-                let state = if l.used {
-                    "used".to_owned()
-                } else if l.expires <= now {
-                    "expired".to_owned()
-                } else {
-                    format!("{} s left", l.expires - now)
-                };
-                format!(
-                    "{}  exit {}  shares {}  {state}",
-                    l.id,
-                    if l.offer.exit { "yes" } else { "no" },
-                    if l.offer.share.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        l.offer.share.to_string()
-                    }
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
     }
 
     /// `join TICKET [name=N] [wait=SECS]`: pairs with the inviter; answers once its session
@@ -414,16 +339,21 @@ impl crate::control::Changes for Live {
         let line = line.to_owned();
         Box::pin(async move {
             let words: Vec<&str> = words.iter().map(String::as_str).collect();
-            match words.split_first() {
-                Some((&"invite", rest)) => self.invite(rest),
-                Some((&"invites", [])) => Ok(self.invites()),
-                Some((&"invite-revoke", [id])) => {
-                    if self.invitations.revoke(id) {
-                        Ok(format!("invitation {id} revoked"))
-                    } else {
-                        Err(format!("no invitation {id}"))
-                    }
+            let endpoints = self.fabric.direct_endpoints(fabric::pairing::MAX_ENDPOINTS);
+            let now = unix_now();
+            if let Some(answer) = self
+                .invitations
+                .answer(&words, self.fabric.id(), endpoints, now)
+            {
+                // A new invitation's joiner may knock at the direct socket before Tox finds us.
+                if let Some(until) = self.invitations.open_until(now) {
+                    let left = Duration::from_secs(until.saturating_sub(now));
+                    self.fabric
+                        .expect_joins_until(std::time::Instant::now() + left);
                 }
+                return answer;
+            }
+            match words.split_first() {
                 Some((&"join", rest)) => self.join(rest).await,
                 _ => Err(format!("cannot read {line:?}")),
             }

@@ -4,16 +4,22 @@
 //! An invitation holds its secret, when it expires, and the rights it offers. It is valid
 //! once: the first request with a valid proof, before the expiry, redeems it; any other
 //! (another proof, the same ticket again, too late, a revoked invitation) changes nothing.
-//! Invitations live in the running node only: a restart revokes them all.
+//! Invitations are kept in `invitations.toml` in the data dir (mode 0600, written atomically:
+//! it holds the secrets), so they outlive a restart and can be made while no node runs
+//! (`proxy invite` then writes the file, and the node reads it when it starts).
 
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use fabric::id::PublicKey;
+use fabric::id::{PublicKey, ToxId};
 use fabric::overlay::PeerName;
-use fabric::pairing::{JoinRequest, Secret};
+use fabric::pairing::{JoinRequest, SECRET_LEN, Secret, Ticket};
 
 use crate::rights::Rights;
+
+/// The file's name in the data dir.
+pub const STORE: &str = "invitations.toml";
 
 /// One open invitation.
 #[derive(Debug, Clone)]
@@ -53,6 +59,8 @@ pub const MAX_INVITATIONS: usize = 256;
 #[derive(Debug, Default)]
 pub struct Invitations {
     list: Mutex<Vec<Invitation>>,
+    /// `invitations.toml`, when kept.
+    store: Option<PathBuf>,
 }
 
 /// One invitation as `proxy invite --list` shows it.
@@ -72,7 +80,220 @@ fn hex(id: [u8; 8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn encode_secret(secret: &Secret) -> String {
+    secret.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_secret(text: &str) -> Option<Secret> {
+    if text.len() != SECRET_LEN * 2 || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; SECRET_LEN];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(Secret(out))
+}
+
 impl Invitations {
+    /// The invitations kept in the data dir `dir` (none if it has no file yet), kept there
+    /// as they change. A damaged file is an error (its secrets are not guessed at).
+    pub fn load(dir: &Path) -> std::io::Result<Self> {
+        let path = dir.join(STORE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let bad = |why: String| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {why}", path.display()),
+            )
+        };
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[serde(default)]
+            invitation: Vec<Stored>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Stored {
+            secret: String,
+            expires: u64,
+            #[serde(default)]
+            exit: bool,
+            #[serde(default)]
+            share: String,
+            name: Option<String>,
+            #[serde(default)]
+            used: bool,
+        }
+        let file: File = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut list = Vec::new();
+        for s in file.invitation {
+            let secret = decode_secret(&s.secret).ok_or_else(|| bad("a bad secret".into()))?;
+            let share = if s.share.is_empty() {
+                Default::default()
+            } else {
+                s.share.parse().map_err(|e| bad(format!("share: {e}")))?
+            };
+            list.push(Invitation {
+                secret,
+                expires: s.expires,
+                offer: Rights {
+                    exit: s.exit,
+                    share,
+                    introduce: false,
+                },
+                name: s.name.and_then(|n| n.parse().ok()),
+                used: s.used,
+            });
+        }
+        Ok(Self {
+            list: Mutex::new(list),
+            store: Some(path),
+        })
+    }
+
+    /// Writes the list to the store, if kept (a failure is logged: the invitation still
+    /// works in this run).
+    fn save(&self, list: &[Invitation]) {
+        let Some(path) = &self.store else {
+            return;
+        };
+        let mut text = String::from(
+            "# Written by proxy: open invitations. It holds their secrets: keep it private.\n",
+        );
+        for i in list {
+            text.push_str(&format!(
+                "\n[[invitation]]\nsecret = \"{}\"\nexpires = {}\nexit = {}\nshare = \"{}\"\nused = {}\n",
+                encode_secret(&i.secret),
+                i.expires,
+                i.offer.exit,
+                i.offer.share,
+                i.used
+            ));
+            if let Some(n) = &i.name {
+                text.push_str(&format!("name = \"{n}\"\n"));
+            }
+        }
+        if let Err(e) = fabric::tox::write_private(path, text.as_bytes()) {
+            tracing::warn!(path = %path.display(), %e, "invitations not kept");
+        }
+    }
+
+    /// The latest expiry of an open invitation, if any is open at `now`.
+    pub fn open_until(&self, now: u64) -> Option<u64> {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter()
+            .filter(|i| !i.used && i.expires > now)
+            .map(|i| i.expires)
+            .max()
+    }
+
+    /// Answers a pairing request line about invitations (`invite …`, `invites`,
+    /// `invite-revoke ID`) for node `inviter`, whose direct endpoints are `endpoints`;
+    /// `None` for any other line. A new invitation's ticket is the answer's last line.
+    pub fn answer(
+        &self,
+        words: &[&str],
+        inviter: ToxId,
+        endpoints: Vec<std::net::SocketAddr>,
+        now: u64,
+    ) -> Option<Result<String, String>> {
+        Some(match words.split_first()? {
+            (&"invite", rest) => self.invite(rest, inviter, endpoints, now),
+            (&"invites", []) => Ok(self.listing(now)),
+            (&"invite-revoke", [id]) => {
+                if self.revoke(id) {
+                    Ok(format!("invitation {id} revoked"))
+                } else {
+                    Err(format!("no invitation {id}"))
+                }
+            }
+            _ => return None,
+        })
+    }
+
+    /// `invite [name=N] [exit] [share=PORTS] [ttl=SECS]`.
+    fn invite(
+        &self,
+        words: &[&str],
+        inviter: ToxId,
+        endpoints: Vec<std::net::SocketAddr>,
+        now: u64,
+    ) -> Result<String, String> {
+        let mut offer = Rights::default();
+        let (mut name, mut ttl) = (None, Duration::from_secs(600));
+        for w in words {
+            match w.split_once('=') {
+                None if *w == "exit" => offer.exit = true,
+                Some(("name", n)) => {
+                    name = Some(
+                        n.parse::<PeerName>()
+                            .map_err(|e| format!("name {n:?}: {e}"))?,
+                    )
+                }
+                Some(("share", p)) => {
+                    offer.share = p.parse().map_err(|e| format!("share {p:?}: {e}"))?
+                }
+                Some(("ttl", t)) => {
+                    ttl = Duration::from_secs(t.parse().map_err(|e| format!("ttl {t:?}: {e}"))?)
+                }
+                _ => return Err(format!("invite: unknown word {w:?}")),
+            }
+        }
+        let (secret, expires) = self
+            .create(now, ttl, offer.clone(), name.clone())
+            .ok_or("too many open invitations: revoke some (proxy invite --list)")?;
+        let id = hex(secret.invitation_id());
+        let ticket = Ticket {
+            inviter,
+            secret,
+            expires,
+            name,
+            endpoints,
+        };
+        Ok(format!(
+            "invitation {id}: the joiner may {}; valid once, for {} s\n{}",
+            crate::status::peers::may_here(&offer),
+            ttl.as_secs(),
+            ticket.encode()
+        ))
+    }
+
+    /// `invites`: the open invitations, a line each.
+    fn listing(&self, now: u64) -> String {
+        let list = self.list();
+        if list.is_empty() {
+            return "no open invitations".into();
+        }
+        list.iter()
+            .map(|l| {
+                let state = if l.used {
+                    "used".to_owned()
+                } else if l.expires <= now {
+                    "expired".to_owned()
+                } else {
+                    format!("{} s left", l.expires - now)
+                };
+                format!(
+                    "{}  exit {}  shares {}  {state}",
+                    l.id,
+                    if l.offer.exit { "yes" } else { "no" },
+                    if l.offer.share.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        l.offer.share.to_string()
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// A new invitation offering `offer`, valid for `ttl` from `now` (Unix seconds): its
     /// secret and expiry, for the ticket. Expired and used invitations are dropped first;
     /// `None` when [`MAX_INVITATIONS`] are still open.
@@ -97,6 +318,7 @@ impl Invitations {
             name,
             used: false,
         });
+        self.save(&list);
         Some((secret, expires))
     }
 
@@ -124,7 +346,9 @@ impl Invitations {
             return Err(Refusal::Expired);
         }
         inv.used = true;
-        Ok(inv.offer.clone())
+        let offer = inv.offer.clone();
+        self.save(&list);
+        Ok(offer)
     }
 
     /// The open invitations (and those used or expired that are still kept).
@@ -145,7 +369,11 @@ impl Invitations {
         let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         let before = list.len();
         list.retain(|i| !hex(i.secret.invitation_id()).eq_ignore_ascii_case(id.trim()));
-        list.len() < before
+        let revoked = list.len() < before;
+        if revoked {
+            self.save(&list);
+        }
+        revoked
     }
 
     /// The name an invitation suggested for this node, for the listing.
@@ -253,5 +481,84 @@ mod tests {
                 .create(61, Duration::from_secs(60), Rights::default(), None)
                 .is_some()
         );
+    }
+
+    #[test]
+    fn invitations_are_kept_in_the_data_dir_with_their_state() {
+        let dir = std::env::temp_dir().join(format!("proxy-invitations-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join(STORE));
+        let own = PublicKey([9; 32]);
+        let joiner = ToxId::new(PublicKey([1; 32]), [0; 4]);
+        let first = Invitations::load(&dir).unwrap();
+        let (used, _) = first
+            .create(
+                1000,
+                Duration::from_secs(600),
+                offer(),
+                Some("nas".parse().unwrap()),
+            )
+            .unwrap();
+        let (open, _) = first
+            .create(1000, Duration::from_secs(900), offer(), None)
+            .unwrap();
+        let (revoked, _) = first
+            .create(1000, Duration::from_secs(600), offer(), None)
+            .unwrap();
+        first
+            .redeem(
+                &request(&used, &joiner, &own),
+                &joiner.public_key(),
+                &own,
+                1001,
+            )
+            .unwrap();
+        assert!(first.revoke(&hex(revoked.invitation_id())));
+
+        let again = Invitations::load(&dir).unwrap();
+        assert_eq!(
+            again.redeem(
+                &request(&used, &joiner, &own),
+                &joiner.public_key(),
+                &own,
+                1002
+            ),
+            Err(Refusal::Used)
+        );
+        assert_eq!(
+            again.redeem(
+                &request(&revoked, &joiner, &own),
+                &joiner.public_key(),
+                &own,
+                1002
+            ),
+            Err(Refusal::Unknown)
+        );
+        assert_eq!(again.open_until(1002), Some(1900));
+        assert_eq!(
+            again.redeem(
+                &request(&open, &joiner, &own),
+                &joiner.public_key(),
+                &own,
+                1002
+            ),
+            Ok(offer())
+        );
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.join(STORE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(
+            dir.join(STORE),
+            "[[invitation]]\nsecret = \"zz\"\nexpires = 1\n",
+        )
+        .unwrap();
+        assert!(
+            Invitations::load(&dir).is_err(),
+            "a damaged file is an error"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

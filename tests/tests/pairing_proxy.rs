@@ -184,3 +184,63 @@ fn one_ticket_pairs_two_nodes_and_bad_tickets_change_nothing() {
     );
     drop((nas, laptop, other));
 }
+
+/// `proxy invite` while no node runs on the data dir keeps the invitation there; the node
+/// that starts later takes it, and the joiner pairs with no other step.
+#[test]
+fn an_invitation_made_while_no_node_runs_works_once_it_starts() {
+    let net = ToxNet::start(4).expect("private tox network");
+    let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
+    let service = HttpServer::start().expect("nas's service");
+    let port = service.addr().port().to_string();
+    let nas_dir = Scratch::new("pair-offline-nas");
+    let ticket = invite(&nas_dir, &["--name", "nas", "--share", &port]);
+    assert!(ticket.starts_with("proxy-ticket-"), "{ticket}");
+    let kept =
+        std::fs::read_to_string(std::path::Path::new(&nas_dir.path()).join("invitations.toml"))
+            .expect("invitations.toml");
+    assert!(kept.contains("[[invitation]]"), "{kept}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(std::path::Path::new(&nas_dir.path()).join("invitations.toml"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the secrets' file is readable by others"
+    );
+    let listed = run(
+        &["invite", "--list", "--data-dir", &nas_dir.path()],
+        Duration::from_secs(30),
+    );
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("s left"),
+        "{listed:?}"
+    );
+
+    let _nas =
+        ExitProcess::start(&nodes, std::path::Path::new(&nas_dir.path()), &[]).expect("nas starts");
+    let laptop_dir = Scratch::new("pair-offline-laptop");
+    let laptop = node(&net, &laptop_dir);
+    let socks = laptop.socks.expect("socks").to_string();
+    let out = join(&laptop_dir, &ticket, "150");
+    assert!(
+        out.status.success(),
+        "proxy join: {out:?}\nlaptop:\n{}",
+        laptop.stderr()
+    );
+    let out = run_with_timeout(
+        Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "60"])
+            .args([
+                "--socks5-hostname",
+                &socks,
+                &format!("http://nas.tox:{port}/index.html"),
+            ]),
+        Duration::from_secs(70),
+    )
+    .expect("curl");
+    assert!(out.status.success(), "curl nas.tox after join: {out:?}");
+    assert_eq!(out.stdout, PAGE.as_bytes());
+}

@@ -244,20 +244,9 @@ impl Direct {
         lock(&self.state).joining.remove(pk);
     }
 
-    /// Our addresses on the direct socket's port, for a ticket: the interfaces' (not
-    /// loopback, unless that is all there is; not link-local), IPv4 first, at most `max`.
+    /// Our addresses on the direct socket's port, for a ticket (see [`endpoints_on`]).
     pub(super) fn endpoints(&self, max: usize) -> Vec<SocketAddr> {
-        let mut hosts: Vec<std::net::IpAddr> = crate::path::interface_networks()
-            .into_iter()
-            .map(|n| n.addr)
-            .collect();
-        hosts.sort_by_key(|ip| ip.is_ipv6());
-        hosts
-            .into_iter()
-            .filter(|ip| self.local.is_ipv6() || ip.is_ipv4())
-            .map(|ip| SocketAddr::new(ip, self.port()))
-            .take(max)
-            .collect()
+        endpoints_on(self.port(), self.local.is_ipv6(), max)
     }
 
     /// Our direct candidates for a peer: the addresses of `gathered` (interfaces and what
@@ -813,6 +802,35 @@ impl Shared {
 
 /// The wall clock in milliseconds since the Unix epoch (0 before it: a broken clock only
 /// makes our hellos look stale to the peer).
+/// This host's addresses on `port`: the interfaces' (not loopback, unless that is all there
+/// is; not link-local), IPv4 first, IPv6 only when `v6`, at most `max`.
+pub(super) fn endpoints_on(port: u16, v6: bool, max: usize) -> Vec<SocketAddr> {
+    let mut hosts: Vec<std::net::IpAddr> = crate::path::interface_networks()
+        .into_iter()
+        .map(|n| n.addr)
+        .collect();
+    hosts.sort_by_key(|ip| ip.is_ipv6());
+    hosts
+        .into_iter()
+        .filter(|ip| v6 || ip.is_ipv4())
+        .map(|ip| SocketAddr::new(ip, port))
+        .take(max)
+        .collect()
+}
+
+/// The direct endpoints a node on `data_dir` will have when it starts: its last run's port
+/// (which it takes again when free) on this host's addresses; none when it never ran.
+pub(super) fn endpoints_of(data_dir: &Path, max: usize) -> Vec<SocketAddr> {
+    let port = std::fs::read_to_string(data_dir.join(CACHE_FILE))
+        .ok()
+        .and_then(|text| PeerCache::parse(&text).0.port);
+    match port {
+        // The socket is dual-stack where the host has IPv6.
+        Some(port) => endpoints_on(port, true, max),
+        None => Vec::new(),
+    }
+}
+
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
