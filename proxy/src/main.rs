@@ -128,7 +128,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 line
             };
             if proxy::control::node_runs(&dir).await {
-                return tell(&dir, &line, Duration::from_secs(30)).await;
+                let answer = proxy::control::request_within(&dir, &line, Duration::from_secs(30))
+                    .await
+                    .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
+                print_invitation(answer.trim_end());
+                return Ok(());
             }
             // No node runs there: the invitation is kept in the data dir, for the node to
             // take when it starts.
@@ -140,7 +144,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .answer(&words, inviter, endpoints, proxy::mesh::unix_now())
                 .unwrap_or_else(|| Err(format!("cannot read {line:?}")))
                 .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
-            println!("{answer}");
+            print_invitation(&answer);
             if line.starts_with("invite ") || line == "invite" {
                 eprintln!(
                     "(no node runs on {}: the invitation works once one starts there)",
@@ -201,6 +205,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Prints what `proxy invite` answered; a new ticket (the last line) is drawn as a QR code
+/// above it when stdout is a terminal, and stays the last line.
+fn print_invitation(answer: &str) {
+    let (head, last) = answer.rsplit_once('\n').unwrap_or(("", answer));
+    if !head.is_empty() {
+        println!("{head}");
+    }
+    if last.starts_with(fabric::pairing::TICKET_PREFIX)
+        && std::io::stdout().is_terminal()
+        && let Some(code) = proxy::pairing::qr(last)
+    {
+        println!("{code}");
+    }
+    println!("{last}");
 }
 
 /// The data dir of the running node a command talks to: `--data-dir`, the config file's, or

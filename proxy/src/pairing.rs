@@ -80,6 +80,22 @@ fn hex(id: [u8; 8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `ticket` as a QR code of Unicode half blocks (two modules a character, with the quiet
+/// zone), drawn light on dark for a terminal's dark background; `None` if it does not fit a
+/// QR code.
+pub fn qr(ticket: &str) -> Option<String> {
+    use qrcode::render::unicode::Dense1x2;
+    let code = qrcode::QrCode::with_error_correction_level(ticket.as_bytes(), qrcode::EcLevel::L)
+        .ok()?;
+    Some(
+        code.render::<Dense1x2>()
+            .dark_color(Dense1x2::Light)
+            .light_color(Dense1x2::Dark)
+            .quiet_zone(true)
+            .build(),
+    )
+}
+
 fn encode_secret(secret: &Secret) -> String {
     secret.0.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -560,5 +576,29 @@ mod tests {
             "a damaged file is an error"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_ticket_fits_a_terminal_qr_code() {
+        let ticket = Ticket {
+            inviter: ToxId::new(PublicKey([7; 32]), [1; 4]),
+            secret: Secret([3; SECRET_LEN]),
+            expires: 1_800_000_000,
+            name: Some("a-rather-long-host-name-for-a-nas".parse().unwrap()),
+            endpoints: vec![
+                "192.168.1.20:33445".parse().unwrap(),
+                "[2001:db8::20]:33445".parse().unwrap(),
+                "10.0.0.5:33445".parse().unwrap(),
+                "[fd00::5]:33445".parse().unwrap(),
+            ],
+        }
+        .encode();
+        let code = qr(&ticket).expect("a QR code");
+        let lines: Vec<&str> = code.lines().collect();
+        let width = lines[0].chars().count();
+        assert!(lines.iter().all(|l| l.chars().count() == width));
+        // Square with its quiet zone, two modules a line; fits an 80-column terminal.
+        assert_eq!(lines.len(), width.div_ceil(2));
+        assert!(width <= 80, "{width} columns");
     }
 }
