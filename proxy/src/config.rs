@@ -432,9 +432,17 @@ impl RunSettings {
         } else {
             &args.exit
         };
+        // A name the flags and the config file do not know may be a peer kept in the data
+        // dir (paired, added or introduced at run time).
+        let kept = std::cell::OnceCell::new();
         let exits = exits
             .iter()
-            .map(|e| common.peers.resolve(e))
+            .map(|e| match common.peers.resolve(e) {
+                Err(crate::peers::PeerError::Unknown { .. }) => kept
+                    .get_or_init(|| kept_peers(common.data_dir.as_deref()))
+                    .resolve(e),
+                other => other,
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ConfigError::Invalid {
                 key: "exit",
@@ -582,6 +590,29 @@ fn rights(
         }
     }
     Ok(rights)
+}
+
+/// The data dir: the one given, else `$XDG_DATA_HOME/proxy` or `~/.local/share/proxy`.
+pub fn default_data_dir(configured: Option<&Path>) -> Option<PathBuf> {
+    if let Some(dir) = configured {
+        return Some(dir.to_path_buf());
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))?;
+    Some(base.join("proxy"))
+}
+
+/// The peers kept in the data dir's `peers.toml` (none when it cannot be read).
+fn kept_peers(configured: Option<&Path>) -> PeerTable {
+    let Some(dir) = default_data_dir(configured) else {
+        return PeerTable::default();
+    };
+    let mesh = crate::mesh::Mesh::default();
+    if mesh.load(&dir).is_err() {
+        return PeerTable::default();
+    }
+    mesh.now().peers.clone()
 }
 
 fn missing(key: &'static str, other: &str) -> ConfigError {
@@ -1027,6 +1058,24 @@ mod tests {
         for bad in [":", ":65536", "1080x", ":-1"] {
             assert!(run_args_err(&["--socks", bad]), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_exit_named_only_in_the_data_dir_is_found_there() {
+        let dir = tempdir::Dir::new();
+        let id = ToxId::new(fabric::id::PublicKey([5; 32]), [1; 4]);
+        std::fs::write(
+            dir.0.join(crate::mesh::STORE),
+            format!("[[peer]]\nname = \"home\"\nid = \"{id}\"\norigin = \"paired\"\nsince = 9\n"),
+        )
+        .unwrap();
+        let data = dir.0.display().to_string();
+        let s = RunSettings::resolve(&run_args(&["--exit", "home", "--data-dir", &data])).unwrap();
+        assert_eq!(s.exits, vec![id]);
+        let err = RunSettings::resolve(&run_args(&["--exit", "away", "--data-dir", &data]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("away"), "{err}");
     }
 
     fn run_args_err(argv: &[&str]) -> bool {

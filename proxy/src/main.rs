@@ -746,14 +746,8 @@ fn tox_config(common: &CommonSettings) -> Result<ToxConfig, Failure> {
 /// The identity directory: the one configured, or `$XDG_DATA_HOME/proxy`
 /// (`~/.local/share/proxy`).
 fn data_dir(configured: Option<std::path::PathBuf>) -> Result<std::path::PathBuf, Failure> {
-    if let Some(dir) = configured {
-        return Ok(dir);
-    }
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/share")))
-        .ok_or_else(|| Failure::Usage("no --data-dir and no HOME to put the identity in".into()))?;
-    Ok(base.join("proxy"))
+    proxy::config::default_data_dir(configured.as_deref())
+        .ok_or_else(|| Failure::Usage("no --data-dir and no HOME to put the identity in".into()))
 }
 
 /// Completes on the first Ctrl-C or SIGTERM; a second one ends the process at once.

@@ -85,8 +85,8 @@ fn hex(id: [u8; 8]) -> String {
 /// QR code.
 pub fn qr(ticket: &str) -> Option<String> {
     use qrcode::render::unicode::Dense1x2;
-    let code = qrcode::QrCode::with_error_correction_level(ticket.as_bytes(), qrcode::EcLevel::L)
-        .ok()?;
+    let code =
+        qrcode::QrCode::with_error_correction_level(ticket.as_bytes(), qrcode::EcLevel::L).ok()?;
     Some(
         code.render::<Dense1x2>()
             .dark_color(Dense1x2::Light)
