@@ -371,6 +371,8 @@ pub async fn introductions(
 ) {
     let listening = live.clone();
     tokio::spawn(async move {
+        // Each piece of news costs one request back at most (no amplification): a peer that
+        // repeats it pays as much as this node.
         while let Some(heard) = news.recv().await {
             tokio::spawn(act_on(listening.clone(), heard));
         }
@@ -398,8 +400,17 @@ pub async fn introductions(
                 .filter(|(to, list)| !list.is_empty() && sent.get(to) != Some(list))
                 .collect()
         };
+        // All at once: a peer whose session is down must not hold up the others.
+        let mut sending = tokio::task::JoinSet::new();
         for (to, list) in due {
-            match tokio::time::timeout(GRANTS_WAIT, live.dialer.introduce(to, &list)).await {
+            let dialer = live.dialer.clone();
+            sending.spawn(async move {
+                let outcome = tokio::time::timeout(GRANTS_WAIT, dialer.introduce(to, &list)).await;
+                (to, list, outcome)
+            });
+        }
+        while let Some(Ok((to, list, outcome))) = sending.join_next().await {
+            match outcome {
                 Ok(Ok(())) => {
                     tracing::info!(peer = %to, introduced = list.len(), "peers introduced");
                     sent.insert(to, list);
