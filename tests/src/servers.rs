@@ -542,6 +542,31 @@ impl ProxyProcess {
         Self::start(&args)
     }
 
+    /// A node in the default mode on the private Tox network `nodes` (no public bootstrap or
+    /// STUN), its data in `dir`: SOCKS5 on an ephemeral loopback port, no HTTP listener, a
+    /// connect timeout of 90 s (a fresh Tox session takes about 9 s, longer on a loaded
+    /// machine), then `extra`.
+    pub fn node(nodes: &[String], dir: &Path, extra: &[&str]) -> io::Result<Self> {
+        let dir = dir.display().to_string();
+        let mut args = vec![
+            "--socks",
+            "127.0.0.1:0",
+            "--http",
+            "off",
+            "--data-dir",
+            &dir,
+            "--no-public-bootstrap",
+            "--no-public-stun",
+            "--connect-timeout",
+            "90",
+        ];
+        for n in nodes {
+            args.extend(["--bootstrap", n]);
+        }
+        args.extend_from_slice(extra);
+        Self::start_raw(&args)
+    }
+
     /// Starts `proxy <args>` and waits for its "listening" lines (at most 10 s).
     pub fn start_raw(args: &[&str]) -> io::Result<Self> {
         let mut child = Command::new(proxy_bin())
@@ -767,6 +792,18 @@ fn socks5_request(
     let mut bound = [0u8; 18];
     s.read_exact(&mut bound[..rest])?;
     Ok(s)
+}
+
+/// `curl URL` through the SOCKS5 proxy at `socks`, names resolved there
+/// (`--socks5-hostname`), at most 100 s.
+pub fn curl_socks(socks: &str, url: &str) -> std::process::Output {
+    run_with_timeout(
+        Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "100"])
+            .args(["--socks5-hostname", socks, url]),
+        Duration::from_secs(110),
+    )
+    .expect("run curl")
 }
 
 /// Resident set size of process `pid` in KiB (0 when unknown).

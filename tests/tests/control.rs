@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tests::netns::Scratch;
-use tests::servers::{ExitProcess, proxy_bin, run_with_timeout};
+use tests::servers::{ExitProcess, ProxyProcess, curl_socks, proxy_bin, run_with_timeout};
 use tests::toxnet::ToxNet;
 
 /// The unprivileged user the refusal is tried as (Debian's `nobody`).
@@ -83,16 +83,6 @@ fn a_node_answers_its_owner_on_its_data_dir_and_refuses_other_users() {
     drop(exit);
 }
 
-fn curl_socks(socks: &str, url: &str) -> std::process::Output {
-    run_with_timeout(
-        Command::new("curl")
-            .args(["--silent", "--show-error", "--max-time", "100"])
-            .args(["--socks5-hostname", socks, url]),
-        Duration::from_secs(110),
-    )
-    .expect("run curl")
-}
-
 /// `proxy peer add|grant|revoke` on a running `proxy exit` that knew nobody: the peer it adds
 /// and grants a share reaches the share at once (no restart on either side), the change is
 /// kept in the data dir across a restart, and a revoke is refused at once.
@@ -109,25 +99,13 @@ fn peers_changed_at_run_time_take_effect_at_once_and_are_kept() {
     let bin = proxy_bin();
     let out = run(Command::new(bin).args(["id", "--data-dir", &laptop_dir.path()]));
     let laptop_id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let mut args = vec![
-        "--socks".to_owned(),
-        "127.0.0.1:0".into(),
-        "--http".into(),
-        "off".into(),
-        "--data-dir".into(),
-        laptop_dir.path(),
-        "--no-public-bootstrap".into(),
-        "--no-public-stun".into(),
-        "--connect-timeout".into(),
-        "90".into(),
-        "--peer".into(),
-        format!("nas={}", nas.id),
-    ];
-    for n in &nodes {
-        args.extend(["--bootstrap".into(), n.clone()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let laptop = tests::servers::ProxyProcess::start_raw(&args).expect("laptop starts");
+    let peer_nas = format!("nas={}", nas.id);
+    let laptop = ProxyProcess::node(
+        &nodes,
+        std::path::Path::new(&laptop_dir.path()),
+        &["--peer", &peer_nas],
+    )
+    .expect("laptop starts");
     let socks = laptop.socks.expect("socks").to_string();
 
     let peer = |change: &[&str]| {
@@ -220,25 +198,13 @@ fn a_removed_peer_loses_its_session_and_streams_at_once() {
     ];
     let nas_flags: Vec<&str> = nas_flags.iter().map(String::as_str).collect();
     let nas = ExitProcess::start(&nodes, &nas_path, &nas_flags).expect("nas starts");
-    let mut args = vec![
-        "--socks".to_owned(),
-        "127.0.0.1:0".into(),
-        "--http".into(),
-        "off".into(),
-        "--data-dir".into(),
-        laptop_dir.path(),
-        "--no-public-bootstrap".into(),
-        "--no-public-stun".into(),
-        "--connect-timeout".into(),
-        "90".into(),
-        "--peer".into(),
-        format!("nas={}", nas.id),
-    ];
-    for n in &nodes {
-        args.extend(["--bootstrap".into(), n.clone()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let laptop = tests::servers::ProxyProcess::start_raw(&args).expect("laptop starts");
+    let peer_nas = format!("nas={}", nas.id);
+    let laptop = ProxyProcess::node(
+        &nodes,
+        std::path::Path::new(&laptop_dir.path()),
+        &["--peer", &peer_nas],
+    )
+    .expect("laptop starts");
     let socks = laptop.socks.expect("socks");
 
     let mut stream =

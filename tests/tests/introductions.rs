@@ -16,7 +16,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::netns::Scratch;
-use tests::servers::{ExitProcess, HttpServer, ProxyProcess, proxy_bin, run_with_timeout};
+use tests::servers::{
+    ExitProcess, HttpServer, ProxyProcess, curl_socks, proxy_bin, run_with_timeout,
+};
 use tests::toxnet::ToxNet;
 
 fn run(args: &[&str]) -> std::process::Output {
@@ -72,16 +74,6 @@ fn strs(f: &[String]) -> Vec<&str> {
     f.iter().map(String::as_str).collect()
 }
 
-fn curl_socks(socks: &str, url: &str) -> std::process::Output {
-    run_with_timeout(
-        Command::new("curl")
-            .args(["--silent", "--show-error", "--max-time", "100"])
-            .args(["--socks5-hostname", socks, url]),
-        Duration::from_secs(110),
-    )
-    .expect("run curl")
-}
-
 #[test]
 fn an_introducer_introduces_its_peers_that_chose_it_once_and_never_onward() {
     let net = ToxNet::start(4).expect("private tox network");
@@ -107,23 +99,8 @@ fn an_introducer_introduces_its_peers_that_chose_it_once_and_never_onward() {
     let d_flags = flags(vec![peer("c", 2)], "c");
     let _a = ExitProcess::start(&nodes, &path(0), &strs(&a_flags)).expect("a starts");
     let _b = ExitProcess::start(&nodes, &path(1), &strs(&b_flags)).expect("b starts");
-    let mut c_args = vec![
-        "--socks".to_owned(),
-        "127.0.0.1:0".into(),
-        "--http".into(),
-        "off".into(),
-        "--data-dir".into(),
-        dirs[2].path(),
-        "--no-public-bootstrap".into(),
-        "--no-public-stun".into(),
-        "--connect-timeout".into(),
-        "90".into(),
-    ];
-    c_args.extend(flags(vec![peer("a", 0), peer("d", 3)], "a"));
-    for n in &nodes {
-        c_args.extend(["--bootstrap".into(), n.clone()]);
-    }
-    let c = ProxyProcess::start_raw(&strs(&c_args)).expect("c starts");
+    let c_flags = flags(vec![peer("a", 0), peer("d", 3)], "a");
+    let c = ProxyProcess::node(&nodes, &path(2), &strs(&c_flags)).expect("c starts");
     let socks = c.socks.expect("socks").to_string();
 
     // a introduces b and c to each other, by a's names for them.

@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::netns::Scratch;
-use tests::servers::{ExitProcess, HttpServer, PAGE, ProxyProcess, proxy_bin, run_with_timeout};
+use tests::servers::{
+    ExitProcess, HttpServer, PAGE, ProxyProcess, curl_socks, proxy_bin, run_with_timeout,
+};
 use tests::toxnet::ToxNet;
 
 fn run(args: &[&str], limit: Duration) -> std::process::Output {
@@ -17,24 +19,8 @@ fn run(args: &[&str], limit: Duration) -> std::process::Output {
 
 /// A `proxy --node` with a SOCKS listener on `net`, data in `dir`.
 fn node(net: &ToxNet, dir: &Scratch) -> ProxyProcess {
-    let mut args = vec![
-        "--node".to_owned(),
-        "--socks".into(),
-        "127.0.0.1:0".into(),
-        "--http".into(),
-        "off".into(),
-        "--data-dir".into(),
-        dir.path(),
-        "--no-public-bootstrap".into(),
-        "--no-public-stun".into(),
-        "--connect-timeout".into(),
-        "90".into(),
-    ];
-    for n in net.nodes() {
-        args.extend(["--bootstrap".into(), n.to_string()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ProxyProcess::start_raw(&args).expect("node starts")
+    let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
+    ProxyProcess::node(&nodes, std::path::Path::new(&dir.path()), &["--node"]).expect("node starts")
 }
 
 /// The ticket: the last line `proxy invite` printed.
@@ -104,17 +90,7 @@ fn one_ticket_pairs_two_nodes_and_bad_tickets_change_nothing() {
         "{said}"
     );
     eprintln!("join returned after {:?}", started.elapsed());
-    let out = run_with_timeout(
-        Command::new("curl")
-            .args(["--silent", "--show-error", "--max-time", "60"])
-            .args([
-                "--socks5-hostname",
-                &socks,
-                &format!("http://nas.tox:{port}/index.html"),
-            ]),
-        Duration::from_secs(70),
-    )
-    .expect("curl");
+    let out = curl_socks(&socks, &format!("http://nas.tox:{port}/index.html"));
     assert!(out.status.success(), "curl nas.tox after join: {out:?}");
     assert_eq!(out.stdout, PAGE.as_bytes());
     eprintln!(
@@ -230,17 +206,7 @@ fn an_invitation_made_while_no_node_runs_works_once_it_starts() {
         "proxy join: {out:?}\nlaptop:\n{}",
         laptop.stderr()
     );
-    let out = run_with_timeout(
-        Command::new("curl")
-            .args(["--silent", "--show-error", "--max-time", "60"])
-            .args([
-                "--socks5-hostname",
-                &socks,
-                &format!("http://nas.tox:{port}/index.html"),
-            ]),
-        Duration::from_secs(70),
-    )
-    .expect("curl");
+    let out = curl_socks(&socks, &format!("http://nas.tox:{port}/index.html"));
     assert!(out.status.success(), "curl nas.tox after join: {out:?}");
     assert_eq!(out.stdout, PAGE.as_bytes());
 }

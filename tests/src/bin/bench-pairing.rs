@@ -19,7 +19,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::netns::Scratch;
-use tests::servers::{ExitProcess, HttpServer, ProxyProcess, proxy_bin, run_with_timeout};
+use tests::servers::{
+    ExitProcess, HttpServer, ProxyProcess, curl_socks, proxy_bin, run_with_timeout,
+};
 use tests::toxnet::ToxNet;
 
 fn proxy(args: &[&str], limit: Duration) -> std::process::Output {
@@ -32,27 +34,12 @@ fn round(nodes: &[String], service: &HttpServer, direct: bool) -> (Duration, Dur
     let nas_dir = Scratch::new("bench-pair-nas");
     let laptop_dir = Scratch::new("bench-pair-laptop");
     let _nas = ExitProcess::start(nodes, Path::new(&nas_dir.path()), &[]).expect("nas starts");
-    let mut args = vec![
-        "--node".to_owned(),
-        "--socks".into(),
-        "127.0.0.1:0".into(),
-        "--http".into(),
-        "off".into(),
-        "--data-dir".into(),
-        laptop_dir.path(),
-        "--no-public-bootstrap".into(),
-        "--no-public-stun".into(),
-        "--connect-timeout".into(),
-        "90".into(),
-    ];
+    let mut extra = vec!["--node"];
     if !direct {
-        args.extend(["--path".into(), "tox".into()]);
+        extra.extend(["--path", "tox"]);
     }
-    for n in nodes {
-        args.extend(["--bootstrap".into(), n.clone()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let laptop = ProxyProcess::start_raw(&args).expect("laptop starts");
+    let laptop =
+        ProxyProcess::node(nodes, Path::new(&laptop_dir.path()), &extra).expect("laptop starts");
     let socks = laptop.socks.expect("socks").to_string();
     let port = service.addr().port().to_string();
     let nas_path = nas_dir.path();
@@ -84,24 +71,7 @@ fn round(nodes: &[String], service: &HttpServer, direct: bool) -> (Duration, Dur
     let joined = started.elapsed();
     assert!(out.status.success(), "proxy join: {out:?}");
     let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let out = run_with_timeout(
-        Command::new("curl")
-            .args([
-                "--silent",
-                "--show-error",
-                "--max-time",
-                "60",
-                "--output",
-                "/dev/null",
-            ])
-            .args([
-                "--socks5-hostname",
-                &socks,
-                &format!("http://nas.tox:{port}/index.html"),
-            ]),
-        Duration::from_secs(70),
-    )
-    .expect("curl");
+    let out = curl_socks(&socks, &format!("http://nas.tox:{port}/index.html"));
     let first_byte = started.elapsed();
     assert!(out.status.success(), "curl nas.tox: {out:?}");
     (joined, first_byte, said)
