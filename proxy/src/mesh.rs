@@ -106,6 +106,8 @@ pub struct Mesh {
     own: PublicKey,
     /// `peers.toml`, when the node has a data dir.
     store: Option<PathBuf>,
+    /// Bumped at every change made at run time.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Mesh {
@@ -138,7 +140,14 @@ impl Mesh {
             })),
             own,
             store,
+            changed: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Changes whenever a change made at run time took effect (subscribe, then read
+    /// [`Mesh::now`]: no change is missed in between).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// The tables now.
@@ -317,6 +326,7 @@ impl Mesh {
         }
         let tables = Arc::new(tables);
         *now = tables.clone();
+        self.changed.send_modify(|n| *n += 1);
         Ok(tables)
     }
 }

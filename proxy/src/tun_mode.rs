@@ -167,6 +167,17 @@ pub async fn run(
         .map(|p| mesh::overlay_routes(&p.mesh().now().routes, tun.ipv6.is_some()))
         .unwrap_or_default();
     let routing = Routing::install(&name, opts, kept_local, tun.ipv6.is_some(), &overlay)?;
+    if let Some(p) = &peers {
+        // Peers paired, added, introduced or removed while the TUN runs: their IPv4
+        // addresses are routed (or not) at once. The table goes with the TUN at the end.
+        tokio::spawn(follow_overlay(
+            p.mesh().clone(),
+            name.clone(),
+            tun.ipv6.is_some(),
+            overlay.clone(),
+            opts.route.iter().map(ToString::to_string).collect(),
+        ));
+    }
     let strict_route = !settings.exits.is_empty();
     let strict = if strict_route {
         Some(StrictRoute::install(&name)?)
@@ -864,6 +875,45 @@ fn remove_ours(fam: &str) {
 
 fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Keeps the TUN's routes to the peers' overlay addresses in step with `mesh` (see
+/// [`mesh::route_changes`]): `routed` is what [`Routing::install`] put there.
+async fn follow_overlay(
+    mesh: Arc<crate::mesh::Mesh>,
+    dev: String,
+    ipv6: bool,
+    mut routed: Vec<String>,
+    kept: Vec<String>,
+) {
+    let mut changes = mesh.changes();
+    let table = TABLE.to_string();
+    while changes.changed().await.is_ok() {
+        let now = mesh::overlay_routes(&mesh.now().routes, ipv6);
+        let (add, remove) = mesh::route_changes(&routed, &now, &kept);
+        let (dev, table) = (dev.clone(), table.clone());
+        // `ip` runs as a child process: off the runtime's threads.
+        let changed = tokio::task::spawn_blocking(move || {
+            for (verb, list) in [("replace", &add), ("del", &remove)] {
+                for route in list {
+                    let fam = if route.contains(':') { "-6" } else { "-4" };
+                    let result = if verb == "del" {
+                        ip(&["ip", fam, "route", "del", route, "table", &table])
+                    } else {
+                        ip(&[
+                            "ip", fam, "route", "replace", route, "dev", &dev, "table", &table,
+                        ])
+                    };
+                    match result {
+                        Ok(()) => info!(%route, verb, "peer route changed"),
+                        Err(e) => warn!(%route, %e, "peer route not changed"),
+                    }
+                }
+            }
+        });
+        let _ = changed.await;
+        routed = now;
+    }
 }
 
 fn ip(a: &[&str]) -> Result<(), TunError> {

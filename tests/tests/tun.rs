@@ -1218,6 +1218,46 @@ fn tun_reaches_a_peer_by_name_and_overlay_address_and_pings_it() {
         "an address no peer has answered a ping"
     );
 
+    // A peer added while the TUN runs has its IPv4 address routed into the TUN at once, and
+    // no more once it is removed.
+    let args = net.client_args();
+    let dir = args
+        .windows(2)
+        .find(|w| w[0] == "--data-dir")
+        .map(|w| w[1].to_owned())
+        .expect("the client's data dir");
+    let other = fabric::id::ToxId::new(fabric::id::PublicKey([7; 32]), [0; 4]).to_string();
+    let bin = proxy_bin().to_string_lossy().into_owned();
+    run_ok(topo.in_client(&[&bin, "peer", "add", "other", &other, "--data-dir", &dir]));
+    let peers = run_ok(topo.in_client(&[&bin, "peers", "--data-dir", &dir]));
+    let other_v4 = peers
+        .split("peer other ")
+        .nth(1)
+        .and_then(|b| b.lines().nth(1))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_else(|| panic!("no overlay IPv4 for other:\n{peers}"))
+        .to_owned();
+    // The TUN's routing table (proxy::tun_mode::TABLE).
+    let table = "0x7478";
+    let routed = |want: bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let routes = run_ok(topo.in_client(&["ip", "-4", "route", "show", "table", table]));
+            if routes.contains(&other_v4) == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "other's {other_v4} routed: {}, wanted {want}:\n{routes}",
+                !want
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    routed(true);
+    run_ok(topo.in_client(&[&bin, "peer", "remove", "other", "--data-dir", &dir]));
+    routed(false);
+
     stop_cleanly(&mut proxy, &topo);
     drop(net);
 }

@@ -31,6 +31,22 @@ pub(super) fn overlay_routes(routes: &PeerRoutes, ipv6: bool) -> Vec<String> {
     out
 }
 
+/// What turns the routes `old` into `new`: the prefixes to add, and those to remove (never
+/// one of `kept`, the `--tun-route` networks, which stay routed into the TUN anyway).
+pub(super) fn route_changes(
+    old: &[String],
+    new: &[String],
+    kept: &[String],
+) -> (Vec<String>, Vec<String>) {
+    let add = new.iter().filter(|r| !old.contains(r)).cloned().collect();
+    let remove = old
+        .iter()
+        .filter(|r| !new.contains(r) && !kept.contains(r))
+        .cloned()
+        .collect();
+    (add, remove)
+}
+
 /// The answer to a DNS query for a name under `.tox`: the peer's overlay addresses for A
 /// and AAAA (AAAA only when the TUN has IPv6), "no such name" for a name no known peer has.
 /// `None` for any other name (it goes to the resolver as before) or what is no query.
@@ -126,5 +142,22 @@ mod tests {
             vec![format!("{v4}/32"), "fd74:6f78:7078::/48".to_owned()]
         );
         assert_eq!(overlay_routes(&r, false), vec![format!("{v4}/32")]);
+    }
+
+    #[test]
+    fn routes_follow_the_peers_and_keep_the_users_networks() {
+        let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        let old = s(&["100.64.0.1/32", "100.64.0.2/32", "fd74:6f78:7078::/48"]);
+        let new = s(&["100.64.0.2/32", "100.64.0.3/32", "fd74:6f78:7078::/48"]);
+        assert_eq!(
+            route_changes(&old, &new, &[]),
+            (s(&["100.64.0.3/32"]), s(&["100.64.0.1/32"]))
+        );
+        // A peer's address that --tun-route names too stays routed when the peer goes.
+        assert_eq!(
+            route_changes(&old, &new, &s(&["100.64.0.1/32"])),
+            (s(&["100.64.0.3/32"]), Vec::new())
+        );
+        assert_eq!(route_changes(&new, &new, &[]), (Vec::new(), Vec::new()));
     }
 }
