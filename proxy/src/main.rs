@@ -159,6 +159,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(n) = &args.name {
                 line.push_str(&format!(" name={n}"));
             }
+            // A mangled paste is said first, whatever runs.
+            fabric::pairing::Ticket::parse(args.ticket.trim())
+                .map_err(|e| Failure::Run(anyhow::anyhow!("{e}")))?;
+            if !proxy::control::node_runs(&dir).await {
+                // Pairing needs the node that will hold the session.
+                return Err(Failure::Run(anyhow::anyhow!(
+                    "no node runs on {}: start one there (proxy --node, or proxy with your \
+                     usual flags), then join again",
+                    dir.display()
+                )));
+            }
             tell(
                 &dir,
                 &line,

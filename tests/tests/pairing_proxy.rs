@@ -198,6 +198,13 @@ fn an_invitation_made_while_no_node_runs_works_once_it_starts() {
     let _nas =
         ExitProcess::start(&nodes, std::path::Path::new(&nas_dir.path()), &[]).expect("nas starts");
     let laptop_dir = Scratch::new("pair-offline-laptop");
+    // Joining needs the node that will hold the session: said plainly, nothing kept.
+    let out = join(&laptop_dir, &ticket, "5");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no node runs"),
+        "{out:?}"
+    );
     let laptop = node(&net, &laptop_dir);
     let socks = laptop.socks.expect("socks").to_string();
     let out = join(&laptop_dir, &ticket, "150");
