@@ -251,6 +251,10 @@ fn a_removed_peer_loses_its_session_and_streams_at_once() {
         !peers.contains("laptop"),
         "nas still shows laptop:\n{peers}"
     );
+    assert!(
+        !peers.contains(&laptop_id[..64]),
+        "nas still shows laptop's key:\n{peers}"
+    );
     let kept = std::fs::read_to_string(nas_path.join("peers.toml")).expect("peers.toml");
     assert!(!kept.contains("name = \"laptop\""), "{kept}");
     // Its next request is refused (no session may be held, nothing is dialed).

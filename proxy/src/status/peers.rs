@@ -55,7 +55,7 @@ pub struct PeerLine {
 
 impl MeshStatus {
     /// A line per peer that is known, has a right, is an exit, was served or has a slot in
-    /// the fabric (`sessions`), named peers first, by name, then by key.
+    /// the fabric (`sessions`), but was not removed, named peers first, by name, then by key.
     pub fn lines(&self, sessions: &[(PublicKey, PeerStatus)]) -> Vec<PeerLine> {
         let now = self.mesh.now();
         let peers = &now.peers;
@@ -69,6 +69,9 @@ impl MeshStatus {
             .collect();
         keys.sort();
         keys.dedup();
+        // A peer removed at run time is gone from the list, whatever it was served before or
+        // its last streams count as they end.
+        keys.retain(|k| !now.removed.contains(k));
         let mut lines: Vec<PeerLine> = keys
             .into_iter()
             .map(|pk| PeerLine {
