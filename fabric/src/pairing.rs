@@ -258,6 +258,12 @@ impl JoinRequest {
         format!("{REQUEST_PREFIX}{}", base32_encode(&b))
     }
 
+    /// Reads a message as bytes (a friend request's, a direct hello's): `None` for anything
+    /// that is not a join request, UTF-8 included.
+    pub fn from_message(message: &[u8]) -> Option<Self> {
+        Self::parse(std::str::from_utf8(message).ok()?)
+    }
+
     /// Reads a friend request's message; `None` for anything that is not a join request.
     pub fn parse(text: &str) -> Option<Self> {
         let body = strip_prefix_ci(text.trim(), REQUEST_PREFIX)?;

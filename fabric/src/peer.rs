@@ -381,8 +381,7 @@ impl Fabric {
     /// Lets `pk` hold sessions with this node from now on, and makes it a Tox friend (which
     /// accepts its pending friend request, if any): what accepting a pairing request does.
     pub async fn allow(&self, pk: PublicKey) -> Result<(), ToxError> {
-        lock(&self.shared.forgotten).remove(&pk);
-        lock(&self.shared.allow).keys.insert(pk);
+        self.allow_sessions(pk);
         self.shared.tox.add_friend_norequest(pk).await
     }
 
@@ -624,7 +623,7 @@ const DATAGRAM_QUEUE: usize = 4096;
 const JOIN_QUEUE: usize = 16;
 
 impl Shared {
-    /// Whether `pk` may open sessions here.
+    /// Whether an invitation is open at `now` (see [`Fabric::expect_joins_until`]).
     fn expects_joins(&self, now: Instant) -> bool {
         lock(&self.joins_until).is_some_and(|until| now < until)
     }
@@ -633,6 +632,7 @@ impl Shared {
         lock(&self.forgotten).contains(pk)
     }
 
+    /// Whether `pk` may open sessions here.
     fn allows(&self, pk: &PublicKey) -> bool {
         lock(&self.allow).allows(pk)
     }

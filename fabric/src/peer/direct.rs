@@ -282,19 +282,9 @@ impl Direct {
         let mut control = Vec::new();
         msg.emit(&mut control);
         let joining = lock(&self.state).joining.get(&pk).map(|(r, _)| r.clone());
-        let body = match (joining, u8::try_from(control.len())) {
-            (Some(request), Ok(len)) => {
-                let mut body = vec![kind::JOIN, len];
-                body.extend_from_slice(&control);
-                body.extend_from_slice(&request);
-                body
-            }
-            _ => {
-                let mut body = vec![kind::CONTROL];
-                body.extend_from_slice(&control);
-                body
-            }
-        };
+        let body = joining
+            .and_then(|request| join_body(&control, &request))
+            .unwrap_or_else(|| [&[kind::CONTROL][..], &control].concat());
         self.send_hello(pk, to, &body);
         true
     }
@@ -513,9 +503,7 @@ fn on_hello(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet
     let control = match body.first() {
         Some(&kind::CONTROL) => body.get(1..),
         // A pairing request whose sender was let in since: its Open, answered as any other.
-        Some(&kind::JOIN) => body
-            .get(1)
-            .and_then(|&len| body.get(2..2 + usize::from(len))),
+        Some(&kind::JOIN) => split_join(body).map(|(control, _)| control),
         _ => None,
     };
     match body.first() {
@@ -579,6 +567,24 @@ fn on_hello(shared: &Arc<Shared>, direct: &Arc<Direct>, from: SocketAddr, packet
     }
 }
 
+/// A HELLO body of kind JOIN: the kind, the Open's length (one byte), the Open, the pairing
+/// request; `None` for an Open too long for its length byte.
+fn join_body(control: &[u8], request: &[u8]) -> Option<Vec<u8>> {
+    let len = u8::try_from(control.len()).ok()?;
+    Some([&[kind::JOIN, len][..], control, request].concat())
+}
+
+/// The Open and the pairing request of a JOIN body; `None` for any other body, or one cut
+/// short.
+fn split_join(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (&kind::JOIN, rest) = body.split_first()? else {
+        return None;
+    };
+    let (&len, rest) = rest.split_first()?;
+    let len = usize::from(len);
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
 /// A HELLO from a peer we neither allow nor dial: only a pairing request is worth opening it
 /// (within the strangers' budget); its request goes to the application, unanswered.
 fn on_stranger_hello(
@@ -617,14 +623,8 @@ fn on_stranger_hello(
     };
     drop(st);
     let body = &received.hello.body;
-    let request = match body.first() {
-        Some(&kind::JOIN) => body
-            .get(1)
-            .and_then(|&len| body.get(2 + usize::from(len)..))
-            .and_then(|r| std::str::from_utf8(r).ok())
-            .and_then(crate::pairing::JoinRequest::parse),
-        _ => None,
-    };
+    let request = split_join(body)
+        .and_then(|(_, request)| crate::pairing::JoinRequest::from_message(request));
     match request {
         Some(request) => {
             debug!(peer = %pk, %from, "pairing request by a direct hello");
@@ -800,8 +800,6 @@ impl Shared {
     }
 }
 
-/// The wall clock in milliseconds since the Unix epoch (0 before it: a broken clock only
-/// makes our hellos look stale to the peer).
 /// This host's addresses on `port`: the interfaces' (not loopback, unless that is all there
 /// is; not link-local), IPv4 first, IPv6 only when `v6`, at most `max`.
 pub(super) fn endpoints_on(port: u16, v6: bool, max: usize) -> Vec<SocketAddr> {
@@ -831,8 +829,28 @@ pub(super) fn endpoints_of(data_dir: &Path, max: usize) -> Vec<SocketAddr> {
     }
 }
 
+/// The wall clock in milliseconds since the Unix epoch (0 before it: a broken clock only
+/// makes our hellos look stale to the peer).
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_join_body_splits_into_its_open_and_its_request() {
+        let body = join_body(b"open", b"proxy-join-x").unwrap();
+        assert_eq!(
+            split_join(&body),
+            Some((&b"open"[..], &b"proxy-join-x"[..]))
+        );
+        assert_eq!(split_join(&body[..4]), None, "cut inside the Open");
+        assert_eq!(split_join(&[kind::CONTROL, 0]), None);
+        assert_eq!(split_join(&[]), None);
+        assert_eq!(join_body(&[0; 256], b"r"), None);
+    }
 }

@@ -49,10 +49,7 @@ pub(super) async fn route(shared: Weak<Shared>, mut events: mpsc::Receiver<ToxEv
                 }
             }
             ToxEvent::JoinRequest { pk, message } => {
-                let request = std::str::from_utf8(&message)
-                    .ok()
-                    .and_then(JoinRequest::parse);
-                match request {
+                match JoinRequest::from_message(&message) {
                     // Full: dropped; the joiner's node asks again.
                     Some(request) => drop(shared.joins.try_send((pk, request))),
                     None => debug!(peer = %pk, "malformed pairing request"),
