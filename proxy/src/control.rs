@@ -58,7 +58,7 @@ pub async fn node_runs(dir: &Path) -> bool {
 pub async fn bind(dir: &Path) -> io::Result<UnixListener> {
     let path = socket_path(dir);
     if path.exists() {
-        if UnixStream::connect(&path).await.is_ok() {
+        if node_runs(dir).await {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!(

@@ -707,12 +707,15 @@ async fn serve_stream(
                 introducer: rights.introduce,
             };
             let mut answer = vec![Reply::Connected.to_byte()];
-            // Too many ranges to say (beyond what any share can hold): say none.
-            answer.extend(
-                grants
-                    .emit()
-                    .unwrap_or_else(|| vec![u8::from(grants.exit), 0, 0]),
-            );
+            // Too many ranges to say (beyond what any share can hold): say none, and the rest.
+            let said = grants.emit().or_else(|| {
+                Grants {
+                    shares: String::new(),
+                    ..grants
+                }
+                .emit()
+            });
+            answer.extend(said.unwrap_or_default());
             stream.write_all(&answer).await?;
             stream.shutdown().await?;
             return Ok(());

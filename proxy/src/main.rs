@@ -342,6 +342,7 @@ struct Node {
     live: Arc<Live>,
 }
 
+/// The node's live peers and rights: the flags' and config file's, then those kept in the
 /// data dir `dir`, which changes are kept in.
 fn live_mesh(common: &CommonSettings, dir: &std::path::Path) -> Result<Arc<Mesh>, Failure> {
     let own = ToxNode::identity(dir)
@@ -419,9 +420,8 @@ fn wire_node(
             id,
         ));
     }
-    let (dns, mark) = serving;
     let (news, heard) = tokio::sync::mpsc::channel(256);
-    serve_peers(fabric, &status, common, (dns, mark), news);
+    serve_peers(fabric, &status, common, serving, news);
     let live = Arc::new(Live::new(
         mesh.clone(),
         fabric.clone(),

@@ -417,9 +417,10 @@ mod tests {
         ToxId::new(PublicKey([b; 32]), [0; 4])
     }
 
-    #[test]
-    fn changes_are_kept_and_read_back_over_the_config() {
-        let dir = std::env::temp_dir().join(format!("proxy-mesh-{}", std::process::id()));
+    /// A fresh data dir (its `peers.toml` path) and the config's tables: peer nas (key
+    /// `[1; 32]`) with the exit right.
+    fn fixture(tag: &str) -> (PathBuf, PathBuf, PeerTable, RightsTable) {
+        let dir = std::env::temp_dir().join(format!("proxy-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let store = dir.join(STORE);
         let _ = std::fs::remove_file(&store);
@@ -427,6 +428,12 @@ mod tests {
         let config = PeerTable::new([("nas", nas.as_str())]).unwrap();
         let mut rights = RightsTable::default();
         rights.grant_exit(PublicKey([1; 32]));
+        (dir, store, config, rights)
+    }
+
+    #[test]
+    fn changes_are_kept_and_read_back_over_the_config() {
+        let (dir, store, config, rights) = fixture("mesh");
         let mesh = Mesh::new(
             config.clone(),
             rights.clone(),
@@ -478,14 +485,7 @@ mod tests {
 
     #[test]
     fn a_removed_peer_stays_removed_over_the_config_until_added_again() {
-        let dir = std::env::temp_dir().join(format!("proxy-mesh-rm-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = dir.join(STORE);
-        let _ = std::fs::remove_file(&store);
-        let nas = id(1).to_string();
-        let config = PeerTable::new([("nas", nas.as_str())]).unwrap();
-        let mut rights = RightsTable::default();
-        rights.grant_exit(PublicKey([1; 32]));
+        let (dir, store, config, rights) = fixture("mesh-rm");
         let start = || {
             let m = Mesh::new(
                 config.clone(),

@@ -66,18 +66,26 @@ impl Live {
         exits: Option<FabricDialer>,
         invitations: crate::pairing::Invitations,
     ) -> Self {
-        // Invitations made earlier (or while no node ran) still let their joiners knock at
-        // the direct socket.
-        if let Some(until) = invitations.open_until(unix_now()) {
-            let left = Duration::from_secs(until.saturating_sub(unix_now()));
-            fabric.expect_joins_until(std::time::Instant::now() + left);
-        }
-        Self {
+        let live = Self {
             mesh,
             fabric,
             dialer,
             exits,
             invitations,
+        };
+        // Invitations made earlier (or while no node ran) still let their joiners knock at
+        // the direct socket.
+        live.expect_joins(unix_now());
+        live
+    }
+
+    /// Opens the direct socket to joiners' hellos for as long as an invitation is open at
+    /// `now` (Unix seconds).
+    fn expect_joins(&self, now: u64) {
+        if let Some(until) = self.invitations.open_until(now) {
+            let left = Duration::from_secs(until.saturating_sub(now));
+            self.fabric
+                .expect_joins_until(std::time::Instant::now() + left);
         }
     }
 }
@@ -241,21 +249,14 @@ pub async fn accept_joins(live: Arc<Live>) {
             }
         };
         let id = ToxId::new(pk, request.nospam);
-        let tables = live.mesh.now();
-        let name = match tables.peers.name_of(&pk) {
-            Some(known) => known.clone(),
-            None => {
-                let Some(name) = tables.peers.free_name(request.name.as_ref(), &pk) else {
-                    tracing::warn!(peer = %pk, "no free name for a joiner");
-                    continue;
-                };
-                if let Err(e) = live.mesh.change(Change::Pair(name.clone(), id)) {
-                    tracing::warn!(peer = %pk, %e, "joiner not added");
-                    continue;
-                }
-                name
-            }
+        let Some(name) = live.mesh.now().peers.free_name(request.name.as_ref(), &pk) else {
+            tracing::warn!(peer = %pk, "no free name for a joiner");
+            continue;
         };
+        if let Err(e) = live.mesh.change(Change::Pair(name.clone(), id)) {
+            tracing::warn!(peer = %pk, %e, "joiner not added");
+            continue;
+        }
         let mut changes = Vec::new();
         if offer.exit {
             changes.push(Change::GrantExit(name.clone()));
@@ -346,11 +347,7 @@ impl crate::control::Changes for Live {
                 .answer(&words, self.fabric.id(), endpoints, now)
             {
                 // A new invitation's joiner may knock at the direct socket before Tox finds us.
-                if let Some(until) = self.invitations.open_until(now) {
-                    let left = Duration::from_secs(until.saturating_sub(now));
-                    self.fabric
-                        .expect_joins_until(std::time::Instant::now() + left);
-                }
+                self.expect_joins(now);
                 return answer;
             }
             match words.split_first() {

@@ -391,14 +391,6 @@ impl Invitations {
         }
         revoked
     }
-
-    /// The name an invitation suggested for this node, for the listing.
-    pub fn name_of(&self, id: &str) -> Option<PeerName> {
-        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
-        list.iter()
-            .find(|i| hex(i.secret.invitation_id()) == id)
-            .and_then(|i| i.name.clone())
-    }
 }
 
 #[cfg(test)]

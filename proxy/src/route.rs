@@ -136,6 +136,17 @@ pub struct MeshDialer {
 /// What each peer lets this node do there, as it last said.
 pub type Granted = Arc<std::sync::Mutex<HashMap<PublicKey, Grants>>>;
 
+/// Keeps what `pk` said it gives this node, and wakes whoever follows that.
+fn learn(
+    granted: &Granted,
+    learned: &tokio::sync::watch::Sender<u64>,
+    pk: PublicKey,
+    grants: Grants,
+) {
+    lock(granted).insert(pk, grants);
+    learned.send_modify(|n| *n += 1);
+}
+
 impl MeshDialer {
     /// A dialer over `mesh`'s peers, through `fabric`'s sessions (hand each over with
     /// [`MeshDialer::add_peer`] when it comes up), in front of `onward`; streams to the peers
@@ -184,10 +195,7 @@ impl MeshDialer {
             loop {
                 // Held until the session is up (bounded by the connect timeout).
                 match asker.grants().await {
-                    Ok(g) => {
-                        lock(&granted).insert(pk, g);
-                        learned.send_modify(|n| *n += 1);
-                    }
+                    Ok(g) => learn(&granted, &learned, pk, g),
                     Err(err) => tracing::debug!(peer = %pk, %err, "no grants"),
                 }
                 if changes.changed().await.is_err() {
@@ -210,8 +218,7 @@ impl MeshDialer {
     /// what the others said.
     pub async fn grants(&self, pk: PublicKey) -> Result<Grants, DialError> {
         let grants = self.link(pk).grants().await?;
-        lock(&self.granted).insert(pk, grants.clone());
-        self.learned.send_modify(|n| *n += 1);
+        learn(&self.granted, &self.learned, pk, grants.clone());
         Ok(grants)
     }
 
