@@ -526,18 +526,9 @@ impl ProxyProcess {
     /// Starts a client of the exit `exit_id` on a private Tox network (`nodes`), with its
     /// data in `dir` and no public bootstrap or STUN, plus `extra` flags.
     pub fn client(nodes: &[String], dir: &Path, exit_id: &str, extra: &[&str]) -> io::Result<Self> {
-        let dir = dir.display().to_string();
-        let mut args = vec![
-            "--exit",
-            exit_id,
-            "--data-dir",
-            &dir,
-            "--no-public-bootstrap",
-            "--no-public-stun",
-        ];
-        for n in nodes {
-            args.extend(["--bootstrap", n]);
-        }
+        let private = private_network(nodes, dir);
+        let mut args = vec!["--exit", exit_id];
+        args.extend(private.iter().map(String::as_str));
         args.extend_from_slice(extra);
         Self::start(&args)
     }
@@ -547,22 +538,10 @@ impl ProxyProcess {
     /// connect timeout of 90 s (a fresh Tox session takes about 9 s, longer on a loaded
     /// machine), then `extra`.
     pub fn node(nodes: &[String], dir: &Path, extra: &[&str]) -> io::Result<Self> {
-        let dir = dir.display().to_string();
-        let mut args = vec![
-            "--socks",
-            "127.0.0.1:0",
-            "--http",
-            "off",
-            "--data-dir",
-            &dir,
-            "--no-public-bootstrap",
-            "--no-public-stun",
-            "--connect-timeout",
-            "90",
-        ];
-        for n in nodes {
-            args.extend(["--bootstrap", n]);
-        }
+        let private = private_network(nodes, dir);
+        let mut args = vec!["--socks", "127.0.0.1:0", "--http", "off"];
+        args.extend(private.iter().map(String::as_str));
+        args.extend(["--connect-timeout", "90"]);
         args.extend_from_slice(extra);
         Self::start_raw(&args)
     }
@@ -660,20 +639,8 @@ impl ExitProcess {
     /// `RUST_LOG` comes from `PROXY_LOG` (default `proxy=debug,fabric=info`); its log goes to
     /// the file `PROXY_EXIT_LOG` names, or nowhere.
     pub fn start(nodes: &[String], dir: &Path, extra: &[&str]) -> io::Result<Self> {
-        let mut args: Vec<String> = [
-            "exit",
-            "--data-dir",
-            &dir.display().to_string(),
-            "--no-public-bootstrap",
-            // Tests never reach the public STUN servers.
-            "--no-public-stun",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        for node in nodes {
-            args.extend(["--bootstrap".to_owned(), node.clone()]);
-        }
+        let mut args = vec!["exit".to_owned()];
+        args.extend(private_network(nodes, dir));
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = match std::env::var_os("PROXY_EXIT_LOG") {
             Some(path) => Stdio::from(
@@ -792,6 +759,24 @@ fn socks5_request(
     let mut bound = [0u8; 18];
     s.read_exact(&mut bound[..rest])?;
     Ok(s)
+}
+
+/// The flags of a node on the private Tox network `nodes` (its bootstrap nodes, never the
+/// public ones; tests never reach the public STUN servers either), its data in `dir`.
+pub fn private_network(nodes: &[String], dir: &Path) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--data-dir",
+        &dir.display().to_string(),
+        "--no-public-bootstrap",
+        "--no-public-stun",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for n in nodes {
+        args.extend(["--bootstrap".to_owned(), n.clone()]);
+    }
+    args
 }
 
 /// `curl URL` through the SOCKS5 proxy at `socks`, names resolved there

@@ -37,24 +37,12 @@ fn id_of(dir: &std::path::Path) -> String {
 
 /// A node in the default mode on `net`, with its data in `dir`, listeners on loopback.
 fn node(net: &ToxNet, dir: &std::path::Path, extra: &[&str]) -> ProxyProcess {
-    let dir = dir.display().to_string();
-    let mut args = vec![
-        "--socks",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--data-dir",
-        &dir,
-        "--no-public-bootstrap",
-        "--no-public-stun",
-        // The Tox session of fresh nodes takes about 9 s; longer on a loaded machine.
-        "--connect-timeout",
-        "90",
-    ];
     let nodes: Vec<String> = net.nodes().iter().map(|n| n.to_string()).collect();
-    for n in &nodes {
-        args.extend(["--bootstrap", n]);
-    }
+    let private = tests::servers::private_network(&nodes, dir);
+    let mut args = vec!["--socks", "127.0.0.1:0", "--http", "127.0.0.1:0"];
+    args.extend(private.iter().map(String::as_str));
+    // The Tox session of fresh nodes takes about 9 s; longer on a loaded machine.
+    args.extend(["--connect-timeout", "90"]);
     args.extend_from_slice(extra);
     ProxyProcess::start_raw(&args).expect("node starts")
 }
