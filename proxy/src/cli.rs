@@ -176,7 +176,7 @@ pub enum PeerChange {
     Revoke {
         /// The peer's name.
         name: String,
-        /// `exit` or `share`.
+        /// `exit`, `share` or `introducer`.
         right: String,
     },
 }
